@@ -1,0 +1,24 @@
+# The README's set-up commands. `make run` installs and runs the main job; `make test` installs
+# and runs the checks. torch is installed first and pinned so that a CPU-only machine takes the
+# CPU build instead of a multi-GB CUDA one.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: setup run test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/ipl make-tiny --arch qwen2 --out models/tiny-random-qwen2
+	$(VENV)/bin/ipl entropy --model models/tiny-random-qwen2 --out runs/demo --max-samples 8
+
+test: setup
+	$(VENV)/bin/ruff check internal_policy_lens tests analyses
+	$(VENV)/bin/pytest -q

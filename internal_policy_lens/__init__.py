@@ -1,0 +1,23 @@
+"""internal-policy-lens: internal layer and modular policies of LLMs."""
+
+from .hooks import capture
+from .lens import LENSES
+from .models import SUPPORTED_ARCHITECTURES, ModelLoadError, PolicyModel, load_model
+from .sites import MODULES, SITES
+from .tables import delta_table, entropy_table, summary_table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LENSES",
+    "MODULES",
+    "SITES",
+    "SUPPORTED_ARCHITECTURES",
+    "ModelLoadError",
+    "PolicyModel",
+    "capture",
+    "delta_table",
+    "entropy_table",
+    "load_model",
+    "summary_table",
+]

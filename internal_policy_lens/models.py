@@ -1,0 +1,257 @@
+"""Load a causal LM and its tokenizer through transformer-lens 4's TransformerBridge.
+
+The bridge keeps the real Hugging Face weights (no norm folding: the raw lens needs the model's real
+unembedding) and exposes every site of SPEC §2 as a hook point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Architectures whose sites, norms and unembedding the toolkit is tested on.
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "LlamaForCausalLM",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class PolicyModel:
+    """A loaded model: the TransformerBridge, its tokenizer and the facts the lens needs."""
+
+    bridge: nn.Module
+    tokenizer: object
+    name: str
+    revision: str | None = None
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The wrapped Hugging Face model (its submodules are bridge components)."""
+        return self.bridge.original_model
+
+    @property
+    def config(self):
+        """The Hugging Face config."""
+        return self.hf_model.config
+
+    @property
+    def architecture(self) -> str:
+        """Architecture name, e.g. ``Qwen2ForCausalLM``."""
+        return self.config.architectures[0]
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers L."""
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream."""
+        return int(self.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the unembedding matrix (the size of every policy)."""
+        return int(self.unembed.weight.shape[0])
+
+    @property
+    def max_length(self) -> int:
+        """The model's context length."""
+        return int(getattr(self.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the weights."""
+        return self.unembed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return self.unembed.weight.device
+
+    @property
+    def unembed(self) -> nn.Linear:
+        """The model's real unembedding (``lm_head``), never folded."""
+        return self.bridge.unembed.original_component
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The model's real final norm (``model.norm``)."""
+        return self.bridge.ln_final.original_component
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        stop_at_layer: int | None = None,
+    ) -> torch.Tensor | None:
+        """Run the decoder so that hooks fire; return the residual entering ``stop_at_layer``.
+
+        Position ids follow the attention mask, so left- and right-padded batches give the same
+        numbers as each sequence alone. Only the last position's logits are computed: the sites
+        are read through hooks and projected in chunks by the lens.
+        """
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        if stop_at_layer is not None:
+            return self.bridge(input_ids, stop_at_layer=stop_at_layer, **kwargs)
+        self.bridge(input_ids, return_type=None, logits_to_keep=1, use_cache=False, **kwargs)
+        return None
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    revision: str | None = None,
+) -> PolicyModel:
+    """Load a Qwen2/Qwen2.5, Qwen3 or Llama model with its tokenizer.
+
+    Args:
+        name_or_path: a local folder saved by transformers (config.json, weights and tokenizer
+            files) or a hub name such as ``Qwen/Qwen2.5-7B`` (needs the network).
+        dtype: ``auto`` (the checkpoint's dtype on a GPU, float32 on the CPU), ``float32``,
+            ``bfloat16``, ``float16`` or ``float64`` (for reference computations).
+        device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
+        revision: hub revision (branch, tag or commit).
+
+    Raises:
+        ModelLoadError: with what happened and what to do.
+    """
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    device = _resolve_device(device)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        _check_local_folder(local)
+        name = str(local)
+    elif _looks_like_path(name):
+        raise ModelLoadError(
+            f"model path '{name}' does not exist. Pass a folder saved by transformers "
+            "(config.json, model.safetensors and tokenizer files) or a hub name such as "
+            "Qwen/Qwen2.5-7B."
+        )
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision)
+    except OSError as err:
+        raise ModelLoadError(_hub_message(name, err)) from err
+    architecture = (config.architectures or ["<none>"])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"architecture '{architecture}' of '{name}' is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/Qwen2.5, Qwen3, Llama 2/3)."
+        )
+    tokenizer = _load_tokenizer(name, revision)
+    torch_dtype = _resolve_dtype(dtype, config, device)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            name, tokenizer=tokenizer, device=device, dtype=torch_dtype, revision=revision
+        )
+    except OSError as err:
+        raise ModelLoadError(_hub_message(name, err)) from err
+    bridge.eval()
+    return PolicyModel(bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision)
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "owner/name" (or a bare name); anything else is meant as a folder.
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or os.sep != "/" and os.sep in name
+        or Path(name).suffix in {".json", ".safetensors", ".bin"}
+    )
+
+
+def _check_local_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"'{folder}' has no config.json; pass the folder that "
+            "model.save_pretrained(...) wrote."
+        )
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"'{folder}' has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the "
+            "tokenizer next to the weights with tokenizer.save_pretrained('"
+            f"{folder}')."
+        )
+    with open(folder / "config.json") as fh:
+        config = json.load(fh)
+    if "architectures" not in config:
+        raise ModelLoadError(f"'{folder / 'config.json'}' does not name its architectures.")
+
+
+def _load_tokenizer(name: str, revision: str | None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load the tokenizer of '{name}': {err}. Save it with "
+            "tokenizer.save_pretrained(folder) next to the weights."
+        ) from err
+    if not tokenizer("a 1+2", add_special_tokens=False)["input_ids"]:
+        raise ModelLoadError(
+            f"the tokenizer of '{name}' encodes text to nothing; its tokenizer files are "
+            "incomplete. Save the model's real tokenizer next to the weights."
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _hub_message(name: str, err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    reason = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else "the hub is unreachable"
+    return (
+        f"could not load '{name}': it is not a local folder and {reason} or does not know "
+        f"it ({type(err).__name__}). Pass a local folder saved by transformers, e.g. "
+        "--model /path/to/Qwen2.5-7B, or download it first where the network allows."
+    )
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _resolve_dtype(dtype: str | torch.dtype, config, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if not device.startswith("cuda"):
+            return torch.float32
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), torch.float32)
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]

@@ -1,0 +1,107 @@
+"""Site names: the one naming scheme used by hooks, tables, plots and the trainer.
+
+A *site* is a vector in a decoder layer that can be read as a policy (SPEC §2). Each maps to one
+TransformerBridge hook point. ``final`` is the model's own output policy: the final norm's output,
+which the unembedding turns into the model's logits; it is stored with layer = L - 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+SITES: tuple[str, ...] = (
+    "resid_pre",
+    "attn_in",
+    "attn_out",
+    "resid_mid",
+    "mlp_in",
+    "mlp_out",
+    "resid_post",
+    "final",
+)
+
+# The modules of SPEC §4: delta = H(output site) - H(input site).
+MODULES: dict[str, tuple[str, str]] = {
+    "layer": ("resid_pre", "resid_post"),
+    "attn": ("attn_in", "attn_out"),
+    "ffn": ("mlp_in", "mlp_out"),
+}
+
+_HOOKS = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "attn_in": "blocks.{layer}.ln1.hook_out",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "mlp_in": "blocks.{layer}.ln2.hook_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "final": "ln_final.hook_out",
+}
+
+
+def hook_name(site: str, layer: int) -> str:
+    """Return the TransformerBridge hook point that carries ``site`` of ``layer``."""
+    return _HOOKS[site].format(layer=layer)
+
+
+def resolve_sites(sites: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Validate site names and return them in canonical (SPEC) order.
+
+    Raises:
+        ValueError: naming the unknown site and listing the valid ones.
+    """
+    if sites is None:
+        return SITES
+    if isinstance(sites, str):
+        sites = [s.strip() for s in sites.split(",") if s.strip()]
+    wanted = set(sites)
+    unknown = sorted(wanted - set(SITES))
+    if unknown:
+        raise ValueError(f"unknown site(s) {', '.join(unknown)}; valid sites: {', '.join(SITES)}")
+    if not wanted:
+        raise ValueError(f"no site given; valid sites: {', '.join(SITES)}")
+    return tuple(s for s in SITES if s in wanted)
+
+
+def resolve_layers(layers: Iterable[int] | str | None, n_layers: int) -> tuple[int, ...]:
+    """Validate 0-based layer indices (negative ones count from the top) and sort them.
+
+    ``layers`` may be a string such as ``"0,3,5-7"``.
+
+    Raises:
+        ValueError: naming the layer that is out of range.
+    """
+    if layers is None:
+        return tuple(range(n_layers))
+    if isinstance(layers, str):
+        layers = _parse_layer_string(layers)
+    out = set()
+    for layer in layers:
+        index = layer + n_layers if layer < 0 else layer
+        if not 0 <= index < n_layers:
+            raise ValueError(
+                f"layer {layer} is out of range: the model has {n_layers} layers "
+                f"(valid: 0..{n_layers - 1}, or negative from the top)"
+            )
+        out.add(index)
+    if not out:
+        raise ValueError("no layer given")
+    return tuple(sorted(out))
+
+
+def _parse_layer_string(text: str) -> Sequence[int]:
+    values: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:] and not part.startswith("-"):
+                lo, hi = part.split("-", 1)
+                values.extend(range(int(lo), int(hi) + 1))
+            else:
+                values.append(int(part))
+        except ValueError:
+            raise ValueError(
+                f"cannot read layer {part!r}: use integers and ranges, e.g. '0,3,5-7'"
+            ) from None
+    return values
