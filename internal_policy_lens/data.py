@@ -24,6 +24,7 @@ def encode_inputs(tokenizer, inputs: Sequence) -> list[Encoded]:
     - token-id lists are used exactly as given;
     - strings are tokenized as given (the tokenizer's special tokens, e.g. BOS, are added;
       no chat template);
+    - :class:`Encoded` items are used as they are;
     - records (mappings) carry ``prompt`` (a string or a list of chat messages) and optionally
       ``response`` (a string) and ``sample_id``; see :func:`encode_record`.
 
@@ -33,7 +34,9 @@ def encode_inputs(tokenizer, inputs: Sequence) -> list[Encoded]:
         inputs = [inputs]
     out = []
     for index, item in enumerate(inputs):
-        if isinstance(item, Mapping):
+        if isinstance(item, Encoded):
+            out.append(item)
+        elif isinstance(item, Mapping):
             out.append(encode_record(tokenizer, item, index))
         elif isinstance(item, str):
             out.append(Encoded(index, list(tokenizer(item)["input_ids"]), None))

@@ -177,7 +177,9 @@ def load_model(
     except OSError as err:
         raise ModelLoadError(_hub_message(name, err)) from err
     bridge.eval()
-    return PolicyModel(bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision)
+    return PolicyModel(
+        bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision
+    )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -185,7 +187,8 @@ def _looks_like_path(name: str) -> bool:
     return (
         name.startswith((".", "/", "~"))
         or name.count("/") > 1
-        or os.sep != "/" and os.sep in name
+        or os.sep != "/"
+        and os.sep in name
         or Path(name).suffix in {".json", ".safetensors", ".bin"}
     )
 
@@ -193,8 +196,7 @@ def _looks_like_path(name: str) -> bool:
 def _check_local_folder(folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise ModelLoadError(
-            f"'{folder}' has no config.json; pass the folder that "
-            "model.save_pretrained(...) wrote."
+            f"'{folder}' has no config.json; pass the folder that model.save_pretrained(...) wrote."
         )
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         raise ModelLoadError(
@@ -251,7 +253,9 @@ def _resolve_dtype(dtype: str | torch.dtype, config, device: str) -> torch.dtype
         if not device.startswith("cuda"):
             return torch.float32
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        return stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), torch.float32)
+        return (
+            stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), torch.float32)
+        )
     if dtype not in _DTYPES:
         raise ModelLoadError(f"unknown dtype '{dtype}'; use auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]

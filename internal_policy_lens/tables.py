@@ -92,12 +92,21 @@ def _batch_table(
     next_ids = torch.full_like(ids, -1)
     next_ids[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
     next_ids = next_ids[rows_b, rows_t] if extras else None
-    stats = _stats(engine, acts, list(dict.fromkeys(sources.values())), rows_b, rows_t,
-                   next_ids, final_key if extras else None, chunk_tokens)
+    stats = _stats(
+        engine,
+        acts,
+        list(dict.fromkeys(sources.values())),
+        rows_b,
+        rows_t,
+        next_ids,
+        final_key if extras else None,
+        chunk_tokens,
+    )
     n, k = len(rows_b), len(keys)
     frame = {
-        "sample_id": np.repeat(np.array([batch[b].sample_id for b in rows_b.tolist()],
-                                        dtype=object), k),
+        "sample_id": np.repeat(
+            np.array([batch[b].sample_id for b in rows_b.tolist()], dtype=object), k
+        ),
         "position": np.repeat(rows_t.numpy().astype(np.int32), k),
         "token_id": np.repeat(ids[rows_b, rows_t].cpu().numpy().astype(np.int64), k),
         "layer": np.tile(np.array([layer for _, layer in keys], dtype=np.int16), n),
@@ -175,9 +184,8 @@ def delta_table(table: pd.DataFrame) -> pd.DataFrame:
     ``layer``: H(resid_post) - H(resid_pre); ``attn``: H(attn_out) - H(attn_in); ``ffn``:
     H(mlp_out) - H(mlp_in). A module whose two sites are not both in ``table`` is left out.
     """
-    wide = (
-        table[table["site"] != "final"]
-        .pivot(index=["sample_id", "position", "layer"], columns="site", values="entropy")
+    wide = table[table["site"] != "final"].pivot(
+        index=["sample_id", "position", "layer"], columns="site", values="entropy"
     )
     frames = []
     for module, (site_in, site_out) in MODULES.items():

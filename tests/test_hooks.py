@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import TEXTS
 from reference import hf_model
 
-from conftest import TEXTS
 from internal_policy_lens import SITES, capture
 
 
@@ -20,8 +20,10 @@ def _ids(model, texts, side):
 
 def _hook_counts(model):
     # The bridge keeps some hooks of its own; ours must come and go without touching them.
-    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks))
-            for name, m in model.bridge.named_modules()}
+    return {
+        name: (len(m._forward_hooks), len(m._forward_pre_hooks))
+        for name, m in model.bridge.named_modules()
+    }
 
 
 def test_residual_identities_and_final_logits(arch, models, tiny_dirs):
@@ -30,14 +32,17 @@ def test_residual_identities_and_final_logits(arch, models, tiny_dirs):
     with torch.no_grad(), capture(model) as acts:
         model.forward(ids, mask)
     L = model.n_layers
-    assert set(acts) == {(s, l) for s in SITES if s != "final" for l in range(L)} | {
-        ("final", L - 1)}
+    assert set(acts) == {(s, i) for s in SITES if s != "final" for i in range(L)} | {
+        ("final", L - 1)
+    }
     for layer in range(L):
         a = {s: acts[s, layer] for s in SITES if s != "final"}
-        torch.testing.assert_close(a["resid_post"], a["resid_pre"] + a["attn_out"] + a["mlp_out"],
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(a["resid_mid"], a["resid_pre"] + a["attn_out"],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            a["resid_post"], a["resid_pre"] + a["attn_out"] + a["mlp_out"], atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            a["resid_mid"], a["resid_pre"] + a["attn_out"], atol=1e-5, rtol=1e-5
+        )
         if layer + 1 < L:
             torch.testing.assert_close(acts["resid_pre", layer + 1], a["resid_post"])
     # final projected through the unembedding is the plain transformers model's logits.
@@ -65,8 +70,9 @@ def test_padded_capture_equals_each_sequence(models, side):
         with torch.no_grad(), capture(model, ["mlp_out", "resid_post"], [1]) as alone:
             model.forward(one, torch.ones_like(one))
         for key, value in alone.items():
-            torch.testing.assert_close(batch[key][i][mask[i].bool()], value[0],
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                batch[key][i][mask[i].bool()], value[0], atol=1e-5, rtol=1e-5
+            )
 
 
 def test_hooks_removed_even_when_body_raises(models):

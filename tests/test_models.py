@@ -87,11 +87,19 @@ def test_cached_greedy_generation_matches_transformers(arch, models, tiny_dirs):
     expected, expected_scores = _greedy_without_cache(reference, prompt, steps)
     kwargs = dict(max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
-        wrapped = model.hf_model.generate(prompt, use_cache=True, output_scores=True,
-                                          return_dict_in_generate=True, **kwargs)
-        bridge = model.bridge.generate(prompt, max_new_tokens=steps, do_sample=False,
-                                       use_past_kv_cache=True, stop_at_eos=False, verbose=False)
+        wrapped = model.hf_model.generate(
+            prompt, use_cache=True, output_scores=True, return_dict_in_generate=True, **kwargs
+        )
+        bridge = model.bridge.generate(
+            prompt,
+            max_new_tokens=steps,
+            do_sample=False,
+            use_past_kv_cache=True,
+            stop_at_eos=False,
+            verbose=False,
+        )
     assert wrapped.sequences.tolist() == expected.tolist()
-    torch.testing.assert_close(torch.stack(wrapped.scores, 1), expected_scores,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.stack(wrapped.scores, 1), expected_scores, atol=1e-4, rtol=1e-4
+    )
     assert torch.as_tensor(bridge).tolist() == expected.tolist()

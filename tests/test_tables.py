@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TEXTS
 from reference import entropy, hf_model, naive_logits, naive_sites
 
-from conftest import TEXTS
 from internal_policy_lens import SITES, delta_table, entropy_table, summary_table
 from internal_policy_lens.tables import TABLE_COLUMNS
 
@@ -29,9 +29,7 @@ def test_every_site_matches_naive_float64(arch, models, tiny_dirs, lens, dtype, 
     table = entropy_table(model, TEXTS, lens=lens, batch_size=2, chunk_tokens=7)
     naive = _naive_table(tiny_dirs[arch], model.tokenizer, TEXTS, lens)
     assert list(table.columns) == list(TABLE_COLUMNS)
-    got = {
-        (r.sample_id, r.position, r.layer, r.site): r.entropy for r in table.itertuples()
-    }
+    got = {(r.sample_id, r.position, r.layer, r.site): r.entropy for r in table.itertuples()}
     assert got.keys() == naive.keys()
     err = np.array([abs(got[k] - naive[k]) for k in naive])
     assert err.max() < tol, f"max error {err.max():.2e} nats"
@@ -74,9 +72,7 @@ def test_padded_batch_equals_each_alone(arch, models):
 
 def test_chunk_sizes_give_identical_results(models):
     model = models("qwen2")
-    tables = [
-        entropy_table(model, TEXTS, chunk_tokens=c, extras=True) for c in (1, 5, 10_000)
-    ]
+    tables = [entropy_table(model, TEXTS, chunk_tokens=c, extras=True) for c in (1, 5, 10_000)]
     # Equal up to float32 rounding: BLAS sums a 1-row and a many-row product in different orders.
     for other in tables[1:]:
         pd.testing.assert_frame_equal(tables[0], other, check_exact=False, atol=1e-5, rtol=0)
@@ -141,13 +137,18 @@ def test_delta_table_follows_definitions(models):
     deltas = delta_table(table)
     assert list(deltas.columns) == ["sample_id", "position", "layer", "module", "delta"]
     h = {(r.sample_id, r.position, r.layer, r.site): r.entropy for r in table.itertuples()}
-    pairs = {"layer": ("resid_pre", "resid_post"), "attn": ("attn_in", "attn_out"),
-             "ffn": ("mlp_in", "mlp_out")}
+    pairs = {
+        "layer": ("resid_pre", "resid_post"),
+        "attn": ("attn_in", "attn_out"),
+        "ffn": ("mlp_in", "mlp_out"),
+    }
     assert len(deltas) == 3 * len(table[table.site == "resid_pre"])
     for r in deltas.itertuples():
         site_in, site_out = pairs[r.module]
-        expected = h[r.sample_id, r.position, r.layer, site_out] - h[
-            r.sample_id, r.position, r.layer, site_in]
+        expected = (
+            h[r.sample_id, r.position, r.layer, site_out]
+            - h[r.sample_id, r.position, r.layer, site_in]
+        )
         assert r.delta == pytest.approx(expected, abs=1e-6)
 
 
@@ -156,7 +157,9 @@ def test_summary_table(models):
     table = entropy_table(model, TEXTS)
     summary = summary_table(table)
     assert list(summary.columns) == ["quantity", "layer", "name", "mean", "std", "count"]
-    row = summary[(summary.quantity == "entropy") & (summary.layer == 1) & (summary.name == "mlp_out")]
+    row = summary[
+        (summary.quantity == "entropy") & (summary.layer == 1) & (summary.name == "mlp_out")
+    ]
     values = table[(table.layer == 1) & (table.site == "mlp_out")]["entropy"]
     assert row["mean"].item() == pytest.approx(values.mean(), rel=1e-6)
     assert row["std"].item() == pytest.approx(values.std(), rel=1e-5)
@@ -164,22 +167,29 @@ def test_summary_table(models):
     deltas = delta_table(table)
     ffn = summary[(summary.quantity == "delta") & (summary.name == "ffn") & (summary.layer == 0)]
     assert ffn["mean"].item() == pytest.approx(
-        deltas[(deltas.module == "ffn") & (deltas.layer == 0)]["delta"].mean(), rel=1e-6)
+        deltas[(deltas.module == "ffn") & (deltas.layer == 0)]["delta"].mean(), rel=1e-6
+    )
 
 
 def test_records_response_only(models):
     model = models("qwen2")
     records = [
-        {"prompt": [{"role": "user", "content": "2+3?"}], "response": "5 \\boxed{5}",
-         "sample_id": "a"},
+        {
+            "prompt": [{"role": "user", "content": "2+3?"}],
+            "response": "5 \\boxed{5}",
+            "sample_id": "a",
+        },
         {"prompt": "7*6?", "response": "42", "sample_id": "b"},
     ]
     full = entropy_table(model, records, sites=["final"])
     resp = entropy_table(model, records, sites=["final"], response_only=True)
     tok = model.tokenizer
     for rec in records:
-        prompt = rec["prompt"] if isinstance(rec["prompt"], list) else [
-            {"role": "user", "content": rec["prompt"]}]
+        prompt = (
+            rec["prompt"]
+            if isinstance(rec["prompt"], list)
+            else [{"role": "user", "content": rec["prompt"]}]
+        )
         text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         n_prompt = len(tok(text, add_special_tokens=False)["input_ids"])
         n_resp = len(tok(rec["response"], add_special_tokens=False)["input_ids"])
@@ -196,7 +206,12 @@ def test_subsets_and_table_order(models):
     assert list(table.site.cat.categories) == list(SITES)
     first = table[(table.sample_id == 0) & (table.position == 0)]
     assert list(zip(first.layer, first.site)) == [
-        (0, "attn_in"), (0, "mlp_out"), (1, "attn_in"), (1, "mlp_out"), (2, "final")]
+        (0, "attn_in"),
+        (0, "mlp_out"),
+        (1, "attn_in"),
+        (1, "mlp_out"),
+        (2, "final"),
+    ]
     with pytest.raises(ValueError, match="unknown site"):
         entropy_table(model, TEXTS, sites=["mlp"])
     with pytest.raises(ValueError, match="out of range"):

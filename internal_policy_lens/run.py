@@ -1,0 +1,274 @@
+"""``ipl entropy`` as a library call: data -> responses -> tables, in a resumable run folder.
+
+Layout of a run folder::
+
+    run.json            how the run was made (config, model facts, versions, times, status)
+    responses.jsonl     the records analysed, responses included (usable as --data)
+    generation/         per-batch generated responses while generation is under way
+    parts/              per-batch token tables while the analysis is under way
+    tokens.parquet      entropy_table + token text
+    deltas.parquet      delta_table
+    summary.csv         summary_table
+
+Every file is written under a temporary name and renamed, so an interrupted run never leaves a
+half-written file under a final name; rerunning the same command skips the finished batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .config import EntropyConfig
+from .data import Encoded, encode_inputs, encode_prompt
+from .datasets import read_records, write_records_jsonl
+from .generate import generate
+from .models import PolicyModel, load_model
+from .sites import resolve_layers, resolve_sites
+from .tables import delta_table, entropy_table, summary_table
+
+_OUTPUTS = ("tokens.parquet", "deltas.parquet", "summary.csv", "responses.jsonl", "run.json")
+_WORK_DIRS = ("parts", "generation")
+
+
+class RunConfigError(ValueError):
+    """The run folder holds a run with another configuration."""
+
+
+@dataclass
+class EntropyRun:
+    """The tables of a finished run and where they were written."""
+
+    tokens: pd.DataFrame
+    deltas: pd.DataFrame
+    summary: pd.DataFrame
+    out: Path
+    info: dict
+
+
+def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun:
+    """Run (or resume) an entropy analysis and write its run folder; return the tables."""
+    resolve_sites(cfg.sites)  # fail before any work
+    records = read_records(cfg.data, max_samples=cfg.max_samples)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
+    resolve_layers(cfg.layers, model.n_layers)
+    out = Path(cfg.out)
+    info = _start_folder(out, cfg, model)
+    records = _ensure_responses(model, records, cfg, out, progress)
+    tokens, truncated = _analyse(model, records, cfg, out, progress)
+    deltas = delta_table(tokens)
+    summary = summary_table(tokens, deltas)
+    _atomic_parquet(tokens, out / "tokens.parquet")
+    _atomic_parquet(deltas, out / "deltas.parquet")
+    with _atomic(out / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
+    info.update(
+        status="complete",
+        finished=_now(),
+        rows=len(tokens),
+        samples=len(records),
+        truncated=truncated,
+    )
+    _write_json(out / "run.json", info)
+    for name in _WORK_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    return EntropyRun(tokens, deltas, summary, out, info)
+
+
+def describe(run: EntropyRun) -> str:
+    """The one-paragraph summary printed at the end of a run."""
+    summary = run.summary
+    final = summary[(summary.quantity == "entropy") & (summary.name == "final")]["mean"]
+    ffn = summary[(summary.quantity == "delta") & (summary.name == "ffn")]
+    widening = ffn[ffn["mean"] > 0]["layer"].tolist()
+    final_text = f"{final.iloc[0]:.3f} nats" if len(final) else "n/a (site not analysed)"
+    return (
+        f"Wrote {len(run.tokens):,} rows for {run.info['samples']} samples to {run.out}/ "
+        f"(tokens.parquet, deltas.parquet, summary.csv, responses.jsonl, run.json). "
+        f"Lens: {run.info['config']['lens']}. Mean final entropy: {final_text}. "
+        f"Layers with mean FFN entropy change > 0 (exploration): "
+        f"{widening if len(ffn) else 'n/a'}."
+    )
+
+
+def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
+    identity = {**cfg.identity(), "data_sha256": _sha256(cfg.data)}
+    previous = out / "run.json"
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("config") != identity:
+            if not cfg.overwrite:
+                changed = sorted(k for k in identity if old.get("config", {}).get(k) != identity[k])
+                raise RunConfigError(
+                    f"{previous}: the folder holds a run with another configuration (differs in "
+                    f"{', '.join(changed)}); pass --overwrite to start over or choose another --out"
+                )
+            for name in _OUTPUTS:
+                (out / name).unlink(missing_ok=True)
+            for name in _WORK_DIRS:
+                shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {
+        "config": identity,
+        "status": "running",
+        "started": _now(),
+        "command": sys.argv,
+        "model": {
+            "name_or_path": cfg.model,
+            "revision": cfg.revision,
+            "architecture": model.architecture,
+            "n_layers": model.n_layers,
+            "d_model": model.d_model,
+            "vocab_size": model.vocab_size,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "device": str(model.device),
+        },
+        "versions": _versions(),
+    }
+    _write_json(previous, info)
+    return info
+
+
+def _ensure_responses(model, records, cfg, out, progress) -> list[dict]:
+    """Generate the missing responses batch by batch; write responses.jsonl."""
+    gen = cfg.generation
+    todo = [(r, k) for r in records if r["response"] is None for k in range(gen.samples_per_prompt)]
+    done = {}
+    if todo:
+        folder = out / "generation"
+        folder.mkdir(exist_ok=True)
+        bar = tqdm(total=len(todo), desc="generate", unit="resp", disable=not progress)
+        for index in range(0, len(todo), gen.batch_size):
+            batch = todo[index : index + gen.batch_size]
+            part = folder / f"part-{index // gen.batch_size:05d}.json"
+            if not part.is_file():
+                prompts = [encode_prompt(model.tokenizer, r["prompt"]) for r, _ in batch]
+                outputs = generate(
+                    model,
+                    prompts,
+                    max_new_tokens=gen.max_new_tokens,
+                    temperature=gen.temperature,
+                    top_p=gen.top_p,
+                    seed=gen.seed * 1_000_003 + index // gen.batch_size,
+                )
+                texts = model.tokenizer.batch_decode(outputs, skip_special_tokens=True)
+                with _atomic(part) as tmp:
+                    Path(tmp).write_text(json.dumps(texts))
+            for (record, k), text in zip(batch, json.loads(part.read_text())):
+                done[record["sample_id"], k] = text
+            bar.update(len(batch))
+        bar.close()
+    result = []
+    for r in records:
+        if r["response"] is not None:
+            result.append(r)
+            continue
+        for k in range(gen.samples_per_prompt):
+            sample_id = r["sample_id"] if gen.samples_per_prompt == 1 else f"{r['sample_id']}:{k}"
+            result.append({**r, "sample_id": sample_id, "response": done[r["sample_id"], k]})
+    write_records_jsonl(result, out / "responses.jsonl")
+    return result
+
+
+def _analyse(model, records, cfg, out, progress) -> tuple[pd.DataFrame, int]:
+    """Token tables batch by batch into parts/; returns the concatenated table."""
+    limit = cfg.max_length or model.max_length
+    encoded = encode_inputs(model.tokenizer, records)
+    truncated = sum(len(e.input_ids) > limit for e in encoded)
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {len(encoded)} sequences are longer than {limit} tokens and were "
+            "truncated to it (the tail of their response is not analysed)",
+            stacklevel=2,
+        )
+        encoded = [Encoded(e.sample_id, e.input_ids[:limit], e.response_start) for e in encoded]
+    folder = out / "parts"
+    folder.mkdir(exist_ok=True)
+    parts = []
+    bar = tqdm(total=len(encoded), desc="entropy", unit="sample", disable=not progress)
+    started, n_tokens = time.perf_counter(), 0
+    for index in range(0, len(encoded), cfg.batch_size):
+        batch = encoded[index : index + cfg.batch_size]
+        part = folder / f"tokens-{index // cfg.batch_size:05d}.parquet"
+        if not part.is_file():
+            table = entropy_table(
+                model,
+                batch,
+                lens=cfg.lens,
+                sites=cfg.sites,
+                layers=cfg.layers,
+                response_only=cfg.response_only,
+                extras=cfg.extras,
+                batch_size=cfg.batch_size,
+                chunk_tokens=cfg.chunk_tokens,
+            )
+            table.insert(3, "token", _token_text(model.tokenizer, table["token_id"]))
+            _atomic_parquet(table, part)
+            n_tokens += sum(len(e.input_ids) for e in batch)
+        parts.append(pd.read_parquet(part))
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+    bar.close()
+    return pd.concat(parts, ignore_index=True), truncated
+
+
+def _token_text(tokenizer, token_ids: pd.Series) -> pd.Series:
+    unique = token_ids.unique().tolist()
+    text = dict(zip(unique, (tokenizer.decode([i]) for i in unique)))
+    return token_ids.map(text).astype("category")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("internal-policy-lens", "torch", "transformers", "transformer-lens", "pandas")
+    found = {}
+    for name in names:
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    found["python"] = sys.version.split()[0]
+    return found
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@contextlib.contextmanager
+def _atomic(path: Path):
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
+    with _atomic(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    with _atomic(path) as tmp:
+        Path(tmp).write_text(json.dumps(payload, indent=2, default=str))

@@ -1,0 +1,286 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from internal_policy_lens import entropy_table
+from internal_policy_lens.cli import app
+
+runner = CliRunner()
+BENCH = [
+    {
+        "prompt": [
+            {"role": "system", "content": "Reason step by step."},
+            {"role": "user", "content": f"What is {a}+{b}?"},
+        ],
+        "reward_model": {"ground_truth": str(a + b)},
+        "extra_info": {"index": -1},
+    }
+    for a, b in [(1, 2), (30, 4), (7, 7), (12, 9), (5, 60)]
+]
+
+
+def _simple(with_response):
+    rows = []
+    for a, b in [(2, 3), (10, 4), (6, 7)]:
+        row = {"problem": f"Compute {a}*{b}.", "answer": str(a * b)}
+        if with_response:
+            row["response"] = f"{a}*{b} = {a * b}. \\boxed{{{a * b}}}"
+        rows.append(row)
+    return rows
+
+
+def _write(rows, path):
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def _invoke(*args):
+    result = runner.invoke(app, ["entropy", *map(str, args), "--quiet"])
+    return result
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+@pytest.mark.parametrize("with_response", [True, False])
+def test_entropy_simple_layouts(tiny_dirs, models, tmp_path, fmt, with_response):
+    data = _write(_simple(with_response), tmp_path / f"data.{fmt}")
+    out = tmp_path / "run"
+    result = _invoke(
+        "--model",
+        tiny_dirs["qwen2"],
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-new-tokens",
+        8,
+        "--temperature",
+        0,
+    )
+    assert result.exit_code == 0, result.output
+    assert "Mean final entropy" in result.output
+    for name in ("tokens.parquet", "deltas.parquet", "summary.csv", "run.json", "responses.jsonl"):
+        assert (out / name).is_file()
+    assert not (out / "parts").exists()
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in responses] == [0, 1, 2]
+    if with_response:
+        assert responses[0]["response"] == "2*3 = 6. \\boxed{6}"
+    expected = entropy_table(models("qwen2"), responses, response_only=True)
+    pd.testing.assert_frame_equal(
+        tokens.drop(columns="token"), expected, check_dtype=False, check_categorical=False
+    )
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "complete" and info["config"]["lens"] == "raw"
+    assert info["model"]["architecture"] == "Qwen2ForCausalLM" and info["model"]["n_layers"] == 3
+    assert len(info["config"]["data_sha256"]) == 64 and "transformers" in info["versions"]
+    assert info["config"]["generation"]["max_new_tokens"] == 8
+    assert tokens["token"].astype(str).str.len().gt(0).all()
+
+
+def test_benchmark_layout_norm_lens_extras_and_reuse(tiny_dirs, tmp_path):
+    data = _write(BENCH, tmp_path / "bench.jsonl")
+    out = tmp_path / "run"
+    result = _invoke(
+        "--model",
+        tiny_dirs["llama"],
+        "--data",
+        data,
+        "--out",
+        out,
+        "--lens",
+        "norm",
+        "--extras",
+        "--max-new-tokens",
+        6,
+        "-n",
+        2,
+        "--sites",
+        "mlp_in,mlp_out,final",
+    )
+    assert result.exit_code == 0, result.output
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    assert set(tokens.site.astype(str)) == {"mlp_in", "mlp_out", "final"}
+    assert {"kl_to_final", "next_token_rank"} <= set(tokens.columns)
+    assert sorted(tokens.sample_id.unique())[:2] == ["0:0", "0:1"]
+    deltas = pd.read_parquet(out / "deltas.parquet")
+    assert set(deltas.module.astype(str)) == {"ffn"}
+    # The responses file is a valid --data: the analysis is re-run without generating.
+    again = tmp_path / "again"
+    result = _invoke(
+        "--model",
+        tiny_dirs["llama"],
+        "--data",
+        out / "responses.jsonl",
+        "--out",
+        again,
+        "--lens",
+        "norm",
+        "--extras",
+        "--sites",
+        "mlp_in,mlp_out,final",
+    )
+    assert result.exit_code == 0, result.output
+    assert not (again / "generation").exists()
+    pd.testing.assert_frame_equal(pd.read_parquet(again / "tokens.parquet"), tokens)
+
+
+def test_different_config_refused_unless_overwrite(tiny_dirs, tmp_path):
+    data = _write(_simple(True), tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    assert _invoke("--model", tiny_dirs["qwen2"], "--data", data, "--out", out).exit_code == 0
+    again = _invoke("--model", tiny_dirs["qwen2"], "--data", data, "--out", out)
+    assert again.exit_code == 0, again.output
+    other = _invoke("--model", tiny_dirs["qwen2"], "--data", data, "--out", out, "--lens", "norm")
+    assert other.exit_code == 2
+    assert "another configuration" in other.output and "lens" in other.output
+    assert "--overwrite" in other.output
+    forced = _invoke(
+        "--model", tiny_dirs["qwen2"], "--data", data, "--out", out, "--lens", "norm", "--overwrite"
+    )
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((out / "run.json").read_text())["config"]["lens"] == "norm"
+
+
+def _bad(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,text,pattern",
+    [
+        ("missing.jsonl", None, r"missing\.jsonl.*(not exist|not found)"),
+        ("empty.jsonl", "", r"empty\.jsonl.*(empty|no records)"),
+        (
+            "broken.jsonl",
+            '{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": \n',
+            r"broken\.jsonl:3: .*JSON",
+        ),
+        ("noprompt.jsonl", '{"prompt": "a"}\n{"answer": "2"}\n', r"noprompt\.jsonl:2: .*prompt"),
+        ("data.txt", "hello\n", r"data\.txt.*\.txt.*(jsonl|JSONL)"),
+    ],
+)
+def test_bad_input_files(tiny_dirs, tmp_path, name, text, pattern):
+    path = tmp_path / name if text is None else _bad(tmp_path, name, text)
+    result = _invoke("--model", tiny_dirs["qwen2"], "--data", path, "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert pytest.importorskip("re").search(pattern, result.output), result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_site_and_layer_out_of_range(tiny_dirs, tmp_path):
+    data = _write(_simple(True), tmp_path / "d.jsonl")
+    site = _invoke(
+        "--model",
+        tiny_dirs["qwen2"],
+        "--data",
+        data,
+        "--out",
+        tmp_path / "a",
+        "--sites",
+        "resid_pre,mlp",
+    )
+    assert site.exit_code == 2 and "unknown site(s) mlp" in site.output
+    layer = _invoke(
+        "--model", tiny_dirs["qwen2"], "--data", data, "--out", tmp_path / "b", "--layers", "0,7"
+    )
+    assert layer.exit_code == 2 and "layer 7 is out of range" in layer.output
+    model = _invoke("--model", tmp_path / "nothing", "--data", data, "--out", tmp_path / "c")
+    assert model.exit_code == 2 and "does not exist" in model.output
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_truncation_is_counted(tiny_dirs, tmp_path):
+    data = _write(_simple(True), tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="3 of 3 sequences are longer than 30 tokens"):
+        result = runner.invoke(
+            app,
+            [
+                "entropy",
+                "--model",
+                str(tiny_dirs["qwen2"]),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--max-length",
+                "30",
+                "--all-tokens",
+                "--quiet",
+            ],
+        )
+    assert result.exit_code == 0, result.output
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    assert tokens.position.max() == 29
+    assert json.loads((out / "run.json").read_text())["truncated"] == 3
+
+
+def _cli(*args):
+    return [
+        sys.executable,
+        "-c",
+        "from internal_policy_lens.cli import app; app()",
+        "entropy",
+        *map(str, args),
+    ]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tiny_dirs, tmp_path):
+    rows = [{"question": f"What is {i}+{i * 3}?"} for i in range(40)]
+    data = _write(rows, tmp_path / "q.jsonl")
+    common = [
+        "--model",
+        tiny_dirs["qwen3"],
+        "--data",
+        data,
+        "--max-new-tokens",
+        48,
+        "--batch-size",
+        2,
+        "--temperature",
+        1.0,
+        "--seed",
+        7,
+        "--quiet",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run(_cli(*common, "--out", full), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    for stage in ("generation", "parts"):  # kill once in each phase
+        proc = subprocess.Popen(
+            _cli(*common, "--out", out),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((out / stage).glob("*[0-9].*"))) < 2:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert len(list((out / stage).glob("*[0-9].*"))) >= 2, f"never reached {stage}"
+        assert not (out / "tokens.parquet").exists()
+    subprocess.run(_cli(*common, "--out", out), check=True, env=env, capture_output=True)
+    for name in ("tokens.parquet", "deltas.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(full / name))
+    assert (out / "responses.jsonl").read_text() == (full / "responses.jsonl").read_text()
