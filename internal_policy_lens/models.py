@@ -21,6 +21,9 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3ForCausalLM",
     "LlamaForCausalLM",
 )
+# Small reference models trained by analyses/train_bundled_models.py and shipped with the package.
+BUNDLED_MODELS: tuple[str, ...] = ("ipl-tiny-qwen2", "ipl-tiny-llama")
+DEFAULT_MODEL = "ipl-tiny-qwen2"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _DTYPES = {
     "float32": torch.float32,
@@ -131,8 +134,9 @@ def load_model(
     """Load a Qwen2/Qwen2.5, Qwen3 or Llama model with its tokenizer.
 
     Args:
-        name_or_path: a local folder saved by transformers (config.json, weights and tokenizer
-            files) or a hub name such as ``Qwen/Qwen2.5-7B`` (needs the network).
+        name_or_path: a bundled model (``ipl-tiny-qwen2``, ``ipl-tiny-llama``), a local folder
+            saved by transformers (config.json, weights and tokenizer files) or a hub name such
+            as ``Qwen/Qwen2.5-7B`` (needs the network).
         dtype: ``auto`` (the checkpoint's dtype on a GPU, float32 on the CPU), ``float32``,
             ``bfloat16``, ``float16`` or ``float64`` (for reference computations).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
@@ -145,7 +149,7 @@ def load_model(
 
     name = str(name_or_path)
     device = _resolve_device(device)
-    local = Path(name).expanduser()
+    local = bundled_path(name) if name in BUNDLED_MODELS else Path(name).expanduser()
     if local.is_dir():
         _check_local_folder(local)
         name = str(local)
@@ -180,6 +184,17 @@ def load_model(
     return PolicyModel(
         bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision
     )
+
+
+def bundled_path(name: str) -> Path:
+    """Folder of a bundled model (see :data:`BUNDLED_MODELS`)."""
+    folder = Path(__file__).resolve().parent / "bundled" / name
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"the bundled model '{name}' is missing from {folder.parent}; reinstall the package "
+            "or train it with: python analyses/train_bundled_models.py"
+        )
+    return folder
 
 
 def _looks_like_path(name: str) -> bool:
