@@ -124,6 +124,28 @@ class PolicyModel:
         return None
 
 
+def save_model(model: PolicyModel, folder: str | os.PathLike) -> Path:
+    """Save the model as a standard transformers folder (weights, config, tokenizer).
+
+    The bridge wraps every module, so its state dict holds several aliases per weight; the plain
+    architecture's parameter names pick the real ones.
+    """
+    from transformers import AutoModelForCausalLM
+
+    clean: dict[str, torch.Tensor] = {}
+    for key, value in model.hf_model.state_dict().items():
+        clean.setdefault(key.replace("._original_component", ""), value)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict({k: clean[k] for k in plain.state_dict()}, assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.hf_model.generation_config
+    folder = Path(folder)
+    plain.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,

@@ -18,12 +18,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 OPS = {"+": "Add {}.", "-": "Subtract {}.", "*": "Multiply by {}."}
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,15 @@ def make_problems(n: int, *, seed: int, max_ops: int = 4, max_value: int = 200) 
 
 def extract_boxed(text: str) -> str | None:
     r"""The content of the last ``\boxed{...}`` in ``text``, or None."""
-    found = _BOXED.findall(text)
-    return found[-1].strip() if found else None
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin, len(text)):  # match braces, so \boxed{\frac{1}{2}} is whole
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth < 0:
+            return text[begin:i].strip()
+    return None
 
 
 def check(response: str, answer: int | str) -> bool:

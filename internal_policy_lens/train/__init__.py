@@ -1,0 +1,1 @@
+"""Bottom-up Policy Optimization: rollouts, rewards, the pure loss and the training loop."""

@@ -1,0 +1,66 @@
+"""Checkpoints: a transformers folder plus the optimiser, scheduler and RNG state beside it."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..models import PolicyModel, save_model
+
+STATE = "trainer_state.pt"
+
+
+def save_checkpoint(folder: Path, model: PolicyModel, opt, sched, step: int) -> Path:
+    """Write ``folder`` atomically: a sibling temporary folder is renamed when complete."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    torch.save(
+        {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        },
+        tmp / STATE,
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``out/checkpoints``, or None."""
+    found = [
+        (int(p.name.split("-")[1]), p)
+        for p in (out / "checkpoints").glob("step-*")
+        if p.name.split("-")[1].isdigit() and (p / STATE).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(folder: Path, model: PolicyModel, opt, sched) -> int:
+    """Restore weights, optimiser, scheduler and RNG state; return the step to continue from."""
+    weights = load_file(folder / "model.safetensors")
+    used = set()
+    with torch.no_grad():
+        for key, param in model.hf_model.state_dict(keep_vars=True).items():
+            name = key.replace("._original_component", "")
+            if name == "lm_head.weight" and name not in weights:  # tied: saved as the embedding
+                name = "model.embed_tokens.weight"
+            if name in weights:
+                param.copy_(weights[name])
+                used.add(name)
+    if used != set(weights):
+        raise ValueError(f"{folder}: weights {sorted(set(weights) - used)} match no parameter")
+    state = torch.load(folder / STATE, weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return int(state["step"])

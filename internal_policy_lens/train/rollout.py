@@ -1,0 +1,114 @@
+"""Rollouts from the full policy, and log-probabilities under the full or an internal policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data import encode_prompt
+from ..generate import generate, left_pad
+from ..hooks import capture
+from ..lens import Lens
+from ..models import PolicyModel
+from .loss import group_advantages
+from .rewards import math_reward
+
+
+@dataclass
+class RolloutBatch:
+    """G responses for each of P prompts, as one left-padded batch of N = P * G sequences."""
+
+    input_ids: torch.Tensor  # [N, T] prompt + response, left-padded
+    attention_mask: torch.Tensor  # [N, T]
+    response_mask: (
+        torch.Tensor
+    )  # [N, T-1] 1 where the target token (position t+1) is a response token
+    rewards: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N]
+    response_lengths: torch.Tensor  # [N]
+    texts: list[str]
+
+    def select(self, index: torch.Tensor) -> RolloutBatch:
+        """The sub-batch of the given rows (a mini-batch)."""
+        rows = index.tolist()
+        return RolloutBatch(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.response_mask[index],
+            self.rewards[index],
+            self.advantages[index],
+            self.response_lengths[index],
+            [self.texts[i] for i in rows],
+        )
+
+
+def collect(
+    model: PolicyModel,
+    records: list[dict],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> RolloutBatch:
+    """Sample ``group_size`` responses per record from the full model and score them."""
+    tokenizer = model.tokenizer
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in records for _ in range(group_size)]
+    responses = generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    answers = [r["answer"] for r in records for _ in range(group_size)]
+    rewards = torch.tensor([math_reward(t, a) for t, a in zip(texts, answers)])
+    advantages = group_advantages(rewards.view(len(records), group_size)).view(-1)
+    ids, mask = left_pad(
+        [p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id, model.device
+    )
+    lengths = torch.tensor([len(r) for r in responses])
+    # Target t+1 is a response token iff it lies in the last len(response) real positions.
+    positions = torch.arange(ids.shape[1] - 1, 0, -1)  # distance to the end for targets 1..T-1
+    response_mask = (positions.unsqueeze(0) <= lengths.unsqueeze(1)).to(model.device)
+    return RolloutBatch(ids, mask, response_mask.long(), rewards, advantages, lengths, texts)
+
+
+def token_logprobs(
+    model: PolicyModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    layer: int | None = None,
+    lens: str = "raw",
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next token and the policy's entropy, ``[N, T-1]`` each.
+
+    With ``layer=None`` the policy is the model's own output; with ``layer=k`` it is the internal
+    layer policy pi^k (``resid_post`` of layer k through the lens), and the forward pass stops
+    after layer k, so layers above k and the final norm take no part and get no gradient.
+    """
+    if layer is None:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model.bridge(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            return_type="logits",
+        )
+    else:
+        with capture(model, ["resid_post"], [layer]) as acts:
+            model.forward(input_ids, attention_mask, stop_at_layer=layer + 1)
+        hidden = acts["resid_post", layer]  # [N, T, d_model]
+        logits = Lens(model, lens).logits(hidden.flatten(0, 1), "resid_post")
+        logits = logits.view(*hidden.shape[:2], -1)
+    logits = logits[:, :-1].float() / temperature  # [N, T-1, vocab]: position t predicts t+1
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
