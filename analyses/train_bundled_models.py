@@ -3,14 +3,13 @@
     OMP_WAIT_POLICY=PASSIVE python analyses/train_bundled_models.py [--steps N] [--arch qwen2 llama]
 
 Writes internal_policy_lens/bundled/ipl-tiny-{arch}/ (transformers folder + model card) and
-internal_policy_lens/data/arith_heldout.jsonl.
+internal_policy_lens/data/arith_{heldout,train}.jsonl.
 """
 
 import argparse
 from pathlib import Path
 
-from internal_policy_lens.pretrain import PretrainConfig, heldout_problems, pretrain
-from internal_policy_lens.task import write_jsonl
+from internal_policy_lens.pretrain import PretrainConfig, pretrain, write_task_files
 
 ROOT = Path(__file__).resolve().parents[1] / "internal_policy_lens"
 
@@ -28,4 +27,4 @@ for arch in args.arch:
         f"{arch}: {facts['train_minutes']} min, {facts['parameters']:,} parameters, "
         f"greedy {overall['greedy']:.1%}, pass@{cfg.pass_k} {overall['pass_at_k']:.1%}"
     )
-write_jsonl(heldout_problems(PretrainConfig(out="")), ROOT / "data" / "arith_heldout.jsonl")
+write_task_files(ROOT / "data")

@@ -124,3 +124,88 @@ def make_tiny(
     with _user_errors():
         folder = make_tiny_model(arch, out, seed=seed, n_layers=layers)
     typer.echo(f"wrote a random {arch} model with {layers} layers to {folder}/")
+
+
+def _convergence_defaults():
+    from .config import ConvergenceConfig
+
+    return ConvergenceConfig()
+
+
+_CONVERGENCE = _convergence_defaults()  # the defaults of --tau and --abrupt-share
+_TAU_HELP = "Integration band (nats): FFN ΔH > tau is exploration, < -tau convergence."
+
+
+def _convergence_config(**changes):
+    from dataclasses import replace
+
+    return replace(_CONVERGENCE, **changes)
+
+
+@app.command()
+def plot(
+    run: Annotated[Path, typer.Argument(help="Run folder written by ipl entropy.")],
+    sample: Annotated[
+        str | None, typer.Option(help="Sample id of the token heatmap [default: the smallest].")
+    ] = None,
+    site: Annotated[
+        str | None, typer.Option(help="Site of the token heatmap [default: resid_post].")
+    ] = None,
+    tau: Annotated[float, typer.Option(min=0.0, help=_TAU_HELP)] = _CONVERGENCE.tau,
+) -> None:
+    """Write a run's figures to RUN/figures/ as PNG and PDF (figures without data are skipped)."""
+    from .config import PlotConfig
+    from .figures import plot_run
+
+    cfg = PlotConfig(
+        run=str(run), sample=sample, site=site, convergence=_convergence_config(tau=tau)
+    )
+    with _user_errors():
+        report = plot_run(cfg)
+    typer.echo(str(report))
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders written by ipl entropy.")],
+    out: Annotated[Path, typer.Option(help="Folder for the figures and convergence.csv.")],
+    tau: Annotated[float, typer.Option(min=0.0, help=_TAU_HELP)] = _CONVERGENCE.tau,
+    abrupt_share: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Label abrupt from this share of late entropy drop."),
+    ] = _CONVERGENCE.abrupt_share,
+) -> None:
+    """Overlay runs on relative depth; write comparison.png/.pdf and convergence.csv."""
+    from .config import CompareConfig
+    from .figures import compare as compare_runs
+
+    cfg = CompareConfig(
+        runs=[str(r) for r in runs],
+        out=str(out),
+        convergence=_convergence_config(tau=tau, abrupt_share=abrupt_share),
+    )
+    with _user_errors():
+        report, table = compare_runs(cfg)
+    typer.echo(str(report))
+    typer.echo(table.to_string(index=False))
+
+
+@app.command("suggest-layer")
+def suggest_layer(
+    run: Annotated[Path, typer.Argument(help="Run folder written by ipl entropy.")],
+    tau: Annotated[float, typer.Option(min=0.0, help=_TAU_HELP)] = _CONVERGENCE.tau,
+) -> None:
+    """Print the BuPO layer of the paper's rule (last FFN exploration layer), with the evidence.
+
+    Exits with code 1 when no layer qualifies (the run has no FFN exploration stage).
+    """
+    from .figures import suggest_run_layer
+
+    with _user_errors():
+        folder, suggestion = suggest_run_layer(run, _convergence_config(tau=tau))
+    typer.echo(f"{folder.name}: {folder.n_layers} layers, {folder.lens} lens")
+    if folder.lens != "raw":
+        typer.echo("note: the paper's rule reads the raw lens; this run used the norm lens")
+    typer.echo(str(suggestion))
+    if suggestion.layer is None:
+        raise typer.Exit(1)

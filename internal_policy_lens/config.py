@@ -77,3 +77,124 @@ class EntropyConfig:
         out.pop("overwrite")
         out.pop("out")
         return out
+
+
+@dataclass
+class ConvergenceConfig:
+    """Thresholds of the convergence summary (see ``internal_policy_lens.convergence``)."""
+
+    tau: float = 0.1
+    """Half-width (nats) of the integration band: a layer's mean FFN entropy change d is
+    exploration when d > tau, convergence when d < -tau, integration otherwise. 0.1 nats is under
+    1% of the entropy of a uniform policy over a 150k vocabulary (11.9 nats) and above the
+    sampling noise of a layer mean over a few thousand tokens."""
+    late_depth: float = 0.9
+    """Relative depth from which the entropy drop counts as late (0.9: the last 10% of depth)."""
+    abrupt_share: float = 0.5
+    """Label a model ``abrupt`` when at least this share of its entropy drop is late."""
+
+
+@dataclass
+class PlotConfig:
+    """One ``ipl plot`` call: the figures of a run folder, written to ``RUN/figures/``."""
+
+    run: str
+    """Run folder written by ``ipl entropy``."""
+    sample: str | None = None
+    """Sample id for the token heatmap (default: the run's first sample)."""
+    site: str | None = None
+    """Site of the token heatmap (default: resid_post, else the first site analysed)."""
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
+    """Thresholds of the stages shaded in the entropy-change figure."""
+
+
+@dataclass
+class CompareConfig:
+    """One ``ipl compare`` call: several runs on a relative-depth axis."""
+
+    runs: list[str]
+    """Run folders written by ``ipl entropy`` (one model each)."""
+    out: str
+    """Folder for the comparison figures and ``convergence.csv``."""
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
+    """Thresholds of the convergence summary."""
+
+
+@dataclass
+class BupoConfig:
+    """One ``ipl train-bupo`` run (SPEC §6). ``iterative_steps=0`` is plain GRPO."""
+
+    model: str = "ipl-tiny-qwen2"
+    """Hub name, local folder or bundled model to start from."""
+    data: str = field(default_factory=lambda: str(bundled_data("arith_train.jsonl")))
+    """Training records with answers (JSONL, Parquet or CSV)."""
+    out: str = "runs/bupo"
+    """Run folder: metrics.jsonl, checkpoints/, config.json."""
+    layer: int | str = "auto"
+    """Internal layer k (0-based) for IPA, or 'auto' (the paper's rule on a quick entropy pass)."""
+    iterative_steps: int = 5
+    """s_inter: steps of Internal Policy Alignment on layer k before plain GRPO."""
+    steps: int = 40
+    """Total optimisation steps (rollout + updates)."""
+    group_size: int = 8
+    """G: responses per prompt."""
+    prompts_per_step: int = 16
+    """Prompts per step."""
+    mini_batch_size: int = 32
+    """Responses per optimiser step."""
+    updates_per_step: int = 1
+    """Passes over a step's rollouts."""
+    lr: float = 1e-4
+    """AdamW learning rate (constant after warm-up)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimiser steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    clip_low: float = 0.2
+    """eps_low of the ratio clip."""
+    clip_high: float = 0.2
+    """eps_high of the ratio clip."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (log-probs use the same temperature)."""
+    max_new_tokens: int = 96
+    """Longest response."""
+    aggregation: str = "token"
+    """Loss aggregation: token (the paper's code) or sequence."""
+    kl_coef: float = 0.0
+    """beta of the KL penalty to the initial model (0 = none, the paper's default)."""
+    lens: str = "raw"
+    """Lens of the internal policy during IPA."""
+    seed: int = 0
+    """Seed of prompt order, sampling and mini-batch order."""
+    save_every: int = 10
+    """Checkpoint every N steps (and at the end)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in ``out``."""
+
+
+@dataclass
+class EvalConfig:
+    """One ``ipl eval`` run: K samples per problem, Avg@K and unbiased Pass@k."""
+
+    model: str = "ipl-tiny-qwen2"
+    """Hub name, local folder, bundled model or a checkpoint folder of ``ipl train-bupo``."""
+    data: str = field(default_factory=lambda: str(bundled_data("arith_heldout.jsonl")))
+    """Problems with answers (JSONL, Parquet or CSV)."""
+    out: str = "runs/eval"
+    """Folder for results.csv (per problem), samples.jsonl and metrics.json."""
+    samples: int = 8
+    """K: samples per problem."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy; then K should be 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 96
+    """Longest response."""
+    batch_size: int = 64
+    """Responses generated per batch."""
+    max_samples: int | None = None
+    """Evaluate only the first N problems."""
+    seed: int = 0
+    """Sampling seed."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from math import comb
+from pathlib import Path
 
+import pandas as pd
 from tqdm.auto import tqdm
 
 from .data import encode_prompt
@@ -97,3 +101,67 @@ def _summarise(label: str, rows: list[tuple]) -> dict:
         "pass_at_k": sum(r[2] for r in rows) / n,
         "mean_at_k": sum(r[3] for r in rows) / n,
     }
+
+
+def pass_ks(samples: int) -> list[int]:
+    """The k of Pass@k to report: 1, 2, 4, ... below ``samples``, then ``samples``."""
+    ks, k = [], 1
+    while k < samples:
+        ks.append(k)
+        k *= 2
+    return ks + [samples]
+
+
+def evaluate(cfg) -> tuple[pd.DataFrame, dict]:
+    """Sample ``cfg.samples`` responses per problem; write and return per-problem results.
+
+    Writes ``results.csv`` (one row per problem: correct count, Avg@K, Pass@k), ``samples.jsonl``
+    (every response with its reward) and ``metrics.json`` (the means, with the configuration).
+    """
+    from .datasets import read_records
+    from .models import load_model
+    from .train.rewards import math_reward
+
+    records = read_records(cfg.data, max_samples=cfg.max_samples)
+    missing = [r["line"] for r in records if r["answer"] is None]
+    if missing:
+        raise ValueError(f"{cfg.data}:{missing[0]}: record has no answer; ipl eval needs answers")
+    model = load_model(cfg.model)
+    responses = sample(
+        model,
+        [r["prompt"] for r in records],
+        samples=cfg.samples,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=True,
+    )
+    rows, lines = [], []
+    for record, texts in zip(records, responses):
+        rewards = [math_reward(t, record["answer"]) for t in texts]
+        correct = int(sum(r == 1.0 for r in rewards))
+        row = {
+            "sample_id": record["sample_id"],
+            "answer": record["answer"],
+            "n": cfg.samples,
+            "correct": correct,
+            f"avg@{cfg.samples}": correct / cfg.samples,
+        }
+        row.update({f"pass@{k}": pass_at_k(cfg.samples, correct, k) for k in pass_ks(cfg.samples)})
+        rows.append(row)
+        lines += [
+            {"sample_id": record["sample_id"], "response": t, "reward": r}
+            for t, r in zip(texts, rewards)
+        ]
+    table = pd.DataFrame(rows)
+    metrics = {c: float(table[c].mean()) for c in table.columns if "@" in c}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "results.csv", index=False)
+    (out / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (out / "metrics.json").write_text(
+        json.dumps({"metrics": metrics, "problems": len(table), "config": asdict(cfg)}, indent=2)
+    )
+    return table, metrics

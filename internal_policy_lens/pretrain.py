@@ -74,6 +74,22 @@ def heldout_problems(cfg: PretrainConfig) -> list[Problem]:
     )
 
 
+def write_task_files(folder: str | Path, cfg: PretrainConfig | None = None) -> None:
+    """Write the bundled task files: ``arith_heldout.jsonl`` and ``arith_train.jsonl``.
+
+    The RL training set (2000 problems, seed 20_000) leaves out every held-out question.
+    """
+    from .task import write_jsonl
+
+    cfg = cfg or PretrainConfig(out="")
+    heldout = heldout_problems(cfg)
+    exclude = {p.question for p in heldout}
+    pool = make_problems(2400, seed=20_000, max_ops=cfg.max_ops, max_value=cfg.max_value)
+    train = [p for p in pool if p.question not in exclude][:2000]
+    write_jsonl(heldout, Path(folder) / "arith_heldout.jsonl")
+    write_jsonl(train, Path(folder) / "arith_train.jsonl")
+
+
 def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     """Train, evaluate and save a model; return the model card's facts."""
     from transformers import AutoModelForCausalLM

@@ -83,6 +83,9 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun:
     _write_json(out / "run.json", info)
     for name in _WORK_DIRS:
         shutil.rmtree(out / name, ignore_errors=True)
+    from .figures import write_run_figures  # matplotlib is loaded only once a run is done
+
+    write_run_figures(out, tokens, deltas, summary, info)
     return EntropyRun(tokens, deltas, summary, out, info)
 
 

@@ -103,3 +103,18 @@ def test_cached_greedy_generation_matches_transformers(arch, models, tiny_dirs):
         torch.stack(wrapped.scores, 1), expected_scores, atol=1e-4, rtol=1e-4
     )
     assert torch.as_tensor(bridge).tolist() == expected.tolist()
+
+
+def test_save_model_round_trip(arch, models, tmp_path):
+    from internal_policy_lens.models import save_model
+
+    model = models(arch)
+    folder = save_model(model, tmp_path / "saved")
+    again = load_model(folder)
+    plain = hf_model(folder, dtype=torch.float32)
+    ids = torch.tensor([model.tokenizer("12+7=19")["input_ids"]])
+    with torch.no_grad():
+        expected = model.bridge(ids)
+        torch.testing.assert_close(again.bridge(ids), expected, atol=0, rtol=0)
+        torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert plain.config.tie_word_embeddings == model.config.tie_word_embeddings

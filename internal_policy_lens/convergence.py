@@ -1,0 +1,266 @@
+"""How a model converges: FFN stages, abruptness and the BuPO layer (SPEC §5). Pure pandas.
+
+Everything here reads a summary table (:func:`~internal_policy_lens.tables.summary_table` or a run
+folder's ``summary.csv``: columns ``quantity, layer, name, mean``), so a 36-layer model's answer
+costs a few hundred rows, however many tokens were analysed.
+
+Stages. Each layer's mean FFN entropy change ``d`` (nats) is classed ``+`` (``d > tau``,
+exploration), ``0`` (``|d| <= tau``, integration) or ``-`` (``d < -tau``, convergence). The stages
+are the split of the layers into three consecutive, possibly empty, ranges (exploration, then
+integration, then convergence) that agrees with the most per-layer classes. Exploration always ends
+on a ``+`` layer and convergence starts on a ``-`` layer; ties go to the longer exploration stage,
+then to the longer convergence stage. Noise inside a stage (a single ``0`` among ``+`` layers) thus
+does not split it.
+
+Abruptness. ``H(x)`` is the mean entropy of the residual stream at relative depth ``x``: the
+``resid_pre`` of layer 0 sits at depth 0 and the ``resid_post`` of layer ``l`` at depth
+``(l + 1) / L``, with linear interpolation between layer boundaries. The total drop is
+``H(0) - H(1)``; abruptness is the share of it that happens in the last 10% of depth,
+``(H(0.9) - H(1)) / (H(0) - H(1))`` (when 0.9 L is an integer: the drop made by layers
+``l >= 0.9 L``). A steady fall gives about 0.1; a fall confined to the top layers gives about 1.
+
+Label. ``abrupt`` when abruptness >= ``abrupt_share`` (default 0.5: at least half of the drop
+happens in the last tenth of the depth), else ``progressive``; ``flat`` when the total drop is at
+most ``tau`` (nothing to locate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .config import ConvergenceConfig
+
+STAGES: tuple[str, ...] = ("exploration", "integration", "convergence")
+_CLASS_NAMES = {1: "exploration", 0: "integration", -1: "convergence"}
+
+
+@dataclass
+class LayerSuggestion:
+    """The BuPO layer picked by the paper's rule, with the evidence for it."""
+
+    layer: int | None
+    """0-based layer index, or None when no layer qualifies."""
+    reason: str
+    """One sentence: why this layer (or why none)."""
+    evidence: pd.DataFrame
+    """Layers around the choice: ``layer``, ``ffn_delta`` (mean, nats), ``class``, ``stage``."""
+    tau: float
+    """The threshold used (nats)."""
+
+    def __str__(self) -> str:
+        head = (
+            f"suggested BuPO layer: {self.layer} (0-based)"
+            if self.layer is not None
+            else "no layer suggested"
+        )
+        return f"{head}: {self.reason}\n{self.evidence.to_string(index=False)}"
+
+
+@dataclass
+class Convergence:
+    """A model's convergence profile (see the module docstring for every definition)."""
+
+    n_layers: int
+    tau: float
+    stages: dict[str, tuple[int, int] | None]
+    """Per stage, its first and last layer (0-based, inclusive), or None when empty."""
+    ffn_delta: pd.Series = field(repr=False)
+    """Mean FFN entropy change per layer (nats), indexed by layer."""
+    entropy_start: float
+    """H(0): mean entropy of layer 0's ``resid_pre`` (nats); NaN when not analysed."""
+    entropy_end: float
+    """H(1): mean entropy of the last layer's ``resid_post`` (nats); NaN when not analysed."""
+    abruptness: float
+    """Share of the drop ``H(0) - H(1)`` that happens in the last 10% of depth."""
+    label: str | None
+    """``progressive``, ``abrupt``, ``flat``, or None when the entropies are missing."""
+    suggestion: LayerSuggestion = field(repr=False)
+
+    def row(self) -> dict:
+        """One flat row for a CSV: stage ranges as ``"first-last"`` strings ("" when empty)."""
+        ranges = {
+            name: "" if span is None else f"{span[0]}-{span[1]}"
+            for name, span in self.stages.items()
+        }
+        return {
+            "n_layers": self.n_layers,
+            "tau": self.tau,
+            **ranges,
+            "suggested_layer": self.suggestion.layer,
+            "entropy_start": self.entropy_start,
+            "entropy_end": self.entropy_end,
+            "entropy_drop": self.entropy_start - self.entropy_end,
+            "abruptness": self.abruptness,
+            "label": self.label,
+        }
+
+
+def ffn_curve(summary: pd.DataFrame) -> pd.Series:
+    """Mean FFN entropy change per layer (nats) from a summary table, indexed by layer."""
+    rows = summary[(summary["quantity"] == "delta") & (summary["name"].astype(str) == "ffn")]
+    if rows.empty:
+        raise ValueError(
+            "the summary has no FFN entropy change: analyse the sites mlp_in and mlp_out"
+        )
+    return rows.set_index("layer")["mean"].astype(float).sort_index().rename("ffn_delta")
+
+
+def classify(curve: pd.Series, tau: float) -> pd.Series:
+    """+1 where the value is > tau, -1 where < -tau, 0 otherwise (same index)."""
+    values = curve.to_numpy()
+    return pd.Series(np.where(values > tau, 1, np.where(values < -tau, -1, 0)), index=curve.index)
+
+
+def find_stages(curve: pd.Series, tau: float) -> dict[str, tuple[int, int] | None]:
+    """Split the layers into exploration, integration and convergence ranges.
+
+    Args:
+        curve: mean FFN entropy change (nats) indexed by 0-based layer.
+        tau: half-width of the integration band (nats).
+
+    Returns:
+        Per stage, (first layer, last layer) inclusive, or None when the stage is empty. The
+        split maximises agreement with :func:`classify`; see the module docstring for ties.
+    """
+    classes = classify(curve, tau).to_numpy()
+    n = len(classes)
+    counts = {c: np.concatenate([[0], np.cumsum(classes == c)]) for c in (1, 0, -1)}
+    ends = [0] + [i + 1 for i in range(n) if classes[i] == 1]  # exploration = layers [0, a)
+    starts = [i for i in range(n) if classes[i] == -1] + [n]  # convergence = layers [b, n)
+    best = max(
+        (
+            counts[1][a] + counts[0][b] - counts[0][a] + counts[-1][n] - counts[-1][b],
+            a,
+            -b,
+        )
+        for a in ends
+        for b in starts
+        if b >= a
+    )
+    a, b = best[1], -best[2]
+    layers = curve.index.to_list()
+    bounds = {"exploration": (0, a), "integration": (a, b), "convergence": (b, n)}
+    return {
+        name: (int(layers[lo]), int(layers[hi - 1])) if hi > lo else None
+        for name, (lo, hi) in bounds.items()
+    }
+
+
+def abruptness(
+    summary: pd.DataFrame, n_layers: int, late_depth: float = 0.9
+) -> tuple[float, float, float]:
+    """H(0), H(1) and the share of the drop H(0) - H(1) made after ``late_depth``.
+
+    See the module docstring for the definition; NaN where the summary lacks layer 0's
+    ``resid_pre`` or the last layer's ``resid_post``.
+    """
+    entropy = summary[summary["quantity"] == "entropy"]
+    names = entropy["name"].astype(str)
+    pre = entropy[(names == "resid_pre") & (entropy["layer"] == 0)]
+    post = entropy[names == "resid_post"]
+    depth = np.concatenate([[0.0] * len(pre), (post["layer"].to_numpy() + 1) / n_layers])
+    value = np.concatenate([pre["mean"].to_numpy(), post["mean"].to_numpy()])
+    order = np.argsort(depth, kind="stable")
+    depth, value = depth[order], value[order]
+    if len(depth) < 2 or depth[0] != 0.0 or not np.isclose(depth[-1], 1.0):
+        return float("nan"), float("nan"), float("nan")
+    start, end = float(value[0]), float(value[-1])
+    late = float(np.interp(late_depth, depth, value))
+    share = (late - end) / (start - end) if start != end else float("nan")
+    return start, end, share
+
+
+def suggest_layer(summary: pd.DataFrame, cfg: ConvergenceConfig | None = None) -> LayerSuggestion:
+    """The BuPO layer of the paper's rule: the last exploration layer before integration.
+
+    SPEC §5: the last layer (from the bottom) whose mean FFN entropy change is > 0 before the
+    integration stage; here "> 0" means "> tau" and the stages come from :func:`find_stages`.
+    The paper's pick for Qwen3-4B is index 5 of 36.
+
+    Returns:
+        The layer (0-based) and the evidence (mean FFN delta two layers either side of it), or
+        ``layer=None`` with the reason when the model has no exploration stage, or when its
+        exploration stage reaches the last layer (nothing comes after it).
+    """
+    cfg = cfg or ConvergenceConfig()
+    curve = ffn_curve(summary)
+    stages = find_stages(curve, cfg.tau)
+    classes = classify(curve, cfg.tau)
+    exploration = stages["exploration"]
+    if exploration is None:
+        top = curve.idxmax()
+        return LayerSuggestion(
+            None,
+            f"no exploration stage: no bottom layer has mean FFN entropy change > tau = "
+            f"{cfg.tau:g} nats (largest: {curve[top]:+.3f} at layer {top})",
+            _evidence(curve, classes, stages, curve.index[0]),
+            cfg.tau,
+        )
+    layer = exploration[1]  # an exploration stage always ends on a layer classed +
+    if layer == curve.index[-1]:
+        return LayerSuggestion(
+            None,
+            f"every stage above exploration is empty: mean FFN entropy change stays > tau = "
+            f"{cfg.tau:g} nats up to the last layer, so no layer precedes an integration stage",
+            _evidence(curve, classes, stages, layer),
+            cfg.tau,
+        )
+    after = "integration" if stages["integration"] else "convergence"
+    return LayerSuggestion(
+        layer,
+        f"last layer with mean FFN entropy change > tau = {cfg.tau:g} nats "
+        f"({curve[layer]:+.3f}) before the {after} stage",
+        _evidence(curve, classes, stages, layer),
+        cfg.tau,
+    )
+
+
+def _evidence(curve, classes, stages, layer, width: int = 2) -> pd.DataFrame:
+    position = curve.index.get_loc(layer)
+    part = curve.iloc[max(position - width, 0) : position + width + 1]
+    spans = [(name, span) for name, span in stages.items() if span is not None]
+    stage_of = {lay: name for name, (lo, hi) in spans for lay in part.index if lo <= lay <= hi}
+    return pd.DataFrame(
+        {
+            "layer": part.index.astype(int),
+            "ffn_delta": part.to_numpy().round(4),
+            "class": [_CLASS_NAMES[c] for c in classes.loc[part.index]],
+            "stage": [stage_of[lay] for lay in part.index],
+        }
+    )
+
+
+def convergence_summary(
+    summary: pd.DataFrame, n_layers: int | None = None, cfg: ConvergenceConfig | None = None
+) -> Convergence:
+    """Stages, abruptness, label and suggested layer of one model (module docstring).
+
+    Args:
+        summary: a summary table (``summary_table`` or ``summary.csv``).
+        n_layers: the model's layer count (default: the highest layer in ``summary`` + 1).
+        cfg: thresholds; default :class:`~internal_policy_lens.config.ConvergenceConfig`.
+    """
+    cfg = cfg or ConvergenceConfig()
+    n_layers = n_layers or int(summary["layer"].max()) + 1
+    curve = ffn_curve(summary)
+    start, end, share = abruptness(summary, n_layers, cfg.late_depth)
+    if np.isnan(start):
+        label = None
+    elif start - end <= cfg.tau:
+        label = "flat"
+    else:
+        label = "abrupt" if share >= cfg.abrupt_share else "progressive"
+    return Convergence(
+        n_layers=n_layers,
+        tau=cfg.tau,
+        stages=find_stages(curve, cfg.tau),
+        ffn_delta=curve,
+        entropy_start=start,
+        entropy_end=end,
+        abruptness=share,
+        label=label,
+        suggestion=suggest_layer(summary, cfg),
+    )

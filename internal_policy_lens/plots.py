@@ -1,0 +1,323 @@
+"""Figures from the tidy tables: a DataFrame in, a matplotlib Figure out.
+
+Functions here never save, never load a model and never import torch; saving belongs to
+``internal_policy_lens.figures`` (run folders), the CLI and ``analyses/``. Figures are sized for
+a two-column paper (one column: 3.4 in, full width: 7 in) with 7-8 pt text, the seaborn
+``colorblind`` palette (Okabe-Ito hues), constrained layout and a white background. Each site keeps
+its colour in every figure, and a module shares the colour of its output site.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+COLUMN_WIDTH = 3.4
+TEXT_WIDTH = 7.0
+FLOW_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+_CB = sns.color_palette("colorblind")
+SITE_COLOURS = {
+    "resid_pre": _CB[7],
+    "attn_out": _CB[0],
+    "mlp_out": _CB[1],
+    "resid_post": _CB[2],
+    "final": _CB[3],
+}
+MODULE_LABELS = {
+    "attn": ("attention: H(attn_out) − H(attn_in)", SITE_COLOURS["attn_out"]),
+    "ffn": ("FFN: H(mlp_out) − H(mlp_in)", SITE_COLOURS["mlp_out"]),
+    "layer": ("layer: H(resid_post) − H(resid_pre)", SITE_COLOURS["resid_post"]),
+}
+_STAGE_SHADES = {
+    "exploration": ("FFN exploration stage (ΔH > {tau})", ""),
+    "convergence": ("FFN convergence stage (ΔH < −{tau})", "///"),
+}
+SPREADS = {"std": "band: mean ± 1 s.d. over tokens", "iqr": "band: 25th–75th percentile"}
+_STYLE = {
+    "font.size": 8,
+    "axes.labelsize": 8,
+    "axes.titlesize": 8,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "lines.linewidth": 1.3,
+    "lines.markersize": 3,
+}
+
+
+def _styled(fn):
+    """Build the figure under the house style (text sizes are read when artists are made)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with mpl.rc_context(_STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    fig = Figure(figsize=(width, height), layout="constrained", facecolor="white")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    for ax in axes:
+        ax.set_facecolor("white")
+        ax.tick_params(labelsize=7)  # ticks are made lazily, after the rc context is gone
+    return fig, axes
+
+
+def _band(frame: pd.DataFrame, by: str, value: str, spread: str, center: str = "mean"):
+    """Per ``by`` group: the centre line and the band's low and high edges."""
+    if spread not in SPREADS:
+        raise ValueError(f"unknown spread '{spread}'; use one of {', '.join(SPREADS)}")
+    grouped = frame.groupby(by, observed=True)[value]
+    mid = grouped.mean() if center == "mean" else grouped.median()
+    if spread == "std":
+        std = grouped.std().fillna(0.0)
+        return mid, mid - std, mid + std
+    return mid, grouped.quantile(0.25), grouped.quantile(0.75)
+
+
+def _line(ax, stats, colour, label, marker="o"):
+    mid, lo, hi = stats
+    ax.plot(mid.index, mid.to_numpy(), color=colour, marker=marker, label=label)
+    ax.fill_between(mid.index, lo.to_numpy(), hi.to_numpy(), color=colour, alpha=0.18, lw=0)
+
+
+def _layer_axis(ax) -> None:
+    ax.set_xlabel("layer (0-based)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend(fig, ax, title: str, ncols: int = 2) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, title=title)
+
+
+def _present(frame: pd.DataFrame, column: str, wanted, what: str) -> list[str]:
+    have = set(frame[column].astype(str))
+    found = [name for name in wanted if name in have]
+    if not found:
+        raise ValueError(f"the table has none of the {what} {', '.join(wanted)}")
+    return found
+
+
+@_styled
+def entropy_flow(tokens: pd.DataFrame, *, spread: str = "std", title: str | None = None) -> Figure:
+    """Mean entropy per layer of the layer input, attention output, FFN output and layer output.
+
+    Args:
+        tokens: an entropy table (``entropy_table`` or ``tokens.parquet``).
+        spread: the band: ``std`` (mean ± 1 s.d. over tokens) or ``iqr`` (25th-75th percentile).
+        title: axes title (e.g. the model's name).
+
+    ``final`` (the model's output policy), when present, is a star at the last layer.
+    """
+    sites = _present(tokens, "site", FLOW_SITES, "sites")
+    fig, (ax,) = _figure(COLUMN_WIDTH, 3.0)
+    site = tokens["site"].astype(str)
+    for name in sites:
+        stats = _band(tokens[site == name], "layer", "entropy", spread)
+        _line(ax, stats, SITE_COLOURS[name], name)
+    final = tokens[site == "final"]
+    if len(final):
+        star = dict(marker="*", ms=9, ls="none", color=SITE_COLOURS["final"])
+        ax.plot(final["layer"].max(), final["entropy"].mean(), **star, label="final (output)")
+    ax.set_ylabel("entropy (nats)")
+    _layer_axis(ax)
+    ax.set_title(title or "")
+    _legend(fig, ax, f"mean entropy per layer; {SPREADS[spread]}")
+    return fig
+
+
+@_styled
+def entropy_change(
+    deltas: pd.DataFrame,
+    *,
+    spread: str = "std",
+    stages: dict[str, tuple[int, int] | None] | None = None,
+    tau: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Mean entropy change per layer of attention, FFN and the whole layer, with a zero line.
+
+    Args:
+        deltas: a delta table (``delta_table`` or ``deltas.parquet``).
+        spread: ``std`` or ``iqr`` (see :func:`entropy_flow`).
+        stages: from ``convergence.find_stages``; shades the exploration and convergence layers.
+        tau: the stages' threshold (nats), for the legend.
+        title: axes title.
+    """
+    modules = _present(deltas, "module", MODULE_LABELS, "modules")
+    fig, (ax,) = _figure(COLUMN_WIDTH, 3.2)
+    module = deltas["module"].astype(str)
+    threshold = "τ" if tau is None else f"τ = {tau:g} nats"
+    for stage, (label, hatch) in _STAGE_SHADES.items():
+        span = (stages or {}).get(stage)
+        if span is not None:
+            ax.axvspan(
+                span[0] - 0.5,
+                span[1] + 0.5,
+                fc="0.92",
+                hatch=hatch,
+                ec="0.75",
+                lw=0,
+                label=label.format(tau=threshold),
+            )
+    ax.axhline(0.0, color="0.25", lw=0.8, ls="--", zorder=1)
+    for name in modules:
+        label, colour = MODULE_LABELS[name]
+        _line(ax, _band(deltas[module == name], "layer", "delta", spread), colour, label)
+    ax.set_ylabel("entropy change ΔH (nats)")
+    _layer_axis(ax)
+    ax.set_title(title or "")
+    _legend(fig, ax, f"mean ΔH per layer; {SPREADS[spread]}", ncols=1)
+    return fig
+
+
+def token_label(text: str, limit: int = 10) -> str:
+    """A token's text made visible on an axis: whitespace shown, ``$`` escaped, long ones cut."""
+    shown = text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣") or "∅"
+    shown = shown if len(shown) <= limit else shown[: limit - 1] + "…"
+    return shown.replace("$", r"\$")
+
+
+@_styled
+def token_heatmap(
+    tokens: pd.DataFrame,
+    *,
+    sample_id=None,
+    site: str = "resid_post",
+    max_labels: int = 40,
+    title: str | None = None,
+) -> Figure:
+    """Entropy of one site's policy, layer x position, for one sample, tokens on the x axis.
+
+    Args:
+        tokens: an entropy table; token text from its ``token`` column, else the ``token_id``.
+        sample_id: the sample to show (compared as text; default: the smallest id).
+        site: the site to show.
+        max_labels: at most this many token labels (every k-th position is labelled).
+        title: axes title (default: the sample and site).
+    """
+    if tokens.empty:
+        raise ValueError("the table has no rows")
+    sample_id = tokens["sample_id"].min() if sample_id is None else sample_id
+    rows = tokens[
+        (tokens["sample_id"].astype(str) == str(sample_id)) & (tokens["site"].astype(str) == site)
+    ]
+    if rows.empty:
+        raise ValueError(f"no rows for sample {sample_id!r} at site {site!r}")
+    grid = rows.pivot_table(index="layer", columns="position", values="entropy")
+    text_column = "token" if "token" in rows.columns else "token_id"
+    text = rows.drop_duplicates("position").set_index("position")[text_column].astype(str)
+    height = min(max(1.4 + 0.16 * len(grid), 2.2), 5.0)
+    fig, (ax,) = _figure(TEXT_WIDTH, height)
+    image = ax.imshow(
+        grid.to_numpy(), aspect="auto", origin="lower", cmap="viridis", interpolation="nearest"
+    )
+    ax.grid(False)
+    step = max(1, math.ceil(grid.shape[1] / max_labels))
+    ticks = np.arange(0, grid.shape[1], step)
+    ax.set_xticks(ticks, [token_label(text[grid.columns[i]]) for i in ticks], rotation=90)
+    rows_step = max(1, math.ceil(len(grid) / 12))
+    ax.set_yticks(np.arange(0, len(grid), rows_step), [str(v) for v in grid.index[::rows_step]])
+    shown = "every position" if step == 1 else f"every {step} positions"
+    ax.set_xlabel(f"input token (labels: {shown}; the policy there predicts the next token)")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"sample {sample_id}, site {site}")
+    bar = fig.colorbar(image, ax=ax, pad=0.01)
+    bar.set_label("entropy (nats)")
+    bar.ax.tick_params(labelsize=7)
+    return fig
+
+
+@_styled
+def next_token_extras(
+    tokens: pd.DataFrame, *, spread: str = "std", title: str | None = None
+) -> Figure:
+    """Rank of the actual next token (median, log scale) and KL to the final policy, per layer.
+
+    Needs the extras columns ``next_token_rank`` and ``kl_to_final`` (``--extras``).
+
+    Args:
+        tokens: an entropy table with extras.
+        spread: the band of the KL panel, ``std`` or ``iqr``; the rank panel always shows the
+            median and the 25th-75th percentile.
+        title: figure title.
+    """
+    missing = {"next_token_rank", "kl_to_final"} - set(tokens.columns)
+    if missing:
+        raise ValueError(f"the table has no {', '.join(sorted(missing))} (run with --extras)")
+    sites = _present(tokens, "site", ("attn_out", "mlp_out", "resid_post"), "sites")
+    fig, (rank_ax, kl_ax) = _figure(TEXT_WIDTH, 2.8, ncols=2)
+    site = tokens["site"].astype(str)
+    for name in sites:
+        rows = tokens[site == name]
+        ranked = rows[rows["next_token_rank"] >= 1]  # -1: the position has no next token
+        rank = _band(ranked, "layer", "next_token_rank", "iqr", "median")
+        kl = _band(rows.dropna(subset=["kl_to_final"]), "layer", "kl_to_final", spread)
+        _line(rank_ax, rank, SITE_COLOURS[name], name)
+        _line(kl_ax, kl, SITE_COLOURS[name], name)
+    rank_ax.set_yscale("log")
+    rank_ax.set_ylabel("rank of the actual next token\n(1 = top; median, 25th–75th pct.)")
+    kl_ax.set_ylabel("KL(internal ‖ final) (nats)\n" + SPREADS[spread].replace("band: ", ""))
+    for ax, letter in ((rank_ax, "a"), (kl_ax, "b")):
+        _layer_axis(ax)
+        ax.set_title(f"({letter})", loc="left")
+    if title:
+        fig.suptitle(title)
+    _legend(fig, rank_ax, "policy read at site", ncols=len(sites))
+    return fig
+
+
+@_styled
+def compare_runs(summaries: pd.DataFrame, *, late_depth: float = 0.9) -> Figure:
+    """Several models on one relative-depth axis: layer-output entropy, FFN and attention ΔH.
+
+    Args:
+        summaries: summary tables stacked, with two more columns: ``model`` (the legend name)
+            and ``n_layers`` (that model's layer count). Relative depth is ``(layer + 1) / L``:
+            the depth after the layer, so layer 0's input sits at 0 and the last layer at 1, and
+            28-, 32- and 36-layer models line up.
+        late_depth: shades the depth range counted as late by the abruptness measure.
+    """
+    models = list(dict.fromkeys(summaries["model"]))
+    fig, axes = _figure(TEXT_WIDTH, 2.9, ncols=3)
+    palette = sns.color_palette("colorblind", n_colors=max(len(models), 1))
+    axes[0].axvspan(
+        late_depth, 1.0, color="0.92", lw=0, label=f"last {1 - late_depth:.0%} of depth"
+    )
+    panels = (("entropy", "resid_post"), ("delta", "ffn"), ("delta", "attn"))
+    for model, colour in zip(models, palette):
+        frame = summaries[summaries["model"] == model]
+        depth = (frame["layer"] + 1) / frame["n_layers"]
+        name = frame["name"].astype(str)
+        for ax, (quantity, which) in zip(axes, panels):
+            keep = (frame["quantity"] == quantity) & (name == which)
+            x, y = depth[keep].to_numpy(), frame.loc[keep, "mean"].to_numpy()
+            start = (frame["quantity"] == "entropy") & (name == "resid_pre") & (frame["layer"] == 0)
+            if which == "resid_post" and start.any():
+                x, y = np.r_[0.0, x], np.r_[frame.loc[start, "mean"].iloc[0], y]
+            ax.plot(x, y, color=colour, marker="o", label=model if ax is axes[0] else None)
+    labels = ("(a) layer output H(resid_post)", "(b) FFN ΔH", "(c) attention ΔH")
+    units = ("entropy (nats)", "entropy change ΔH (nats)", "entropy change ΔH (nats)")
+    for ax, label, unit in zip(axes, labels, units):
+        ax.set_title(label, loc="left")
+        ax.set_xlabel("relative depth (l + 1) / L")
+        ax.set_ylabel(unit)
+        ax.set_xlim(-0.02, 1.02)
+    for ax in axes[1:]:
+        ax.axhline(0.0, color="0.25", lw=0.8, ls="--", zorder=1)
+    _legend(fig, axes[0], "model (mean over tokens)", ncols=min(len(models) + 1, 4))
+    return fig

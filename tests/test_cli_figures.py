@@ -1,0 +1,168 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+from typer.testing import CliRunner
+
+from internal_policy_lens.cli import app
+from internal_policy_lens.config import ConvergenceConfig
+from internal_policy_lens.convergence import suggest_layer
+
+runner = CliRunner()
+RECORDS = [
+    {"problem": f"Compute {a}*{b}.", "response": f"{a}*{b} = {a * b}. \\boxed{{{a * b}}}"}
+    for a, b in [(2, 3), (10, 4), (6, 7)]
+]
+FIGURES = ("entropy_flow", "entropy_change", "token_heatmap")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dirs, tmp_path_factory):
+    """Run folders written by `ipl entropy` on two tiny models (qwen2 with extras, llama)."""
+    root = tmp_path_factory.mktemp("runs")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    out = {}
+    for name, extra in (("qwen2", ["--extras"]), ("llama", [])):
+        out[name] = root / name
+        args = ["entropy", "--model", tiny_dirs[name], "--data", data, "--out", out[name]]
+        result = runner.invoke(app, [*map(str, args), *extra, "--quiet"])
+        assert result.exit_code == 0, result.output
+    return out
+
+
+def assert_image(path):
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 300
+    assert image[..., :3].std() > 0.05  # drawn, not blank
+
+
+def test_entropy_writes_figures(runs):
+    folder = runs["qwen2"] / "figures"
+    for name in (*FIGURES, "next_token"):
+        assert_image(folder / f"{name}.png")
+        assert (folder / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+    # Without --extras there is no next-token figure.
+    assert not (runs["llama"] / "figures" / "next_token.png").exists()
+    assert (runs["llama"] / "figures" / "entropy_flow.png").is_file()
+
+
+def test_plot_command(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["llama"], run)
+    shutil.rmtree(run / "figures")
+    result = runner.invoke(app, ["plot", str(run), "--sample", "1", "--site", "mlp_out"])
+    assert result.exit_code == 0, result.output
+    for name in FIGURES:
+        assert_image(run / "figures" / f"{name}.png")
+        assert (run / "figures" / f"{name}.pdf").is_file()
+        assert f"wrote {run / 'figures' / name}.png" in result.output
+    assert "skipped next_token" in result.output and "--extras" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["plot", "{tmp}/nothing"], "no such run folder"),
+        (["plot", "{tmp}"], "not a finished run folder"),
+        (["plot", "{run}", "--sample", "99"], "sample '99' is not in the run"),
+        (["plot", "{run}", "--site", "attn"], "site 'attn' is not in the run"),
+        (["compare", "{run}", "{tmp}/nothing", "--out", "{tmp}/cmp"], "no such run folder"),
+        (["suggest-layer", "{tmp}"], "not a finished run folder"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(runs, tmp_path, args, message):
+    filled = [a.format(tmp=tmp_path, run=runs["qwen2"]) for a in args]
+    result = runner.invoke(app, filled)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_compare_command(runs, tmp_path):
+    out = tmp_path / "cmp"
+    result = runner.invoke(
+        app, ["compare", str(runs["qwen2"]), str(runs["llama"]), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert_image(out / "comparison.png")
+    assert (out / "comparison.pdf").is_file()
+    table = pd.read_csv(out / "convergence.csv")
+    assert len(table) == 2
+    assert table["model"].tolist() == ["qwen2", "llama"]  # folder names of the tiny models
+    for column in ("exploration", "integration", "convergence", "abruptness", "label", "tau"):
+        assert column in table.columns
+    assert set(table["label"]) <= {"progressive", "abrupt", "flat"}
+    assert (table["tau"] == ConvergenceConfig.tau).all()
+    assert table["n_layers"].tolist() == [3, 3]
+    summary = pd.read_csv(runs["qwen2"] / "summary.csv")
+    expected = suggest_layer(summary).layer
+    got = table.loc[0, "suggested_layer"]
+    assert (expected is None and np.isnan(got)) or got == expected
+
+
+def test_compare_names_the_same_model_twice_by_folder(runs, tmp_path):
+    again = tmp_path / "again"
+    shutil.copytree(runs["qwen2"], again)
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(runs["qwen2"]), str(again), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(out / "convergence.csv")["model"].tolist() == [
+        "qwen2 (qwen2)",
+        "qwen2 (again)",
+    ]
+
+
+def _with_ffn(run, tmp_path, ffn):
+    """A copy of a run folder whose summary has the given mean FFN delta per layer."""
+    copy = tmp_path / "edited"
+    shutil.copytree(run, copy)
+    summary = pd.read_csv(copy / "summary.csv")
+    is_ffn = (summary["quantity"] == "delta") & (summary["name"] == "ffn")
+    summary.loc[is_ffn, "mean"] = ffn
+    summary.to_csv(copy / "summary.csv", index=False)
+    return copy
+
+
+def test_suggest_layer_command(runs, tmp_path):
+    run = _with_ffn(runs["qwen2"], tmp_path, [0.4, 0.02, -0.3])
+    result = runner.invoke(app, ["suggest-layer", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "3 layers, raw lens" in result.output
+    assert "suggested BuPO layer: 0 (0-based)" in result.output
+    assert "+0.400" in result.output and "integration" in result.output
+
+
+def test_suggest_layer_says_when_there_is_none(runs, tmp_path):
+    run = _with_ffn(runs["llama"], tmp_path, [0.01, -0.02, 0.0])
+    result = runner.invoke(app, ["suggest-layer", str(run)])
+    assert result.exit_code == 1
+    assert "no layer suggested: no exploration stage" in result.output
+    wider = runner.invoke(app, ["suggest-layer", str(run), "--tau", "0.005"])
+    assert wider.exit_code == 0 and "suggested BuPO layer: 0" in wider.output
+
+
+def test_make_figures_script(runs, tmp_path):
+    import runpy
+
+    script = Path(__file__).parents[1] / "analyses" / "make_figures.py"
+    main = runpy.run_path(str(script))["main"]
+    main([str(runs["qwen2"]), str(runs["llama"]), "--out", str(tmp_path / "figs")])
+    names = {p.name for p in (tmp_path / "figs").iterdir()}
+    assert {"comparison.png", "comparison.pdf", "convergence.csv"} <= names
+    assert {"qwen2-entropy_flow.png", "llama-entropy_change.pdf", "qwen2-next_token.png"} <= names
+    assert "llama-next_token.png" not in names
+
+
+def test_run_without_rows_skips_every_figure(runs, tmp_path):
+    from internal_policy_lens.figures import open_run, write_run_figures
+
+    run = open_run(runs["llama"])
+    tokens, deltas, summary = run.tokens(), run.deltas(), run.summary()
+    report = write_run_figures(tmp_path, tokens[:0], deltas[:0], summary[:0], run.info)
+    assert report.written == []
+    assert set(report.skipped) == {"entropy_flow", "entropy_change", "token_heatmap", "next_token"}

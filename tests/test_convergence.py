@@ -1,0 +1,137 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from internal_policy_lens.config import ConvergenceConfig
+from internal_policy_lens.convergence import (
+    abruptness,
+    convergence_summary,
+    find_stages,
+    suggest_layer,
+)
+
+
+def synthetic_summary(ffn, post, start=None):
+    """A summary table with a given mean FFN delta and mean resid_post entropy per layer."""
+    start = post[0] if start is None else start
+    rows = [("entropy", 0, "resid_pre", start)]
+    rows += [("entropy", layer + 1, "resid_pre", h) for layer, h in enumerate(post[:-1])]
+    rows += [("entropy", layer, "resid_post", h) for layer, h in enumerate(post)]
+    rows += [("delta", layer, "ffn", d) for layer, d in enumerate(ffn)]
+    frame = pd.DataFrame(rows, columns=["quantity", "layer", "name", "mean"])
+    return frame.assign(std=0.1, count=500)
+
+
+def progressive():
+    # Qwen3-4B as the paper describes it (36 layers, 1-based): FFN dH > 0 in layers 1-6, ~0 in
+    # 7-26, < 0 in 27-36; entropy falls steadily with depth. One noisy layer (12) pokes above tau.
+    ffn = [0.6] * 6 + [0.02, -0.03] * 10 + [-0.5] * 10
+    ffn[12] = 0.15
+    post = list(np.linspace(10.0, 0.5, 37)[1:])  # H(d) = 10 - 9.5 d: 10% of the drop is late
+    return synthetic_summary(ffn, post, start=10.0)
+
+
+def abrupt():
+    # Llama-like (32 layers): FFN dH weakly positive to layer 27, then strongly negative; entropy
+    # flat at 10 nats until the last four layers.
+    ffn = [0.3] * 28 + [-1.5] * 4
+    post = [10.0] * 28 + [7.0, 4.0, 1.5, 0.2]
+    return synthetic_summary(ffn, post)
+
+
+def flat():
+    ffn = [0.05, -0.04, 0.0, 0.08, -0.09, 0.01]
+    return synthetic_summary(ffn, [5.0] * 6)
+
+
+def test_progressive_profile():
+    conv = convergence_summary(progressive())
+    assert conv.n_layers == 36
+    assert conv.stages == {
+        "exploration": (0, 5),
+        "integration": (6, 25),
+        "convergence": (26, 35),
+    }
+    # H(0.9) = 10 - 9.5 * 0.9 = 1.45; share = (1.45 - 0.5) / (10 - 0.5) = 0.1
+    assert conv.abruptness == pytest.approx(0.1)
+    assert conv.entropy_start == 10.0 and conv.entropy_end == pytest.approx(0.5)
+    assert conv.label == "progressive"
+    assert conv.suggestion.layer == 5  # the paper's pick for Qwen3-4B (0-based)
+    row = conv.row()
+    assert row["exploration"] == "0-5" and row["convergence"] == "26-35"
+    assert row["suggested_layer"] == 5 and row["label"] == "progressive"
+
+
+def test_abrupt_profile():
+    conv = convergence_summary(abrupt())
+    assert conv.stages == {"exploration": (0, 27), "integration": None, "convergence": (28, 31)}
+    # Depth 28/32 = 0.875 -> 10 nats, 29/32 = 0.906 -> 7 nats: H(0.9) = 10 - 3 * 0.8 = 7.6.
+    assert conv.abruptness == pytest.approx((7.6 - 0.2) / (10 - 0.2))
+    assert conv.label == "abrupt"
+    suggestion = conv.suggestion
+    assert suggestion.layer == 27
+    assert "convergence stage" in suggestion.reason
+    assert suggestion.evidence["layer"].tolist() == [25, 26, 27, 28, 29]
+    assert suggestion.evidence["ffn_delta"].tolist() == [0.3, 0.3, 0.3, -1.5, -1.5]
+    assert conv.row()["integration"] == ""
+
+
+def test_flat_profile_has_no_exploration_stage():
+    summary = flat()
+    conv = convergence_summary(summary)
+    assert conv.stages == {"exploration": None, "integration": (0, 5), "convergence": None}
+    assert conv.label == "flat"
+    suggestion = suggest_layer(summary)
+    assert suggestion.layer is None
+    assert "no exploration stage" in suggestion.reason and "0.08" in suggestion.reason
+    assert "no layer suggested" in str(suggestion)
+    assert conv.row()["suggested_layer"] is None
+
+
+def test_thresholds_are_configurable():
+    wide = ConvergenceConfig(tau=1.0)
+    assert convergence_summary(progressive(), cfg=wide).stages["integration"] == (0, 35)
+    assert suggest_layer(progressive(), wide).layer is None
+    strict = ConvergenceConfig(abrupt_share=0.9)
+    assert convergence_summary(abrupt(), cfg=strict).label == "progressive"
+    # The late part can start elsewhere: from depth 0.5 the steady profile has lost half.
+    start, end, share = abruptness(progressive(), 36, late_depth=0.5)
+    assert share == pytest.approx(0.5) and start == 10.0
+
+
+@pytest.mark.parametrize(
+    "deltas,expected",
+    [
+        # A single dip inside exploration does not split it; the stage ends on a + layer.
+        (
+            [1, 0, 1, 0, 0, -1],
+            {"exploration": (0, 2), "integration": (3, 4), "convergence": (5, 5)},
+        ),
+        # Negative at the bottom is not exploration; a tie goes to the longer convergence stage.
+        ([-1, 0], {"exploration": None, "integration": None, "convergence": (0, 1)}),
+        ([-1, -1, -1], {"exploration": None, "integration": None, "convergence": (0, 2)}),
+        ([1, 1, 1], {"exploration": (0, 2), "integration": None, "convergence": None}),
+    ],
+)
+def test_find_stages_edge_cases(deltas, expected):
+    stages = find_stages(pd.Series(np.array(deltas, dtype=float) * 0.5), tau=0.1)
+    assert stages == expected
+
+
+def test_exploration_to_the_top_suggests_nothing():
+    summary = synthetic_summary([0.5] * 4, [4.0, 3.0, 2.0, 1.0], start=5.0)
+    suggestion = suggest_layer(summary)
+    assert suggestion.layer is None and "last layer" in suggestion.reason
+
+
+def test_layer_subsets_and_missing_sites():
+    # Layers 0, 2, 4 only: stages are reported in real layer numbers.
+    summary = synthetic_summary([0.5, 0.0, -0.5], [3.0, 2.0, 1.0])
+    summary["layer"] = summary["layer"] * 2
+    stages = convergence_summary(summary, n_layers=5).stages
+    assert stages == {"exploration": (0, 0), "integration": (2, 2), "convergence": (4, 4)}
+    no_residual = summary[summary["quantity"] == "delta"]
+    conv = convergence_summary(no_residual, n_layers=5)
+    assert conv.label is None and np.isnan(conv.abruptness)
+    with pytest.raises(ValueError, match="no FFN entropy change"):
+        convergence_summary(summary[summary["quantity"] == "entropy"])
