@@ -209,3 +209,137 @@ def suggest_layer(
     typer.echo(str(suggestion))
     if suggestion.layer is None:
         raise typer.Exit(1)
+
+
+def _bupo_config(config_file: Path | None, given: dict):
+    """BupoConfig from the TOML file (if any), then the options given on the command line."""
+    from dataclasses import fields
+
+    from .config import BupoConfig
+
+    values = {}
+    if config_file is not None:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        if not config_file.is_file():
+            raise ValueError(f"{config_file}: no such config file")
+        with open(config_file, "rb") as fh:
+            values = tomllib.load(fh)
+        known = {f.name for f in fields(BupoConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"{config_file}: unknown field(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+    values.update({k: v for k, v in given.items() if v is not None})
+    return BupoConfig(**values)
+
+
+@app.command("train-bupo")
+def train_bupo(
+    model: Annotated[str | None, typer.Option(help="Start model (default ipl-tiny-qwen2).")] = None,
+    data: Annotated[str | None, typer.Option(help="Training records with answers.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run folder (default runs/bupo).")] = None,
+    layer: Annotated[str | None, typer.Option(help="Internal layer k (0-based) or auto.")] = None,
+    iterative_steps: Annotated[
+        int | None, typer.Option(min=0, help="s_inter: IPA steps before GRPO (0 = plain GRPO).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Total steps.")] = None,
+    group_size: Annotated[int | None, typer.Option(min=2, help="G: responses per prompt.")] = None,
+    prompts_per_step: Annotated[int | None, typer.Option(min=1)] = None,
+    mini_batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    updates_per_step: Annotated[int | None, typer.Option(min=1)] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(min=0.0)] = None,
+    grad_clip: Annotated[float | None, typer.Option(min=0.0)] = None,
+    clip_low: Annotated[float | None, typer.Option(min=0.0, help="eps_low.")] = None,
+    clip_high: Annotated[float | None, typer.Option(min=0.0, help="eps_high.")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0)] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    aggregation: Annotated[str | None, typer.Option(help="token or sequence.")] = None,
+    kl_coef: Annotated[float | None, typer.Option(min=0.0, help="KL beta (default 0).")] = None,
+    lens: Annotated[str | None, typer.Option(help="Lens of pi^k: raw or norm.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    save_every: Annotated[int | None, typer.Option(min=1)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
+    config: Annotated[Path | None, typer.Option(help="TOML file with the same fields.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Bottom-up Policy Optimization: IPA on layer k for S steps, then GRPO (paper Eq. 10)."""
+    given = dict(locals())  # first line: only the options
+    from .train.bupo import train_bupo as run
+
+    for name in ("config", "quiet"):
+        given.pop(name)
+    given["resume"] = resume or None
+    if layer not in (None, "auto"):
+        given["layer"] = int(layer) if layer.lstrip("-").isdigit() else layer
+    with _user_errors():
+        folder = run(_bupo_config(config, given), progress=not quiet)
+    typer.echo(f"training run written to {folder}/ (metrics.jsonl, checkpoints/)")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="Model or checkpoint folder.")] = "ipl-tiny-qwen2",
+    data: Annotated[
+        Path | None, typer.Option(help="Problems with answers (default: bundled held-out set).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("runs/eval"),
+    samples: Annotated[int, typer.Option(min=1, help="K: samples per problem.")] = 8,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="First N problems.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Sample K responses per problem; print Avg@K and unbiased Pass@k for k = 1, 2, 4, ..., K."""
+    from .config import EvalConfig, bundled_data
+    from .evaluate import evaluate
+
+    cfg = EvalConfig(
+        model=model,
+        data=str(data or bundled_data("arith_heldout.jsonl")),
+        out=str(out),
+        samples=samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        max_samples=max_samples,
+        seed=seed,
+    )
+    with _user_errors():
+        table, metrics = evaluate(cfg)
+    typer.echo(f"{len(table)} problems, {samples} samples each ({out}/results.csv, metrics.json)")
+    for name, value in metrics.items():
+        typer.echo(f"{name:>10}  {value:.4f}")
+
+
+@app.command("plot-train")
+def plot_train(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders of ipl train-bupo.")],
+    out: Annotated[Path, typer.Option(help="Where to write training.png/.pdf.")] = Path("figures"),
+) -> None:
+    """Reward, accuracy, entropy and response length against step, for one or several runs."""
+    from .train.curves import read_metrics, training_curves
+
+    with _user_errors():
+        frames = {str(r): read_metrics(r) for r in runs}
+    out.mkdir(parents=True, exist_ok=True)
+    fig = training_curves(frames)
+    for suffix in ("png", "pdf"):
+        fig.savefig(out / f"training.{suffix}", dpi=200)
+    typer.echo(f"wrote {out}/training.png and training.pdf")
+
+
+@app.command()
+def models() -> None:
+    """List the bundled models (usable as --model NAME offline) and where they live."""
+    from .models import BUNDLED_MODELS, bundled_path
+
+    for name in BUNDLED_MODELS:
+        with _user_errors():
+            typer.echo(f"{name}\t{bundled_path(name)}")

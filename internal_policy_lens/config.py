@@ -122,7 +122,7 @@ class CompareConfig:
 
 @dataclass
 class BupoConfig:
-    """One ``ipl train-bupo`` run (SPEC §6). ``iterative_steps=0`` is plain GRPO."""
+    """One ``ipl train-bupo`` run (paper Eq. 10). ``iterative_steps=0`` is plain GRPO."""
 
     model: str = "ipl-tiny-qwen2"
     """Hub name, local folder or bundled model to start from."""

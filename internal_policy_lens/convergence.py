@@ -1,4 +1,4 @@
-"""How a model converges: FFN stages, abruptness and the BuPO layer (SPEC §5). Pure pandas.
+"""How a model converges: FFN stages, abruptness and the BuPO layer. Pure pandas.
 
 Everything here reads a summary table (:func:`~internal_policy_lens.tables.summary_table` or a run
 folder's ``summary.csv``: columns ``quantity, layer, name, mean``), so a 36-layer model's answer
@@ -176,8 +176,9 @@ def abruptness(
 def suggest_layer(summary: pd.DataFrame, cfg: ConvergenceConfig | None = None) -> LayerSuggestion:
     """The BuPO layer of the paper's rule: the last exploration layer before integration.
 
-    SPEC §5: the last layer (from the bottom) whose mean FFN entropy change is > 0 before the
-    integration stage; here "> 0" means "> tau" and the stages come from :func:`find_stages`.
+    The paper's rule: the last layer (from the bottom) whose mean FFN entropy change is > 0
+    before the integration stage; here "> 0" means "> tau" and the stages come from
+    :func:`find_stages`.
     The paper's pick for Qwen3-4B is index 5 of 36.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Accuracy metrics: Avg@K and the unbiased Pass@k (SPEC §6), and the bundled task's report."""
+"""Accuracy metrics: Avg@K and the unbiased Pass@k, and the bundled task's accuracy report."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ def site_keys(
     sites: Iterable[str] | str | None = None,
     layers: Iterable[int] | str | None = None,
 ) -> list[SiteKey]:
-    """Return the (site, layer) pairs for the given subsets, in SPEC order; ``final`` at L-1."""
+    """Return the (site, layer) pairs for the given subsets, in canonical order (final at L-1)."""
     layer_list = resolve_layers(layers, model.n_layers)
     keys = []
     for layer in layer_list:

@@ -1,4 +1,4 @@
-"""Site vector -> logits -> entropy and the other per-token statistics (SPEC §3, §4).
+"""Site vector -> logits -> entropy and the other per-token statistics (paper Eqs. 5-8).
 
 Logits are only ever formed for a chunk of rows at a time and reduced in float32, whatever the
 model's dtype.

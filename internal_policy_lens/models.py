@@ -1,7 +1,7 @@
 """Load a causal LM and its tokenizer through transformer-lens 4's TransformerBridge.
 
 The bridge keeps the real Hugging Face weights (no norm folding: the raw lens needs the model's real
-unembedding) and exposes every site of SPEC §2 as a hook point.
+unembedding) and exposes every site of :data:`~internal_policy_lens.sites.SITES` as a hook point.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Site names: the one naming scheme used by hooks, tables, plots and the trainer.
 
-A *site* is a vector in a decoder layer that can be read as a policy (SPEC §2). Each maps to one
+A *site* is a vector in a decoder layer that can be read as a policy. Each maps to one
 TransformerBridge hook point. ``final`` is the model's own output policy: the final norm's output,
 which the unembedding turns into the model's logits; it is stored with layer = L - 1.
 """
@@ -20,7 +20,7 @@ SITES: tuple[str, ...] = (
     "final",
 )
 
-# The modules of SPEC §4: delta = H(output site) - H(input site).
+# Entropy change per module (paper Eqs. 8, 11-13): delta = H(output site) - H(input site).
 MODULES: dict[str, tuple[str, str]] = {
     "layer": ("resid_pre", "resid_post"),
     "attn": ("attn_in", "attn_out"),
@@ -45,7 +45,7 @@ def hook_name(site: str, layer: int) -> str:
 
 
 def resolve_sites(sites: Iterable[str] | str | None) -> tuple[str, ...]:
-    """Validate site names and return them in canonical (SPEC) order.
+    """Validate site names and return them in canonical order (:data:`SITES`).
 
     Raises:
         ValueError: naming the unknown site and listing the valid ones.

@@ -179,7 +179,7 @@ def _cat(values: list[torch.Tensor]) -> np.ndarray:
 
 
 def delta_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Entropy change per position and layer (SPEC §4).
+    """Entropy change per position and layer (paper Eq. 8, Eqs. 11-13).
 
     ``layer``: H(resid_post) - H(resid_pre); ``attn``: H(attn_out) - H(attn_in); ``ffn``:
     H(mlp_out) - H(mlp_in). A module whose two sites are not both in ``table`` is left out.

@@ -15,7 +15,7 @@ def hf_model(folder, dtype=torch.float64):
 
 @torch.no_grad()
 def naive_sites(model, input_ids):
-    """All SPEC sites for one unpadded sequence: {(site, layer): [pos, d_model]} and logits."""
+    """All sites for one unpadded sequence: {(site, layer): [pos, d_model]} and logits."""
     store, handles = {}, []
 
     def keep(key, pre=False):

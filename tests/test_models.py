@@ -75,7 +75,7 @@ def _greedy_without_cache(model, ids, steps):
 
 
 def test_cached_greedy_generation_matches_transformers(arch, models, tiny_dirs):
-    """Guards SPEC §8: transformers releases that break the bridge's KV cache are caught here.
+    """Guards against transformers releases that break the bridge's KV cache are caught here.
 
     Random tiny models often repeat one token greedily, so the step logits are compared too: a
     broken cache changes them even where the argmax survives.

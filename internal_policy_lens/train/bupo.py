@@ -1,4 +1,4 @@
-"""Bottom-up Policy Optimization (SPEC §6): IPA on layer k for s_inter steps, then GRPO.
+"""Bottom-up Policy Optimization (paper Eq. 10): IPA on layer k for s_inter steps, then GRPO.
 
 One readable loop. Each step: sample G responses per prompt from the full model (KV cache), score
 them, normalise the rewards within each group, then run PPO-clip updates whose ratio is taken on the
@@ -165,7 +165,7 @@ def _resolve_layer(cfg: BupoConfig, model: PolicyModel) -> int:
 
 
 def _auto_layer(cfg: BupoConfig, model: PolicyModel, n: int = 16) -> int:
-    """The paper's rule (SPEC §5) on a quick entropy pass over the first ``n`` training prompts."""
+    """The paper's layer rule on a quick entropy pass over the first ``n`` training prompts."""
     from ..convergence import suggest_layer
     from ..evaluate import sample
     from ..tables import entropy_table, summary_table

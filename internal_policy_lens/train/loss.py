@@ -1,4 +1,4 @@
-"""GRPO's pure pieces (SPEC §6, Eq. 3): group advantages and the clipped policy loss.
+"""GRPO's pure pieces (paper Eq. 3): group advantages and the clipped policy loss.
 
 The same loss serves IPA (Eq. 9) and GRPO: only where the log-probabilities come from differs
 (the internal layer policy pi^k or the full policy).

@@ -1,0 +1,102 @@
+import json
+from math import comb
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from internal_policy_lens.cli import app
+from internal_policy_lens.train import rewards, rollout
+
+runner = CliRunner()
+
+
+def _parity(text, answer):
+    return float(sum(map(ord, text)) % 2 == 0)
+
+
+@pytest.fixture
+def problems(tmp_path):
+    rows = [{"question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(6)]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_pass_at_k_by_hand(tiny_dirs, problems, tmp_path, monkeypatch):
+    monkeypatch.setattr(rewards, "math_reward", _parity)
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_dirs["qwen2"]),
+            "--data",
+            str(problems),
+            "--out",
+            str(out),
+            "--samples",
+            "6",
+            "--max-new-tokens",
+            "6",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "results.csv")
+    assert list(table.columns) == [
+        "sample_id",
+        "answer",
+        "n",
+        "correct",
+        "avg@6",
+        "pass@1",
+        "pass@2",
+        "pass@4",
+        "pass@6",
+    ]
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 36
+    for row in table.itertuples():
+        c = int(sum(s["reward"] for s in samples if s["sample_id"] == row.sample_id))
+        assert row.correct == c
+        # Hand computation: pass@k = 1 - C(6-c, k) / C(6, k); pass@1 = c / 6.
+        assert row._6 == pytest.approx(c / 6)  # pass@1
+        assert row._7 == pytest.approx(1 - comb(6 - c, 2) / comb(6, 2))
+        assert row._9 == (1.0 if c else 0.0)
+    assert table["correct"].nunique() > 1
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["pass@2"] == pytest.approx(table["pass@2"].mean())
+    assert "avg@6" in result.output and "pass@4" in result.output
+
+
+def test_train_bupo_cli_with_toml(tiny_dirs, problems, tmp_path, monkeypatch):
+    monkeypatch.setattr(rollout, "math_reward", _parity)
+    config = tmp_path / "bupo.toml"
+    config.write_text(
+        f'model = "{tiny_dirs["llama"]}"\ndata = "{problems}"\nlayer = 0\n'
+        "iterative_steps = 1\nsteps = 2\ngroup_size = 3\nprompts_per_step = 2\n"
+        "mini_batch_size = 3\nmax_new_tokens = 6\n"
+    )
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train-bupo", "--config", str(config), "--out", str(out), "--lr", "0.001", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["lr"] == 0.001 and saved["layer"] == 0 and saved["steps"] == 2
+    assert (out / "checkpoints/step-2/model.safetensors").is_file()
+    assert (out / "checkpoints/step-2/trainer_state.pt").is_file()
+    again = runner.invoke(app, ["train-bupo", "--config", str(config), "--out", str(out)])
+    assert again.exit_code == 2 and "--resume" in again.output
+    plot = runner.invoke(app, ["plot-train", str(out), str(out), "--out", str(tmp_path / "f")])
+    assert plot.exit_code == 0, plot.output
+    assert (tmp_path / "f/training.png").stat().st_size > 10_000
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stepz = 3\n")
+    result = runner.invoke(app, ["train-bupo", "--config", str(bad), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "unknown field(s) stepz" in result.output
+    result = runner.invoke(
+        app, ["train-bupo", "--config", str(config), "--layer", "9", "--out", str(tmp_path / "y")]
+    )
+    assert result.exit_code == 2 and "--layer 9 is out of range" in result.output
