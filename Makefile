@@ -16,8 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/ipl make-tiny --arch qwen2 --out models/tiny-random-qwen2
-	$(VENV)/bin/ipl entropy --model models/tiny-random-qwen2 --out runs/demo --max-samples 8 --max-new-tokens 128
+	$(VENV)/bin/ipl entropy --out runs/demo
 
 test: setup
 	$(VENV)/bin/ruff check internal_policy_lens tests analyses

@@ -32,10 +32,12 @@ def _user_errors():
 
 @app.command()
 def entropy(
-    model: Annotated[str, typer.Option(help="Hub name or local folder of the model.")],
+    model: Annotated[
+        str, typer.Option(help="Hub name, local folder or bundled model (see ipl models).")
+    ] = "ipl-tiny-qwen2",
     data: Annotated[
         Path | None,
-        typer.Option(help="JSONL, Parquet or CSV records [default: bundled AIME 2024]."),
+        typer.Option(help="JSONL, Parquet or CSV records (default: the bundled held-out set)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/entropy"),
     lens: Annotated[
@@ -82,7 +84,7 @@ def entropy(
 
     cfg = EntropyConfig(
         model=model,
-        data=str(data or bundled_data()),
+        data=str(data or bundled_data("arith_heldout.jsonl")),
         out=str(out),
         lens=lens,
         sites=sites.split(",") if sites else None,

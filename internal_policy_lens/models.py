@@ -252,6 +252,7 @@ def _load_tokenizer(name: str, revision: str | None):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        tokenizer = _faithful_tokenizer(name, tokenizer)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"could not load the tokenizer of '{name}': {err}. Save it with "
@@ -265,6 +266,31 @@ def _load_tokenizer(name: str, revision: str | None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_PROBE = "Start with 12. Add 7.\n  x = 19 * 3; done"
+
+
+def _faithful_tokenizer(name: str, tokenizer):
+    """The folder's own tokenizer.json, when AutoTokenizer rebuilt it into something else.
+
+    For some model types (Qwen2 among them) AutoTokenizer replaces the saved pre-tokenizer with
+    the family's own, whatever tokenizer_config.json says; a custom tokenizer in such a folder then
+    silently loses its spaces. The saved file is the truth: compare on a probe and reload it as is.
+    """
+    file = Path(name) / "tokenizer.json"
+    if not file.is_file():
+        return tokenizer
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    expected = Tokenizer.from_file(str(file)).encode(_PROBE, add_special_tokens=False).ids
+    if tokenizer(_PROBE, add_special_tokens=False)["input_ids"] == expected:
+        return tokenizer
+    logging.getLogger(__name__).warning(
+        "%s: AutoTokenizer changed the saved tokenizer; using tokenizer.json as saved", name
+    )
+    return PreTrainedTokenizerFast.from_pretrained(name)
 
 
 def _hub_message(name: str, err: Exception) -> str:

@@ -190,18 +190,28 @@ def _lr(step: int, cfg: PretrainConfig) -> float:
 
 
 def _save(model, tokenizer, cfg, facts, heldout) -> dict:
-    from .evaluate import accuracy_report
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    # Evaluated through load_model, the same path every command uses.
-    facts["evaluation"] = accuracy_report(str(out), heldout, pass_k=cfg.pass_k, seed=cfg.seed)
     (out / "training.json").write_text(json.dumps(facts, indent=2))
-    (out / "README.md").write_text(model_card(out.name, facts))
+    return evaluate_saved(out)
+
+
+def evaluate_saved(folder: str | Path) -> dict:
+    """(Re-)evaluate a trained folder through load_model; rewrite training.json and the card."""
+    from .evaluate import accuracy_report
+
+    folder = Path(folder)
+    facts = json.loads((folder / "training.json").read_text())
+    cfg = PretrainConfig(**facts["config"])
+    facts["evaluation"] = accuracy_report(
+        str(folder), heldout_problems(cfg), pass_k=cfg.pass_k, seed=cfg.seed
+    )
+    (folder / "training.json").write_text(json.dumps(facts, indent=2))
+    (folder / "README.md").write_text(model_card(folder.name, facts))
     return facts
 
 

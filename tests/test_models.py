@@ -118,3 +118,14 @@ def test_save_model_round_trip(arch, models, tmp_path):
         torch.testing.assert_close(again.bridge(ids), expected, atol=0, rtol=0)
         torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=1e-5)
     assert plain.config.tie_word_embeddings == model.config.tie_word_embeddings
+
+
+def test_tokenizer_is_the_saved_one(arch, models, tiny_dirs):
+    """AutoTokenizer rebuilds a Qwen2 folder's pre-tokenizer; load_model must keep the saved one."""
+    from tokenizers import Tokenizer
+
+    text = "Start with 12. Add 7.\nWhat is the result? 12+7=19."
+    saved = Tokenizer.from_file(str(tiny_dirs[arch] / "tokenizer.json"))
+    tokenizer = models(arch).tokenizer
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == saved.encode(text).ids
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
