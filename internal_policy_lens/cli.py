@@ -37,7 +37,7 @@ def entropy(
     ] = "ipl-tiny-qwen2",
     data: Annotated[
         Path | None,
-        typer.Option(help="JSONL, Parquet or CSV records (default: the bundled held-out set)."),
+        typer.Option(help="JSONL, Parquet or CSV records (default: 100 bundled problems)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/entropy"),
     lens: Annotated[
@@ -70,6 +70,7 @@ def entropy(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     samples_per_prompt: Annotated[int, typer.Option("-n", "--samples-per-prompt", min=1)] = 1,
+    gen_batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 32,
     overwrite: Annotated[
         bool, typer.Option(help="Start over in a folder holding another run.")
     ] = False,
@@ -84,7 +85,7 @@ def entropy(
 
     cfg = EntropyConfig(
         model=model,
-        data=str(data or bundled_data("arith_heldout.jsonl")),
+        data=str(data or bundled_data()),
         out=str(out),
         lens=lens,
         sites=sites.split(",") if sites else None,
@@ -105,7 +106,7 @@ def entropy(
             top_p=top_p,
             samples_per_prompt=samples_per_prompt,
             seed=seed,
-            batch_size=batch_size,
+            batch_size=gen_batch_size,
         ),
     )
     with _user_errors():
@@ -304,7 +305,7 @@ def eval_cmd(
 
     cfg = EvalConfig(
         model=model,
-        data=str(data or bundled_data("arith_heldout.jsonl")),
+        data=str(data or bundled_data()),
         out=str(out),
         samples=samples,
         temperature=temperature,

@@ -287,7 +287,7 @@ def _faithful_tokenizer(name: str, tokenizer):
     expected = Tokenizer.from_file(str(file)).encode(_PROBE, add_special_tokens=False).ids
     if tokenizer(_PROBE, add_special_tokens=False)["input_ids"] == expected:
         return tokenizer
-    logging.getLogger(__name__).warning(
+    logging.getLogger(__name__).info(
         "%s: AutoTokenizer changed the saved tokenizer; using tokenizer.json as saved", name
     )
     return PreTrainedTokenizerFast.from_pretrained(name)

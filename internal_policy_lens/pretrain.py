@@ -75,9 +75,10 @@ def heldout_problems(cfg: PretrainConfig) -> list[Problem]:
 
 
 def write_task_files(folder: str | Path, cfg: PretrainConfig | None = None) -> None:
-    """Write the bundled task files: ``arith_heldout.jsonl`` and ``arith_train.jsonl``.
+    """Write the bundled task files (held-out, demo and RL training sets).
 
-    The RL training set (2000 problems, seed 20_000) leaves out every held-out question.
+    ``arith_demo.jsonl`` holds the first 100 held-out problems (the default data of ``ipl
+    entropy``). The RL training set (2000 problems, seed 20_000) leaves out every held-out question.
     """
     from .task import write_jsonl
 
@@ -87,6 +88,7 @@ def write_task_files(folder: str | Path, cfg: PretrainConfig | None = None) -> N
     pool = make_problems(2400, seed=20_000, max_ops=cfg.max_ops, max_value=cfg.max_value)
     train = [p for p in pool if p.question not in exclude][:2000]
     write_jsonl(heldout, Path(folder) / "arith_heldout.jsonl")
+    write_jsonl(heldout[:100], Path(folder) / "arith_demo.jsonl")  # ipl entropy's default
     write_jsonl(train, Path(folder) / "arith_train.jsonl")
 
 

@@ -256,6 +256,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dirs, tmp_path):
         48,
         "--batch-size",
         2,
+        "--gen-batch-size",
+        2,
         "--temperature",
         1.0,
         "--seed",
