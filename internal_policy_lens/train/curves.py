@@ -13,8 +13,8 @@ from ..plots import TEXT_WIDTH, _styled
 PANELS = (
     ("reward_mean", "mean reward"),
     ("accuracy", "accuracy (reward = 1)"),
-    ("entropy_policy", "entropy of π_θ on sampled tokens (nats)"),
-    ("entropy_internal", "entropy of π^k on sampled tokens (nats)"),
+    ("entropy_policy", "H(π_θ), sampled tokens (nats)"),
+    ("entropy_internal", "H(π^k), sampled tokens (nats)"),
     ("response_length", "response length (tokens)"),
 )
 
