@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from internal_policy_lens import entropy_table, load_model
+from internal_policy_lens.datasets import read_records
+from internal_policy_lens.evaluate import sample
+from internal_policy_lens.models import BUNDLED_MODELS
+from internal_policy_lens.sites import SITES
+from internal_policy_lens.task import check
+
+# Regression guard, not a benchmark: greedy accuracy on the first 40 held-out problems. The
+# model cards give the full held-out numbers; these floors sit well below them.
+MIN_GREEDY = 0.25
+
+
+@pytest.fixture(scope="module", params=BUNDLED_MODELS)
+def bundled(request):
+    return load_model(request.param)
+
+
+def test_bundled_models_load_offline_and_keep_identities(bundled):
+    assert bundled.n_layers >= 8
+    assert bundled.architecture in ("Qwen2ForCausalLM", "LlamaForCausalLM")
+    ids = torch.tensor([bundled.tokenizer("Start with 5. Add 3. What is the result?")["input_ids"]])
+    from internal_policy_lens import capture
+
+    with torch.no_grad(), capture(bundled) as acts:
+        bundled.forward(ids, torch.ones_like(ids))
+        logits = bundled.bridge(ids)
+    for layer in range(bundled.n_layers):
+        torch.testing.assert_close(
+            acts["resid_post", layer],
+            acts["resid_pre", layer] + acts["attn_out", layer] + acts["mlp_out", layer],
+            atol=1e-4,
+            rtol=1e-5,
+        )
+    torch.testing.assert_close(
+        bundled.unembed(acts["final", bundled.n_layers - 1]), logits, atol=1e-4, rtol=1e-5
+    )
+    table = entropy_table(bundled, ids.tolist(), sites=SITES)
+    assert table["entropy"].notna().all()
+
+
+def test_bundled_models_solve_heldout_problems(bundled):
+    from internal_policy_lens.config import bundled_data
+
+    records = read_records(bundled_data("arith_heldout.jsonl"), max_samples=40)
+    responses = sample(
+        bundled, [r["prompt"] for r in records], samples=1, temperature=0.0, max_new_tokens=96
+    )
+    accuracy = sum(check(r[0], rec["answer"]) for r, rec in zip(responses, records)) / 40
+    assert accuracy >= MIN_GREEDY, accuracy
