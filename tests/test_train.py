@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -82,10 +83,13 @@ def test_math_reward():
     assert normalize("$ 1,000 $") == "1000"
 
 
+_CALLS = itertools.count()
+
+
 def _parity_reward(text, answer):
-    # Random tiny models never write \boxed{}; a pseudo-random reward of the sampled text gives
-    # every group reward variance, hence non-zero advantages.
-    return float(sum(map(ord, text)) % 2 == 0)
+    # Random tiny models never write \boxed{}. Rewards alternate 1, 0, 1, 0 in call order, so
+    # every group (scored in order, even size) has reward variance, hence non-zero advantages.
+    return float(next(_CALLS) % 2 == 0)
 
 
 @pytest.fixture
