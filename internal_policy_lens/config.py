@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-DEFAULT_DATA = "aime_2024.jsonl"
+DEFAULT_DATA = "arith_demo.jsonl"
 
 
 def bundled_data(name: str = DEFAULT_DATA) -> Path:
@@ -28,7 +28,7 @@ class GenerationConfig:
     """Responses per prompt; with more than one, sample ids become '<id>:<k>'."""
     seed: int = 0
     """Seed of the sampler; each generation batch is seeded from it and its index."""
-    batch_size: int = 8
+    batch_size: int = 32
     """Prompts per generation batch."""
 
 
@@ -36,10 +36,10 @@ class GenerationConfig:
 class EntropyConfig:
     """One ``ipl entropy`` run: which model, which data, which policies, where to write."""
 
-    model: str
-    """Hub name or local folder of the model."""
-    data: str = field(default_factory=lambda: str(bundled_data()))
-    """JSONL, Parquet or CSV file of records (see the README for the layouts)."""
+    model: str = "ipl-tiny-qwen2"
+    """Hub name, local folder or bundled model (default: the bundled ipl-tiny-qwen2)."""
+    data: str = field(default_factory=bundled_data)
+    """JSONL, Parquet or CSV records (default: 100 bundled held-out arithmetic problems)."""
     out: str = "runs/entropy"
     """Run folder."""
     lens: str = "raw"
@@ -57,7 +57,12 @@ class EntropyConfig:
     batch_size: int = 4
     """Sequences per forward pass of the analysis."""
     chunk_tokens: int = 1024
-    """Rows whose logits are held at once."""
+    """Logits rows formed at once (the rows of every site of a chunk of tokens, stacked)."""
+    precision: str = "auto"
+    """Entropy engine: ``exact`` (float32 products, float64 reductions; float64 for a float64
+    model), ``fast`` (products in bf16, or the model's fp16, reductions in float32; several
+    times faster on CPUs with bf16 instructions, errors of a few hundredths of a nat) or
+    ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``)."""
     max_samples: int | None = None
     """Analyse only the first N records."""
     max_length: int | None = None

@@ -1,7 +1,7 @@
-"""Site vector -> logits -> entropy and the other per-token statistics (paper Eqs. 5-8).
+"""Site vector -> logits: the ``raw`` and ``norm`` lenses, in ``exact`` or ``fast`` precision.
 
-Logits are only ever formed for a chunk of rows at a time and reduced in float32, whatever the
-model's dtype.
+The reductions of the logits to entropies and the other per-token statistics live in
+:mod:`internal_policy_lens.engine`.
 """
 
 from __future__ import annotations
@@ -12,68 +12,82 @@ import torch.nn.functional as F
 from .models import PolicyModel
 
 LENSES: tuple[str, ...] = ("raw", "norm")
+PRECISIONS: tuple[str, ...] = ("auto", "exact", "fast")
 EXTRA_COLUMNS: tuple[str, ...] = (
     "next_token_logprob",
     "next_token_rank",
     "kl_to_final",
     "top1_agrees",
 )
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def resolve_precision(precision: str, dtype: torch.dtype) -> str:
+    """Return ``exact`` or ``fast``; ``auto`` is ``fast`` for a bf16/fp16 model, else ``exact``.
+
+    Raises:
+        ValueError: naming the unknown precision and listing the valid ones.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "fast" if dtype in _HALF else "exact"
+    return precision
 
 
 class Lens:
-    """Turns site vectors into float32 logits with the ``raw`` or ``norm`` lens.
+    """Turns site vectors into logits with the ``raw`` or ``norm`` lens.
 
     ``raw`` (the paper's definition): ``x @ W_U^T (+ b_U)``. ``norm`` (the logit lens):
     ``final_norm(x) @ W_U^T (+ b_U)``. The ``final`` site is the final norm's output already, so
     it is projected as it is under both lenses and gives the model's own logits.
+
+    Precision ``exact``: products in float32 (float64 for a float64 model) and reductions in
+    float64. ``fast``: products in the model's dtype if it is bf16/fp16, else in bfloat16 (4-10x
+    faster than float32 on CPUs with bf16 instructions), reductions in float32.
+
+    Attributes:
+        dtype: dtype of the products and of the logits.
+        reduce_dtype: dtype in which logits are reduced to statistics.
+        out_dtype: dtype of the statistics (float64 for a float64 model, else float32).
     """
 
-    def __init__(self, model: PolicyModel, lens: str = "raw") -> None:
+    def __init__(self, model: PolicyModel, lens: str = "raw", precision: str = "exact") -> None:
         if lens not in LENSES:
             raise ValueError(f"unknown lens '{lens}'; use one of {', '.join(LENSES)}")
         self.kind = lens
         self.norm = model.final_norm
         unembed = model.unembed
-        # Products and reductions in float32, or float64 for a float64 model.
-        self.dtype = torch.promote_types(unembed.weight.dtype, torch.float32)
+        model_dtype = unembed.weight.dtype
+        self.precision = resolve_precision(precision, model_dtype)
+        wide = torch.promote_types(model_dtype, torch.float32)
+        if self.precision == "exact":
+            self.dtype, self.reduce_dtype = wide, torch.float64
+        else:
+            self.dtype = model_dtype if model_dtype in _HALF else torch.bfloat16
+            self.reduce_dtype = torch.float32
+        self.out_dtype = wide
         self.weight = unembed.weight.to(self.dtype)  # [vocab, d_model]
         bias = getattr(unembed, "bias", None)
         self.bias = None if bias is None else bias.to(self.dtype)
 
-    def logits(self, x: torch.Tensor, site: str) -> torch.Tensor:
-        """Project ``x`` ``[rows, d_model]`` of ``site`` to float32 logits ``[rows, vocab]``."""
+    @property
+    def vocab_size(self) -> int:
+        """Size of every policy (rows of the unembedding)."""
+        return self.weight.shape[0]
+
+    def inputs(self, x: torch.Tensor, site: str) -> torch.Tensor:
+        """What the unembedding reads for ``x`` ``[..., d_model]`` of ``site``, in :attr:`dtype`."""
         if self.kind == "norm" and site != "final":
             x = self.norm(x)
-        return F.linear(x.to(self.dtype), self.weight, self.bias)
+        return x.to(self.dtype)
 
+    def logits(self, x: torch.Tensor, site: str | None) -> torch.Tensor:
+        """Project ``x`` ``[rows, d_model]`` of ``site`` to logits ``[rows, vocab]``.
 
-def policy_stats(
-    logits: torch.Tensor,
-    next_ids: torch.Tensor | None = None,
-    final_logp: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per-row statistics of the policies ``softmax(logits)``, in float32 (nats).
-
-    Args:
-        logits: ``[rows, vocab]``.
-        next_ids: ``[rows]`` the actual next token (-1 where there is none); adds
-            ``next_token_logprob`` and ``next_token_rank`` (1 = the policy's top token).
-        final_logp: ``[rows, vocab]`` log-probabilities of the model's output policy; adds
-            ``kl_to_final`` = KL(internal || final) and ``top1_agrees`` (same argmax).
-    """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logp = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
-    p = logp.exp()
-    out = {"entropy": -(p * logp).sum(-1)}
-    if next_ids is not None:
-        has_next = next_ids >= 0
-        idx = next_ids.clamp(min=0).unsqueeze(-1)
-        target = logits.gather(-1, idx)
-        logprob = logp.gather(-1, idx).squeeze(-1)
-        rank = (logits > target).sum(-1) + 1
-        out["next_token_logprob"] = torch.where(has_next, logprob, torch.nan)
-        out["next_token_rank"] = torch.where(has_next, rank, -1)
-    if final_logp is not None:
-        out["kl_to_final"] = (p * (logp - final_logp)).sum(-1)
-        out["top1_agrees"] = logits.argmax(-1) == final_logp.argmax(-1)
-    return out
+        ``site=None`` means that ``x`` is already :meth:`inputs`' output (rows of several sites
+        stacked into one product).
+        """
+        if site is not None:
+            x = self.inputs(x, site)
+        return F.linear(x, self.weight, self.bias)

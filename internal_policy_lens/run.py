@@ -34,6 +34,7 @@ from .config import EntropyConfig
 from .data import Encoded, encode_inputs, encode_prompt
 from .datasets import read_records, write_records_jsonl
 from .generate import generate
+from .lens import resolve_precision
 from .models import PolicyModel, load_model
 from .sites import resolve_layers, resolve_sites
 from .tables import delta_table, entropy_table, summary_table
@@ -106,6 +107,7 @@ def describe(run: EntropyRun) -> str:
 
 
 def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
+    precision = resolve_precision(cfg.precision, model.dtype)  # what "auto" means for this model
     identity = {**cfg.identity(), "data_sha256": _sha256(cfg.data)}
     previous = out / "run.json"
     if previous.is_file():
@@ -137,6 +139,7 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
             "dtype": str(model.dtype).removeprefix("torch."),
             "device": str(model.device),
         },
+        "precision": precision,
         "versions": _versions(),
     }
     _write_json(previous, info)
@@ -215,6 +218,7 @@ def _analyse(model, records, cfg, out, progress) -> tuple[pd.DataFrame, int]:
                 extras=cfg.extras,
                 batch_size=cfg.batch_size,
                 chunk_tokens=cfg.chunk_tokens,
+                precision=cfg.precision,
             )
             table.insert(3, "token", _token_text(model.tokenizer, table["token_id"]))
             _atomic_parquet(table, part)

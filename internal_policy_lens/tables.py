@@ -10,8 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Encoded, encode_inputs
+from .engine import site_stats
 from .hooks import SiteKey, capture, site_keys
-from .lens import EXTRA_COLUMNS, Lens, policy_stats
+from .lens import EXTRA_COLUMNS, Lens
 from .models import PolicyModel
 from .sites import MODULES, SITES
 
@@ -31,6 +32,7 @@ def entropy_table(
     extras: bool = False,
     batch_size: int = 8,
     chunk_tokens: int = 1024,
+    precision: str = "auto",
     progress: bool = False,
 ) -> pd.DataFrame:
     """Entropy (nats) of every internal policy at every position.
@@ -46,7 +48,11 @@ def entropy_table(
         extras: add ``next_token_logprob``, ``next_token_rank`` (1 = top), ``kl_to_final``
             (KL(internal || final), nats) and ``top1_agrees``.
         batch_size: sequences per forward pass.
-        chunk_tokens: rows whose logits are held at once; bounds the extra memory.
+        chunk_tokens: logits rows formed at once (all sites of a chunk of tokens are stacked
+            into one product); bounds the extra memory.
+        precision: ``exact`` (float32 products, float64 reductions; float64 for a float64
+            model), ``fast`` (products in bf16, or the model's fp16, reductions in float32) or
+            ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``). See :class:`Lens`.
         progress: show a progress bar.
 
     Returns:
@@ -58,12 +64,14 @@ def entropy_table(
     if response_only and any(e.response_start is None for e in encoded):
         raise ValueError("response_only=True needs records with a 'response' for every input")
     keys = site_keys(model, sites, layers)
-    engine = Lens(model, lens)
+    projector = Lens(model, lens, precision)
     parts = []
     bar = tqdm(total=len(encoded), unit="sample", disable=not progress)
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        parts.append(_batch_table(model, engine, batch, keys, response_only, extras, chunk_tokens))
+        parts.append(
+            _batch_table(model, projector, batch, keys, response_only, extras, chunk_tokens)
+        )
         bar.update(len(batch))
     bar.close()
     return pd.concat(parts, ignore_index=True)
@@ -72,7 +80,7 @@ def entropy_table(
 @torch.no_grad()
 def _batch_table(
     model: PolicyModel,
-    engine: Lens,
+    projector: Lens,
     batch: list[Encoded],
     keys: list[SiteKey],
     response_only: bool,
@@ -82,8 +90,9 @@ def _batch_table(
     ids, mask = _pad_right(batch, model.tokenizer.pad_token_id, model.device)
     sources = {key: _source(key) for key in keys}  # resid_pre[l] is resid_post[l-1]
     final_key = ("final", model.n_layers - 1)
-    hooked = set(sources.values()) | ({final_key} if extras else set())
-    with capture(model, keys=sorted(hooked)) as acts:
+    # Each distinct vector once; with extras the final policy is needed for every site.
+    hooked = list(dict.fromkeys([*sources.values(), *([final_key] if extras else [])]))
+    with capture(model, keys=hooked) as acts:
         model.forward(ids, mask)
     keep = _kept_positions(batch, mask, response_only)  # [batch, pos]
     rows_b, rows_t = keep.nonzero(as_tuple=True)
@@ -92,15 +101,13 @@ def _batch_table(
     next_ids = torch.full_like(ids, -1)
     next_ids[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
     next_ids = next_ids[rows_b, rows_t] if extras else None
-    stats = _stats(
-        engine,
+    stats = site_stats(
+        projector,
         acts,
-        list(dict.fromkeys(sources.values())),
-        rows_b,
-        rows_t,
-        next_ids,
-        final_key if extras else None,
-        chunk_tokens,
+        hooked,
+        (rows_b, rows_t),
+        next_ids=next_ids,
+        chunk_tokens=chunk_tokens,
     )
     n, k = len(rows_b), len(keys)
     frame = {
@@ -144,38 +151,6 @@ def _kept_positions(batch: list[Encoded], mask: torch.Tensor, response_only: boo
             keep[row, : max(e.response_start - 1, 0)] = False
             keep[row, len(e.input_ids) - 1 :] = False
     return keep
-
-
-def _chunks(n: int, chunk_tokens: int) -> Iterable[slice]:
-    return (slice(i, min(i + chunk_tokens, n)) for i in range(0, n, max(chunk_tokens, 1)))
-
-
-def _rows(acts, key, rows_b, rows_t, part: slice) -> torch.Tensor:
-    x = acts[key]  # [batch, pos, d_model]
-    return x[rows_b[part].to(x.device), rows_t[part].to(x.device)]  # [rows, d_model]
-
-
-def _stats(engine, acts, keys, rows_b, rows_t, next_ids, final_key, chunk_tokens):
-    # Chunk by rows; with extras the final policy of a chunk is computed once for all sites.
-    collected: dict[SiteKey, dict[str, list]] = {key: {} for key in keys}
-    for part in _chunks(len(rows_b), chunk_tokens):
-        final_logp = nxt = None
-        if final_key is not None:
-            final_logits = engine.logits(_rows(acts, final_key, rows_b, rows_t, part), "final")
-            final_logp = torch.log_softmax(final_logits, dim=-1)  # [rows, vocab]
-            nxt = next_ids[part].to(final_logp.device)
-        for key in keys:
-            logits = engine.logits(_rows(acts, key, rows_b, rows_t, part), key[0])
-            for name, value in policy_stats(logits, nxt, final_logp).items():
-                collected[key].setdefault(name, []).append(value)
-    return {key: {name: _cat(v) for name, v in cols.items()} for key, cols in collected.items()}
-
-
-def _cat(values: list[torch.Tensor]) -> np.ndarray:
-    if not values:
-        return np.zeros(0, dtype=np.float32)
-    out = torch.cat(values).cpu()
-    return out.numpy()
 
 
 def delta_table(table: pd.DataFrame) -> pd.DataFrame:

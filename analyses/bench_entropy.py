@@ -1,0 +1,260 @@
+"""Benchmark of the entropy engine on a model with Qwen2.5-0.5B's dimensions (random weights).
+
+    nice -n 10 python analyses/bench_entropy.py [--tokens 256] [--layers 24] [--repeats 3]
+    nice -n 10 python analyses/bench_entropy.py --memory-tokens 4096 [--memory-dtype bfloat16]
+
+d_model 896, vocabulary 151936, 14 heads, 2 KV heads, intermediate 4864, `--layers` decoder
+layers (24 in the real model), built from a Qwen2Config with random weights (no download) and a
+character tokenizer, saved to a temporary folder and loaded with `load_model` in float32. The
+unembedding is scaled so that the policies range from peaked to near uniform (raw lens).
+
+All modes read the same captured site vectors of one `--tokens`-token sequence; each turns every
+(site, layer) of the table (7 sites x L layers + final) into per-token entropies:
+
+  naive  the paper's method, written here: per (site, layer), float32 logits of all tokens,
+         softmax and log-softmax materialised, -sum p log p (resid_pre recomputed)
+  exact  engine.site_stats, precision exact (float32 products, float64 reductions)
+  fast   engine.site_stats, precision fast (bf16 products, float32 reductions)
+  floor  the bare unembedding products of the same rows as fast, in bf16, nothing else
+
+Modes alternate within each repeat; times are medians (OMP_WAIT_POLICY=PASSIVE unless set).
+Peak memory: each mode runs once more in a fresh process (allocators such as MKL's keep buffers
+across calls); the peak resident set size (VmHWM, reset through /proc/self/clear_refs after a
+warm-up) during that run, minus the resident set before it. For fast it includes the lens's bf16
+copy of the float32 unembedding (0.27 GB). Errors are against a float64 computation on
+the first `--ref-tokens` tokens.
+`--memory-tokens N` instead measures the peak extra memory of a whole `entropy_table` call (model
+forward pass and captures included) on one N-token sequence, with the model in `--memory-dtype`.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# Set before torch starts OpenMP: with 2 threads and another busy process, small parallel ops
+# otherwise spin at barriers and run up to 10x slower (SPEC, section 9).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from internal_policy_lens import entropy_table, load_model  # noqa: E402
+from internal_policy_lens.engine import site_stats  # noqa: E402
+from internal_policy_lens.hooks import capture, site_keys  # noqa: E402
+from internal_policy_lens.lens import Lens  # noqa: E402
+from internal_policy_lens.tiny import char_tokenizer  # noqa: E402
+
+CHUNK = 1024  # logits rows per product, the entropy_table default
+
+
+def build_model(folder, layers, dtype="float32"):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=layers,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        pad_token_id=0,
+        eos_token_id=4,
+        bos_token_id=None,
+        architectures=["Qwen2ForCausalLM"],
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
+        model.lm_head.weight.mul_(8.0)  # logits of normed vectors: std ~5, max ~20 nats
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return load_model(folder, dtype=dtype, device="cpu")
+
+
+def capture_sites(model, tokens):
+    ids = torch.randint(5, 100, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), capture(model, keys=site_keys(model)) as acts:
+        model.forward(ids, torch.ones_like(ids))
+    return dict(acts)
+
+
+def unique_keys(acts):
+    # What entropy_table projects: resid_pre[l] is resid_post[l-1] for l > 0.
+    return [k for k in acts if not (k[0] == "resid_pre" and k[1] > 0)]
+
+
+def naive(model, acts, keys, rows):
+    out = {}
+    W, b = model.unembed.weight.float(), model.unembed.bias
+    for key in keys:
+        logits = F.linear(acts[key][0, :rows].float(), W, b)  # [tokens, vocab]
+        p, logp = torch.softmax(logits, -1), torch.log_softmax(logits, -1)
+        out[key] = -(p * logp).sum(-1)
+    return out
+
+
+def engine(model, acts, keys, rows, precision):
+    index = (torch.zeros(rows, dtype=torch.long), torch.arange(rows))
+    lens = Lens(model, "raw", precision)
+    stats = site_stats(lens, acts, keys, index, chunk_tokens=CHUNK, compiled=True)
+    return {key: torch.from_numpy(cols["entropy"]) for key, cols in stats.items()}
+
+
+def floor(weight, stacked, rows):
+    stacked = stacked[:, :rows].flatten(0, 1)  # [sites * tokens, d_model]
+    for start in range(0, len(stacked), CHUNK):
+        F.linear(stacked[start : start + CHUNK], weight)
+
+
+def reference(model, acts, keys, rows):
+    W = model.unembed.weight.double()
+    out = {}
+    for key in keys:
+        logp = torch.log_softmax(acts[key][0, :rows].double() @ W.T, -1)
+        out[key] = -(logp.exp() * logp).sum(-1)
+    return out
+
+
+def proc_gb(field):
+    text = open("/proc/self/status").read()
+    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) / 1e6
+
+
+def measure(fn):
+    """Seconds, peak extra resident memory (GB) and result of one call of ``fn``."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM to the current resident set
+    before = proc_gb("VmRSS")
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, proc_gb("VmHWM") - before, result
+
+
+def errors(got, ref):
+    err = torch.cat([(got[k][: len(ref[k])].double() - ref[k]).abs() for k in ref])
+    return err.max().item(), err.mean().item()
+
+
+def make_modes(model, acts):
+    table_keys, keys = list(acts), unique_keys(acts)
+    bf16_weight = model.unembed.weight.to(torch.bfloat16)
+    stacked = torch.stack([acts[k][0] for k in keys]).to(torch.bfloat16)  # [sites, tokens, d]
+    return {
+        "naive": lambda rows: naive(model, acts, table_keys, rows),
+        "exact": lambda rows: engine(model, acts, keys, rows, "exact"),
+        "fast": lambda rows: engine(model, acts, keys, rows, "fast"),
+        "floor": lambda rows: floor(bf16_weight, stacked, rows),
+    }
+
+
+def child_memory(args):
+    """One mode in a fresh process: peak extra memory of one run (allocators cache across modes)."""
+    model = load_model(args.folder, dtype="float32", device="cpu")
+    fn = make_modes(model, capture_sites(model, args.tokens))[args.child]
+    fn(8)  # compiles, pages the weights in
+    print(json.dumps(measure(lambda: fn(args.tokens))[1]))
+
+
+def benchmark(args):
+    with tempfile.TemporaryDirectory(prefix="bench_entropy_") as folder:
+        model = build_model(folder, args.layers)
+        acts, T = capture_sites(model, args.tokens), args.tokens
+        modes = make_modes(model, acts)
+        warm = {name: measure(lambda f=fn: f(8))[0] for name, fn in modes.items()}
+        times, results = {name: [] for name in modes}, {}
+        for _ in range(args.repeats):
+            for name, fn in modes.items():
+                seconds, _, results[name] = measure(lambda f=fn: f(T))
+                times[name].append(seconds)
+        memory = {name: memory_of(name, folder, T) for name in modes}
+    keys = unique_keys(acts)
+    ref = reference(model, acts, keys, min(args.ref_tokens, T))
+    spread = torch.cat(list(ref.values()))
+    print(
+        f"model: Qwen2 d_model 896, vocab 151936, {model.n_layers} layers, float32, random "
+        f"weights; {T} tokens; {len(acts)} (site, layer) per token, {len(keys)} distinct "
+        f"vectors; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"float64 entropies of the first {len(spread) // len(keys)} tokens: min "
+        f"{spread.min():.2f}, median {spread.median():.2f}, max {spread.max():.2f} nats"
+    )
+    report(times, warm, memory, results, ref, T)
+
+
+def memory_of(mode, folder, tokens):
+    command = [sys.executable, __file__, "--child", mode, "--folder", folder]
+    done = subprocess.run([*command, "--tokens", str(tokens)], capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(times, warm, memory, results, ref, tokens):
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(
+        f"{'mode':6} {'median s':>9} {'tokens/s':>9} {'vs naive':>9} {'vs floor':>9} "
+        f"{'warm-up s':>9} {'peak GB':>8} {'max err':>9} {'mean err':>9}"
+    )
+    for name, t in median.items():
+        err = errors(results[name], ref) if results[name] is not None else (np.nan, np.nan)
+        print(
+            f"{name:6} {t:9.2f} {tokens / t:9.1f} {median['naive'] / t:8.2f}x "
+            f"{t / median['floor']:8.2f}x {warm[name]:9.2f} {memory[name]:8.2f} "
+            f"{err[0]:9.2e} {err[1]:9.2e}"
+        )
+    print("all times (s):", {name: [round(v, 2) for v in values] for name, values in times.items()})
+    print(
+        f"ratios: fast is {median['naive'] / median['fast']:.1f}x faster than naive and "
+        f"{median['fast'] / median['floor']:.2f}x the floor; exact is "
+        f"{median['naive'] / median['exact']:.1f}x faster than naive"
+    )
+
+
+def memory_run(args):
+    with tempfile.TemporaryDirectory(prefix="bench_entropy_") as folder:
+        model = build_model(folder, args.layers, args.memory_dtype)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (args.memory_tokens,), generator=generator).tolist()
+    entropy_table(model, [ids[:32]])  # warm-up: pages the weights in
+    seconds, peak, table = measure(lambda: entropy_table(model, [ids]))
+    print(
+        f"entropy_table on one {args.memory_tokens}-token sequence, {model.n_layers} layers, "
+        f"model {args.memory_dtype} (precision auto), chunk_tokens 1024: {len(table):,} rows in "
+        f"{seconds:.0f} s; peak extra memory {peak:.2f} GB (VmHWM - VmRSS before the call)"
+    )
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)  # the weights are parameters: no autograd graphs here
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ref-tokens", type=int, default=64)
+    parser.add_argument("--memory-tokens", type=int, default=0)
+    parser.add_argument("--memory-dtype", default="bfloat16")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_memory(args)
+    elif args.memory_tokens:
+        memory_run(args)
+    else:
+        benchmark(args)

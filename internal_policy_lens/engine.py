@@ -1,0 +1,228 @@
+"""Logits -> entropy and the other per-token statistics, chunked, stacked and fused (paper Eq. 7).
+
+The analysis costs one vocabulary-sized product per (site, layer, token), then passes over each
+product's logits. The engine keeps both small:
+
+- **Stacked products.** For a chunk of token rows, the rows of every site and layer are stacked
+  into one product ``[sites * rows, d_model] @ W_U^T`` of at most ``chunk_tokens`` rows.
+- **Fused reductions.** Each logits row is reduced in two passes: its max ``m``, then
+  ``S = sum exp(z - m)`` together with the other sums. Entropy is
+  ``H = log S - sum exp(z - m) (z - m) / S``; the next token's log-probability is
+  ``z_t - m - log S`` and its rank ``1 + #{j: z_j > z_t}``; with ``log q`` the final policy,
+  ``KL(p || q) = sum exp(z - m) (z - m - log q) / S - log S``. The same function runs eagerly
+  (in row slices that bound its temporaries) or compiled by ``torch.compile``, which fuses it
+  into two loops over the logits with no temporaries; compiling is never required.
+- **Shared final policy.** With extras, the final policy's log-probabilities for a chunk's rows
+  are formed once and shared by every site.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .lens import EXTRA_COLUMNS, Lens
+
+SiteKey = tuple[str, int]
+Stats = dict[str, torch.Tensor]
+
+# Work (logits elements) from which compiling pays for itself in one call: torch.compile takes
+# seconds once per process, the eager reductions about 6 ns per element on 2 CPU cores.
+COMPILE_MIN_ELEMENTS = 1 << 30
+# Elements of a row slice reduced at once on the eager path (its temporaries are a few of these).
+_EAGER_ELEMENTS = 1 << 22
+_log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def site_stats(
+    lens: Lens,
+    acts: dict[SiteKey, torch.Tensor],
+    keys: Sequence[SiteKey],
+    index: tuple[torch.Tensor, torch.Tensor],
+    *,
+    next_ids: torch.Tensor | None = None,
+    chunk_tokens: int = 1024,
+    compiled: bool | None = None,
+) -> dict[SiteKey, dict[str, np.ndarray]]:
+    """Per-row statistics (nats) of the policies of ``keys``, for the rows picked by ``index``.
+
+    Args:
+        lens: how site vectors become logits, and in which precision.
+        acts: ``(site, layer) -> [batch, pos, d_model]`` captured vectors.
+        keys: the distinct sites to reduce; each vector is projected once.
+        index: ``(batch_rows, positions)``, the rows to keep, ``[n]`` each.
+        next_ids: ``[n]`` the actual next token (-1 where there is none). Given, adds the extras
+            (:data:`~internal_policy_lens.lens.EXTRA_COLUMNS`); then ``keys`` must hold the
+            ``final`` site, against which ``kl_to_final`` and ``top1_agrees`` are taken.
+        chunk_tokens: logits rows formed at once (the final policy's rows included).
+        compiled: use the ``torch.compile``d reductions; ``None`` decides from the environment
+            variable ``IPL_COMPILE`` (``0`` or ``1``), else from the amount of work. A compile
+            failure falls back to the eager reductions (same numbers up to float rounding).
+
+    Returns:
+        ``key -> column -> [n]`` arrays: ``entropy`` (+ extras).
+    """
+    final = _final_key(keys) if next_ids is not None else None
+    sites = [key for key in keys if key != final]
+    n = len(index[0])
+    rows, group = chunk_plan(n, len(sites), chunk_tokens, final is not None)
+    reduce = _reducer(compiled, n * len(keys) * lens.vocab_size)
+    out = {key: _allocate(lens, n, final is not None) for key in keys}
+    for part in _chunks(n, rows):
+        nxt = None if next_ids is None else next_ids[part].to(lens.weight.device)
+        shared = None
+        if final is not None:
+            logits = lens.logits(_rows(acts, final, index, part), "final")  # [rows, vocab]
+            shared = final_policy(logits, lens.reduce_dtype)
+            _store(out, [final], part, reduce(logits[None], lens.reduce_dtype, nxt, *shared))
+        for start in range(0, len(sites), group):
+            block = sites[start : start + group]
+            stacked = torch.stack([lens.inputs(_rows(acts, k, index, part), k[0]) for k in block])
+            logits = lens.logits(stacked.flatten(0, 1), None)  # [sites * rows, vocab]
+            logits = logits.view(len(block), -1, logits.shape[-1])  # [sites, rows, vocab]
+            _store(out, block, part, reduce(logits, lens.reduce_dtype, nxt, *(shared or ())))
+    return {key: {name: v.cpu().numpy() for name, v in cols.items()} for key, cols in out.items()}
+
+
+def chunk_plan(n_rows: int, n_sites: int, chunk_tokens: int, extras: bool) -> tuple[int, int]:
+    """Token rows per chunk and sites per product, so that a chunk forms ``chunk_tokens`` rows.
+
+    With extras the final policy's rows count too. At least one row of one site is formed.
+    """
+    per_row = n_sites + int(extras)
+    rows = max(1, min(n_rows, chunk_tokens // max(per_row, 1)))
+    sites = max(1, min(n_sites, (chunk_tokens - int(extras) * rows) // rows))
+    return rows, sites
+
+
+def final_policy(logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities ``[rows, vocab]`` (in ``dtype``) and argmax ``[rows]`` of ``logits``."""
+    return torch.log_softmax(logits.to(dtype), dim=-1), logits.argmax(-1)
+
+
+def reduce_logits(
+    logits: torch.Tensor,
+    dtype: torch.dtype,
+    next_ids: torch.Tensor | None = None,
+    final_logp: torch.Tensor | None = None,
+    final_top: torch.Tensor | None = None,
+) -> Stats:
+    """Statistics of the policies ``softmax(logits)``, reduced in ``dtype`` (the eager path).
+
+    Args:
+        logits: ``[sites, rows, vocab]``.
+        dtype: dtype of the reductions (float32 or float64).
+        next_ids: ``[rows]`` the actual next token (-1 where there is none); adds
+            ``next_token_logprob`` and ``next_token_rank`` (1 = the policy's top token).
+        final_logp: ``[rows, vocab]`` log-probabilities of the model's output policy; adds
+            ``kl_to_final`` = KL(internal || final).
+        final_top: ``[rows]`` argmax of the output policy; adds ``top1_agrees``.
+
+    Returns:
+        ``column -> [sites, rows]``.
+    """
+    sites, rows, vocab = logits.shape
+    site_step = max(1, _EAGER_ELEMENTS // (rows * vocab))
+    row_step = rows if site_step > 1 else max(1, _EAGER_ELEMENTS // vocab)
+    blocks = []
+    for site_part in _chunks(sites, site_step):
+        parts = [
+            _fused(
+                logits[site_part, part],
+                dtype,
+                None if next_ids is None else next_ids[part],
+                None if final_logp is None else final_logp[part],
+                None if final_top is None else final_top[part],
+            )
+            for part in _chunks(rows, row_step)
+        ]
+        blocks.append({name: torch.cat([p[name] for p in parts], dim=1) for name in parts[0]})
+    return {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]}
+
+
+def _fused(logits, dtype, next_ids, final_logp, final_top) -> Stats:
+    # The reductions as one expression graph; torch.compile fuses them into two loops per row.
+    z = logits.to(dtype)  # [sites, rows, vocab]
+    top = z.amax(-1, keepdim=True)
+    shifted = z - top
+    weights = shifted.exp()
+    total = weights.sum(-1)
+    log_total = total.log()
+    out = {"entropy": log_total - (weights * shifted).sum(-1) / total}
+    if next_ids is not None:
+        has_next = next_ids >= 0
+        idx = next_ids.clamp(min=0).expand(z.shape[:2]).unsqueeze(-1)  # [sites, rows, 1]
+        target = z.gather(-1, idx)
+        logprob = (target - top).squeeze(-1) - log_total
+        rank = (z > target).sum(-1) + 1
+        out["next_token_logprob"] = torch.where(has_next, logprob, torch.nan)
+        out["next_token_rank"] = torch.where(has_next, rank, -1)
+    if final_logp is not None:
+        out["kl_to_final"] = (weights * (shifted - final_logp)).sum(-1) / total - log_total
+    if final_top is not None:
+        out["top1_agrees"] = z.argmax(-1) == final_top
+    return out
+
+
+# The compiled reductions: None until first needed, False once compiling failed (stay eager).
+_compiled_fused = None
+
+
+def _reducer(compiled: bool | None, work: int):
+    if compiled is None:
+        setting = os.environ.get("IPL_COMPILE", "")
+        compiled = setting == "1" if setting in ("0", "1") else work >= COMPILE_MIN_ELEMENTS
+    return _compiled_reduce if compiled else reduce_logits
+
+
+def _compiled_reduce(logits, dtype, next_ids=None, final_logp=None, final_top=None) -> Stats:
+    """:func:`reduce_logits` through ``torch.compile``; the eager path if compiling fails."""
+    global _compiled_fused
+    if _compiled_fused is None:
+        _compiled_fused = torch.compile(_fused, dynamic=True)
+    if _compiled_fused is not False:
+        try:
+            return _compiled_fused(logits, dtype, next_ids, final_logp, final_top)
+        except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
+            _log.info("torch.compile failed (%s); using the eager reductions", err)
+            _compiled_fused = False
+    return reduce_logits(logits, dtype, next_ids, final_logp, final_top)
+
+
+def _final_key(keys: Iterable[SiteKey]) -> SiteKey:
+    found = [key for key in keys if key[0] == "final"]
+    if not found:
+        raise ValueError("the extras need the 'final' site among the keys")
+    return found[0]
+
+
+def _allocate(lens: Lens, n: int, extras: bool) -> Stats:
+    device = lens.weight.device
+    out = {"entropy": torch.empty(n, dtype=lens.out_dtype, device=device)}
+    if extras:
+        out[EXTRA_COLUMNS[0]] = torch.empty(n, dtype=lens.out_dtype, device=device)
+        out[EXTRA_COLUMNS[1]] = torch.empty(n, dtype=torch.long, device=device)
+        out[EXTRA_COLUMNS[2]] = torch.empty(n, dtype=lens.out_dtype, device=device)
+        out[EXTRA_COLUMNS[3]] = torch.empty(n, dtype=torch.bool, device=device)
+    return out
+
+
+def _store(out: dict[SiteKey, Stats], keys: Sequence[SiteKey], part: slice, stats: Stats) -> None:
+    for name, value in stats.items():  # [sites, rows]
+        for i, key in enumerate(keys):
+            out[key][name][part] = value[i]
+
+
+def _chunks(n: int, size: int) -> Iterable[slice]:
+    return (slice(i, min(i + size, n)) for i in range(0, n, max(size, 1)))
+
+
+def _rows(acts, key: SiteKey, index, part: slice) -> torch.Tensor:
+    x = acts[key]  # [batch, pos, d_model]
+    rows_b, rows_t = index
+    return x[rows_b[part].to(x.device), rows_t[part].to(x.device)]  # [rows, d_model]

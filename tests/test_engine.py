@@ -1,0 +1,214 @@
+import json
+import secrets
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEXTS
+from reference import entropy
+
+from internal_policy_lens import engine, entropy_table
+from internal_policy_lens.config import EntropyConfig
+from internal_policy_lens.engine import chunk_plan, site_stats
+from internal_policy_lens.hooks import capture
+from internal_policy_lens.lens import Lens, resolve_precision
+from internal_policy_lens.run import run_entropy
+
+# Stated tolerances against float64 (nats), for the tiny models' vectors and vocabularies:
+# exact = float32 products and float64 reductions; fast = bf16 products, float32 reductions.
+EXACT_ATOL = 3e-5
+FAST_MAX, FAST_MEAN = 0.15, 0.02
+
+
+def _random_acts(model, generator, n_sites=5, batch=2, pos=9):
+    """Random site vectors ``[batch, pos, d]`` whose policies range from peaked to flat."""
+    scale = torch.logspace(-1, 1, n_sites)  # one scale per site: entropies spread widely
+    acts = {
+        ("mlp_out", i): scale[i] * torch.randn(batch, pos, model.d_model, generator=generator)
+        for i in range(n_sites)
+    }
+    acts["final", model.n_layers - 1] = 3 * torch.randn(
+        batch, pos, model.d_model, generator=generator
+    )
+    return acts
+
+
+def _index(batch, pos):
+    rows_b, rows_t = torch.ones(batch, pos, dtype=torch.bool).nonzero(as_tuple=True)
+    return rows_b, rows_t
+
+
+@torch.no_grad()
+def _reference(model, acts, keys, index, next_ids):
+    """Entropy and extras in float64, written out from the definitions."""
+    W = model.unembed.weight.double()
+    b = model.unembed.bias
+    final = next(k for k in keys if k[0] == "final")
+    out = {}
+    logq = None
+    for key in [final, *[k for k in keys if k != final]]:
+        z = acts[key][index].double() @ W.T + (0 if b is None else b.double())
+        logp = torch.log_softmax(z, -1)
+        logq = logp if key == final else logq
+        target = z.gather(-1, next_ids[:, None])
+        out[key] = {
+            "entropy": entropy(z),
+            "next_token_logprob": logp.gather(-1, next_ids[:, None])[:, 0],
+            "next_token_rank": 1 + (z > target).sum(-1),
+            "kl_to_final": (logp.exp() * (logp - logq)).sum(-1),
+            "top1_agrees": z.argmax(-1) == logq.argmax(-1),
+        }
+    return out
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_engine_matches_float64_on_random_vectors(models, precision):
+    model = models("qwen2")
+    seed = secrets.randbits(31)  # fresh inputs on every run; the seed is in the messages
+    generator = torch.Generator().manual_seed(seed)
+    acts = _random_acts(model, generator)
+    index = _index(2, 9)
+    next_ids = torch.randint(0, model.vocab_size, (18,), generator=generator)
+    keys = list(acts)
+    got = site_stats(Lens(model, "raw", precision), acts, keys, index, next_ids=next_ids)
+    want = _reference(model, acts, keys, index, next_ids)
+    entropies = np.concatenate([want[k]["entropy"].numpy() for k in keys])
+    assert entropies.min() < 1.0 and entropies.max() > 0.9 * np.log(model.vocab_size)
+    err = np.concatenate([np.abs(got[k]["entropy"] - want[k]["entropy"].numpy()) for k in keys])
+    if precision == "exact":
+        assert err.max() < EXACT_ATOL, (seed, err.max())
+        for key in keys:
+            for column in ("next_token_logprob", "kl_to_final"):
+                # Up to 30 nats here: float32 products give a relative error of about 1e-6.
+                np.testing.assert_allclose(
+                    got[key][column],
+                    want[key][column],
+                    atol=EXACT_ATOL,
+                    rtol=1e-5,
+                    err_msg=str(seed),
+                )
+            for column in ("next_token_rank", "top1_agrees"):
+                np.testing.assert_array_equal(got[key][column], want[key][column], str(seed))
+    else:
+        assert err.max() < FAST_MAX and err.mean() < FAST_MEAN, (seed, err.max(), err.mean())
+
+
+def test_fast_table_within_tolerance_of_float64(models, tiny_dirs):
+    from test_tables import _naive_table
+
+    model = models("llama")
+    table = entropy_table(model, TEXTS, precision="fast", lens="norm")
+    naive = _naive_table(tiny_dirs["llama"], model.tokenizer, TEXTS, "norm")
+    got = {(r.sample_id, r.position, r.layer, r.site): r.entropy for r in table.itertuples()}
+    err = np.array([abs(got[k] - naive[k]) for k in naive])
+    assert err.max() < FAST_MAX and err.mean() < FAST_MEAN, (err.max(), err.mean())
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_chunk_sizes_from_one_row_to_all_rows_agree(models, precision):
+    model = models("qwen3", "float64" if precision == "exact" else "float32")
+    generator = torch.Generator().manual_seed(1)
+    acts = {k: v.to(model.dtype) for k, v in _random_acts(model, generator).items()}
+    next_ids = torch.randint(-1, model.vocab_size, (18,), generator=generator)
+    lens = Lens(model, "norm", precision)
+    results = [
+        site_stats(lens, acts, list(acts), _index(2, 9), next_ids=next_ids, chunk_tokens=c)
+        for c in (1, 2, 5, 7, 18 * 6)
+    ]
+    # Only the products' rounding differs: BLAS sums a 1-row and a many-row product in
+    # different orders (float64 here for exact; bf16 logits for fast).
+    atol = 1e-12 if precision == "exact" else 1e-6
+    for other in results[1:]:
+        for key, columns in results[0].items():
+            for column, value in columns.items():
+                np.testing.assert_allclose(other[key][column], value, atol=atol, rtol=0)
+
+
+def test_chunk_plan_bounds_logits_rows():
+    for n_rows in (1, 5, 40):
+        for n_sites in (1, 3, 20):
+            for chunk in (1, 2, 7, 16, 1000):
+                for extras in (False, True):
+                    rows, sites = chunk_plan(n_rows, n_sites, chunk, extras)
+                    assert 1 <= rows <= n_rows and 1 <= sites <= n_sites
+                    assert rows * sites <= max(chunk, 1)
+                    if extras and chunk > 1:
+                        assert rows * sites + rows <= chunk
+    assert chunk_plan(100, 10, 1024, False) == (100, 10)  # everything in one product
+    assert chunk_plan(100, 10, 1024, True) == (93, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_compiled_equals_eager(models, precision):
+    model = models("llama_tied")
+    generator = torch.Generator().manual_seed(2)
+    acts = _random_acts(model, generator)
+    next_ids = torch.randint(-1, model.vocab_size, (18,), generator=generator)
+    lens = Lens(model, "raw", precision)
+    args = (lens, acts, list(acts), _index(2, 9))
+    eager = site_stats(*args, next_ids=next_ids, chunk_tokens=30, compiled=False)
+    compiled = site_stats(*args, next_ids=next_ids, chunk_tokens=30, compiled=True)
+    assert engine._compiled_fused not in (None, False), "torch.compile did not run"
+    for key, columns in eager.items():
+        for column, value in columns.items():
+            np.testing.assert_allclose(compiled[key][column], value, atol=1e-5, rtol=0)
+
+
+def test_compile_failure_falls_back_to_eager(models, monkeypatch):
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(engine, "_compiled_fused", None)
+    model = models("qwen2")
+    acts = _random_acts(model, torch.Generator().manual_seed(3))
+    args = (Lens(model), acts, list(acts), _index(2, 9))
+    fallback = site_stats(*args, compiled=True)
+    eager = site_stats(*args, compiled=False)
+    assert engine._compiled_fused is False
+    for key in eager:
+        np.testing.assert_array_equal(fallback[key]["entropy"], eager[key]["entropy"])
+
+
+def test_deduplicated_resid_pre_equals_its_own_capture(models):
+    model = models("qwen2")
+    table = entropy_table(model, TEXTS[:2], sites=["resid_pre"], batch_size=2)
+    ids = [model.tokenizer(t)["input_ids"] for t in TEXTS[:2]]
+    for sample, seq in enumerate(ids):
+        one = torch.tensor([seq])
+        with torch.no_grad(), capture(model, ["resid_pre"]) as acts:
+            model.forward(one, torch.ones_like(one))
+        stats = site_stats(Lens(model), acts, list(acts), _index(1, len(seq)))
+        for (_, layer), columns in stats.items():
+            rows = table[(table.sample_id == sample) & (table.layer == layer)]
+            np.testing.assert_allclose(rows["entropy"], columns["entropy"], atol=1e-6, rtol=0)
+
+
+def test_precision_auto_follows_model_dtype(models):
+    assert resolve_precision("auto", torch.bfloat16) == "fast"
+    assert resolve_precision("auto", torch.float16) == "fast"
+    assert resolve_precision("auto", torch.float32) == "exact"
+    assert resolve_precision("fast", torch.float64) == "fast"
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("medium", torch.float32)
+    assert Lens(models("qwen2", "float64"), precision="exact").dtype == torch.float64
+    assert Lens(models("qwen2"), precision="fast").dtype == torch.bfloat16
+    assert Lens(models("qwen2", "bfloat16"), precision="exact").dtype == torch.float32
+
+
+def test_run_records_precision(tiny_dirs, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "2+3?", "response": "5 \\boxed{5}"}) + "\n")
+    for precision, resolved in (("auto", "exact"), ("fast", "fast")):
+        out = tmp_path / precision
+        cfg = EntropyConfig(
+            model=str(tiny_dirs["qwen2"]), data=str(data), out=str(out), precision=precision
+        )
+        run_entropy(cfg, progress=False)
+        info = json.loads((out / "run.json").read_text())
+        assert info["config"]["precision"] == precision
+        assert info["precision"] == resolved  # what auto became for a float32 model
