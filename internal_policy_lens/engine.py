@@ -73,19 +73,16 @@ def site_stats(
     rows, group = chunk_plan(n, len(sites), chunk_tokens, final is not None)
     reduce = _reducer(compiled, n * len(keys) * lens.vocab_size)
     out = {key: _allocate(lens, n, final is not None) for key in keys}
-    for part in _chunks(n, rows):
-        nxt = None if next_ids is None else next_ids[part].to(lens.weight.device)
-        shared = None
-        if final is not None:
-            logits = lens.logits(_rows(acts, final, index, part), "final")  # [rows, vocab]
-            shared = final_policy(logits, lens.reduce_dtype)
-            _store(out, [final], part, reduce(logits[None], lens.reduce_dtype, nxt, *shared))
-        for start in range(0, len(sites), group):
-            block = sites[start : start + group]
-            stacked = torch.stack([lens.inputs(_rows(acts, k, index, part), k[0]) for k in block])
-            logits = lens.logits(stacked.flatten(0, 1), None)  # [sites * rows, vocab]
-            logits = logits.view(len(block), -1, logits.shape[-1])  # [sites, rows, vocab]
-            _store(out, block, part, reduce(logits, lens.reduce_dtype, nxt, *(shared or ())))
+    with lens.reused_output(rows * group):  # each chunk's logits are reduced before the next
+        for part in _chunks(n, rows):
+            nxt = None if next_ids is None else next_ids[part].to(lens.weight.device)
+            shared = ()
+            if final is not None:
+                shared = _final_block(lens, acts, final, index, part, reduce, nxt, out)
+            for start in range(0, len(sites), group):
+                block = sites[start : start + group]
+                stats = _block(lens, acts, block, index, part, reduce, nxt, *shared)
+                _store(out, block, part, stats)
     return {key: {name: v.cpu().numpy() for name, v in cols.items()} for key, cols in out.items()}
 
 
@@ -199,6 +196,21 @@ def _final_key(keys: Iterable[SiteKey]) -> SiteKey:
     if not found:
         raise ValueError("the extras need the 'final' site among the keys")
     return found[0]
+
+
+def _block(lens, acts, block, index, part, reduce, *extras) -> Stats:
+    stacked = torch.stack([lens.inputs(_rows(acts, k, index, part), k[0]) for k in block])
+    logits = lens.logits(stacked.flatten(0, 1), None)  # [sites * rows, vocab]
+    logits = logits.view(len(block), -1, logits.shape[-1])  # [sites, rows, vocab]
+    return reduce(logits, lens.reduce_dtype, *extras)
+
+
+def _final_block(lens, acts, final, index, part, reduce, next_ids, out):
+    # The final policy of a chunk's rows: its own statistics, and what every site shares.
+    logits = lens.logits(_rows(acts, final, index, part), "final")  # [rows, vocab]
+    shared = final_policy(logits, lens.reduce_dtype)
+    _store(out, [final], part, reduce(logits[None], lens.reduce_dtype, next_ids, *shared))
+    return shared
 
 
 def _allocate(lens: Lens, n: int, extras: bool) -> Stats:

@@ -6,6 +6,9 @@ The reductions of the logits to entropies and the other per-token statistics liv
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -70,6 +73,7 @@ class Lens:
         self.weight = unembed.weight.to(self.dtype)  # [vocab, d_model]
         bias = getattr(unembed, "bias", None)
         self.bias = None if bias is None else bias.to(self.dtype)
+        self._out: torch.Tensor | None = None  # see reused_output
 
     @property
     def vocab_size(self) -> int:
@@ -86,8 +90,28 @@ class Lens:
         """Project ``x`` ``[rows, d_model]`` of ``site`` to logits ``[rows, vocab]``.
 
         ``site=None`` means that ``x`` is already :meth:`inputs`' output (rows of several sites
-        stacked into one product).
+        stacked into one product). Inside :meth:`reused_output`, without gradients, the logits
+        are written into the block's buffer and overwritten by the next call.
         """
         if site is not None:
             x = self.inputs(x, site)
-        return F.linear(x, self.weight, self.bias)
+        out = self._out
+        if out is None or len(x) > len(out) or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        out = out[: len(x)]
+        if self.bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
+
+    @contextmanager
+    def reused_output(self, rows: int) -> Iterator[None]:
+        """Write the logits of up to ``rows`` rows into one buffer, allocated once.
+
+        A fresh vocabulary-sized output costs its page faults on every product (about a fifth of
+        a bf16 product's time on a CPU); reusing one buffer avoids them.
+        """
+        self._out = torch.empty(rows, self.vocab_size, dtype=self.dtype, device=self.weight.device)
+        try:
+            yield
+        finally:
+            self._out = None

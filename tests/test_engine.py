@@ -212,3 +212,17 @@ def test_run_records_precision(tiny_dirs, tmp_path):
         info = json.loads((out / "run.json").read_text())
         assert info["config"]["precision"] == precision
         assert info["precision"] == resolved  # what auto became for a float32 model
+
+
+def test_reused_output_buffer_gives_the_same_logits_and_keeps_autograd(models):
+    model = models("qwen2")  # its lm_head has no bias; the q/k/v biases are elsewhere
+    lens = Lens(model, "norm")
+    x = torch.randn(5, model.d_model)
+    fresh = lens.logits(x, "resid_post")
+    with torch.no_grad(), lens.reused_output(8):
+        first = lens.logits(x, "resid_post")
+        torch.testing.assert_close(first, fresh.detach(), rtol=0, atol=1e-6)
+        assert first.data_ptr() == lens.logits(x[:2], "resid_post").data_ptr()  # one buffer
+        assert lens.logits(torch.randn(9, model.d_model), None).shape[0] == 9  # too big: fresh
+    with lens.reused_output(8):  # with gradients the buffer is never used (the trainer's case)
+        assert lens.logits(x, "resid_post").requires_grad
