@@ -52,6 +52,13 @@ def entropy(
     revision: Annotated[str | None, typer.Option(help="Hub revision of the model.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 4,
     chunk_tokens: Annotated[int, typer.Option(min=1, help="Rows of logits held at once.")] = 1024,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="exact (float32 products, float64 sums), fast (bf16/model-dtype products, "
+            "float32 sums) or auto (fast for bf16/fp16 models)."
+        ),
+    ] = "auto",
     max_samples: Annotated[int | None, typer.Option(min=1, help="First N records only.")] = None,
     max_length: Annotated[
         int | None, typer.Option(min=2, help="Truncate sequences (default: model context).")
@@ -92,6 +99,7 @@ def entropy(
         layers=layers,
         dtype=dtype,
         device=device,
+        precision=precision,
         revision=revision,
         batch_size=batch_size,
         chunk_tokens=chunk_tokens,

@@ -226,3 +226,19 @@ def test_reused_output_buffer_gives_the_same_logits_and_keeps_autograd(models):
         assert lens.logits(torch.randn(9, model.d_model), None).shape[0] == 9  # too big: fresh
     with lens.reused_output(8):  # with gradients the buffer is never used (the trainer's case)
         assert lens.logits(x, "resid_post").requires_grad
+
+
+def test_cli_precision_option(tiny_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from internal_policy_lens.cli import app
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "2+3?", "response": "5 \\boxed{5}"}) + "\n")
+    common = ["entropy", "--model", str(tiny_dirs["qwen2"]), "--data", str(data), "--quiet"]
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "a"), "--precision", "fast"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["precision"] == "fast"
+    bad = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b"), "--precision", "half"])
+    assert bad.exit_code == 2 and "unknown precision 'half'" in bad.output
+    assert not (tmp_path / "b").exists()
