@@ -278,19 +278,42 @@ def train_bupo(
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
     config: Annotated[Path | None, typer.Option(help="TOML file with the same fields.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(help="builtin (this package's loop) or trl (TRL's GRPOTrainer, [trl] extra)."),
+    ] = "builtin",
 ) -> None:
-    """Bottom-up Policy Optimization: IPA on layer k for S steps, then GRPO (paper Eq. 10)."""
-    given = dict(locals())  # first line: only the options
-    from .train.bupo import train_bupo as run
+    """Bottom-up Policy Optimization: IPA on layer k for S steps, then GRPO (paper Eq. 10).
 
-    for name in ("config", "quiet"):
+    With --engine trl the same fields drive TRL's GRPOTrainer; run it under `accelerate launch
+    -m internal_policy_lens.cli train-bupo --engine trl ...` for several processes or GPUs.
+    """
+    given = dict(locals())  # first line: only the options
+    for name in ("config", "quiet", "engine"):
         given.pop(name)
     given["resume"] = resume or None
     if layer not in (None, "auto"):
         given["layer"] = int(layer) if layer.lstrip("-").isdigit() else layer
     with _user_errors():
+        run = _bupo_engine(engine)
         folder = run(_bupo_config(config, given), progress=not quiet)
     typer.echo(f"training run written to {folder}/ (metrics.jsonl, checkpoints/)")
+
+
+def _bupo_engine(engine: str):
+    if engine == "builtin":
+        from .train.bupo import train_bupo
+
+        return train_bupo
+    if engine != "trl":
+        raise ValueError(f"unknown engine '{engine}'; use builtin or trl")
+    try:
+        from .integrations.trl import train_bupo_trl
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"--engine trl needs TRL ({err}); pip install 'internal-policy-lens[trl]'"
+        ) from None
+    return train_bupo_trl
 
 
 @app.command("eval")
@@ -354,3 +377,7 @@ def models() -> None:
     for name in BUNDLED_MODELS:
         with _user_errors():
             typer.echo(f"{name}\t{bundled_path(name)}")
+
+
+if __name__ == "__main__":  # accelerate launch -m internal_policy_lens.cli ...
+    app()

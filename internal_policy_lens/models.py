@@ -152,6 +152,7 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str = "auto",
     revision: str | None = None,
+    device_map: str | dict | None = None,
 ) -> PolicyModel:
     """Load a Qwen2/Qwen2.5, Qwen3 or Llama model with its tokenizer.
 
@@ -162,15 +163,60 @@ def load_model(
         dtype: ``auto`` (the checkpoint's dtype on a GPU, float32 on the CPU), ``float32``,
             ``bfloat16``, ``float16`` or ``float64`` (for reference computations).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
+            Ignored when ``device_map`` is given.
         revision: hub revision (branch, tag or commit).
+        device_map: split a model larger than one device over the visible devices
+            (``"auto"``, ``"balanced"`` or an explicit transformers device map).
 
     Raises:
         ModelLoadError: with what happened and what to do.
     """
+    name, config = _resolve(name_or_path, revision)
+    device = _resolve_device(device)
+    tokenizer = _load_tokenizer(name, revision)
+    torch_dtype = _resolve_dtype(dtype, config, _resolve_device("auto") if device_map else device)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    placement = {"device_map": device_map} if device_map else {"device": device}
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            name, tokenizer=tokenizer, dtype=torch_dtype, revision=revision, **placement
+        )
+    except OSError as err:
+        raise ModelLoadError(_hub_message(name, err)) from err
+    bridge.eval()
+    return PolicyModel(
+        bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision
+    )
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "float32",
+    revision: str | None = None,
+):
+    """A plain transformers model and its tokenizer, without the bridge.
+
+    For trainers that wrap and place the model themselves (TRL's GRPOTrainer with accelerate,
+    DeepSpeed or FSDP). The same names, checks and tokenizer fixes as :func:`load_model`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    name, config = _resolve(name_or_path, revision)
+    tokenizer = _load_tokenizer(name, revision)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=_resolve_dtype(dtype, config, "cpu"), revision=revision
+    )
+    return model, tokenizer
+
+
+def _resolve(name_or_path: str | os.PathLike, revision: str | None):
+    """The folder or hub name to load, and its config; rejects unsupported architectures."""
     from transformers import AutoConfig
 
     name = str(name_or_path)
-    device = _resolve_device(device)
     local = bundled_path(name) if name in BUNDLED_MODELS else Path(name).expanduser()
     if local.is_dir():
         _check_local_folder(local)
@@ -191,21 +237,7 @@ def load_model(
             f"architecture '{architecture}' of '{name}' is not supported; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/Qwen2.5, Qwen3, Llama 2/3)."
         )
-    tokenizer = _load_tokenizer(name, revision)
-    torch_dtype = _resolve_dtype(dtype, config, device)
-    from transformer_lens.model_bridge import TransformerBridge
-
-    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
-    try:
-        bridge = TransformerBridge.boot_transformers(
-            name, tokenizer=tokenizer, device=device, dtype=torch_dtype, revision=revision
-        )
-    except OSError as err:
-        raise ModelLoadError(_hub_message(name, err)) from err
-    bridge.eval()
-    return PolicyModel(
-        bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision
-    )
+    return name, config
 
 
 def bundled_path(name: str) -> Path:

@@ -1,0 +1,1 @@
+"""Bridges to distributed engines (optional extras): ``integrations.trl`` needs ``[trl]``."""

@@ -1,0 +1,319 @@
+"""BuPO on TRL's distributed GRPO trainer (``pip install internal-policy-lens[trl]``).
+
+:class:`BupoGRPOTrainer` is TRL's ``GRPOTrainer`` whose per-token log-probabilities (old,
+reference and current) come from the internal layer policy pi^k for the first
+``iterative_steps`` rollout steps (Internal Policy Alignment, paper Eq. 9), then from the full
+policy (Eq. 10). Rollouts always come from the full model, through TRL (transformers or vLLM).
+
+pi^k is computed *inside the model's own forward*: while :func:`internal_policy` is active the
+decoder stops after layer k and, under the raw lens, skips the final norm, so the LM head projects
+``resid_post[k]`` exactly as :class:`~internal_policy_lens.lens.Lens` does. Keeping it inside the
+forward is what DDP, DeepSpeed and FSDP need (they track the parameters a forward uses), and it
+keeps TRL's fused LM head (log-probs without materialising the logits). Layers above k and the
+final norm then take no part in the IPA forward and get no gradient; see docs/scale-out.md for
+how each distributed backend is configured for that.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from ..config import BupoConfig
+from ..data import prompt_text
+from ..datasets import read_records
+from ..lens import LENSES
+from ..models import load_causal_lm, load_model
+from ..train.rewards import math_reward
+
+# The TRL releases this module is tested with (pyproject's ``[trl]`` extra pins the same range).
+TESTED_TRL = ("1.16", "1.17")
+# Leading parameters of GRPOTrainer._get_per_token_logps_and_entropies, the method overridden.
+CONTRACT = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size")
+# BupoConfig.aggregation -> GRPOConfig.loss_type: bnpo is the token mean of each mini-batch,
+# grpo the mean over responses of each response's token mean.
+LOSS_TYPES = {"token": "bnpo", "sequence": "grpo"}
+
+
+def check_trl_contract() -> None:
+    """Fail loudly when the installed TRL no longer has what :class:`BupoGRPOTrainer` relies on.
+
+    Raises:
+        RuntimeError: naming what changed and the tested TRL range.
+    """
+    import trl
+
+    method = getattr(GRPOTrainer, "_get_per_token_logps_and_entropies", None)
+    found = list(inspect.signature(method).parameters)[1 : len(CONTRACT) + 1] if method else []
+    fields = GRPOConfig.__dataclass_fields__
+    missing = [
+        f
+        for f in ("vllm_importance_sampling_correction", "steps_per_generation")
+        if f not in fields
+    ]
+    if found != list(CONTRACT) or missing:
+        raise RuntimeError(
+            f"TRL {trl.__version__} changed what BuPO overrides: "
+            f"GRPOTrainer._get_per_token_logps_and_entropies takes {found or 'nothing'} "
+            f"(expected {list(CONTRACT)}), missing GRPOConfig fields {missing}. Install a tested "
+            f"release: pip install 'trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}'"
+        )
+    version = tuple(int(x) for x in trl.__version__.split(".")[:2])
+    low, high = (tuple(int(x) for x in v.split(".")) for v in TESTED_TRL)
+    if not low <= version < high:
+        warnings.warn(
+            f"TRL {trl.__version__} is outside the tested range >={TESTED_TRL[0]},<{TESTED_TRL[1]}",
+            stacklevel=2,
+        )
+
+
+@contextmanager
+def internal_policy(model: nn.Module, layer: int, lens: str = "raw") -> Iterator[nn.Module]:
+    """While active, ``model``'s forward computes the internal layer policy pi^k.
+
+    The decoder keeps only layers ``0..layer`` (the forward stops after layer k) and, under the
+    ``raw`` lens, its final norm is skipped, so the LM head projects ``resid_post[layer]``
+    (``norm``: the final norm is kept, the logit lens). ``model`` is a transformers causal LM of
+    a supported architecture, or a PEFT model around one. Restored on exit, also on errors.
+    """
+    if lens not in LENSES:
+        raise ValueError(f"unknown lens '{lens}'; use one of {', '.join(LENSES)}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()  # [batch, pos, d_model] out of decoder.norm, into the LM head
+    layers, norm = decoder.layers, decoder.norm
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} is out of range (0..{len(layers) - 1})")
+    decoder.layers = layers[: layer + 1]
+    if lens == "raw":
+        decoder.norm = nn.Identity()
+    try:
+        yield model
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+class BupoGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer with BuPO's phases: IPA on layer k, then GRPO.
+
+    Args:
+        layer: internal layer k (0-based).
+        iterative_steps: s_inter, in rollout steps (generations), as in the built-in loop. The
+            IPA phase lasts ``iterative_steps * steps_per_rollout`` optimiser steps, where
+            ``steps_per_rollout = steps_per_generation * num_iterations /
+            gradient_accumulation_steps``.
+        lens: lens of pi^k, ``raw`` (the paper) or ``norm``.
+        *args, **kwargs: as for ``trl.GRPOTrainer``.
+    """
+
+    def __init__(self, *args, layer: int, iterative_steps: int, lens: str = "raw", **kwargs):
+        check_trl_contract()
+        self.layer, self.iterative_steps, self.lens = layer, iterative_steps, lens
+        super().__init__(*args, **kwargs)
+        window = self.args.steps_per_generation * self.args.num_iterations
+        if window % self.args.gradient_accumulation_steps:
+            raise ValueError(
+                "steps_per_generation * num_iterations must be a multiple of "
+                "gradient_accumulation_steps, so that a phase never changes within a generation"
+            )
+        self.steps_per_rollout = window // self.args.gradient_accumulation_steps
+        if iterative_steps and self.args.off_policy_mask_threshold is not None:
+            raise ValueError("off_policy_mask_threshold compares with the sampler; off for IPA")
+        with internal_policy(self.accelerator.unwrap_model(self.model), layer, lens):
+            pass  # checks the architecture and the layer before any step
+
+    @property
+    def in_ipa(self) -> bool:
+        """Whether the current optimiser step belongs to the IPA phase."""
+        per_rollout = getattr(self, "steps_per_rollout", None)
+        if per_rollout is None:  # still in GRPOTrainer.__init__
+            return False
+        return self.state.global_step < self.iterative_steps * per_rollout
+
+    @property
+    def vllm_importance_sampling_correction(self) -> bool:
+        """TRL's vLLM sampler correction: it assumes the sampler is pi_theta, so off during IPA."""
+        return self._vllm_is_correction and not self.in_ipa
+
+    @vllm_importance_sampling_correction.setter
+    def vllm_importance_sampling_correction(self, value: bool) -> None:
+        self._vllm_is_correction = value
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+    ):
+        parent = super()._get_per_token_logps_and_entropies
+        if not self.in_ipa:
+            return parent(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        with internal_policy(self.accelerator.unwrap_model(model), self.layer, self.lens):
+            return parent(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+
+
+def math_reward_func(completions, answer, **kwargs) -> list[float]:
+    r"""TRL reward function: :func:`~internal_policy_lens.train.rewards.math_reward` per row."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [math_reward(text, a) for text, a in zip(texts, answer)]
+
+
+def prompt_dataset(records: list[dict], tokenizer):
+    """Records -> a ``datasets.Dataset`` with ``prompt`` and ``answer``, rendered as we do.
+
+    With a chat template the prompt stays a list of messages (TRL applies the template, adds the
+    generation prompt and no other special token, like ``encode_prompt``); without one it is the
+    rendered text (TRL tokenizes it with the tokenizer's special tokens, like ``encode_prompt``).
+    """
+    from datasets import Dataset
+
+    def trl_prompt(prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            return prompt_text(tokenizer, prompt)
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+    return Dataset.from_list(
+        [{"prompt": trl_prompt(r["prompt"]), "answer": str(r["answer"])} for r in records]
+    )
+
+
+def grpo_config(cfg: BupoConfig, *, world_size: int | None = None, **overrides) -> GRPOConfig:
+    """The GRPOConfig that trains like the built-in loop with ``cfg`` on ``world_size`` processes.
+
+    A rollout step generates ``prompts_per_step * group_size`` responses and takes
+    ``updates_per_step`` passes over them in mini-batches of ``mini_batch_size`` (split evenly
+    over the processes), one optimiser step each. ``overrides`` are GRPOConfig fields.
+    """
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    responses = cfg.prompts_per_step * cfg.group_size
+    if responses % cfg.mini_batch_size or cfg.mini_batch_size % world:
+        raise ValueError(
+            f"prompts_per_step * group_size ({responses}) must be a multiple of mini_batch_size "
+            f"({cfg.mini_batch_size}), itself a multiple of the number of processes ({world})"
+        )
+    if cfg.aggregation not in LOSS_TYPES:
+        raise ValueError(f"unknown aggregation '{cfg.aggregation}'; use token or sequence")
+    per_rollout = responses // cfg.mini_batch_size * cfg.updates_per_step
+    cuda = torch.cuda.is_available()
+    values = dict(
+        output_dir=cfg.out,
+        max_steps=cfg.steps * per_rollout,
+        per_device_train_batch_size=cfg.mini_batch_size // world,
+        gradient_accumulation_steps=1,
+        generation_batch_size=responses,
+        num_iterations=cfg.updates_per_step,
+        num_generations=cfg.group_size,
+        max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.grad_clip,
+        epsilon=cfg.clip_low,
+        epsilon_high=cfg.clip_high,
+        loss_type=LOSS_TYPES[cfg.aggregation],
+        beta=cfg.kl_coef,
+        use_bias_correction_kl=False,  # the built-in KL term is the plain k3 estimator
+        scale_rewards="group",
+        seed=cfg.seed,
+        logging_steps=per_rollout,
+        save_strategy="steps",
+        save_steps=cfg.save_every * per_rollout,
+        report_to="none",
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        # IPA leaves layers above k out of the forward: DDP must look for unused parameters.
+        ddp_find_unused_parameters=True if cfg.iterative_steps > 0 else None,
+    )
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+class _Metrics(TrainerCallback):
+    """One ``metrics.jsonl`` line per rollout step, with the built-in loop's column names."""
+
+    def __init__(self, out: Path, per_rollout: int, layer: int, iterative_steps: int):
+        self.out, self.per_rollout, self.layer, self.s = out, per_rollout, layer, iterative_steps
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "reward" not in logs:
+            return
+        step = (state.global_step - 1) // self.per_rollout
+        ipa = step < self.s
+        entropy = logs.get("entropy")
+        line = {
+            "step": step,
+            "phase": "ipa" if ipa else "grpo",
+            "layer": self.layer if ipa else None,
+            "reward_mean": logs["reward"],
+            "accuracy": logs.get("rewards/math_reward_func/mean"),
+            "response_length": logs.get("completions/mean_length"),
+            "entropy_internal": entropy if ipa else None,
+            "entropy_policy": None if ipa else entropy,
+            **logs,
+        }
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+
+def train_bupo_trl(cfg: BupoConfig, *, progress: bool = True, reward_funcs=None) -> Path:
+    """Run (or resume) BuPO on TRL's GRPOTrainer with the built-in loop's config; return ``out``.
+
+    Works as one process or under ``accelerate launch`` (DDP, DeepSpeed, FSDP). Writes TRL's
+    ``checkpoint-N/`` folders, ``metrics.jsonl``, ``config.json`` and the final model in
+    ``final/``.
+    """
+    from ..train.bupo import _resolve_layer
+
+    out = Path(cfg.out)
+    records = [r for r in read_records(cfg.data) if r["answer"] is not None]
+    if not records:
+        raise ValueError(f"{cfg.data}: no record has an answer; BuPO needs verifiable answers")
+    layer = _resolve_layer(cfg, load_model(cfg.model, dtype="float32", device="cpu"))
+    resume = _start(cfg, out, layer)
+    model, tokenizer = load_causal_lm(cfg.model, dtype="float32")
+    args = grpo_config(cfg, disable_tqdm=not progress)
+    per_rollout = args.steps_per_generation * args.num_iterations
+    trainer = BupoGRPOTrainer(
+        model=model,
+        args=args,
+        reward_funcs=reward_funcs or [math_reward_func],
+        train_dataset=prompt_dataset(records, tokenizer),
+        processing_class=tokenizer,
+        callbacks=[_Metrics(out, per_rollout, layer, cfg.iterative_steps)],
+        layer=layer,
+        iterative_steps=cfg.iterative_steps,
+        lens=cfg.lens,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(out / "final"))
+    return out
+
+
+def _start(cfg: BupoConfig, out: Path, layer: int) -> bool:
+    """Check or write ``config.json``; return whether to resume from TRL's latest checkpoint."""
+    config = {**asdict(cfg), "layer": layer, "engine": "trl"}
+    config.pop("resume")
+    resume = cfg.resume and any(out.glob("checkpoint-*"))
+    if resume:
+        saved = json.loads((out / "config.json").read_text())
+        if saved != config:
+            changed = sorted(k for k in config if saved.get(k) != config[k])
+            raise ValueError(f"{out}: --resume with another configuration ({', '.join(changed)})")
+        return True
+    if (out / "metrics.jsonl").exists():
+        raise ValueError(
+            f"{out}: holds a training run; pass --resume to continue it or choose another --out"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    return False

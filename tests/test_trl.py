@@ -1,0 +1,263 @@
+"""BuPO on TRL's GRPOTrainer: the overridden method, pi^k log-probs, phases, loss parity, CLI."""
+
+import inspect
+import itertools
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from internal_policy_lens import entropy_table
+from internal_policy_lens.cli import app
+from internal_policy_lens.config import BupoConfig
+from internal_policy_lens.integrations import trl as bupo_trl
+from internal_policy_lens.models import load_causal_lm
+from internal_policy_lens.train.loss import policy_loss
+from internal_policy_lens.train.rollout import token_logprobs
+
+K = 1  # internal layer of the 3-layer tiny models
+
+
+def test_contract_of_the_overridden_trl_method():
+    # If this fails, TRL changed the private method BupoGRPOTrainer overrides: re-read
+    # GRPOTrainer._get_per_token_logps_and_entropies and the fused LM head before moving the pin.
+    import trl
+    from trl import GRPOTrainer
+
+    version = tuple(int(x) for x in trl.__version__.split(".")[:2])
+    assert (1, 16) <= version < (1, 17), trl.__version__
+    bupo_trl.check_trl_contract()
+    method = GRPOTrainer._get_per_token_logps_and_entropies
+    names = list(inspect.signature(method).parameters)
+    assert names[:8] == [
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+        "compute_aux_loss",
+    ]
+    assert "_get_per_token_logps_and_entropies" in bupo_trl.BupoGRPOTrainer.__dict__
+    assert "vllm_importance_sampling_correction" in inspect.getsource(GRPOTrainer._compute_loss)
+
+
+def _alternating():
+    calls = itertools.count()
+
+    def parity(completions, **kwargs):  # 1, 0, 1, 0...: every group has reward variance
+        return [float(next(calls) % 2 == 0) for _ in completions]
+
+    return parity
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rows = [{"question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(12)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tiny_dirs, data_file, out, **kw):
+    base = dict(
+        model=str(tiny_dirs["qwen2"]),
+        data=str(data_file),
+        out=str(out),
+        layer=K,
+        iterative_steps=1,
+        steps=2,
+        group_size=4,
+        prompts_per_step=3,
+        mini_batch_size=6,
+        max_new_tokens=8,
+        lr=1e-2,
+        save_every=1,
+    )
+    return BupoConfig(**{**base, **kw})
+
+
+def _trainer(tiny_dirs, data_file, tmp_path, arch="qwen2", lens="raw", **kw):
+    cfg = _cfg(tiny_dirs, data_file, tmp_path / "trl", model=str(tiny_dirs[arch]), lens=lens, **kw)
+    model, tokenizer = load_causal_lm(cfg.model)
+    trainer = bupo_trl.BupoGRPOTrainer(
+        model=model,
+        args=bupo_trl.grpo_config(cfg, disable_tqdm=True),
+        reward_funcs=[_alternating()],
+        train_dataset=bupo_trl.prompt_dataset([{"prompt": "1+1?", "answer": "2"}] * 4, tokenizer),
+        processing_class=tokenizer,
+        layer=K,
+        iterative_steps=cfg.iterative_steps,
+        lens=lens,
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def _batch(models, arch):
+    """Prompts left-padded, completions right-padded: TRL's layout. ``[4, P + C]``."""
+    tok = models(arch).tokenizer
+    prompts = [tok(t)["input_ids"] for t in ("1+1?", "12+30=?", "7*6?", "9-4=")]
+    completions = [tok(t)["input_ids"] for t in ("2.", "42 done", "42", "5, so 5")]
+    p, c = max(map(len, prompts)), max(map(len, completions))
+    ids = torch.full((4, p + c), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, (a, b) in enumerate(zip(prompts, completions)):
+        ids[row, p - len(a) : p + len(b)] = torch.tensor(a + b)
+        mask[row, p - len(a) : p + len(b)] = 1
+    return ids, mask, p, c
+
+
+@pytest.mark.parametrize("arch,lens", [("qwen2", "raw"), ("llama", "raw"), ("qwen3", "norm")])
+def test_ipa_logprobs_are_the_lens_logprobs(models, tiny_dirs, data_file, tmp_path, arch, lens):
+    trainer = _trainer(tiny_dirs, data_file, tmp_path, arch=arch, lens=lens)
+    policy = models(arch)
+    ids, mask, p, c = _batch(models, arch)
+    target = mask[:, p:].bool()
+    with torch.no_grad():
+        for layer in (K, None):  # IPA at step 0, GRPO from the first step after s_inter
+            trainer.state.global_step = 0 if layer is not None else trainer.steps_per_rollout
+            assert trainer.in_ipa == (layer is not None)
+            logp, entropy, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, mask, c, compute_entropy=True
+            )
+            ours, ours_h = token_logprobs(policy, ids, mask, layer=layer, lens=lens)
+            torch.testing.assert_close(logp[target], ours[:, p - 1 :][target], atol=2e-5, rtol=0)
+            torch.testing.assert_close(
+                entropy[target], ours_h[:, p - 1 :][target], atol=2e-5, rtol=0
+            )
+    # The same numbers as entropy_table, row by row, on the first (unpadded) sequence.
+    row = mask[0].bool()
+    seq = ids[0][row].tolist()
+    table = entropy_table(policy, [seq], lens=lens, sites=["resid_post"], layers=[K], extras=True)
+    trainer.state.global_step = 0
+    with torch.no_grad():
+        logp, entropy, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids[:1, row], mask[:1, row], len(seq) - 1, compute_entropy=True
+        )
+    table = table.sort_values("position").iloc[:-1]  # the last position predicts nothing
+    torch.testing.assert_close(
+        logp[0],
+        torch.tensor(table["next_token_logprob"].values, dtype=logp.dtype),
+        atol=2e-5,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        entropy[0], torch.tensor(table["entropy"].values, dtype=entropy.dtype), atol=2e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("aggregation,kl_coef", [("token", 0.0), ("sequence", 0.1)])
+def test_same_loss_as_the_builtin_loop(
+    models, tiny_dirs, data_file, tmp_path, aggregation, kl_coef
+):
+    trainer = _trainer(
+        tiny_dirs, data_file, tmp_path, aggregation=aggregation, kl_coef=kl_coef, clip_high=0.28
+    )
+    trainer.model.train()
+    policy = models("qwen2")
+    ids, mask, p, c = _batch(models, "qwen2")
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    gen = torch.Generator().manual_seed(0)
+    drift = 0.3 * torch.randn(4, c, generator=gen)  # old != current, so both clips are hit
+    ref_drift = 0.2 * torch.randn(4, c, generator=gen)
+    for layer in (K, None):
+        trainer.state.global_step = 0 if layer is not None else trainer.steps_per_rollout
+        with torch.no_grad():
+            current, _ = token_logprobs(policy, ids, mask, layer=layer)
+        old, ref = current[:, p - 1 :] + drift, current[:, p - 1 :] + ref_drift
+        logp, _ = token_logprobs(policy, ids, mask, layer=layer)
+        builtin, stats = policy_loss(
+            logp[:, p - 1 :],
+            old,
+            advantages,
+            mask[:, p:],
+            clip_low=0.2,
+            clip_high=0.28,
+            aggregation=aggregation,
+            ref_logp=ref,
+            kl_coef=kl_coef,
+        )
+        inputs = {
+            "prompt_ids": ids[:, :p],
+            "prompt_mask": mask[:, :p],
+            "completion_ids": ids[:, p:],
+            "completion_mask": mask[:, p:],
+            "advantages": advantages,
+            "old_per_token_logps": old,
+            "ref_per_token_logps": ref,
+            "num_items_in_batch": mask[:, p:].sum(),
+        }
+        loss = trainer._compute_loss(trainer.model, inputs)
+        assert 0 < stats["clip_frac"] < 1
+        torch.testing.assert_close(loss, builtin, atol=1e-5, rtol=1e-5)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_two_steps_freeze_above_k_during_ipa_only(tiny_dirs, data_file, tmp_path):
+    cfg = _cfg(tiny_dirs, data_file, tmp_path / "run")
+    out = bupo_trl.train_bupo_trl(cfg, progress=False, reward_funcs=[_alternating()])
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["phase"], m["layer"]) for m in metrics] == [
+        (0, "ipa", K),
+        (1, "grpo", None),
+    ]
+    assert all(m["loss"] == m["loss"] and m["grad_norm"] > 0 for m in metrics)
+    per_rollout = 2  # 3 prompts x 4 responses in mini-batches of 6
+    start = _weights(tiny_dirs["qwen2"])
+    ipa = _weights(out / f"checkpoint-{per_rollout}")
+    grpo = _weights(out / f"checkpoint-{2 * per_rollout}")
+    # A key bias shifts every attention score of a head equally: softmax ignores it (zero
+    # gradient up to rounding), so it is left out, as in the built-in loop's test.
+    keys = [k for k in start if not k.endswith("k_proj.bias")]
+    above = [k for k in keys if k.startswith("model.layers.2.")] + ["model.norm.weight"]
+    below = [k for k in keys if k.startswith(("model.layers.0.", "model.layers.1."))]
+    assert [k for k in above if not torch.equal(start[k], ipa[k])] == []
+    assert [k for k in below + ["lm_head.weight"] if torch.equal(start[k], ipa[k])] == []
+    assert [k for k in above + below if torch.equal(ipa[k], grpo[k])] == []
+
+
+def test_vllm_correction_is_off_during_ipa_only(tiny_dirs, data_file, tmp_path):
+    trainer = _trainer(tiny_dirs, data_file, tmp_path)
+    trainer.vllm_importance_sampling_correction = True  # what TRL sets from the config
+    trainer.state.global_step = trainer.steps_per_rollout - 1
+    assert trainer.in_ipa and not trainer.vllm_importance_sampling_correction
+    trainer.state.global_step = trainer.steps_per_rollout
+    assert not trainer.in_ipa and trainer.vllm_importance_sampling_correction
+
+
+def test_grpo_config_maps_the_builtin_fields():
+    cfg = BupoConfig(
+        prompts_per_step=4, group_size=8, mini_batch_size=16, updates_per_step=2, steps=10
+    )
+    args = bupo_trl.grpo_config(cfg, world_size=2, output_dir="unused")
+    assert args.per_device_train_batch_size == 8
+    assert args.generation_batch_size == 32 and args.num_generations == 8
+    assert args.num_iterations == 2 and args.max_steps == 10 * 2 * 2
+    assert (args.epsilon, args.epsilon_high, args.beta) == (0.2, 0.2, 0.0)
+    assert args.loss_type == "bnpo" and args.max_completion_length == cfg.max_new_tokens
+    with pytest.raises(ValueError, match="multiple of mini_batch_size"):
+        bupo_trl.grpo_config(BupoConfig(prompts_per_step=3, group_size=5), output_dir="unused")
+
+
+def test_cli_engine_trl(tiny_dirs, data_file, tmp_path, monkeypatch):
+    calls = itertools.count()
+    monkeypatch.setattr(bupo_trl, "math_reward", lambda text, answer: float(next(calls) % 2))
+    out = tmp_path / "cli"
+    args = ["train-bupo", "--engine", "trl", "--model", str(tiny_dirs["llama"])]
+    args += ["--data", str(data_file), "--out", str(out), "--layer", "1", "--steps", "2"]
+    args += ["--iterative-steps", "1", "--group-size", "4", "--prompts-per-step", "2"]
+    args += ["--mini-batch-size", "8", "--max-new-tokens", "6", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["phase"] for m in metrics] == ["ipa", "grpo"]
+    assert (out / "final" / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["engine"] == "trl"
