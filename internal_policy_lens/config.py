@@ -75,12 +75,17 @@ class EntropyConfig:
     """Settings for records without a response."""
     overwrite: bool = False
     """Start over in a run folder that holds a run with a different configuration."""
+    device_map: str | None = None
+    """Split a model larger than one device over the visible devices ('auto', 'balanced')."""
+    shard: str | None = None
+    """'i/n': analyse only batches b with b % n == i (data parallel; the last shard to finish
+    merges). Default: from accelerate's RANK/WORLD_SIZE under ``accelerate launch``, else all."""
 
     def identity(self) -> dict:
         """The fields that define the results; a resumed run must match them."""
         out = asdict(self)
-        out.pop("overwrite")
-        out.pop("out")
+        for name in ("overwrite", "out", "device_map", "shard"):
+            out.pop(name)
         return out
 
 

@@ -36,6 +36,16 @@ from .datasets import read_records, write_records_jsonl
 from .generate import generate
 from .lens import resolve_precision
 from .models import PolicyModel, load_model
+from .shard import (
+    Shard,
+    merge_when_complete,
+    owns,
+    part_path,
+    resolve_shard,
+    shard_device,
+    work_order,
+    write_meta,
+)
 from .sites import resolve_layers, resolve_sites
 from .tables import delta_table, entropy_table, summary_table
 
@@ -58,16 +68,37 @@ class EntropyRun:
     info: dict
 
 
-def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun:
-    """Run (or resume) an entropy analysis and write its run folder; return the tables."""
+def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | None:
+    """Run (or resume) an entropy analysis and write its run folder; return the tables.
+
+    As one shard of several (``cfg.shard``, or under ``accelerate launch``) only this process's
+    batches are analysed (see :mod:`~internal_policy_lens.shard`); the shard that completes the
+    last part merges and returns the tables, the others return None.
+    """
     resolve_sites(cfg.sites)  # fail before any work
+    shard = resolve_shard(cfg.shard)
     records = read_records(cfg.data, max_samples=cfg.max_samples)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
+    model = load_model(
+        cfg.model,
+        dtype=cfg.dtype,
+        device=shard_device(cfg.device, shard),
+        revision=cfg.revision,
+        device_map=cfg.device_map,
+    )
     resolve_layers(cfg.layers, model.n_layers)
     out = Path(cfg.out)
     info = _start_folder(out, cfg, model)
-    records = _ensure_responses(model, records, cfg, out, progress)
-    tokens, truncated = _analyse(model, records, cfg, out, progress)
+    records = _ensure_responses(model, records, cfg, out, progress, shard)
+    tokens, truncated = _analyse(model, records, cfg, out, progress, shard)
+    if shard is not None:
+        return merge_when_complete(out)
+    return finish_run(out, info, tokens, len(records), truncated)
+
+
+def finish_run(
+    out: Path, info: dict, tokens: pd.DataFrame, samples: int, truncated: int
+) -> EntropyRun:
+    """Derive and write the tables and figures of a run whose token table is complete."""
     deltas = delta_table(tokens)
     summary = summary_table(tokens, deltas)
     _atomic_parquet(tokens, out / "tokens.parquet")
@@ -78,7 +109,7 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun:
         status="complete",
         finished=_now(),
         rows=len(tokens),
-        samples=len(records),
+        samples=samples,
         truncated=truncated,
     )
     _write_json(out / "run.json", info)
@@ -146,8 +177,8 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
     return info
 
 
-def _ensure_responses(model, records, cfg, out, progress) -> list[dict]:
-    """Generate the missing responses batch by batch; write responses.jsonl."""
+def _ensure_responses(model, records, cfg, out, progress, shard: Shard | None) -> list[dict]:
+    """Generate the missing responses batch by batch (a shard's own first); responses.jsonl."""
     gen = cfg.generation
     todo = [(r, k) for r in records if r["response"] is None for k in range(gen.samples_per_prompt)]
     done = {}
@@ -155,9 +186,10 @@ def _ensure_responses(model, records, cfg, out, progress) -> list[dict]:
         folder = out / "generation"
         folder.mkdir(exist_ok=True)
         bar = tqdm(total=len(todo), desc="generate", unit="resp", disable=not progress)
-        for index in range(0, len(todo), gen.batch_size):
+        for number in work_order(-(-len(todo) // gen.batch_size), shard):
+            index = number * gen.batch_size
             batch = todo[index : index + gen.batch_size]
-            part = folder / f"part-{index // gen.batch_size:05d}.json"
+            part = folder / f"part-{number:05d}.json"
             if not part.is_file():
                 prompts = [encode_prompt(model.tokenizer, r["prompt"]) for r, _ in batch]
                 outputs = generate(
@@ -187,8 +219,11 @@ def _ensure_responses(model, records, cfg, out, progress) -> list[dict]:
     return result
 
 
-def _analyse(model, records, cfg, out, progress) -> tuple[pd.DataFrame, int]:
-    """Token tables batch by batch into parts/; returns the concatenated table."""
+def _analyse(model, records, cfg, out, progress, shard: Shard | None):
+    """Token tables batch by batch into parts/; returns the concatenated table and truncations.
+
+    A shard analyses its own batches only and returns no table (the merge reads the parts).
+    """
     limit = cfg.max_length or model.max_length
     encoded = encode_inputs(model.tokenizer, records)
     truncated = sum(len(e.input_ids) > limit for e in encoded)
@@ -202,11 +237,14 @@ def _analyse(model, records, cfg, out, progress) -> tuple[pd.DataFrame, int]:
     folder = out / "parts"
     folder.mkdir(exist_ok=True)
     parts = []
-    bar = tqdm(total=len(encoded), desc="entropy", unit="sample", disable=not progress)
+    n_batches = -(-len(encoded) // cfg.batch_size)
+    mine = [b for b in range(n_batches) if owns(shard, b)]
+    total = sum(len(encoded[b * cfg.batch_size : (b + 1) * cfg.batch_size]) for b in mine)
+    bar = tqdm(total=total, desc="entropy", unit="sample", disable=not progress)
     started, n_tokens = time.perf_counter(), 0
-    for index in range(0, len(encoded), cfg.batch_size):
-        batch = encoded[index : index + cfg.batch_size]
-        part = folder / f"tokens-{index // cfg.batch_size:05d}.parquet"
+    for number in mine:
+        batch = encoded[number * cfg.batch_size : (number + 1) * cfg.batch_size]
+        part = part_path(folder, number)
         if not part.is_file():
             table = entropy_table(
                 model,
@@ -223,10 +261,14 @@ def _analyse(model, records, cfg, out, progress) -> tuple[pd.DataFrame, int]:
             table.insert(3, "token", _token_text(model.tokenizer, table["token_id"]))
             _atomic_parquet(table, part)
             n_tokens += sum(len(e.input_ids) for e in batch)
-        parts.append(pd.read_parquet(part))
+        if shard is None:
+            parts.append(pd.read_parquet(part))
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
     bar.close()
+    if shard is not None:
+        write_meta(folder, n_batches, len(records), truncated)
+        return None, truncated
     return pd.concat(parts, ignore_index=True), truncated
 
 

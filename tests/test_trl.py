@@ -3,6 +3,10 @@
 import inspect
 import itertools
 import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -201,14 +205,34 @@ def _weights(folder):
     return load_file(folder / "model.safetensors")
 
 
-def test_two_steps_freeze_above_k_during_ipa_only(tiny_dirs, data_file, tmp_path):
+_DDP_SCRIPT = """
+import itertools, json, sys
+from internal_policy_lens.config import BupoConfig
+from internal_policy_lens.integrations.trl import train_bupo_trl
+calls = itertools.count()
+def parity(completions, **kwargs):
+    return [float(next(calls) % 2 == 0) for _ in completions]
+train_bupo_trl(BupoConfig(**json.loads(sys.argv[1])), progress=False, reward_funcs=[parity])
+"""
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_two_steps_freeze_above_k_during_ipa_only(tiny_dirs, data_file, tmp_path, processes):
     cfg = _cfg(tiny_dirs, data_file, tmp_path / "run")
-    out = bupo_trl.train_bupo_trl(cfg, progress=False, reward_funcs=[_alternating()])
+    if processes == 1:
+        out = bupo_trl.train_bupo_trl(cfg, progress=False, reward_funcs=[_alternating()])
+    else:  # DDP over two CPU processes (gloo), launched as accelerate or torchrun would
+        script = tmp_path / "ddp.py"
+        script.write_text(_DDP_SCRIPT)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc_per_node", "2", str(script), json.dumps(asdict(cfg))]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = tmp_path / "run"
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["step"], m["phase"], m["layer"]) for m in metrics] == [
-        (0, "ipa", K),
-        (1, "grpo", None),
-    ]
+    phases = [(m["step"], m["phase"], m["layer"]) for m in metrics]
+    assert phases == [(0, "ipa", K), (1, "grpo", None)]
     assert all(m["loss"] == m["loss"] and m["grad_norm"] > 0 for m in metrics)
     per_rollout = 2  # 3 prompts x 4 responses in mini-batches of 6
     start = _weights(tiny_dirs["qwen2"])

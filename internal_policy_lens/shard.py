@@ -1,0 +1,118 @@
+"""Data-parallel ``ipl entropy``: each process analyses its share of the batches, then one merges.
+
+The analysis of a run folder is a numbered list of batches (``batch_size`` sequences each); batch
+b belongs to shard ``b % n``. A shard writes its batches' token tables into the run folder's
+``parts/``, the same files a single process writes, so the merge concatenates the very tables a
+single process would have, in the same order: the results are identical row for row.
+
+Responses still to be generated are seeded per generation batch, so any process produces the
+same text for a batch; a shard generates its own generation batches first, then any batch no
+other shard has written yet, and never waits. The shard that completes the last part merges
+(a lock file keeps it to one); ``ipl merge OUT`` merges by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+Shard = tuple[int, int]  # (index i, count n)
+_LOCK = ".merging"
+_META = "meta.json"
+
+
+def resolve_shard(text: str | None) -> Shard | None:
+    """``'i/n'`` -> ``(i, n)``; without it, accelerate's ``RANK``/``WORLD_SIZE``; else None.
+
+    Raises:
+        ValueError: for text that is not ``i/n`` with ``0 <= i < n``.
+    """
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard '{text}': expected i/n, e.g. 0/2") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard '{text}': need 0 <= i < n")
+    return (index, count) if count > 1 else None
+
+
+def shard_device(device: str, shard: Shard | None) -> str:
+    """Under ``accelerate launch`` with ``--device auto``, one GPU per process (``LOCAL_RANK``)."""
+    import torch
+
+    local = os.environ.get("LOCAL_RANK")
+    if shard is None or device != "auto" or local is None or not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(local) % torch.cuda.device_count()}"
+
+
+def owns(shard: Shard | None, batch: int) -> bool:
+    """Whether ``batch`` is this shard's to analyse (every batch without sharding)."""
+    return shard is None or batch % shard[1] == shard[0]
+
+
+def work_order(n_batches: int, shard: Shard | None) -> list[int]:
+    """Batch indices with this shard's own first (the others follow for what is still missing)."""
+    return sorted(range(n_batches), key=lambda b: (not owns(shard, b), b))
+
+
+def write_meta(parts: Path, n_batches: int, samples: int, truncated: int) -> None:
+    """Record what a complete set of parts is, for the merge (same content from every shard)."""
+    tmp = parts / f".{_META}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"batches": n_batches, "samples": samples, "truncated": truncated}))
+    os.replace(tmp, parts / _META)
+
+
+def part_path(parts: Path, batch: int) -> Path:
+    """The token table of one analysis batch."""
+    return parts / f"tokens-{batch:05d}.parquet"
+
+
+def merge_when_complete(out: Path):
+    """Merge if every part exists and no other shard is merging; else None."""
+    parts = Path(out) / "parts"
+    meta = json.loads((parts / _META).read_text())
+    if _missing(parts, meta["batches"]):
+        return None
+    try:
+        os.close(os.open(parts / _LOCK, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return None
+    return merge_run(out)
+
+
+def merge_run(out: str | os.PathLike):
+    """Join the shards' parts into the run's tables (tokens, deltas, summary); return the run.
+
+    Raises:
+        ValueError: when the folder holds no shard parts or some are missing.
+    """
+    from .run import finish_run
+
+    out = Path(out)
+    parts = out / "parts"
+    if not (parts / _META).is_file():
+        state = "is already merged" if (out / "tokens.parquet").is_file() else "has no shard parts"
+        raise ValueError(f"{out}: {state}")
+    meta = json.loads((parts / _META).read_text())
+    missing = _missing(parts, meta["batches"])
+    if missing:
+        raise ValueError(
+            f"{out}: {len(missing)} of {meta['batches']} batches are not analysed yet "
+            f"(first: {missing[:5]}); run the shards that own them, then merge again"
+        )
+    tokens = pd.concat(
+        [pd.read_parquet(part_path(parts, b)) for b in range(meta["batches"])], ignore_index=True
+    )
+    info = json.loads((out / "run.json").read_text())
+    return finish_run(out, info, tokens, meta["samples"], meta["truncated"])
+
+
+def _missing(parts: Path, n_batches: int) -> list[int]:
+    return [b for b in range(n_batches) if not part_path(parts, b).is_file()]
