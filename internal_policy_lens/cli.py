@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -307,6 +308,10 @@ def train_bupo(
         str,
         typer.Option(help="builtin (this package's loop) or trl (TRL's GRPOTrainer, [trl] extra)."),
     ] = "builtin",
+    trl_option: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE GRPOConfig field for --engine trl, e.g. use_vllm=true."),
+    ] = None,
 ) -> None:
     """Bottom-up Policy Optimization: IPA on layer k for S steps, then GRPO (paper Eq. 10).
 
@@ -314,31 +319,31 @@ def train_bupo(
     -m internal_policy_lens.cli train-bupo --engine trl ...` for several processes or GPUs.
     """
     given = dict(locals())  # first line: only the options
-    for name in ("config", "quiet", "engine"):
+    for name in ("config", "quiet", "engine", "trl_option"):
         given.pop(name)
     given["resume"] = resume or None
     if layer not in (None, "auto"):
         given["layer"] = int(layer) if layer.lstrip("-").isdigit() else layer
     with _user_errors():
-        run = _bupo_engine(engine)
+        run = _bupo_engine(engine, trl_option or [])
         folder = run(_bupo_config(config, given), progress=not quiet)
     typer.echo(f"training run written to {folder}/ (metrics.jsonl, checkpoints/)")
 
 
-def _bupo_engine(engine: str):
-    if engine == "builtin":
+def _bupo_engine(engine: str, trl_options: list[str]):
+    if engine == "builtin" and not trl_options:
         from .train.bupo import train_bupo
 
         return train_bupo
     if engine != "trl":
-        raise ValueError(f"unknown engine '{engine}'; use builtin or trl")
+        raise ValueError(f"unknown engine '{engine}' (or --trl-option without --engine trl)")
     try:
-        from .integrations.trl import train_bupo_trl
+        from .integrations.trl_run import parse_overrides, train_bupo_trl
     except ModuleNotFoundError as err:
         raise ValueError(
             f"--engine trl needs TRL ({err}); pip install 'internal-policy-lens[trl]'"
         ) from None
-    return train_bupo_trl
+    return partial(train_bupo_trl, overrides=parse_overrides(trl_options))
 
 
 @app.command("eval")

@@ -16,6 +16,7 @@ from internal_policy_lens import entropy_table
 from internal_policy_lens.cli import app
 from internal_policy_lens.config import BupoConfig
 from internal_policy_lens.integrations import trl as bupo_trl
+from internal_policy_lens.integrations.trl_run import parse_overrides, train_bupo_trl
 from internal_policy_lens.models import load_causal_lm
 from internal_policy_lens.train.loss import policy_loss
 from internal_policy_lens.train.rollout import token_logprobs
@@ -208,7 +209,7 @@ def _weights(folder):
 _DDP_SCRIPT = """
 import itertools, json, sys
 from internal_policy_lens.config import BupoConfig
-from internal_policy_lens.integrations.trl import train_bupo_trl
+from internal_policy_lens.integrations.trl_run import train_bupo_trl
 calls = itertools.count()
 def parity(completions, **kwargs):
     return [float(next(calls) % 2 == 0) for _ in completions]
@@ -220,7 +221,7 @@ train_bupo_trl(BupoConfig(**json.loads(sys.argv[1])), progress=False, reward_fun
 def test_two_steps_freeze_above_k_during_ipa_only(tiny_dirs, data_file, tmp_path, processes):
     cfg = _cfg(tiny_dirs, data_file, tmp_path / "run")
     if processes == 1:
-        out = bupo_trl.train_bupo_trl(cfg, progress=False, reward_funcs=[_alternating()])
+        out = train_bupo_trl(cfg, progress=False, reward_funcs=[_alternating()])
     else:  # DDP over two CPU processes (gloo), launched as accelerate or torchrun would
         script = tmp_path / "ddp.py"
         script.write_text(_DDP_SCRIPT)
@@ -279,9 +280,39 @@ def test_cli_engine_trl(tiny_dirs, data_file, tmp_path, monkeypatch):
     args += ["--data", str(data_file), "--out", str(out), "--layer", "1", "--steps", "2"]
     args += ["--iterative-steps", "1", "--group-size", "4", "--prompts-per-step", "2"]
     args += ["--mini-batch-size", "8", "--max-new-tokens", "6", "--quiet"]
+    args += ["--trl-option", "log_completions=false"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["phase"] for m in metrics] == ["ipa", "grpo"]
     assert (out / "final" / "model.safetensors").is_file()
-    assert json.loads((out / "config.json").read_text())["engine"] == "trl"
+    config = json.loads((out / "config.json").read_text())
+    assert config["engine"] == "trl" and config["trl_options"] == {"log_completions": False}
+
+
+def test_resume_redoes_the_steps_after_the_last_checkpoint(tiny_dirs, data_file, tmp_path):
+    import shutil
+
+    cfg = _cfg(tiny_dirs, data_file, tmp_path / "run", steps=3)
+    out = train_bupo_trl(cfg, progress=False, reward_funcs=[_alternating()])
+    full = (out / "metrics.jsonl").read_text().splitlines()
+    shutil.rmtree(out / "checkpoint-6")  # killed after step 2's metrics, before its checkpoint
+    with pytest.raises(ValueError, match="--resume"):
+        train_bupo_trl(cfg, progress=False, reward_funcs=[_alternating()])
+    with pytest.raises(ValueError, match="another configuration"):
+        train_bupo_trl(
+            _cfg(tiny_dirs, data_file, out, steps=3, lr=1e-3, resume=True), progress=False
+        )
+    resumed = _cfg(tiny_dirs, data_file, out, steps=3, resume=True)
+    train_bupo_trl(resumed, progress=False, reward_funcs=[_alternating()])
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["phase"]) for m in lines] == [(0, "ipa"), (1, "grpo"), (2, "grpo")]
+    assert [json.loads(x)["loss"] for x in full[:2]] == [m["loss"] for m in lines[:2]]
+    assert (out / "checkpoint-6").is_dir()
+
+
+def test_trl_options_reach_grpo_config():
+    overrides = parse_overrides(["use_vllm=true", "vllm_mode=colocate", "beta=0.05"])
+    assert overrides == {"use_vllm": True, "vllm_mode": "colocate", "beta": 0.05}
+    with pytest.raises(ValueError, match="GRPOConfig field"):
+        parse_overrides(["no_such_field=1"])

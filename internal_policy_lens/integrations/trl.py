@@ -11,30 +11,25 @@ decoder stops after layer k and, under the raw lens, skips the final norm, so th
 forward is what DDP, DeepSpeed and FSDP need (they track the parameters a forward uses), and it
 keeps TRL's fused LM head (log-probs without materialising the logits). Layers above k and the
 final norm then take no part in the IPA forward and get no gradient; see docs/scale-out.md for
-how each distributed backend is configured for that.
+how each distributed backend is configured for that. The ``ipl train-bupo --engine trl`` runner is
+:mod:`~internal_policy_lens.integrations.trl_run`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from ..config import BupoConfig
 from ..data import prompt_text
-from ..datasets import read_records
 from ..lens import LENSES
-from ..models import load_causal_lm, load_model
 from ..train.rewards import math_reward
 
 # The TRL releases this module is tested with (pyproject's ``[trl]`` extra pins the same range).
@@ -235,85 +230,3 @@ def grpo_config(cfg: BupoConfig, *, world_size: int | None = None, **overrides) 
     )
     values.update(overrides)
     return GRPOConfig(**values)
-
-
-class _Metrics(TrainerCallback):
-    """One ``metrics.jsonl`` line per rollout step, with the built-in loop's column names."""
-
-    def __init__(self, out: Path, per_rollout: int, layer: int, iterative_steps: int):
-        self.out, self.per_rollout, self.layer, self.s = out, per_rollout, layer, iterative_steps
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "reward" not in logs:
-            return
-        step = (state.global_step - 1) // self.per_rollout
-        ipa = step < self.s
-        entropy = logs.get("entropy")
-        line = {
-            "step": step,
-            "phase": "ipa" if ipa else "grpo",
-            "layer": self.layer if ipa else None,
-            "reward_mean": logs["reward"],
-            "accuracy": logs.get("rewards/math_reward_func/mean"),
-            "response_length": logs.get("completions/mean_length"),
-            "entropy_internal": entropy if ipa else None,
-            "entropy_policy": None if ipa else entropy,
-            **logs,
-        }
-        with open(self.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(line) + "\n")
-
-
-def train_bupo_trl(cfg: BupoConfig, *, progress: bool = True, reward_funcs=None) -> Path:
-    """Run (or resume) BuPO on TRL's GRPOTrainer with the built-in loop's config; return ``out``.
-
-    Works as one process or under ``accelerate launch`` (DDP, DeepSpeed, FSDP). Writes TRL's
-    ``checkpoint-N/`` folders, ``metrics.jsonl``, ``config.json`` and the final model in
-    ``final/``.
-    """
-    from ..train.bupo import _resolve_layer
-
-    out = Path(cfg.out)
-    records = [r for r in read_records(cfg.data) if r["answer"] is not None]
-    if not records:
-        raise ValueError(f"{cfg.data}: no record has an answer; BuPO needs verifiable answers")
-    layer = _resolve_layer(cfg, load_model(cfg.model, dtype="float32", device="cpu"))
-    resume = _start(cfg, out, layer)
-    model, tokenizer = load_causal_lm(cfg.model, dtype="float32")
-    args = grpo_config(cfg, disable_tqdm=not progress)
-    per_rollout = args.steps_per_generation * args.num_iterations
-    trainer = BupoGRPOTrainer(
-        model=model,
-        args=args,
-        reward_funcs=reward_funcs or [math_reward_func],
-        train_dataset=prompt_dataset(records, tokenizer),
-        processing_class=tokenizer,
-        callbacks=[_Metrics(out, per_rollout, layer, cfg.iterative_steps)],
-        layer=layer,
-        iterative_steps=cfg.iterative_steps,
-        lens=cfg.lens,
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out / "final"))
-    return out
-
-
-def _start(cfg: BupoConfig, out: Path, layer: int) -> bool:
-    """Check or write ``config.json``; return whether to resume from TRL's latest checkpoint."""
-    config = {**asdict(cfg), "layer": layer, "engine": "trl"}
-    config.pop("resume")
-    resume = cfg.resume and any(out.glob("checkpoint-*"))
-    if resume:
-        saved = json.loads((out / "config.json").read_text())
-        if saved != config:
-            changed = sorted(k for k in config if saved.get(k) != config[k])
-            raise ValueError(f"{out}: --resume with another configuration ({', '.join(changed)})")
-        return True
-    if (out / "metrics.jsonl").exists():
-        raise ValueError(
-            f"{out}: holds a training run; pass --resume to continue it or choose another --out"
-        )
-    if int(os.environ.get("RANK", "0")) == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-    return False

@@ -1,0 +1,126 @@
+"""``ipl train-bupo --engine trl``: the built-in loop's config on :class:`BupoGRPOTrainer`.
+
+A run folder holds TRL's ``checkpoint-N/`` (N in optimiser steps), ``final/``, ``config.json``
+and ``metrics.jsonl`` with one line per rollout step in the built-in loop's column names (plus
+TRL's own metrics), so ``ipl plot-train`` reads both kinds of run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from transformers import TrainerCallback
+from trl import GRPOConfig
+
+from ..config import BupoConfig
+from ..datasets import read_records
+from ..models import load_causal_lm, load_model
+from .trl import BupoGRPOTrainer, grpo_config, math_reward_func, prompt_dataset
+
+
+class _Metrics(TrainerCallback):
+    """One ``metrics.jsonl`` line per rollout step, with the built-in loop's column names."""
+
+    def __init__(self, out: Path, per_rollout: int, layer: int, iterative_steps: int):
+        self.out, self.per_rollout, self.layer, self.s = out, per_rollout, layer, iterative_steps
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "reward" not in logs:
+            return
+        step = (state.global_step - 1) // self.per_rollout
+        ipa = step < self.s
+        entropy = logs.get("entropy")
+        line = {
+            "step": step,
+            "phase": "ipa" if ipa else "grpo",
+            "layer": self.layer if ipa else None,
+            "reward_mean": logs["reward"],
+            "accuracy": logs.get("rewards/math_reward_func/mean"),
+            "response_length": logs.get("completions/mean_length"),
+            "entropy_internal": entropy if ipa else None,
+            "entropy_policy": None if ipa else entropy,
+            **logs,
+        }
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+
+def train_bupo_trl(
+    cfg: BupoConfig, *, progress: bool = True, reward_funcs=None, overrides: dict | None = None
+) -> Path:
+    """Run (or resume) BuPO on TRL's GRPOTrainer with the built-in loop's config; return ``out``.
+
+    Works as one process or under ``accelerate launch`` (DDP, DeepSpeed, FSDP). Writes TRL's
+    ``checkpoint-N/`` folders, ``metrics.jsonl``, ``config.json`` and the final model in
+    ``final/``. ``reward_funcs`` default to :func:`math_reward_func`; ``overrides`` are
+    GRPOConfig fields (e.g. ``use_vllm=True``), recorded in ``config.json``.
+    """
+    from ..train.bupo import _resolve_layer
+
+    out = Path(cfg.out)
+    records = [r for r in read_records(cfg.data) if r["answer"] is not None]
+    if not records:
+        raise ValueError(f"{cfg.data}: no record has an answer; BuPO needs verifiable answers")
+    layer = _resolve_layer(cfg, load_model(cfg.model, dtype="float32", device="cpu"))
+    overrides = overrides or {}
+    args = grpo_config(cfg, disable_tqdm=not progress, **overrides)
+    per_rollout = args.steps_per_generation * args.num_iterations
+    resume = _start(cfg, out, layer, per_rollout, overrides)
+    model, tokenizer = load_causal_lm(cfg.model, dtype="float32")
+    trainer = BupoGRPOTrainer(
+        model=model,
+        args=args,
+        reward_funcs=reward_funcs or [math_reward_func],
+        train_dataset=prompt_dataset(records, tokenizer),
+        processing_class=tokenizer,
+        callbacks=[_Metrics(out, per_rollout, layer, cfg.iterative_steps)],
+        layer=layer,
+        iterative_steps=cfg.iterative_steps,
+        lens=cfg.lens,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(out / "final"))
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["use_vllm=true", "vllm_mode=colocate"]`` -> GRPOConfig fields (JSON values, else text)."""
+    fields = GRPOConfig.__dataclass_fields__
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--trl-option '{item}': expected FIELD=VALUE with a GRPOConfig field")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
+
+
+def _start(cfg: BupoConfig, out: Path, layer: int, per_rollout: int, overrides: dict) -> bool:
+    """Check or write ``config.json``; return whether to resume from TRL's latest checkpoint."""
+    from ..train.bupo import _truncate_metrics
+
+    config = {**asdict(cfg), "layer": layer, "engine": "trl", "trl_options": overrides}
+    config.pop("resume")
+    done = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
+    if cfg.resume and done:
+        saved = json.loads((out / "config.json").read_text())
+        if saved != config:
+            changed = sorted(k for k in config if saved.get(k) != config[k])
+            raise ValueError(f"{out}: --resume with another configuration ({', '.join(changed)})")
+        if int(os.environ.get("RANK", "0")) == 0:  # steps after the checkpoint are redone
+            _truncate_metrics(out, max(done) // per_rollout)
+        return True
+    if (out / "metrics.jsonl").exists():
+        raise ValueError(
+            f"{out}: holds a training run; pass --resume to continue it or choose another --out"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    return False
