@@ -199,7 +199,7 @@ def _final_key(keys: Iterable[SiteKey]) -> SiteKey:
 
 
 def _block(lens, acts, block, index, part, reduce, *extras) -> Stats:
-    stacked = torch.stack([lens.inputs(_rows(acts, k, index, part), k[0]) for k in block])
+    stacked = torch.stack([lens.inputs(_rows(acts, k, index, part, lens), k[0]) for k in block])
     logits = lens.logits(stacked.flatten(0, 1), None)  # [sites * rows, vocab]
     logits = logits.view(len(block), -1, logits.shape[-1])  # [sites, rows, vocab]
     return reduce(logits, lens.reduce_dtype, *extras)
@@ -207,7 +207,7 @@ def _block(lens, acts, block, index, part, reduce, *extras) -> Stats:
 
 def _final_block(lens, acts, final, index, part, reduce, next_ids, out):
     # The final policy of a chunk's rows: its own statistics, and what every site shares.
-    logits = lens.logits(_rows(acts, final, index, part), "final")  # [rows, vocab]
+    logits = lens.logits(_rows(acts, final, index, part, lens), "final")  # [rows, vocab]
     shared = final_policy(logits, lens.reduce_dtype)
     _store(out, [final], part, reduce(logits[None], lens.reduce_dtype, next_ids, *shared))
     return shared
@@ -234,7 +234,8 @@ def _chunks(n: int, size: int) -> Iterable[slice]:
     return (slice(i, min(i + size, n)) for i in range(0, n, max(size, 1)))
 
 
-def _rows(acts, key: SiteKey, index, part: slice) -> torch.Tensor:
-    x = acts[key]  # [batch, pos, d_model]
+def _rows(acts, key: SiteKey, index, part: slice, lens: Lens) -> torch.Tensor:
+    x = acts[key]  # [batch, pos, d_model], on its layer's device (device_map may split layers)
     rows_b, rows_t = index
-    return x[rows_b[part].to(x.device), rows_t[part].to(x.device)]  # [rows, d_model]
+    rows = x[rows_b[part].to(x.device), rows_t[part].to(x.device)]  # [rows, d_model]
+    return rows.to(lens.weight.device)
