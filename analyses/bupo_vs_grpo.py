@@ -7,7 +7,8 @@ run), every run folder under OUT/, and `ipl plot-train` draws the runs' curves.
 """
 
 import argparse
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -22,13 +23,34 @@ parser.add_argument("--models", nargs="+", default=["ipl-tiny-qwen2", "ipl-tiny-
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--iterative-steps", type=int, default=4)
+parser.add_argument(
+    "--layer",
+    nargs="+",
+    default=["auto"],
+    help="BuPO layer: auto, K, or MODEL=K per model (ipl-tiny-llama has no exploration stage)",
+)
 parser.add_argument("--eval-problems", type=int, default=200)
 parser.add_argument("--eval-samples", type=int, default=4)
 args = parser.parse_args()
 
 
+def layer_of(model: str) -> str:
+    given = dict(x.split("=", 1) if "=" in x else ("*", x) for x in args.layer)
+    return given.get(model, given.get("*", "auto"))
+
+
+def evaluated(cfg: EvalConfig) -> dict:
+    """The metrics of an evaluation, read back when the same evaluation already ran."""
+    done = Path(cfg.out) / "metrics.json"
+    if done.exists():
+        saved = json.loads(done.read_text())
+        if saved["config"] == json.loads(json.dumps(asdict(cfg))):
+            return saved["metrics"]
+    return evaluate(cfg)[1]
+
+
 def score(model: str, out: Path) -> dict:
-    greedy = evaluate(
+    greedy = evaluated(
         EvalConfig(
             model=model,
             out=str(out / "greedy"),
@@ -36,8 +58,8 @@ def score(model: str, out: Path) -> dict:
             temperature=0,
             max_samples=args.eval_problems,
         )
-    )[1]
-    sampled = evaluate(
+    )
+    sampled = evaluated(
         EvalConfig(
             model=model,
             out=str(out / "sampled"),
@@ -45,7 +67,7 @@ def score(model: str, out: Path) -> dict:
             samples=args.eval_samples,
             temperature=1.0,
         )
-    )[1]
+    )
     return {
         "greedy": greedy["avg@1"],
         f"avg@{args.eval_samples}": sampled[f"avg@{args.eval_samples}"],
@@ -64,6 +86,7 @@ for model in args.models:
                 model=model,
                 out=str(run),
                 iterative_steps=s_inter,
+                layer=layer_of(model),
                 steps=args.steps,
                 seed=seed,
                 save_every=args.steps,

@@ -53,6 +53,10 @@ def entropy(
     revision: Annotated[str | None, typer.Option(help="Hub revision of the model.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 4,
     chunk_tokens: Annotated[int, typer.Option(min=1, help="Rows of logits held at once.")] = 1024,
+    capture_mb: Annotated[
+        float,
+        typer.Option(min=0.0, help="MiB of captured site vectors held at once (layer groups)."),
+    ] = 512,
     precision: Annotated[
         str,
         typer.Option(
@@ -113,6 +117,7 @@ def entropy(
         revision=revision,
         batch_size=batch_size,
         chunk_tokens=chunk_tokens,
+        capture_mb=capture_mb,
         max_samples=max_samples,
         max_length=max_length,
         response_only=response_only,

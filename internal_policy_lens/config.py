@@ -58,6 +58,9 @@ class EntropyConfig:
     """Sequences per forward pass of the analysis."""
     chunk_tokens: int = 1024
     """Logits rows formed at once (the rows of every site of a chunk of tokens, stacked)."""
+    capture_mb: float = 512
+    """Bound (MiB) on the captured site vectors held at once; above it the layers are taken in
+    groups, one forward pass per group (same tables, more forward passes)."""
     precision: str = "auto"
     """Entropy engine: ``exact`` (float32 products, float64 reductions; float64 for a float64
     model), ``fast`` (products in bf16, or the model's fp16, reductions in float32; several

@@ -72,7 +72,8 @@ class Lens:
         self.out_dtype = wide
         self.weight = unembed.weight.to(self.dtype)  # [vocab, d_model]
         bias = getattr(unembed, "bias", None)
-        self.bias = None if bias is None else bias.to(self.dtype)
+        # The bridge gives lm_head an all-zero bias; adding it costs ~9% of a bf16 product.
+        self.bias = None if bias is None or not bias.any() else bias.to(self.dtype)
         self._out: torch.Tensor | None = None  # see reused_output
 
     @property

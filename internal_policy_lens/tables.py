@@ -33,6 +33,7 @@ def entropy_table(
     batch_size: int = 8,
     chunk_tokens: int = 1024,
     precision: str = "auto",
+    capture_mb: float = 512,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Entropy (nats) of every internal policy at every position.
@@ -53,6 +54,10 @@ def entropy_table(
         precision: ``exact`` (float32 products, float64 reductions; float64 for a float64
             model), ``fast`` (products in bf16, or the model's fp16, reductions in float32) or
             ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``). See :class:`Lens`.
+        capture_mb: bound on the captured site vectors held at once (MiB). When a batch's
+            vectors of all sites would exceed it, the layers are taken in groups, one forward
+            pass per group, stopped after the group's last layer (same numbers, more forward
+            passes: with G groups about (G + 1) / 2 forward passes instead of one).
         progress: show a progress bar.
 
     Returns:
@@ -70,7 +75,9 @@ def entropy_table(
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
         parts.append(
-            _batch_table(model, projector, batch, keys, response_only, extras, chunk_tokens)
+            _batch_table(
+                model, projector, batch, keys, response_only, extras, chunk_tokens, capture_mb
+            )
         )
         bar.update(len(batch))
     bar.close()
@@ -86,14 +93,12 @@ def _batch_table(
     response_only: bool,
     extras: bool,
     chunk_tokens: int,
+    capture_mb: float,
 ) -> pd.DataFrame:
     ids, mask = _pad_right(batch, model.tokenizer.pad_token_id, model.device)
     sources = {key: _source(key) for key in keys}  # resid_pre[l] is resid_post[l-1]
     final_key = ("final", model.n_layers - 1)
-    # Each distinct vector once; with extras the final policy is needed for every site.
-    hooked = list(dict.fromkeys([*sources.values(), *([final_key] if extras else [])]))
-    with capture(model, keys=hooked) as acts:
-        model.forward(ids, mask)
+    distinct = list(dict.fromkeys(sources.values()))  # each distinct vector once
     keep = _kept_positions(batch, mask, response_only)  # [batch, pos]
     rows_b, rows_t = keep.nonzero(as_tuple=True)
     if len(rows_b) == 0:
@@ -101,14 +106,22 @@ def _batch_table(
     next_ids = torch.full_like(ids, -1)
     next_ids[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
     next_ids = next_ids[rows_b, rows_t] if extras else None
-    stats = site_stats(
-        projector,
-        acts,
-        hooked,
-        (rows_b, rows_t),
-        next_ids=next_ids,
-        chunk_tokens=chunk_tokens,
-    )
+    per_key = ids.numel() * model.d_model * torch.finfo(model.dtype).bits // 8
+    stats = {}
+    for group in _layer_groups(distinct, per_key, capture_mb * 2**20, final_key, extras):
+        # With extras the final policy is needed for every site: it is in every group.
+        stop = None if final_key in group else max(layer for _, layer in group) + 1
+        with capture(model, keys=group) as acts:
+            model.forward(ids, mask, stop_at_layer=stop)
+        stats |= site_stats(
+            projector,
+            acts,
+            group,
+            (rows_b, rows_t),
+            next_ids=next_ids,
+            chunk_tokens=chunk_tokens,
+        )
+        del acts
     n, k = len(rows_b), len(keys)
     frame = {
         "sample_id": np.repeat(
@@ -125,6 +138,29 @@ def _batch_table(
     out = pd.DataFrame(frame)
     out["sample_id"] = out["sample_id"].infer_objects()
     return out
+
+
+def _layer_groups(
+    keys: list[SiteKey], per_key: int, budget: float, final_key: SiteKey, extras: bool
+) -> list[list[SiteKey]]:
+    """``keys`` in groups of consecutive layers, each capturing at most ``budget`` bytes.
+
+    A group holds at least one layer's keys. With extras, ``final_key`` joins every group.
+    """
+    by_layer: dict[int, list[SiteKey]] = {}
+    for key in sorted((k for k in keys if not (extras and k == final_key)), key=lambda k: k[1]):
+        by_layer.setdefault(key[1], []).append(key)
+    groups: list[list[SiteKey]] = []
+    current: list[SiteKey] = []
+    shared = [final_key] if extras else []
+    for layer_keys in by_layer.values():
+        if current and (len(current) + len(layer_keys) + len(shared)) * per_key > budget:
+            groups.append(current + shared)
+            current = []
+        current += layer_keys
+    if current or not groups:
+        groups.append(current + shared)
+    return groups
 
 
 def _source(key: SiteKey) -> SiteKey:

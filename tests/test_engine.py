@@ -242,3 +242,31 @@ def test_cli_precision_option(tiny_dirs, tmp_path):
     bad = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b"), "--precision", "half"])
     assert bad.exit_code == 2 and "unknown precision 'half'" in bad.output
     assert not (tmp_path / "b").exists()
+
+
+def test_lens_bias_zero_dropped_nonzero_kept(models):
+    model = models("llama", "float64")
+    x = torch.randn(6, model.d_model, dtype=torch.float64)
+    W, b = model.unembed.weight, model.unembed.bias
+    lens = Lens(model, "raw", precision="exact")
+    if b is not None:
+        assert not b.any() and lens.bias is None  # the bridge's all-zero bias is skipped
+    torch.testing.assert_close(lens.logits(x, "resid_post"), x @ W.T, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        bias = torch.randn(model.vocab_size, dtype=torch.float64)
+        saved = None if b is None else b.clone()
+        if b is None:
+            model.unembed.bias = torch.nn.Parameter(bias)
+        else:
+            b.copy_(bias)
+        try:
+            lens = Lens(model, "raw", precision="exact")
+            assert lens.bias is not None
+            with lens.reused_output(8):
+                got = lens.logits(x, "resid_post")
+            torch.testing.assert_close(got, x @ W.T + bias, rtol=0, atol=1e-12)
+        finally:
+            if saved is None:
+                model.unembed.bias = None
+            else:
+                model.unembed.bias.copy_(saved)

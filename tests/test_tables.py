@@ -78,6 +78,26 @@ def test_chunk_sizes_give_identical_results(models):
         pd.testing.assert_frame_equal(tables[0], other, check_exact=False, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("extras", [False, True])
+def test_capture_budget_groups_layers_with_the_same_table(arch, models, monkeypatch, extras):
+    model = models(arch)
+    whole = entropy_table(model, TEXTS, batch_size=2, extras=extras)
+    stops, forward = [], type(model).forward
+
+    def spy(self, ids, mask, stop_at_layer=None):
+        stops.append(stop_at_layer)
+        return forward(self, ids, mask, stop_at_layer=stop_at_layer)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    grouped = entropy_table(model, TEXTS, batch_size=2, extras=extras, capture_mb=1e-6)
+    # A budget below one vector: one group per layer, each forward stopped after its layer
+    # (with extras every group needs the final policy, so every pass runs to the end).
+    L = model.n_layers
+    per_batch = [None] * L if extras else [*range(1, L), None]
+    assert stops == per_batch * 2  # two batches
+    pd.testing.assert_frame_equal(whole, grouped, check_exact=False, atol=1e-5, rtol=0)
+
+
 def test_logits_never_exceed_chunk_rows(models, monkeypatch):
     from internal_policy_lens.lens import Lens
 
