@@ -3,6 +3,7 @@ from math import comb
 
 import pandas as pd
 import pytest
+from conftest import write_problems
 from typer.testing import CliRunner
 
 from internal_policy_lens.cli import app
@@ -17,10 +18,7 @@ def _parity(text, answer):
 
 @pytest.fixture
 def problems(tmp_path):
-    rows = [{"question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(6)]
-    path = tmp_path / "p.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_problems(tmp_path / "p.jsonl", 6)
 
 
 def test_eval_pass_at_k_by_hand(tiny_dirs, problems, tmp_path, monkeypatch):

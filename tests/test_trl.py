@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import assert_ipa_then_grpo_updates, tiny_bupo_config
 from typer.testing import CliRunner
 
 from internal_policy_lens import entropy_table
@@ -58,30 +59,8 @@ def _alternating():
     return parity
 
 
-@pytest.fixture
-def data_file(tmp_path):
-    rows = [{"question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(12)]
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _cfg(tiny_dirs, data_file, out, **kw):
-    base = dict(
-        model=str(tiny_dirs["qwen2"]),
-        data=str(data_file),
-        out=str(out),
-        layer=K,
-        iterative_steps=1,
-        steps=2,
-        group_size=4,
-        prompts_per_step=3,
-        mini_batch_size=6,
-        max_new_tokens=8,
-        lr=1e-2,
-        save_every=1,
-    )
-    return BupoConfig(**{**base, **kw})
+    return tiny_bupo_config(tiny_dirs, data_file, out, **{"layer": K, "max_new_tokens": 8, **kw})
 
 
 def _trainer(tiny_dirs, data_file, tmp_path, arch="qwen2", lens="raw", **kw):
@@ -239,14 +218,7 @@ def test_two_steps_freeze_above_k_during_ipa_only(tiny_dirs, data_file, tmp_path
     start = _weights(tiny_dirs["qwen2"])
     ipa = _weights(out / f"checkpoint-{per_rollout}")
     grpo = _weights(out / f"checkpoint-{2 * per_rollout}")
-    # A key bias shifts every attention score of a head equally: softmax ignores it (zero
-    # gradient up to rounding), so it is left out, as in the built-in loop's test.
-    keys = [k for k in start if not k.endswith("k_proj.bias")]
-    above = [k for k in keys if k.startswith("model.layers.2.")] + ["model.norm.weight"]
-    below = [k for k in keys if k.startswith(("model.layers.0.", "model.layers.1."))]
-    assert [k for k in above if not torch.equal(start[k], ipa[k])] == []
-    assert [k for k in below + ["lm_head.weight"] if torch.equal(start[k], ipa[k])] == []
-    assert [k for k in above + below if torch.equal(ipa[k], grpo[k])] == []
+    assert_ipa_then_grpo_updates(start, ipa, grpo)
 
 
 def test_vllm_correction_is_off_during_ipa_only(tiny_dirs, data_file, tmp_path):
