@@ -64,9 +64,9 @@ def work_order(n_batches: int, shard: Shard | None) -> list[int]:
 
 def write_meta(parts: Path, n_batches: int, samples: int, truncated: int) -> None:
     """Record what a complete set of parts is, for the merge (same content from every shard)."""
-    tmp = parts / f".{_META}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"batches": n_batches, "samples": samples, "truncated": truncated}))
-    os.replace(tmp, parts / _META)
+    from .run import _write_json  # atomic: written to a temporary file, then renamed
+
+    _write_json(parts / _META, {"batches": n_batches, "samples": samples, "truncated": truncated})
 
 
 def part_path(parts: Path, batch: int) -> Path:

@@ -103,16 +103,13 @@ def parse_overrides(items: list[str]) -> dict:
 
 def _start(cfg: BupoConfig, out: Path, layer: int, per_rollout: int, overrides: dict) -> bool:
     """Check or write ``config.json``; return whether to resume from TRL's latest checkpoint."""
-    from ..train.bupo import _truncate_metrics
+    from ..train.bupo import _truncate_metrics, check_resume_config
 
     config = {**asdict(cfg), "layer": layer, "engine": "trl", "trl_options": overrides}
     config.pop("resume")
     done = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
     if cfg.resume and done:
-        saved = json.loads((out / "config.json").read_text())
-        if saved != config:
-            changed = sorted(k for k in config if saved.get(k) != config[k])
-            raise ValueError(f"{out}: --resume with another configuration ({', '.join(changed)})")
+        check_resume_config(out, config)
         if int(os.environ.get("RANK", "0")) == 0:  # steps after the checkpoint are redone
             _truncate_metrics(out, max(done) // per_rollout)
         return True

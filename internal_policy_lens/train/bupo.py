@@ -202,13 +202,7 @@ def _start(cfg, out, model, opt, sched, layer) -> int:
     config.pop("resume")
     checkpoint = latest_checkpoint(out)
     if cfg.resume and checkpoint is not None:
-        saved = json.loads((out / "config.json").read_text())
-        if saved != config:
-            changed = sorted(k for k in config if saved.get(k) != config[k])
-            raise ValueError(
-                f"{out / 'config.json'}: --resume with another configuration "
-                f"(differs in {', '.join(changed)})"
-            )
+        check_resume_config(out, config)
         step = load_checkpoint(checkpoint, model, opt, sched)
         _truncate_metrics(out, step)
         return step
@@ -219,6 +213,17 @@ def _start(cfg, out, model, opt, sched, layer) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return 0
+
+
+def check_resume_config(out: Path, config: dict) -> None:
+    """Refuse to resume a run whose ``config.json`` differs from ``config``, naming the fields."""
+    saved = json.loads((out / "config.json").read_text())
+    if saved != config:
+        changed = sorted(k for k in config if saved.get(k) != config[k])
+        raise ValueError(
+            f"{out / 'config.json'}: --resume with another configuration "
+            f"(differs in {', '.join(changed)})"
+        )
 
 
 def _append_metrics(out: Path, metrics: dict) -> None:
