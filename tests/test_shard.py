@@ -63,6 +63,8 @@ def test_shards_merge_into_the_single_process_tables(tiny_dirs, prompts, tmp_pat
     assert merged is not None and merged.info["samples"] == 7
     pd.testing.assert_frame_equal(merged.tokens, single.tokens, check_exact=True)
     _assert_same_run(tmp_path / "one", sharded)
+    with pytest.raises(ValueError, match="is already merged"):
+        merge_run(sharded)
 
 
 def test_two_processes_under_accelerate_env_equal_one(tiny_dirs, prompts, tmp_path):
@@ -102,6 +104,10 @@ def test_ipl_merge_and_shard_parsing(tiny_dirs, prompts, tmp_path):
     for bad in ("3/3", "a/b", "1"):
         with pytest.raises(ValueError, match="--shard"):
             resolve_shard(bad)
+    with pytest.raises(ValueError, match="'3/3': need 0 <= i < n"):
+        resolve_shard("3/3")
+    with pytest.raises(ValueError, match="'a/b': expected i/n"):
+        resolve_shard("a/b")
     assert work_order(5, (1, 2)) == [1, 3, 0, 2, 4]
 
 

@@ -288,3 +288,62 @@ def test_trl_options_reach_grpo_config():
     assert overrides == {"use_vllm": True, "vllm_mode": "colocate", "beta": 0.05}
     with pytest.raises(ValueError, match="GRPOConfig field"):
         parse_overrides(["no_such_field=1"])
+
+
+def test_contract_check_fails_loudly_when_trl_changes(monkeypatch):
+    from trl import GRPOTrainer
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", lambda self, m, x: 0)
+    with pytest.raises(RuntimeError, match="changed what BuPO overrides"):
+        bupo_trl.check_trl_contract()
+
+
+def test_internal_policy_refuses_bad_layer_and_lens(tiny_dirs):
+    model, _ = load_causal_lm(tiny_dirs["qwen2"])
+    with pytest.raises(ValueError, match="layer 3 is out of range"):
+        with bupo_trl.internal_policy(model, 3):
+            pass
+    with pytest.raises(ValueError, match="unknown lens 'tuned'"):
+        with bupo_trl.internal_policy(model, 0, "tuned"):
+            pass
+    assert len(model.get_decoder().layers) == 3  # left as it was
+
+
+def test_trainer_refuses_settings_that_break_ipa(tiny_dirs, data_file, tmp_path):
+    cfg = _cfg(tiny_dirs, data_file, tmp_path / "bad")
+    model, tokenizer = load_causal_lm(cfg.model)
+    common = dict(
+        model=model,
+        reward_funcs=[_alternating()],
+        train_dataset=bupo_trl.prompt_dataset([{"prompt": "1+1?", "answer": "2"}] * 4, tokenizer),
+        processing_class=tokenizer,
+        layer=K,
+        iterative_steps=1,
+    )
+    masked = bupo_trl.grpo_config(cfg, disable_tqdm=True, off_policy_mask_threshold=0.5)
+    with pytest.raises(ValueError, match="off_policy_mask_threshold"):
+        bupo_trl.BupoGRPOTrainer(args=masked, **common)
+    split = bupo_trl.grpo_config(  # 3 optimiser micro-steps per generation, accumulated by 2
+        cfg,
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        steps_per_generation=3,
+        generation_batch_size=None,
+    )
+    with pytest.raises(ValueError, match="must be a multiple of gradient_accumulation_steps"):
+        bupo_trl.BupoGRPOTrainer(args=split, **common)
+
+
+def test_cli_engine_errors(tiny_dirs, data_file, tmp_path, monkeypatch):
+    args = ["train-bupo", "--model", str(tiny_dirs["qwen2"]), "--data", str(data_file)]
+    args += ["--out", str(tmp_path / "x"), "--layer", "1", "--quiet"]
+    unknown = CliRunner().invoke(app, [*args, "--engine", "jax"])
+    assert unknown.exit_code == 2 and "unknown engine 'jax'" in unknown.output
+    stray = CliRunner().invoke(app, [*args, "--trl-option", "beta=0.1"])
+    assert stray.exit_code == 2 and "--trl-option without --engine trl" in stray.output
+    monkeypatch.setitem(sys.modules, "internal_policy_lens.integrations.trl_run", None)
+    missing = CliRunner().invoke(app, [*args, "--engine", "trl"])
+    assert missing.exit_code == 2 and "needs TRL" in missing.output
+    assert "pip install 'internal-policy-lens[trl]'" in missing.output
+    assert not (tmp_path / "x").exists()
