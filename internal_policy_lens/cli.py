@@ -57,6 +57,12 @@ def entropy(
         float,
         typer.Option(min=0.0, help="MiB of captured site vectors held at once (layer groups)."),
     ] = 512,
+    attention_mb: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="MiB of one layer's attention scores (longer: blocks of positions)."
+        ),
+    ] = 256,
     precision: Annotated[
         str,
         typer.Option(
@@ -118,6 +124,7 @@ def entropy(
         batch_size=batch_size,
         chunk_tokens=chunk_tokens,
         capture_mb=capture_mb,
+        attention_mb=attention_mb,
         max_samples=max_samples,
         max_length=max_length,
         response_only=response_only,

@@ -61,6 +61,9 @@ class EntropyConfig:
     capture_mb: float = 512
     """Bound (MiB) on the captured site vectors held at once; above it the layers are taken in
     groups, one forward pass per group (same tables, more forward passes)."""
+    attention_mb: float = 256
+    """Bound (MiB, float32) on one layer's attention scores; above it the decoder runs over blocks
+    of positions with a key/value cache (same tables up to float rounding)."""
     precision: str = "auto"
     """Entropy engine: ``exact`` (float32 products, float64 reductions; float64 for a float64
     model), ``fast`` (products in bf16, or the model's fp16, reductions in float32; several

@@ -104,23 +104,40 @@ class PolicyModel:
         """The model's real final norm (``model.norm``)."""
         return self.bridge.ln_final.original_component
 
+    def new_cache(self):
+        """An empty key/value cache for :meth:`forward`'s ``past``."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         stop_at_layer: int | None = None,
+        *,
+        past=None,
     ) -> torch.Tensor | None:
         """Run the decoder so that hooks fire; return the residual entering ``stop_at_layer``.
 
         Position ids follow the attention mask, so left- and right-padded batches give the same
         numbers as each sequence alone. Only the last position's logits are computed: the sites
         are read through hooks and projected in chunks by the lens.
+
+        With ``past`` (a transformers ``Cache``, e.g. :meth:`new_cache`) a long sequence runs in
+        blocks of positions: ``input_ids`` are the next block, ``attention_mask`` covers the
+        cached positions and the block, and the block's keys and values are appended to
+        ``past``. Each block's attention scores are then [block, all positions so far].
         """
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = position_ids[:, -input_ids.shape[1] :]
         kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        kwargs |= (
+            {"use_cache": False} if past is None else {"past_key_values": past, "use_cache": True}
+        )
         if stop_at_layer is not None:
             return self.bridge(input_ids, stop_at_layer=stop_at_layer, **kwargs)
-        self.bridge(input_ids, return_type=None, logits_to_keep=1, use_cache=False, **kwargs)
+        self.bridge(input_ids, return_type=None, logits_to_keep=1, **kwargs)
         return None
 
 

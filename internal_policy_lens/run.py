@@ -257,6 +257,7 @@ def _analyse(model, records, cfg, out, progress, shard: Shard | None):
                 batch_size=cfg.batch_size,
                 chunk_tokens=cfg.chunk_tokens,
                 capture_mb=cfg.capture_mb,
+                attention_mb=cfg.attention_mb,
                 precision=cfg.precision,
             )
             table.insert(3, "token", _token_text(model.tokenizer, table["token_id"]))

@@ -34,6 +34,7 @@ def entropy_table(
     chunk_tokens: int = 1024,
     precision: str = "auto",
     capture_mb: float = 512,
+    attention_mb: float = 256,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Entropy (nats) of every internal policy at every position.
@@ -58,6 +59,11 @@ def entropy_table(
             vectors of all sites would exceed it, the layers are taken in groups, one forward
             pass per group, stopped after the group's last layer (same numbers, more forward
             passes: with G groups about (G + 1) / 2 forward passes instead of one).
+        attention_mb: bound on one layer's attention scores (MiB, counted in float32, which the
+            attention's softmax uses). When a batch's [heads, positions, positions] scores would
+            exceed it, the decoder runs over blocks of positions with a key/value cache, each
+            block attending to every earlier position (same numbers up to float rounding;
+            the captured vectors are then per block too).
         progress: show a progress bar.
 
     Returns:
@@ -76,7 +82,15 @@ def entropy_table(
         batch = encoded[start : start + batch_size]
         parts.append(
             _batch_table(
-                model, projector, batch, keys, response_only, extras, chunk_tokens, capture_mb
+                model,
+                projector,
+                batch,
+                keys,
+                response_only,
+                extras,
+                chunk_tokens,
+                capture_mb,
+                attention_mb,
             )
         )
         bar.update(len(batch))
@@ -94,6 +108,7 @@ def _batch_table(
     extras: bool,
     chunk_tokens: int,
     capture_mb: float,
+    attention_mb: float,
 ) -> pd.DataFrame:
     ids, mask = _pad_right(batch, model.tokenizer.pad_token_id, model.device)
     sources = {key: _source(key) for key in keys}  # resid_pre[l] is resid_post[l-1]
@@ -106,22 +121,36 @@ def _batch_table(
     next_ids = torch.full_like(ids, -1)
     next_ids[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
     next_ids = next_ids[rows_b, rows_t] if extras else None
-    per_key = ids.numel() * model.d_model * torch.finfo(model.dtype).bits // 8
-    stats = {}
+    length = int(rows_t.max()) + 1  # later positions cannot change the kept ones (causal)
+    heads = model.config.num_attention_heads
+    span = position_block(len(batch), heads, length, attention_mb * 2**20)
+    per_key = len(batch) * span * model.d_model * torch.finfo(model.dtype).bits // 8
+    stats: dict[SiteKey, dict[str, np.ndarray]] = {}
     for group in _layer_groups(distinct, per_key, capture_mb * 2**20, final_key, extras):
         # With extras the final policy is needed for every site: it is in every group.
         stop = None if final_key in group else max(layer for _, layer in group) + 1
-        with capture(model, keys=group) as acts:
-            model.forward(ids, mask, stop_at_layer=stop)
-        stats |= site_stats(
-            projector,
-            acts,
-            group,
-            (rows_b, rows_t),
-            next_ids=next_ids,
-            chunk_tokens=chunk_tokens,
-        )
-        del acts
+        past = model.new_cache() if span < length else None
+        for start in range(0, length, span):
+            end = min(start + span, length)
+            with capture(model, keys=group) as acts:
+                model.forward(ids[:, start:end], mask[:, :end], stop_at_layer=stop, past=past)
+            sel = ((rows_t >= start) & (rows_t < end)).nonzero().squeeze(1)
+            if len(sel) == 0:
+                continue
+            part = site_stats(
+                projector,
+                acts,
+                group,
+                (rows_b[sel], rows_t[sel] - start),
+                next_ids=None if next_ids is None else next_ids[sel],
+                chunk_tokens=chunk_tokens,
+            )
+            del acts
+            at = sel.numpy()
+            for key, columns in part.items():
+                into = stats.setdefault(key, {})
+                for name, values in columns.items():
+                    into.setdefault(name, np.empty(len(rows_b), values.dtype))[at] = values
     n, k = len(rows_b), len(keys)
     frame = {
         "sample_id": np.repeat(
@@ -138,6 +167,14 @@ def _batch_table(
     out = pd.DataFrame(frame)
     out["sample_id"] = out["sample_id"].infer_objects()
     return out
+
+
+def position_block(batch: int, heads: int, length: int, budget: float) -> int:
+    """Positions per block so that one layer's float32 attention scores fit ``budget`` bytes.
+
+    The scores of a block are [batch, heads, block, length] at most; ``length`` when they fit.
+    """
+    return max(1, min(length, int(budget // (batch * heads * length * 4))))
 
 
 def _layer_groups(

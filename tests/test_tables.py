@@ -84,9 +84,9 @@ def test_capture_budget_groups_layers_with_the_same_table(arch, models, monkeypa
     whole = entropy_table(model, TEXTS, batch_size=2, extras=extras)
     stops, forward = [], type(model).forward
 
-    def spy(self, ids, mask, stop_at_layer=None):
+    def spy(self, ids, mask, stop_at_layer=None, *, past=None):
         stops.append(stop_at_layer)
-        return forward(self, ids, mask, stop_at_layer=stop_at_layer)
+        return forward(self, ids, mask, stop_at_layer=stop_at_layer, past=past)
 
     monkeypatch.setattr(type(model), "forward", spy)
     grouped = entropy_table(model, TEXTS, batch_size=2, extras=extras, capture_mb=1e-6)
@@ -96,6 +96,46 @@ def test_capture_budget_groups_layers_with_the_same_table(arch, models, monkeypa
     per_batch = [None] * L if extras else [*range(1, L), None]
     assert stops == per_batch * 2  # two batches
     pd.testing.assert_frame_equal(whole, grouped, check_exact=False, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("extras,capture_mb", [(False, 512), (True, 1e-6)])
+def test_attention_budget_runs_position_blocks_with_the_same_table(
+    arch, models, monkeypatch, extras, capture_mb
+):
+    from internal_policy_lens.tables import position_block
+
+    model = models(arch, "float64")
+    whole = entropy_table(model, TEXTS, batch_size=3, extras=extras)
+    length = int(whole.position.max()) + 1  # the longest text
+    heads = model.config.num_attention_heads
+    budget = 3 * heads * length * 4 * 4  # bytes: 4 positions per block
+    assert position_block(3, heads, length, budget) == 4
+    calls, forward = [], type(model).forward
+
+    def spy(self, ids, mask, stop_at_layer=None, *, past=None):
+        calls.append((ids.shape[1], mask.shape[1], past))
+        return forward(self, ids, mask, stop_at_layer=stop_at_layer, past=past)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    blocked = entropy_table(
+        model,
+        TEXTS,
+        batch_size=3,
+        extras=extras,
+        attention_mb=budget / 2**20,
+        capture_mb=capture_mb,
+    )
+    # Blocks of 4 positions over the whole length, each attending to every earlier position
+    # through one cache per pass (one pass per layer group).
+    passes = 1 if capture_mb == 512 else model.n_layers
+    assert [c[0] for c in calls] == ([4] * (length // 4) + [length % 4] * (length % 4 > 0)) * passes
+    assert [c[1] for c in calls] == [
+        min(4 * i, length) for i in range(1, -(-length // 4) + 1)
+    ] * passes
+    assert len({id(c[2]) for c in calls}) == passes and all(c[2] is not None for c in calls)
+    # The bridge's attention softmax runs in float32 even for a float64 model, and the blocks'
+    # softmaxes round differently: equal to ~1e-8 in entropy, ~1e-6 in log-probabilities.
+    pd.testing.assert_frame_equal(whole, blocked, check_exact=False, atol=1e-5, rtol=0)
 
 
 def test_logits_never_exceed_chunk_rows(models, monkeypatch):
