@@ -8,7 +8,7 @@ and its worked solution writes one step per operation, then the boxed answer::
 
     12+7=19. 19*3=57. 57-5=52. \boxed{52}
 
-Difficulty = the number of operations (1 to 4). Additions and subtractions take operands of one or
+Difficulty = the number of operations (1 to 6). Additions and subtractions take operands of one or
 two digits, multiplications a single digit from 2 to 9; every intermediate value stays in
 [0, ``max_value``], so no step needs more than three digits.
 """
@@ -61,7 +61,7 @@ def _apply(op: str, a: int, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def make_problems(n: int, *, seed: int, max_ops: int = 4, max_value: int = 200) -> list[Problem]:
+def make_problems(n: int, *, seed: int, max_ops: int = 6, max_value: int = 200) -> list[Problem]:
     """``n`` problems with difficulties cycling 1..max_ops, reproducible from ``seed``."""
     rng = random.Random(seed)
     return [make_problem(rng, 1 + i % max_ops, max_value) for i in range(n)]

@@ -17,7 +17,7 @@ def test_checker_accepts_every_solution_and_rejects_perturbed():
             p.answer,
         )
         assert not check(p.solution.replace("\\boxed", "\\fbox"), p.answer)
-    assert {p.difficulty for p in problems} == {1, 2, 3, 4}
+    assert {p.difficulty for p in problems} == {1, 2, 3, 4, 5, 6}
 
 
 def test_solutions_are_correct_arithmetic():
