@@ -237,11 +237,14 @@ def memory_run(args):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 100, (args.memory_tokens,), generator=generator).tolist()
     entropy_table(model, [ids[:32]])  # warm-up: pages the weights in
-    seconds, peak, table = measure(lambda: entropy_table(model, [ids]))
+    seconds, peak, table = measure(
+        lambda: entropy_table(model, [ids], attention_mb=args.attention_mb)
+    )
     print(
         f"entropy_table on one {args.memory_tokens}-token sequence, {model.n_layers} layers, "
-        f"model {args.memory_dtype} (precision auto), chunk_tokens 1024: {len(table):,} rows in "
-        f"{seconds:.0f} s; peak extra memory {peak:.2f} GB (VmHWM - VmRSS before the call)"
+        f"model {args.memory_dtype} (precision auto), chunk_tokens 1024, capture_mb 512, "
+        f"attention_mb {args.attention_mb:g}: {len(table):,} rows in {seconds:.0f} s; "
+        f"peak extra memory {peak:.2f} GB (VmHWM - VmRSS before the call)"
     )
 
 
@@ -254,6 +257,9 @@ if __name__ == "__main__":
     parser.add_argument("--ref-tokens", type=int, default=64)
     parser.add_argument("--memory-tokens", type=int, default=0)
     parser.add_argument("--memory-dtype", default="bfloat16")
+    parser.add_argument(
+        "--attention-mb", type=float, default=256, help="entropy_table's attention_mb (memory run)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -27,7 +27,8 @@ parser.add_argument(
     "--layer",
     nargs="+",
     default=["auto"],
-    help="BuPO layer: auto, K, or MODEL=K per model (ipl-tiny-llama has no exploration stage)",
+    help="BuPO layer: auto, K, or MODEL=K per model (auto declines for a model without an FFN "
+    "exploration stage)",
 )
 parser.add_argument("--eval-problems", type=int, default=200)
 parser.add_argument("--eval-samples", type=int, default=4)

@@ -230,7 +230,8 @@ def model_card(name: str, facts: dict) -> str:
     lines = [
         f"# {name}",
         "",
-        f"A {cfg['arch']} causal LM trained from scratch by `ipl pretrain` on the arithmetic task "
+        f"A {cfg['arch']} causal LM trained from scratch by `internal_policy_lens.pretrain` "
+        "(`python analyses/train_bundled_models.py`) on the arithmetic task "
         "of `internal_policy_lens.task` (problems: a start value and 1 to "
         f"{cfg['max_ops']} operations applied left to right; additions/subtractions of 1-2 "
         f"digit numbers, multiplications by 2-9; every intermediate value in [0, "
@@ -249,6 +250,10 @@ def model_card(name: str, facts: dict) -> str:
         f"| seed | {cfg['seed']} |",
         f"| training time | {facts['train_minutes']} min on CPU, "
         f"{facts.get('threads', '?')} thread(s) |",
+        "",
+        f"Reproduce: `python analyses/train_bundled_models.py --arch {cfg['arch']} "
+        f"--steps {cfg['steps']} --threads {facts.get('threads', 2)}` (the default run trains "
+        "both bundled models at once, one thread each).",
         "",
         "## Loss (nats per response token)",
         "",
