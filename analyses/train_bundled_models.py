@@ -20,7 +20,11 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--arch", nargs="+", default=["qwen2", "llama"])
 parser.add_argument("--steps", type=int, help="steps for every arch (default: pretrain.STEPS)")
 parser.add_argument("--out", type=Path, default=ROOT / "bundled")
-parser.add_argument("--threads", type=int, help="threads per training (default: 1 per process)")
+parser.add_argument(
+    "--threads",
+    type=int,
+    help="threads per training (default: 1 when the archs train at once, else torch's)",
+)
 parser.add_argument("--sequential", action="store_true", help="one arch after the other")
 parser.add_argument("--no-task-files", action="store_true", help=argparse.SUPPRESS)
 args = parser.parse_args()

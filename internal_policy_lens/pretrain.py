@@ -21,6 +21,10 @@ from .data import encode_prompt
 from .task import Problem, make_problem, make_problems
 from .tiny import char_tokenizer, tiny_config
 
+STEPS = {"qwen2": 1600, "llama": 1000}
+"""Steps of the bundled models: llama learns the task faster, and both should stay in the 30-80%
+greedy band that leaves room for RL."""
+
 
 @dataclass
 class PretrainConfig:
@@ -40,8 +44,8 @@ class PretrainConfig:
     """Key/value heads (grouped-query attention)."""
     d_mlp: int = 512
     """SwiGLU hidden width."""
-    steps: int = 1600
-    """Optimizer steps (the bundled llama uses 1000: see STEPS)."""
+    steps: int = STEPS["qwen2"]
+    """Optimizer steps (the bundled models' steps per arch are STEPS)."""
     batch_tokens: int = 4096
     """Tokens per batch (whole problems, padded)."""
     lr: float = 3e-3
@@ -65,10 +69,6 @@ class PretrainConfig:
 
 
 HELDOUT_SEED = 10_000
-
-STEPS = {"qwen2": 1600, "llama": 1000}
-"""Steps of the bundled models: llama learns the task faster, and both should stay in the 30-80%
-greedy band that leaves room for RL."""
 
 
 def heldout_problems(cfg: PretrainConfig) -> list[Problem]:

@@ -244,6 +244,30 @@ def test_cli_precision_option(tiny_dirs, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_cli_memory_bounds_reach_entropy_table(tiny_dirs, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from internal_policy_lens import run
+    from internal_policy_lens.cli import app
+
+    seen, original = [], run.entropy_table
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["capture_mb"], kwargs["attention_mb"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run, "entropy_table", spy)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "2+3?", "response": "5 \\boxed{5}"}) + "\n")
+    args = ["entropy", "--model", str(tiny_dirs["qwen2"]), "--data", str(data), "--quiet"]
+    args += ["--out", str(tmp_path / "a"), "--capture-mb", "0.5", "--attention-mb", "0.001"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen == [(0.5, 0.001)]
+    config = json.loads((tmp_path / "a" / "run.json").read_text())["config"]
+    assert (config["capture_mb"], config["attention_mb"]) == (0.5, 0.001)
+
+
 def test_lens_bias_zero_dropped_nonzero_kept(models):
     model = models("llama", "float64")
     x = torch.randn(6, model.d_model, dtype=torch.float64)

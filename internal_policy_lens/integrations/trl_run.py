@@ -108,16 +108,17 @@ def _start(cfg: BupoConfig, out: Path, layer: int, per_rollout: int, overrides: 
     config = {**asdict(cfg), "layer": layer, "engine": "trl", "trl_options": overrides}
     config.pop("resume")
     done = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
+    first = int(os.environ.get("RANK", "0")) == 0  # the process that writes the run's files
     if cfg.resume and done:
         check_resume_config(out, config)
-        if int(os.environ.get("RANK", "0")) == 0:  # steps after the checkpoint are redone
+        if first:  # steps after the checkpoint are redone
             _truncate_metrics(out, max(done) // per_rollout)
         return True
     if (out / "metrics.jsonl").exists():
         raise ValueError(
             f"{out}: holds a training run; pass --resume to continue it or choose another --out"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if first:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=2))
     return False
