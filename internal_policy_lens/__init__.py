@@ -1,32 +1,66 @@
-"""internal-policy-lens: internal layer and modular policies of LLMs."""
+"""internal-policy-lens: internal layer and modular policies of LLMs.
 
-from .config import EntropyConfig, GenerationConfig
-from .datasets import DataError, read_records
-from .hooks import capture
-from .lens import LENSES
-from .models import SUPPORTED_ARCHITECTURES, ModelLoadError, PolicyModel, load_model
-from .run import EntropyRun, run_entropy
-from .sites import MODULES, SITES
-from .tables import delta_table, entropy_table, summary_table
+The pipeline, one folder per step: ``data`` (files -> records -> token ids), ``model`` (load,
+generate), ``lens`` (sites, capture, unembed, reduce), ``tables`` (tidy rows), ``analysis``
+(convergence, plots, figures; no torch), ``runs`` (run folders), ``train`` (BuPO),
+``integrations`` (TRL) and ``bundled`` (shipped models, data and task).
+
+The names below are imported lazily (PEP 562): ``from internal_policy_lens import plots`` loads
+matplotlib but not torch; ``load_model`` loads torch when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DataError",
-    "EntropyConfig",
-    "EntropyRun",
-    "GenerationConfig",
-    "LENSES",
-    "MODULES",
-    "SITES",
-    "SUPPORTED_ARCHITECTURES",
-    "ModelLoadError",
-    "PolicyModel",
-    "capture",
-    "delta_table",
-    "entropy_table",
-    "load_model",
-    "read_records",
-    "run_entropy",
-    "summary_table",
-]
+# public name -> (module, attribute); attribute None means the module itself
+_EXPORTS: dict[str, tuple[str, str | None]] = {
+    "BupoConfig": ("config", "BupoConfig"),
+    "CompareConfig": ("config", "CompareConfig"),
+    "ConvergenceConfig": ("config", "ConvergenceConfig"),
+    "DataError": ("data.records", "DataError"),
+    "EntropyConfig": ("config", "EntropyConfig"),
+    "EntropyRun": ("runs.entropy", "EntropyRun"),
+    "EvalConfig": ("config", "EvalConfig"),
+    "GenerationConfig": ("config", "GenerationConfig"),
+    "LENSES": ("lens.unembed", "LENSES"),
+    "LensSettings": ("config", "LensSettings"),
+    "MODULES": ("lens.sites", "MODULES"),
+    "ModelLoadError": ("model.load", "ModelLoadError"),
+    "PolicyModel": ("model.load", "PolicyModel"),
+    "RunFolder": ("runs.io", "RunFolder"),
+    "SITES": ("lens.sites", "SITES"),
+    "SUPPORTED_ARCHITECTURES": ("model.load", "SUPPORTED_ARCHITECTURES"),
+    "capture": ("lens.capture", "capture"),
+    "convergence": ("analysis.convergence", None),
+    "convergence_summary": ("analysis.convergence", "convergence_summary"),
+    "delta_table": ("tables", "delta_table"),
+    "entropy_table": ("tables", "entropy_table"),
+    "load_model": ("model.load", "load_model"),
+    "open_run": ("runs.io", "open_run"),
+    "plots": ("analysis.plots", None),
+    "read_records": ("data.records", "read_records"),
+    "run_entropy": ("runs.entropy", "run_entropy"),
+    "suggest_layer": ("analysis.convergence", "suggest_layer"),
+    "summary_table": ("tables", "summary_table"),
+    "train_bupo": ("train.loop", "train_bupo"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = importlib.import_module(f"{__name__}.{module}")
+    if attribute is not None:
+        value = getattr(value, attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

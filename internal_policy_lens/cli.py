@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import MISSING, fields
 from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .config import EntropyConfig, GenerationConfig, bundled_data
+from .config import (
+    BupoConfig,
+    CompareConfig,
+    ConvergenceConfig,
+    EntropyConfig,
+    EvalConfig,
+    GenerationConfig,
+    PlotConfig,
+)
 
 app = typer.Typer(
     help="Internal policies of LLMs: per-layer and per-module entropy of the residual stream.",
@@ -18,11 +27,23 @@ app = typer.Typer(
 )
 
 
+def _default(cls, name: str) -> str:
+    """The default of a config field, as the help shows it (the dataclass is its only copy)."""
+    field = next(f for f in fields(cls) if f.name == name)
+    value = field.default if field.default is not MISSING else field.default_factory()
+    return str(value)
+
+
+def _config(cls, given: dict, **fixed):
+    """``cls`` with its defaults, replaced by the options the user gave (those not None)."""
+    return cls(**fixed, **{k: v for k, v in given.items() if v is not None})
+
+
 @contextlib.contextmanager
 def _user_errors():
     """Turn the errors a user can fix into one line on stderr and exit code 2."""
-    from .datasets import DataError
-    from .models import ModelLoadError
+    from .data.records import DataError
+    from .model.load import ModelLoadError
 
     try:
         yield
@@ -31,67 +52,103 @@ def _user_errors():
         raise typer.Exit(2) from None
 
 
+def _entropy_opt(name: str, help: str, **kw):
+    return typer.Option(help=help, show_default=_default(EntropyConfig, name), **kw)
+
+
+def _gen_opt(name: str, help: str, *decls: str, **kw):
+    return typer.Option(*decls, help=help, show_default=_default(GenerationConfig, name), **kw)
+
+
 @app.command()
 def entropy(
     model: Annotated[
-        str, typer.Option(help="Hub name, local folder or bundled model (see ipl models).")
-    ] = "ipl-tiny-qwen2",
+        str | None, _entropy_opt("model", "Hub name, local folder or bundled model (ipl models).")
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(help="JSONL, Parquet or CSV records (default: 100 bundled problems)."),
     ] = None,
-    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/entropy"),
+    out: Annotated[Path | None, _entropy_opt("out", "Run folder.")] = None,
     lens: Annotated[
-        str, typer.Option(help="raw (paper, no final norm) or norm (logit lens).")
-    ] = "raw",
+        str | None, _entropy_opt("lens", "raw (paper, no final norm) or norm (logit lens).")
+    ] = None,
     sites: Annotated[str | None, typer.Option(help="Comma-separated sites (default all).")] = None,
     layers: Annotated[
         str | None, typer.Option(help="Layers, e.g. '0,3,5-7' (default all).")
     ] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str | None, _entropy_opt("dtype", "auto, float32, bfloat16, float16.")] = None,
+    device: Annotated[str | None, _entropy_opt("device", "auto, cpu, cuda, cuda:N.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision of the model.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 4,
-    chunk_tokens: Annotated[int, typer.Option(min=1, help="Rows of logits held at once.")] = 1024,
+    batch_size: Annotated[
+        int | None, _entropy_opt("batch_size", "Sequences per forward pass.", min=1)
+    ] = None,
+    chunk_tokens: Annotated[
+        int | None, _entropy_opt("chunk_tokens", "Rows of logits held at once.", min=1)
+    ] = None,
     capture_mb: Annotated[
-        float,
-        typer.Option(min=0.0, help="MiB of captured site vectors held at once (layer groups)."),
-    ] = 512,
+        float | None,
+        _entropy_opt(
+            "capture_mb", "MiB of captured site vectors held at once (layer groups).", min=0.0
+        ),
+    ] = None,
     attention_mb: Annotated[
-        float,
-        typer.Option(
-            min=0.0, help="MiB of one layer's attention scores (longer: blocks of positions)."
+        float | None,
+        _entropy_opt(
+            "attention_mb",
+            "MiB of one layer's attention scores (longer: blocks of positions).",
+            min=0.0,
         ),
-    ] = 256,
+    ] = None,
     precision: Annotated[
-        str,
-        typer.Option(
-            help="exact (float32 products, float64 sums), fast (bf16/model-dtype products, "
-            "float32 sums) or auto (fast for bf16/fp16 models)."
+        str | None,
+        _entropy_opt(
+            "precision",
+            "exact (float32 products, float64 sums), fast (bf16/model-dtype products, "
+            "float32 sums) or auto (fast for bf16/fp16 models).",
         ),
-    ] = "auto",
+    ] = None,
     max_samples: Annotated[int | None, typer.Option(min=1, help="First N records only.")] = None,
     max_length: Annotated[
         int | None, typer.Option(min=2, help="Truncate sequences (default: model context).")
     ] = None,
     response_only: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--response-only/--all-tokens", help="Positions that predict response tokens, or all."
+            "--response-only/--all-tokens",
+            help="Positions that predict response tokens, or all.",
+            show_default="--response-only",
         ),
-    ] = True,
+    ] = None,
     extras: Annotated[
-        bool, typer.Option(help="Next-token log-prob/rank, KL to final, top-1 agreement.")
-    ] = False,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated response.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 1.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    samples_per_prompt: Annotated[int, typer.Option("-n", "--samples-per-prompt", min=1)] = 1,
-    gen_batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 32,
+        bool | None,
+        _entropy_opt("extras", "Next-token log-prob/rank, KL to final, top-1 agreement."),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, _gen_opt("max_new_tokens", "Longest generated response.", min=1)
+    ] = None,
+    temperature: Annotated[float | None, _gen_opt("temperature", "0 = greedy.", min=0.0)] = None,
+    top_p: Annotated[
+        float | None, _gen_opt("top_p", "Nucleus sampling mass.", min=0.0, max=1.0)
+    ] = None,
+    seed: Annotated[int | None, _gen_opt("seed", "Sampling seed.")] = None,
+    samples_per_prompt: Annotated[
+        int | None,
+        _gen_opt(
+            "samples_per_prompt", "Responses per prompt.", "-n", "--samples-per-prompt", min=1
+        ),
+    ] = None,
+    gen_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Prompts per generation batch.",
+            show_default=_default(GenerationConfig, "batch_size"),
+        ),
+    ] = None,
     overwrite: Annotated[
-        bool, typer.Option(help="Start over in a folder holding another run.")
-    ] = False,
+        bool | None, _entropy_opt("overwrite", "Start over in a folder holding another run.")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     shard: Annotated[
         str | None,
@@ -108,43 +165,24 @@ def entropy(
     i/n, or under `accelerate launch -m internal_policy_lens.cli entropy ...`, each process
     analyses every n-th batch and the last to finish merges (else: ipl merge OUT).
     """
-    from .run import describe, run_entropy
+    given = dict(locals())  # first line: only the options
+    from .runs.entropy import describe, run_entropy
 
-    cfg = EntropyConfig(
-        model=model,
-        data=str(data or bundled_data()),
-        out=str(out),
-        lens=lens,
+    names = {f.name for f in fields(GenerationConfig)}
+    generation = {k: given.pop(k) for k in names - {"batch_size"}}
+    generation["batch_size"] = given.pop("gen_batch_size")
+    given.pop("quiet")
+    given.update(
+        data=None if data is None else str(data),
+        out=None if out is None else str(out),
         sites=sites.split(",") if sites else None,
-        layers=layers,
-        dtype=dtype,
-        device=device,
-        precision=precision,
-        revision=revision,
-        batch_size=batch_size,
-        chunk_tokens=chunk_tokens,
-        capture_mb=capture_mb,
-        attention_mb=attention_mb,
-        max_samples=max_samples,
-        max_length=max_length,
-        response_only=response_only,
-        extras=extras,
-        overwrite=overwrite,
-        device_map=device_map,
-        shard=shard,
-        generation=GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            samples_per_prompt=samples_per_prompt,
-            seed=seed,
-            batch_size=gen_batch_size,
-        ),
+        generation=_config(GenerationConfig, generation),
     )
+    cfg = _config(EntropyConfig, given)
     with _user_errors():
         result = run_entropy(cfg, progress=not quiet)
     if result is None:
-        typer.echo(f"shard done: its batches are in {out}/parts/; the last shard merges")
+        typer.echo(f"shard done: its batches are in {cfg.out}/parts/; the last shard merges")
         return
     typer.echo(describe(result))
 
@@ -152,8 +190,7 @@ def entropy(
 @app.command()
 def merge(out: Annotated[Path, typer.Argument(help="Run folder of sharded ipl entropy.")]) -> None:
     """Join the parts written by `ipl entropy --shard i/n` processes into the run's tables."""
-    from .run import describe
-    from .shard import merge_run
+    from .runs.entropy import describe, merge_run
 
     with _user_errors():
         result = merge_run(out)
@@ -168,27 +205,22 @@ def make_tiny(
     seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
 ) -> None:
     """Write a tiny randomly initialised model (real architecture config, character tokenizer)."""
-    from .tiny import make_tiny_model
+    from .bundled.tiny import make_tiny_model
 
     with _user_errors():
         folder = make_tiny_model(arch, out, seed=seed, n_layers=layers)
     typer.echo(f"wrote a random {arch} model with {layers} layers to {folder}/")
 
 
-def _convergence_defaults():
-    from .config import ConvergenceConfig
-
-    return ConvergenceConfig()
-
-
-_CONVERGENCE = _convergence_defaults()  # the defaults of --tau and --abrupt-share
 _TAU_HELP = "Integration band (nats): FFN ΔH > tau is exploration, < -tau convergence."
 
 
-def _convergence_config(**changes):
-    from dataclasses import replace
+def _convergence_opt(name: str, help: str, **kw):
+    return typer.Option(help=help, show_default=_default(ConvergenceConfig, name), **kw)
 
-    return replace(_CONVERGENCE, **changes)
+
+def _convergence_config(**given) -> ConvergenceConfig:
+    return _config(ConvergenceConfig, given)
 
 
 @app.command()
@@ -200,11 +232,10 @@ def plot(
     site: Annotated[
         str | None, typer.Option(help="Site of the token heatmap [default: resid_post].")
     ] = None,
-    tau: Annotated[float, typer.Option(min=0.0, help=_TAU_HELP)] = _CONVERGENCE.tau,
+    tau: Annotated[float | None, _convergence_opt("tau", _TAU_HELP, min=0.0)] = None,
 ) -> None:
     """Write a run's figures to RUN/figures/ as PNG and PDF (figures without data are skipped)."""
-    from .config import PlotConfig
-    from .figures import plot_run
+    from .analysis.figures import plot_run
 
     cfg = PlotConfig(
         run=str(run), sample=sample, site=site, convergence=_convergence_config(tau=tau)
@@ -218,15 +249,16 @@ def plot(
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders written by ipl entropy.")],
     out: Annotated[Path, typer.Option(help="Folder for the figures and convergence.csv.")],
-    tau: Annotated[float, typer.Option(min=0.0, help=_TAU_HELP)] = _CONVERGENCE.tau,
+    tau: Annotated[float | None, _convergence_opt("tau", _TAU_HELP, min=0.0)] = None,
     abrupt_share: Annotated[
-        float,
-        typer.Option(min=0.0, max=1.0, help="Label abrupt from this share of late entropy drop."),
-    ] = _CONVERGENCE.abrupt_share,
+        float | None,
+        _convergence_opt(
+            "abrupt_share", "Label abrupt from this share of late entropy drop.", min=0.0, max=1.0
+        ),
+    ] = None,
 ) -> None:
     """Overlay runs on relative depth; write comparison.png/.pdf and convergence.csv."""
-    from .config import CompareConfig
-    from .figures import compare as compare_runs
+    from .analysis.figures import compare as compare_runs
 
     cfg = CompareConfig(
         runs=[str(r) for r in runs],
@@ -242,13 +274,13 @@ def compare(
 @app.command("suggest-layer")
 def suggest_layer(
     run: Annotated[Path, typer.Argument(help="Run folder written by ipl entropy.")],
-    tau: Annotated[float, typer.Option(min=0.0, help=_TAU_HELP)] = _CONVERGENCE.tau,
+    tau: Annotated[float | None, _convergence_opt("tau", _TAU_HELP, min=0.0)] = None,
 ) -> None:
     """Print the BuPO layer of the paper's rule (last FFN exploration layer), with the evidence.
 
     Exits with code 1 when no layer qualifies (the run has no FFN exploration stage).
     """
-    from .figures import suggest_run_layer
+    from .analysis.figures import suggest_run_layer
 
     with _user_errors():
         folder, suggestion = suggest_run_layer(run, _convergence_config(tau=tau))
@@ -262,10 +294,6 @@ def suggest_layer(
 
 def _bupo_config(config_file: Path | None, given: dict):
     """BupoConfig from the TOML file (if any), then the options given on the command line."""
-    from dataclasses import fields
-
-    from .config import BupoConfig
-
     values = {}
     if config_file is not None:
         try:
@@ -284,35 +312,65 @@ def _bupo_config(config_file: Path | None, given: dict):
                 f"known: {', '.join(sorted(known))}"
             )
     values.update({k: v for k, v in given.items() if v is not None})
-    return BupoConfig(**values)
+    return _config(BupoConfig, values)
+
+
+def _bupo_opt(name: str, help: str, **kw):
+    return typer.Option(help=help, show_default=_default(BupoConfig, name), **kw)
 
 
 @app.command("train-bupo")
 def train_bupo(
-    model: Annotated[str | None, typer.Option(help="Start model (default ipl-tiny-qwen2).")] = None,
-    data: Annotated[str | None, typer.Option(help="Training records with answers.")] = None,
-    out: Annotated[str | None, typer.Option(help="Run folder (default runs/bupo).")] = None,
-    layer: Annotated[str | None, typer.Option(help="Internal layer k (0-based) or auto.")] = None,
-    iterative_steps: Annotated[
-        int | None, typer.Option(min=0, help="s_inter: IPA steps before GRPO (0 = plain GRPO).")
+    model: Annotated[str | None, _bupo_opt("model", "Start model.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Training records with answers (default: bundled arith_train.jsonl)."),
     ] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Total steps.")] = None,
-    group_size: Annotated[int | None, typer.Option(min=2, help="G: responses per prompt.")] = None,
-    prompts_per_step: Annotated[int | None, typer.Option(min=1)] = None,
-    mini_batch_size: Annotated[int | None, typer.Option(min=1)] = None,
-    updates_per_step: Annotated[int | None, typer.Option(min=1)] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(min=0.0)] = None,
-    grad_clip: Annotated[float | None, typer.Option(min=0.0)] = None,
-    clip_low: Annotated[float | None, typer.Option(min=0.0, help="eps_low.")] = None,
-    clip_high: Annotated[float | None, typer.Option(min=0.0, help="eps_high.")] = None,
-    temperature: Annotated[float | None, typer.Option(min=0.0)] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1)] = None,
-    aggregation: Annotated[str | None, typer.Option(help="token or sequence.")] = None,
-    kl_coef: Annotated[float | None, typer.Option(min=0.0, help="KL beta (default 0).")] = None,
-    lens: Annotated[str | None, typer.Option(help="Lens of pi^k: raw or norm.")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    save_every: Annotated[int | None, typer.Option(min=1)] = None,
+    out: Annotated[str | None, _bupo_opt("out", "Run folder.")] = None,
+    layer: Annotated[str | None, _bupo_opt("layer", "Internal layer k (0-based) or auto.")] = None,
+    iterative_steps: Annotated[
+        int | None,
+        _bupo_opt("iterative_steps", "s_inter: IPA steps before GRPO (0 = plain GRPO).", min=0),
+    ] = None,
+    steps: Annotated[int | None, _bupo_opt("steps", "Total steps.", min=1)] = None,
+    group_size: Annotated[
+        int | None, _bupo_opt("group_size", "G: responses per prompt.", min=2)
+    ] = None,
+    prompts_per_step: Annotated[
+        int | None, _bupo_opt("prompts_per_step", "Prompts per step.", min=1)
+    ] = None,
+    mini_batch_size: Annotated[
+        int | None, _bupo_opt("mini_batch_size", "Responses per optimiser step.", min=1)
+    ] = None,
+    updates_per_step: Annotated[
+        int | None, _bupo_opt("updates_per_step", "Passes over a step's rollouts.", min=1)
+    ] = None,
+    lr: Annotated[float | None, _bupo_opt("lr", "AdamW learning rate.")] = None,
+    weight_decay: Annotated[
+        float | None, _bupo_opt("weight_decay", "AdamW weight decay.", min=0.0)
+    ] = None,
+    grad_clip: Annotated[
+        float | None, _bupo_opt("grad_clip", "Gradient-norm clip.", min=0.0)
+    ] = None,
+    clip_low: Annotated[float | None, _bupo_opt("clip_low", "eps_low.", min=0.0)] = None,
+    clip_high: Annotated[float | None, _bupo_opt("clip_high", "eps_high.", min=0.0)] = None,
+    temperature: Annotated[
+        float | None, _bupo_opt("temperature", "Sampling temperature of the rollouts.", min=0.0)
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, _bupo_opt("max_new_tokens", "Longest response.", min=1)
+    ] = None,
+    aggregation: Annotated[
+        str | None, _bupo_opt("aggregation", "Loss aggregation: token or sequence.")
+    ] = None,
+    kl_coef: Annotated[float | None, _bupo_opt("kl_coef", "KL beta.", min=0.0)] = None,
+    lens: Annotated[str | None, _bupo_opt("lens", "Lens of pi^k: raw or norm.")] = None,
+    seed: Annotated[
+        int | None, _bupo_opt("seed", "Seed of prompts, sampling, mini-batches.")
+    ] = None,
+    save_every: Annotated[
+        int | None, _bupo_opt("save_every", "Checkpoint every N steps.", min=1)
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
     config: Annotated[Path | None, typer.Option(help="TOML file with the same fields.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -337,20 +395,21 @@ def train_bupo(
     if layer not in (None, "auto"):
         given["layer"] = int(layer) if layer.lstrip("-").isdigit() else layer
     with _user_errors():
-        run = _bupo_engine(engine, trl_option or [])
+        run = _trainer(engine, trl_option or [])
         folder = run(_bupo_config(config, given), progress=not quiet)
     typer.echo(f"training run written to {folder}/ (metrics.jsonl, checkpoints/)")
 
 
-def _bupo_engine(engine: str, trl_options: list[str]):
+def _trainer(engine: str, trl_options: list[str]):
+    """The training function of ``--engine``: the built-in loop or the TRL runner."""
     if engine == "builtin" and not trl_options:
-        from .train.bupo import train_bupo
+        from .train.loop import train_bupo
 
         return train_bupo
     if engine != "trl":
         raise ValueError(f"unknown engine '{engine}' (or --trl-option without --engine trl)")
     try:
-        from .integrations.trl_run import parse_overrides, train_bupo_trl
+        from .integrations.trl.run import parse_overrides, train_bupo_trl
     except ModuleNotFoundError as err:
         raise ValueError(
             f"--engine trl needs TRL ({err}); pip install 'internal-policy-lens[trl]'"
@@ -358,38 +417,41 @@ def _bupo_engine(engine: str, trl_options: list[str]):
     return partial(train_bupo_trl, overrides=parse_overrides(trl_options))
 
 
+def _eval_opt(name: str, help: str, **kw):
+    return typer.Option(help=help, show_default=_default(EvalConfig, name), **kw)
+
+
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Option(help="Model or checkpoint folder.")] = "ipl-tiny-qwen2",
+    model: Annotated[str | None, _eval_opt("model", "Model or checkpoint folder.")] = None,
     data: Annotated[
         Path | None, typer.Option(help="Problems with answers (default: bundled held-out set).")
     ] = None,
-    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("runs/eval"),
-    samples: Annotated[int, typer.Option(min=1, help="K: samples per problem.")] = 8,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
+    out: Annotated[Path | None, _eval_opt("out", "Results folder.")] = None,
+    samples: Annotated[int | None, _eval_opt("samples", "K: samples per problem.", min=1)] = None,
+    temperature: Annotated[
+        float | None, _eval_opt("temperature", "Sampling temperature (0 = greedy).", min=0.0)
+    ] = None,
+    top_p: Annotated[
+        float | None, _eval_opt("top_p", "Nucleus sampling mass.", min=0.0, max=1.0)
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, _eval_opt("max_new_tokens", "Longest response.", min=1)
+    ] = None,
     max_samples: Annotated[int | None, typer.Option(min=1, help="First N problems.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int | None, _eval_opt("seed", "Sampling seed.")] = None,
 ) -> None:
     """Sample K responses per problem; print Avg@K and unbiased Pass@k for k = 1, 2, 4, ..., K."""
-    from .config import EvalConfig, bundled_data
-    from .evaluate import evaluate
+    given = dict(locals())  # first line: only the options
+    from .train.evaluate import evaluate
 
-    cfg = EvalConfig(
-        model=model,
-        data=str(data or bundled_data()),
-        out=str(out),
-        samples=samples,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        max_samples=max_samples,
-        seed=seed,
-    )
+    given.update(data=None if data is None else str(data), out=None if out is None else str(out))
+    cfg = _config(EvalConfig, given)
     with _user_errors():
         table, metrics = evaluate(cfg)
-    typer.echo(f"{len(table)} problems, {samples} samples each ({out}/results.csv, metrics.json)")
+    typer.echo(
+        f"{len(table)} problems, {cfg.samples} samples each ({cfg.out}/results.csv, metrics.json)"
+    )
     for name, value in metrics.items():
         typer.echo(f"{name:>10}  {value:.4f}")
 
@@ -400,21 +462,21 @@ def plot_train(
     out: Annotated[Path, typer.Option(help="Where to write training.png/.pdf.")] = Path("figures"),
 ) -> None:
     """Reward, accuracy, entropy and response length against step, for one or several runs."""
-    from .train.curves import read_metrics, training_curves
+    from .analysis.figures import save_figure
+    from .analysis.plots import training_curves
+    from .train.folder import read_metrics
 
     with _user_errors():
         frames = {str(r): read_metrics(r) for r in runs}
-    out.mkdir(parents=True, exist_ok=True)
-    fig = training_curves(frames)
-    for suffix in ("png", "pdf"):
-        fig.savefig(out / f"training.{suffix}", dpi=200)
+    save_figure(training_curves(frames), out / "training")
     typer.echo(f"wrote {out}/training.png and training.pdf")
 
 
 @app.command()
 def models() -> None:
     """List the bundled models (usable as --model NAME offline) and where they live."""
-    from .models import BUNDLED_MODELS, bundled_path
+    from .bundled import BUNDLED_MODELS
+    from .model.load import bundled_path
 
     for name in BUNDLED_MODELS:
         with _user_errors():

@@ -1,17 +1,44 @@
-"""Configuration dataclasses, one per command; the only copy of the defaults."""
+"""Configuration dataclasses, one per command; the only copy of the defaults.
+
+The CLI's options default to None and replace only the fields the user gave, so every default
+lives here. Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from importlib import resources
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields, replace
 
-DEFAULT_DATA = "arith_demo.jsonl"
+from .bundled import DEFAULT_MODEL, bundled_data
 
 
-def bundled_data(name: str = DEFAULT_DATA) -> Path:
-    """Path of a data file shipped with the package."""
-    return Path(str(resources.files("internal_policy_lens") / "data" / name))
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of item ``index`` (a step, a generation batch) of a run seeded with ``seed``."""
+    return seed * 1_000_003 + index
+
+
+@dataclass(frozen=True)
+class LensSettings:
+    """How site vectors become statistics; travels as one object from a run to the reductions."""
+
+    lens: str = "raw"
+    """``raw`` (the paper's definition, no final norm) or ``norm`` (logit lens)."""
+    precision: str = "auto"
+    """``exact`` (float32 products, float64 reductions; float64 for a float64 model), ``fast``
+    (products in bf16, or the model's fp16, reductions in float32; several times faster on CPUs
+    with bf16 instructions, errors of a few hundredths of a nat) or ``auto`` (``fast`` for a
+    bf16/fp16 model, else ``exact``)."""
+    chunk_tokens: int = 1024
+    """Logits rows formed at once (the rows of every site of a chunk of tokens, stacked)."""
+    capture_mb: float = 512
+    """Bound (MiB) on the captured site vectors held at once; above it the layers are taken in
+    groups, one forward pass per group (same tables, more forward passes)."""
+    attention_mb: float = 256
+    """Bound (MiB, float32) on one layer's attention scores; above it the decoder runs over blocks
+    of positions with a key/value cache (same tables up to float rounding)."""
+
+    def update(self, **given) -> LensSettings:
+        """A copy with the fields that are given (not None) replaced."""
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass
@@ -36,13 +63,13 @@ class GenerationConfig:
 class EntropyConfig:
     """One ``ipl entropy`` run: which model, which data, which policies, where to write."""
 
-    model: str = "ipl-tiny-qwen2"
+    model: str = DEFAULT_MODEL
     """Hub name, local folder or bundled model (default: the bundled ipl-tiny-qwen2)."""
-    data: str = field(default_factory=bundled_data)
+    data: str = field(default_factory=lambda: str(bundled_data()))
     """JSONL, Parquet or CSV records (default: 100 bundled held-out arithmetic problems)."""
     out: str = "runs/entropy"
     """Run folder."""
-    lens: str = "raw"
+    lens: str = LensSettings.lens
     """``raw`` (the paper's definition, no final norm) or ``norm`` (logit lens)."""
     sites: list[str] | None = None
     """Sites to analyse (default: all eight)."""
@@ -56,19 +83,14 @@ class EntropyConfig:
     """Hub revision of the model."""
     batch_size: int = 4
     """Sequences per forward pass of the analysis."""
-    chunk_tokens: int = 1024
-    """Logits rows formed at once (the rows of every site of a chunk of tokens, stacked)."""
-    capture_mb: float = 512
-    """Bound (MiB) on the captured site vectors held at once; above it the layers are taken in
-    groups, one forward pass per group (same tables, more forward passes)."""
-    attention_mb: float = 256
-    """Bound (MiB, float32) on one layer's attention scores; above it the decoder runs over blocks
-    of positions with a key/value cache (same tables up to float rounding)."""
-    precision: str = "auto"
-    """Entropy engine: ``exact`` (float32 products, float64 reductions; float64 for a float64
-    model), ``fast`` (products in bf16, or the model's fp16, reductions in float32; several
-    times faster on CPUs with bf16 instructions, errors of a few hundredths of a nat) or
-    ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``)."""
+    chunk_tokens: int = LensSettings.chunk_tokens
+    """Logits rows formed at once (see :class:`LensSettings`)."""
+    capture_mb: float = LensSettings.capture_mb
+    """Bound (MiB) on the captured site vectors held at once (see :class:`LensSettings`)."""
+    attention_mb: float = LensSettings.attention_mb
+    """Bound (MiB) on one layer's attention scores (see :class:`LensSettings`)."""
+    precision: str = LensSettings.precision
+    """Precision of the products and reductions (see :class:`LensSettings`)."""
     max_samples: int | None = None
     """Analyse only the first N records."""
     max_length: int | None = None
@@ -86,6 +108,11 @@ class EntropyConfig:
     shard: str | None = None
     """'i/n': analyse only batches b with b % n == i (data parallel; the last shard to finish
     merges). Default: from accelerate's RANK/WORLD_SIZE under ``accelerate launch``, else all."""
+
+    @property
+    def settings(self) -> LensSettings:
+        """The lens settings of this run, as the one object the analysis takes."""
+        return LensSettings(**{f.name: getattr(self, f.name) for f in fields(LensSettings)})
 
     def identity(self) -> dict:
         """The fields that define the results; a resumed run must match them."""
@@ -140,7 +167,7 @@ class CompareConfig:
 class BupoConfig:
     """One ``ipl train-bupo`` run (paper Eq. 10). ``iterative_steps=0`` is plain GRPO."""
 
-    model: str = "ipl-tiny-qwen2"
+    model: str = DEFAULT_MODEL
     """Hub name, local folder or bundled model to start from."""
     data: str = field(default_factory=lambda: str(bundled_data("arith_train.jsonl")))
     """Training records with answers (JSONL, Parquet or CSV)."""
@@ -180,7 +207,7 @@ class BupoConfig:
     """Loss aggregation: token (the paper's code) or sequence."""
     kl_coef: float = 0.0
     """beta of the KL penalty to the initial model (0 = none, the paper's default)."""
-    lens: str = "raw"
+    lens: str = LensSettings.lens
     """Lens of the internal policy during IPA."""
     seed: int = 0
     """Seed of prompt order, sampling and mini-batch order."""
@@ -194,7 +221,7 @@ class BupoConfig:
 class EvalConfig:
     """One ``ipl eval`` run: K samples per problem, Avg@K and unbiased Pass@k."""
 
-    model: str = "ipl-tiny-qwen2"
+    model: str = DEFAULT_MODEL
     """Hub name, local folder, bundled model or a checkpoint folder of ``ipl train-bupo``."""
     data: str = field(default_factory=lambda: str(bundled_data("arith_heldout.jsonl")))
     """Problems with answers (JSONL, Parquet or CSV)."""
@@ -214,3 +241,50 @@ class EvalConfig:
     """Evaluate only the first N problems."""
     seed: int = 0
     """Sampling seed."""
+
+
+STEPS = {"qwen2": 1600, "llama": 1000}
+"""Steps of the bundled models: llama learns the task faster, and both should stay in the 30-80%
+greedy band that leaves room for RL."""
+
+
+@dataclass
+class PretrainConfig:
+    """One training run of a bundled model."""
+
+    out: str
+    """Folder to write the model into."""
+    arch: str = "qwen2"
+    """qwen2 or llama (qwen3 works too)."""
+    n_layers: int = 8
+    """Decoder layers."""
+    d_model: int = 128
+    """Residual width."""
+    n_heads: int = 4
+    """Attention heads."""
+    n_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    d_mlp: int = 512
+    """SwiGLU hidden width."""
+    steps: int = STEPS["qwen2"]
+    """Optimizer steps (the bundled models' steps per arch are STEPS)."""
+    batch_tokens: int = 4096
+    """Tokens per batch (whole problems, padded)."""
+    lr: float = 3e-3
+    """Peak learning rate (cosine decay to 10%)."""
+    warmup: int = 100
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    max_ops: int = 6
+    """Hardest difficulty (operations per problem)."""
+    max_value: int = 200
+    """Bound on every intermediate value."""
+    seed: int = 0
+    """Seed of the weights and the training problems."""
+    heldout: int = 420
+    """Held-out problems for the evaluation (drawn with seed 10_000, never trained on)."""
+    pass_k: int = 8
+    """Samples per problem for pass@k at temperature 1."""
+    bf16: bool = True
+    """bfloat16 autocast (about 10x faster on CPU)."""

@@ -1,4 +1,9 @@
-"""Tidy pandas tables: one row per (sample, position, layer, site), and what derives from them."""
+"""Tidy pandas tables: one row per (sample, position, layer, site), and what derives from them.
+
+:func:`entropy_table` is the pipeline in one call: records -> token ids (``data.encode``) ->
+captured sites (``lens.capture``) -> logits (``lens.unembed``) -> statistics (``lens.reduce``)
+-> rows.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import Encoded, encode_inputs
-from .engine import site_stats
-from .hooks import SiteKey, capture, site_keys
-from .lens import EXTRA_COLUMNS, Lens
-from .models import PolicyModel
-from .sites import MODULES, SITES
+from .config import LensSettings
+from .data.encode import Encoded, encode_inputs
+from .lens.capture import captured_blocks, site_keys
+from .lens.reduce import site_stats
+from .lens.sites import MODULES, SITES, SiteKey
+from .lens.unembed import EXTRA_COLUMNS, Lens
+from .model.batch import pad
+from .model.load import PolicyModel
 
 TABLE_COLUMNS: tuple[str, ...] = ("sample_id", "position", "token_id", "layer", "site", "entropy")
 DELTA_COLUMNS: tuple[str, ...] = ("sample_id", "position", "layer", "module", "delta")
@@ -25,16 +32,17 @@ def entropy_table(
     model: PolicyModel,
     inputs: Sequence,
     *,
-    lens: str = "raw",
+    lens: str | None = None,
     sites: Iterable[str] | str | None = None,
     layers: Iterable[int] | str | None = None,
     response_only: bool = False,
     extras: bool = False,
     batch_size: int = 8,
-    chunk_tokens: int = 1024,
-    precision: str = "auto",
-    capture_mb: float = 512,
-    attention_mb: float = 256,
+    chunk_tokens: int | None = None,
+    precision: str | None = None,
+    capture_mb: float | None = None,
+    attention_mb: float | None = None,
+    settings: LensSettings | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Entropy (nats) of every internal policy at every position.
@@ -43,7 +51,7 @@ def entropy_table(
         model: from :func:`load_model`.
         inputs: token-id lists (used as given), strings (tokenized as given, no chat template)
             or records ``{"prompt", "response", "sample_id"}`` (chat template applied).
-        lens: ``raw`` (paper, no final norm) or ``norm`` (logit lens).
+        lens: ``raw`` (paper, no final norm; the default) or ``norm`` (logit lens).
         sites: subset of :data:`SITES` (default all).
         layers: 0-based layers (default all); ``final`` is always stored at layer L-1.
         response_only: keep the positions whose next token is a response token (records only).
@@ -51,19 +59,22 @@ def entropy_table(
             (KL(internal || final), nats) and ``top1_agrees``.
         batch_size: sequences per forward pass.
         chunk_tokens: logits rows formed at once (all sites of a chunk of tokens are stacked
-            into one product); bounds the extra memory.
+            into one product); bounds the extra memory. Default 1024.
         precision: ``exact`` (float32 products, float64 reductions; float64 for a float64
             model), ``fast`` (products in bf16, or the model's fp16, reductions in float32) or
-            ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``). See :class:`Lens`.
-        capture_mb: bound on the captured site vectors held at once (MiB). When a batch's
-            vectors of all sites would exceed it, the layers are taken in groups, one forward
-            pass per group, stopped after the group's last layer (same numbers, more forward
-            passes: with G groups about (G + 1) / 2 forward passes instead of one).
+            ``auto`` (the default: ``fast`` for a bf16/fp16 model, else ``exact``). See
+            :class:`~internal_policy_lens.lens.unembed.Lens`.
+        capture_mb: bound on the captured site vectors held at once (MiB, default 512). When a
+            batch's vectors of all sites would exceed it, the layers are taken in groups, one
+            forward pass per group, stopped after the group's last layer (same numbers, more
+            forward passes: with G groups about (G + 1) / 2 forward passes instead of one).
         attention_mb: bound on one layer's attention scores (MiB, counted in float32, which the
-            attention's softmax uses). When a batch's [heads, positions, positions] scores would
-            exceed it, the decoder runs over blocks of positions with a key/value cache, each
-            block attending to every earlier position (same numbers up to float rounding;
-            the captured vectors are then per block too).
+            attention's softmax uses; default 256). When a batch's [heads, positions, positions]
+            scores would exceed it, the decoder runs over blocks of positions with a key/value
+            cache, each block attending to every earlier position (same numbers up to float
+            rounding; the captured vectors are then per block too).
+        settings: all five of the above as one :class:`~internal_policy_lens.config.LensSettings`
+            (what ``ipl entropy`` passes); the keyword arguments given replace its fields.
         progress: show a progress bar.
 
     Returns:
@@ -71,28 +82,23 @@ def entropy_table(
         sample, position, layer and site. ``position`` is 0-based in the input sequence and
         ``token_id`` is the token at that position; the policy there predicts position + 1.
     """
+    settings = (settings or LensSettings()).update(
+        lens=lens,
+        precision=precision,
+        chunk_tokens=chunk_tokens,
+        capture_mb=capture_mb,
+        attention_mb=attention_mb,
+    )
     encoded = encode_inputs(model.tokenizer, inputs)
     if response_only and any(e.response_start is None for e in encoded):
         raise ValueError("response_only=True needs records with a 'response' for every input")
     keys = site_keys(model, sites, layers)
-    projector = Lens(model, lens, precision)
+    projector = Lens(model, settings.lens, settings.precision)
     parts = []
     bar = tqdm(total=len(encoded), unit="sample", disable=not progress)
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        parts.append(
-            _batch_table(
-                model,
-                projector,
-                batch,
-                keys,
-                response_only,
-                extras,
-                chunk_tokens,
-                capture_mb,
-                attention_mb,
-            )
-        )
+        parts.append(_batch_table(model, projector, batch, keys, settings, response_only, extras))
         bar.update(len(batch))
     bar.close()
     return pd.concat(parts, ignore_index=True)
@@ -104,15 +110,14 @@ def _batch_table(
     projector: Lens,
     batch: list[Encoded],
     keys: list[SiteKey],
+    settings: LensSettings,
     response_only: bool,
     extras: bool,
-    chunk_tokens: int,
-    capture_mb: float,
-    attention_mb: float,
 ) -> pd.DataFrame:
-    ids, mask = _pad_right(batch, model.tokenizer.pad_token_id, model.device)
+    ids, mask = pad(
+        [e.input_ids for e in batch], model.tokenizer.pad_token_id, model.device, side="right"
+    )
     sources = {key: _source(key) for key in keys}  # resid_pre[l] is resid_post[l-1]
-    final_key = ("final", model.n_layers - 1)
     distinct = list(dict.fromkeys(sources.values()))  # each distinct vector once
     keep = _kept_positions(batch, mask, response_only)  # [batch, pos]
     rows_b, rows_t = keep.nonzero(as_tuple=True)
@@ -121,36 +126,30 @@ def _batch_table(
     next_ids = torch.full_like(ids, -1)
     next_ids[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
     next_ids = next_ids[rows_b, rows_t] if extras else None
+    # With extras the final policy is needed for every site: it joins every layer group.
+    shared = ("final", model.n_layers - 1) if extras else None
     length = int(rows_t.max()) + 1  # later positions cannot change the kept ones (causal)
-    heads = model.config.num_attention_heads
-    span = position_block(len(batch), heads, length, attention_mb * 2**20)
-    per_key = len(batch) * span * model.d_model * torch.finfo(model.dtype).bits // 8
     stats: dict[SiteKey, dict[str, np.ndarray]] = {}
-    for group in _layer_groups(distinct, per_key, capture_mb * 2**20, final_key, extras):
-        # With extras the final policy is needed for every site: it is in every group.
-        stop = None if final_key in group else max(layer for _, layer in group) + 1
-        past = model.new_cache() if span < length else None
-        for start in range(0, length, span):
-            end = min(start + span, length)
-            with capture(model, keys=group) as acts:
-                model.forward(ids[:, start:end], mask[:, :end], stop_at_layer=stop, past=past)
-            sel = ((rows_t >= start) & (rows_t < end)).nonzero().squeeze(1)
-            if len(sel) == 0:
-                continue
-            part = site_stats(
-                projector,
-                acts,
-                group,
-                (rows_b[sel], rows_t[sel] - start),
-                next_ids=None if next_ids is None else next_ids[sel],
-                chunk_tokens=chunk_tokens,
-            )
-            del acts
-            at = sel.numpy()
-            for key, columns in part.items():
-                into = stats.setdefault(key, {})
-                for name, values in columns.items():
-                    into.setdefault(name, np.empty(len(rows_b), values.dtype))[at] = values
+    blocks = captured_blocks(model, ids, mask, distinct, settings, length=length, shared=shared)
+    for group, acts, start in blocks:
+        end = start + next(iter(acts.values())).shape[1]
+        sel = ((rows_t >= start) & (rows_t < end)).nonzero().squeeze(1)
+        if len(sel) == 0:
+            continue
+        part = site_stats(
+            projector,
+            acts,
+            group,
+            (rows_b[sel], rows_t[sel] - start),
+            next_ids=None if next_ids is None else next_ids[sel],
+            chunk_tokens=settings.chunk_tokens,
+        )
+        del acts
+        at = sel.numpy()
+        for key, columns in part.items():
+            into = stats.setdefault(key, {})
+            for name, values in columns.items():
+                into.setdefault(name, np.empty(len(rows_b), values.dtype))[at] = values
     n, k = len(rows_b), len(keys)
     frame = {
         "sample_id": np.repeat(
@@ -169,51 +168,9 @@ def _batch_table(
     return out
 
 
-def position_block(batch: int, heads: int, length: int, budget: float) -> int:
-    """Positions per block so that one layer's float32 attention scores fit ``budget`` bytes.
-
-    The scores of a block are [batch, heads, block, length] at most; ``length`` when they fit.
-    """
-    return max(1, min(length, int(budget // (batch * heads * length * 4))))
-
-
-def _layer_groups(
-    keys: list[SiteKey], per_key: int, budget: float, final_key: SiteKey, extras: bool
-) -> list[list[SiteKey]]:
-    """``keys`` in groups of consecutive layers, each capturing at most ``budget`` bytes.
-
-    A group holds at least one layer's keys. With extras, ``final_key`` joins every group.
-    """
-    by_layer: dict[int, list[SiteKey]] = {}
-    for key in sorted((k for k in keys if not (extras and k == final_key)), key=lambda k: k[1]):
-        by_layer.setdefault(key[1], []).append(key)
-    groups: list[list[SiteKey]] = []
-    current: list[SiteKey] = []
-    shared = [final_key] if extras else []
-    for layer_keys in by_layer.values():
-        if current and (len(current) + len(layer_keys) + len(shared)) * per_key > budget:
-            groups.append(current + shared)
-            current = []
-        current += layer_keys
-    if current or not groups:
-        groups.append(current + shared)
-    return groups
-
-
 def _source(key: SiteKey) -> SiteKey:
     site, layer = key
     return ("resid_post", layer - 1) if site == "resid_pre" and layer > 0 else key
-
-
-def _pad_right(batch: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Right padding: with causal attention a real token never sees the padding after it.
-    length = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, e in enumerate(batch):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[row, : len(e.input_ids)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _kept_positions(batch: list[Encoded], mask: torch.Tensor, response_only: bool) -> torch.Tensor:

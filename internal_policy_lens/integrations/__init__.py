@@ -1,1 +1,1 @@
-"""Bridges to distributed engines (optional extras): ``integrations.trl`` needs ``[trl]``."""
+"""Bridges to other training frameworks (TRL)."""

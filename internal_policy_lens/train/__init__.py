@@ -1,1 +1,1 @@
-"""Bottom-up Policy Optimization: rollouts, rewards, the pure loss and the training loop."""
+"""Bottom-up Policy Optimization: the loop, its pure loss, rollouts, rewards, checkpoints."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..models import PolicyModel, save_model
+from ..model.load import PolicyModel, save_model
 
 STATE = "trainer_state.pt"
 
@@ -34,12 +34,18 @@ def save_checkpoint(folder: Path, model: PolicyModel, opt, sched, step: int) -> 
     return folder
 
 
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a ``step-N`` or ``checkpoint-N`` folder (None for any other name)."""
+    number = folder.name.rpartition("-")[2]
+    return int(number) if number.isdigit() else None
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The complete checkpoint with the highest step under ``out/checkpoints``, or None."""
     found = [
-        (int(p.name.split("-")[1]), p)
+        (checkpoint_step(p), p)
         for p in (out / "checkpoints").glob("step-*")
-        if p.name.split("-")[1].isdigit() and (p / STATE).is_file()
+        if checkpoint_step(p) is not None and (p / STATE).is_file()
     ]
     return max(found)[1] if found else None
 

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import re
 
-from ..task import extract_boxed
-
 _STRIP = re.compile(r"\\left|\\right|\\!|\\,|\\;|\$|\s")
 _TEXT = re.compile(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}")
+
+
+def extract_boxed(text: str) -> str | None:
+    r"""The content of the last ``\boxed{...}`` in ``text``, or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin, len(text)):  # match braces, so \boxed{\frac{1}{2}} is whole
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth < 0:
+            return text[begin:i].strip()
+    return None
 
 
 def normalize(answer: str) -> str:

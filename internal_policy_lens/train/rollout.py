@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..data import encode_prompt
-from ..generate import generate, left_pad
-from ..hooks import capture
-from ..lens import Lens
-from ..models import PolicyModel
+from ..data.encode import encode_prompt
+from ..lens.capture import capture
+from ..lens.unembed import Lens
+from ..model.batch import pad, position_ids
+from ..model.generate import generate
+from ..model.load import PolicyModel
 from .loss import group_advantages
-from .rewards import math_reward
 
 
 @dataclass
@@ -47,13 +48,17 @@ def collect(
     model: PolicyModel,
     records: list[dict],
     *,
+    reward: Callable[[str, str], float],
     group_size: int,
     max_new_tokens: int,
     temperature: float,
     top_p: float = 1.0,
     seed: int = 0,
 ) -> RolloutBatch:
-    """Sample ``group_size`` responses per record from the full model and score them."""
+    """Sample ``group_size`` responses per record from the full model and score them.
+
+    ``reward(text, answer)`` scores a response against its record's answer.
+    """
     tokenizer = model.tokenizer
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in records for _ in range(group_size)]
     responses = generate(
@@ -66,9 +71,9 @@ def collect(
     )
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     answers = [r["answer"] for r in records for _ in range(group_size)]
-    rewards = torch.tensor([math_reward(t, a) for t, a in zip(texts, answers)])
+    rewards = torch.tensor([float(reward(t, a)) for t, a in zip(texts, answers)])
     advantages = group_advantages(rewards.view(len(records), group_size)).view(-1)
-    ids, mask = left_pad(
+    ids, mask = pad(
         [p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id, model.device
     )
     lengths = torch.tensor([len(r) for r in responses])
@@ -94,11 +99,10 @@ def token_logprobs(
     after layer k, so layers above k and the final norm take no part and get no gradient.
     """
     if layer is None:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = model.bridge(
             input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids(attention_mask),
             return_type="logits",
         )
     else:

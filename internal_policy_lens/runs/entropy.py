@@ -16,8 +16,6 @@ half-written file under a final name; rerunning the same command skips the finis
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,27 +28,30 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import EntropyConfig
-from .data import Encoded, encode_inputs, encode_prompt
-from .datasets import read_records, write_records_jsonl
-from .generate import generate
-from .lens import resolve_precision
-from .models import PolicyModel, load_model
+from ..config import EntropyConfig, derive_seed
+from ..data.encode import Encoded, encode_inputs, encode_prompt
+from ..data.records import read_records, write_records_jsonl
+from ..lens.sites import resolve_layers, resolve_sites
+from ..lens.unembed import resolve_precision
+from ..model.generate import generate_texts
+from ..model.load import PolicyModel, load_model
+from ..tables import delta_table, entropy_table, summary_table
+from .io import RunFolder, now, sha256, versions
 from .shard import (
     Shard,
-    merge_when_complete,
+    claim_merge,
+    missing_parts,
     owns,
     part_path,
+    read_meta,
     resolve_shard,
     shard_device,
     work_order,
     write_meta,
 )
-from .sites import resolve_layers, resolve_sites
-from .tables import delta_table, entropy_table, summary_table
 
-_OUTPUTS = ("tokens.parquet", "deltas.parquet", "summary.csv", "responses.jsonl", "run.json")
-_WORK_DIRS = ("parts", "generation")
+OUTPUTS = ("tokens.parquet", "deltas.parquet", "summary.csv", "responses.jsonl", "run.json")
+WORK_DIRS = ("parts", "generation")
 
 
 class RunConfigError(ValueError):
@@ -72,7 +73,7 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     """Run (or resume) an entropy analysis and write its run folder; return the tables.
 
     As one shard of several (``cfg.shard``, or under ``accelerate launch``) only this process's
-    batches are analysed (see :mod:`~internal_policy_lens.shard`); the shard that completes the
+    batches are analysed (see :mod:`~internal_policy_lens.runs.shard`); the shard that completes the
     last part merges and returns the tables, the others return None.
     """
     resolve_sites(cfg.sites)  # fail before any work
@@ -101,21 +102,16 @@ def finish_run(
     """Derive and write the tables and figures of a run whose token table is complete."""
     deltas = delta_table(tokens)
     summary = summary_table(tokens, deltas)
-    _atomic_parquet(tokens, out / "tokens.parquet")
-    _atomic_parquet(deltas, out / "deltas.parquet")
-    with _atomic(out / "summary.csv") as tmp:
-        summary.to_csv(tmp, index=False)
-    info.update(
-        status="complete",
-        finished=_now(),
-        rows=len(tokens),
-        samples=samples,
-        truncated=truncated,
-    )
-    _write_json(out / "run.json", info)
-    for name in _WORK_DIRS:
+    folder = RunFolder(out)
+    folder.write_parquet("tokens.parquet", tokens)
+    folder.write_parquet("deltas.parquet", deltas)
+    folder.write_csv("summary.csv", summary)
+    info.update(status="complete", finished=now(), rows=len(tokens), samples=samples)
+    info.update(truncated=truncated)
+    folder.write_json("run.json", info)
+    for name in WORK_DIRS:
         shutil.rmtree(out / name, ignore_errors=True)
-    from .figures import write_run_figures  # matplotlib is loaded only once a run is done
+    from ..analysis.figures import write_run_figures  # matplotlib loads once a run is done
 
     write_run_figures(out, tokens, deltas, summary, info)
     return EntropyRun(tokens, deltas, summary, out, info)
@@ -139,7 +135,7 @@ def describe(run: EntropyRun) -> str:
 
 def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
     precision = resolve_precision(cfg.precision, model.dtype)  # what "auto" means for this model
-    identity = {**cfg.identity(), "data_sha256": _sha256(cfg.data)}
+    identity = {**cfg.identity(), "data_sha256": sha256(cfg.data)}
     previous = out / "run.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
@@ -150,15 +146,15 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
                     f"{previous}: the folder holds a run with another configuration (differs in "
                     f"{', '.join(changed)}); pass --overwrite to start over or choose another --out"
                 )
-            for name in _OUTPUTS:
+            for name in OUTPUTS:
                 (out / name).unlink(missing_ok=True)
-            for name in _WORK_DIRS:
+            for name in WORK_DIRS:
                 shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     info = {
         "config": identity,
         "status": "running",
-        "started": _now(),
+        "started": now(),
         "command": sys.argv,
         "model": {
             "name_or_path": cfg.model,
@@ -171,9 +167,9 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
             "device": str(model.device),
         },
         "precision": precision,
-        "versions": _versions(),
+        "versions": versions(),
     }
-    _write_json(previous, info)
+    RunFolder(out).write_json("run.json", info)
     return info
 
 
@@ -192,17 +188,15 @@ def _ensure_responses(model, records, cfg, out, progress, shard: Shard | None) -
             part = folder / f"part-{number:05d}.json"
             if not part.is_file():
                 prompts = [encode_prompt(model.tokenizer, r["prompt"]) for r, _ in batch]
-                outputs = generate(
+                texts = generate_texts(
                     model,
                     prompts,
                     max_new_tokens=gen.max_new_tokens,
                     temperature=gen.temperature,
                     top_p=gen.top_p,
-                    seed=gen.seed * 1_000_003 + index // gen.batch_size,
+                    seed=derive_seed(gen.seed, number),
                 )
-                texts = model.tokenizer.batch_decode(outputs, skip_special_tokens=True)
-                with _atomic(part) as tmp:
-                    Path(tmp).write_text(json.dumps(texts))
+                RunFolder(folder).write_json(part.name, texts)
             for (record, k), text in zip(batch, json.loads(part.read_text())):
                 done[record["sample_id"], k] = text
             bar.update(len(batch))
@@ -249,19 +243,15 @@ def _analyse(model, records, cfg, out, progress, shard: Shard | None):
             table = entropy_table(
                 model,
                 batch,
-                lens=cfg.lens,
                 sites=cfg.sites,
                 layers=cfg.layers,
                 response_only=cfg.response_only,
                 extras=cfg.extras,
                 batch_size=cfg.batch_size,
-                chunk_tokens=cfg.chunk_tokens,
-                capture_mb=cfg.capture_mb,
-                attention_mb=cfg.attention_mb,
-                precision=cfg.precision,
+                settings=cfg.settings,
             )
             table.insert(3, "token", _token_text(model.tokenizer, table["token_id"]))
-            _atomic_parquet(table, part)
+            RunFolder(folder).write_parquet(part.name, table)
             n_tokens += sum(len(e.input_ids) for e in batch)
         if shard is None:
             parts.append(pd.read_parquet(part))
@@ -280,46 +270,35 @@ def _token_text(tokenizer, token_ids: pd.Series) -> pd.Series:
     return token_ids.map(text).astype("category")
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = ("internal-policy-lens", "torch", "transformers", "transformer-lens", "pandas")
-    found = {}
-    for name in names:
-        with contextlib.suppress(PackageNotFoundError):
-            found[name] = version(name)
-    found["python"] = sys.version.split()[0]
-    return found
+def merge_when_complete(out: Path) -> EntropyRun | None:
+    """Merge if every part exists and no other shard is merging; else None."""
+    parts = Path(out) / "parts"
+    meta = read_meta(parts)
+    if missing_parts(parts, meta["batches"]) or not claim_merge(parts):
+        return None
+    return merge_run(out)
 
 
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def merge_run(out: str | os.PathLike) -> EntropyRun:
+    """Join the shards' parts into the run's tables (tokens, deltas, summary); return the run.
 
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-@contextlib.contextmanager
-def _atomic(path: Path):
-    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
-    with _atomic(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    with _atomic(path) as tmp:
-        Path(tmp).write_text(json.dumps(payload, indent=2, default=str))
+    Raises:
+        ValueError: when the folder holds no shard parts or some are missing.
+    """
+    out = Path(out)
+    parts = out / "parts"
+    meta = read_meta(parts)
+    if meta is None:
+        state = "is already merged" if (out / "tokens.parquet").is_file() else "has no shard parts"
+        raise ValueError(f"{out}: {state}")
+    missing = missing_parts(parts, meta["batches"])
+    if missing:
+        raise ValueError(
+            f"{out}: {len(missing)} of {meta['batches']} batches are not analysed yet "
+            f"(first: {missing[:5]}); run the shards that own them, then merge again"
+        )
+    tokens = pd.concat(
+        [pd.read_parquet(part_path(parts, b)) for b in range(meta["batches"])], ignore_index=True
+    )
+    info = RunFolder(out).read_json("run.json")
+    return finish_run(out, info, tokens, meta["samples"], meta["truncated"])

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+SiteKey = tuple[str, int]
+"""A (site, layer) pair: the key of a captured vector and of a policy."""
+
 SITES: tuple[str, ...] = (
     "resid_pre",
     "attn_in",

@@ -1,8 +1,8 @@
 """Figures from the tidy tables: a DataFrame in, a matplotlib Figure out.
 
 Functions here never save, never load a model and never import torch; saving belongs to
-``internal_policy_lens.figures`` (run folders), the CLI and ``analyses/``. Figures are sized for
-a two-column paper (one column: 3.4 in, full width: 7 in) with 7-8 pt text, the seaborn
+``internal_policy_lens.analysis.figures`` (run folders), the CLI and ``analyses/``. Figures are
+sized for a two-column paper (one column: 3.4 in, full width: 7 in) with 7-8 pt text, the seaborn
 ``colorblind`` palette (Okabe-Ito hues), constrained layout and a white background. Each site keeps
 its colour in every figure, and a module shares the colour of its output site.
 """
@@ -40,6 +40,14 @@ _STAGE_SHADES = {
     "convergence": ("FFN convergence stage (ΔH < −{tau})", "///"),
 }
 SPREADS = {"std": "band: mean ± 1 s.d. over tokens", "iqr": "band: 25th–75th percentile"}
+PANELS = (
+    ("reward_mean", "mean reward"),
+    ("accuracy", "accuracy (reward = 1)"),
+    ("entropy_policy", "H(π_θ), sampled tokens (nats)"),
+    ("entropy_internal", "H(π^k), sampled tokens (nats)"),
+    ("response_length", "response length (tokens)"),
+)
+"""Panels of :func:`training_curves`: a ``metrics.jsonl`` column and its axis label."""
 _STYLE = {
     "font.size": 8,
     "axes.labelsize": 8,
@@ -320,4 +328,27 @@ def compare_runs(summaries: pd.DataFrame, *, late_depth: float = 0.9) -> Figure:
     for ax in axes[1:]:
         ax.axhline(0.0, color="0.25", lw=0.8, ls="--", zorder=1)
     _legend(fig, axes[0], "model (mean over tokens)", ncols=min(len(models) + 1, 4))
+    return fig
+
+
+@_styled
+def training_curves(runs: dict[str, pd.DataFrame]) -> Figure:
+    """Reward, accuracy, entropies and response length against step, one colour per run.
+
+    A dotted vertical line marks each run's switch from IPA to GRPO (its first ``grpo`` step).
+    """
+    colours = dict(zip(runs, sns.color_palette("colorblind", len(runs))))
+    fig = Figure(figsize=(TEXT_WIDTH, 4.2), layout="constrained", facecolor="white")
+    axes = fig.subplots(2, 3).ravel()
+    for ax, (column, label) in zip(axes, PANELS):
+        for name, frame in runs.items():
+            ax.plot(frame["step"], frame[column], color=colours[name], label=name)
+            switch = frame.loc[frame["phase"] == "grpo", "step"]
+            if (frame["phase"] == "ipa").any() and len(switch):
+                ax.axvline(switch.iloc[0] - 0.5, color=colours[name], linestyle=":", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+    axes[-1].axis("off")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles, labels, loc="center", title="run (dotted: IPA → GRPO switch)")
     return fig

@@ -1,21 +1,21 @@
 """Run folders -> figure files: what ``ipl plot``, ``ipl compare`` and ``ipl entropy`` write.
 
-The plotting itself is in :mod:`internal_policy_lens.plots` (tables in, figures out); this module
-reads run folders, picks what each figure needs and saves every figure as PNG (200 dpi) and PDF.
-It never imports torch.
+The plotting itself is in :mod:`internal_policy_lens.analysis.plots` (tables in, figures out);
+this module reads run folders (through :mod:`internal_policy_lens.runs.io`), picks what each
+figure needs and saves every figure as PNG (200 dpi) and PDF. It never imports torch.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from ..config import CompareConfig, ConvergenceConfig, PlotConfig
+from ..runs.io import RunFolder, model_name, open_run
 from . import plots
-from .config import CompareConfig, ConvergenceConfig, PlotConfig
 from .convergence import (
     LayerSuggestion,
     convergence_summary,
@@ -26,72 +26,6 @@ from .convergence import (
 
 FORMATS: tuple[str, ...] = ("png", "pdf")
 DPI = 200
-_TABLES = ("run.json", "summary.csv", "tokens.parquet", "deltas.parquet")
-
-
-@dataclass
-class RunFolder:
-    """A finished ``ipl entropy`` run folder; its tables are read on demand."""
-
-    path: Path
-    info: dict
-
-    @property
-    def name(self) -> str:
-        """The model's name (see :func:`model_name`)."""
-        return model_name(self.info)
-
-    @property
-    def n_layers(self) -> int:
-        """The model's number of decoder layers."""
-        return int(self.info["model"]["n_layers"])
-
-    @property
-    def lens(self) -> str:
-        """The lens of the run (``raw`` or ``norm``)."""
-        return str(self.info["config"]["lens"])
-
-    def summary(self) -> pd.DataFrame:
-        """``summary.csv``."""
-        return pd.read_csv(self.path / "summary.csv")
-
-    def tokens(self) -> pd.DataFrame:
-        """``tokens.parquet``."""
-        return pd.read_parquet(self.path / "tokens.parquet")
-
-    def deltas(self) -> pd.DataFrame:
-        """``deltas.parquet``."""
-        return pd.read_parquet(self.path / "deltas.parquet")
-
-
-def model_name(info: dict) -> str:
-    """The last part of a run's model hub name or folder: ``Qwen/Qwen3-4B`` -> ``Qwen3-4B``."""
-    return Path(str(info["model"]["name_or_path"]).rstrip("/")).name
-
-
-def open_run(path: str | Path) -> RunFolder:
-    """Check that ``path`` holds a finished run and read its ``run.json``.
-
-    Raises:
-        FileNotFoundError: the folder or one of its tables is missing.
-        ValueError: the run has not finished.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such run folder")
-    missing = [name for name in _TABLES if not (path / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{path}: not a finished run folder (missing {', '.join(missing)}); "
-            f"write one with `ipl entropy --out {path}`"
-        )
-    info = json.loads((path / "run.json").read_text())
-    if info.get("status") != "complete":
-        raise ValueError(
-            f"{path}: the run is not complete (status {info.get('status')!r}); "
-            "rerun the same `ipl entropy` command to finish it"
-        )
-    return RunFolder(path, info)
 
 
 @dataclass
@@ -110,13 +44,15 @@ class FigureReport:
 
 
 def save_figure(fig, stem: Path) -> list[Path]:
-    """Write ``fig`` as ``stem.png`` and ``stem.pdf``; return the paths."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(f".{fmt}") for fmt in FORMATS]
+    """Write ``fig`` as ``stem.png`` and ``stem.pdf`` (each atomically); return the paths."""
+    folder = RunFolder(stem.parent).create()
+    paths = []
     with warnings.catch_warnings():  # tokens in scripts the font lacks are drawn as boxes
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        for path in paths:
-            fig.savefig(path, dpi=DPI)
+        for fmt in FORMATS:
+            with folder.atomic(f"{stem.name}.{fmt}") as tmp:
+                fig.savefig(tmp, dpi=DPI, format=fmt)
+            paths.append(stem.with_name(f"{stem.name}.{fmt}"))
     return paths
 
 
@@ -239,14 +175,13 @@ def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
             row["note"] = str(err)
         rows.append(row)
     table = pd.DataFrame(rows)
-    table.to_csv(out / "convergence.csv", index=False)
-    report.written.append(out / "convergence.csv")
+    report.written.append(RunFolder(out).write_csv("convergence.csv", table))
     return report, table
 
 
 def suggest_run_layer(
     run_dir: str | Path, cfg: ConvergenceConfig | None = None
 ) -> tuple[RunFolder, LayerSuggestion]:
-    """``ipl suggest-layer``: the BuPO layer of a run folder (see ``convergence.suggest_layer``)."""
+    """``ipl suggest-layer``: the BuPO layer of a run folder (see :func:`suggest_layer`)."""
     run = open_run(run_dir)
     return run, suggest_layer(run.summary(), cfg)

@@ -9,21 +9,27 @@ with the optimiser, scheduler and RNG state beside them.
 
 from __future__ import annotations
 
-import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import BupoConfig
-from ..datasets import read_records
-from ..models import PolicyModel, load_model
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..config import BupoConfig, derive_seed
+from ..data.records import read_records
+from ..model.load import PolicyModel, load_model
+from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
+from .folder import append_metrics, start_training
+from .layer import resolve_layer
 from .loss import policy_loss
+from .rewards import math_reward
 from .rollout import collect, token_logprobs
+
+Reward = Callable[[str, str], float]
+"""A reward function: (response text, reference answer) -> reward in [0, 1]."""
 
 
 def phase_of(step: int, cfg: BupoConfig) -> str:
@@ -31,14 +37,16 @@ def phase_of(step: int, cfg: BupoConfig) -> str:
     return "ipa" if step < cfg.iterative_steps else "grpo"
 
 
-def train_bupo(cfg: BupoConfig, *, progress: bool = True) -> Path:
-    """Run (or resume) BuPO; return the run folder."""
+def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_reward) -> Path:
+    r"""Run (or resume) BuPO; return the run folder.
+
+    ``reward`` scores each sampled response against its record's answer (default: the last
+    ``\boxed{}`` must match, :func:`~internal_policy_lens.train.rewards.math_reward`).
+    """
     out = Path(cfg.out)
-    records = [r for r in read_records(cfg.data) if r["answer"] is not None]
-    if not records:
-        raise ValueError(f"{cfg.data}: no record has an answer; BuPO needs verifiable answers")
+    records = training_records(cfg)
     model = load_model(cfg.model, dtype="float32")
-    layer = _resolve_layer(cfg, model)
+    layer = resolve_layer(cfg, model)
     params = [p for p in model.bridge.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 1)
@@ -53,16 +61,17 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True) -> Path:
         k = layer if phase == "ipa" else None
         # --- rollouts from the full policy
         t0 = time.perf_counter()
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        prompts = rng.sample(records, min(cfg.prompts_per_step, len(records)))
+        seed = derive_seed(cfg.seed, step)
+        prompts = random.Random(seed).sample(records, min(cfg.prompts_per_step, len(records)))
         model.bridge.eval()
         batch = collect(
             model,
             prompts,
+            reward=reward,
             group_size=cfg.group_size,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
-            seed=cfg.seed * 1_000_003 + step,
+            seed=seed,
         )
         with torch.no_grad():
             internal_logp, entropy_k = _logprobs(model, batch, layer, cfg)
@@ -73,7 +82,7 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True) -> Path:
         # --- PPO-clip updates on pi^k (IPA) or pi_theta (GRPO)
         t0 = time.perf_counter()
         model.bridge.train()
-        stats = _update(model, opt, sched, batch, old, ref_logp, k, cfg, step)
+        stats = _update(model, opt, sched, batch, old, ref_logp, k, cfg, seed)
         model.bridge.eval()
         metrics = {
             "step": step,
@@ -89,7 +98,7 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True) -> Path:
             "rollout_time": rollout_time,
             "update_time": time.perf_counter() - t0,
         }
-        _append_metrics(out, metrics)
+        append_metrics(out, metrics)
         bar.set_postfix(
             phase=phase,
             reward=f"{metrics['reward_mean']:.2f}",
@@ -100,9 +109,17 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True) -> Path:
     return out
 
 
-def _update(model, opt, sched, batch, old_logp, ref_logp, k, cfg, step) -> dict:
+def training_records(cfg: BupoConfig) -> list[dict]:
+    """The records of ``cfg.data`` that have an answer (a reward needs one)."""
+    records = [r for r in read_records(cfg.data) if r["answer"] is not None]
+    if not records:
+        raise ValueError(f"{cfg.data}: no record has an answer; BuPO needs verifiable answers")
+    return records
+
+
+def _update(model, opt, sched, batch, old_logp, ref_logp, k, cfg, seed: int) -> dict:
     n = batch.input_ids.shape[0]
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    gen = torch.Generator().manual_seed(seed)  # mini-batch order
     totals: dict[str, float] = {}
     count = 0
     for _ in range(cfg.updates_per_step):
@@ -155,39 +172,6 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float((values * mask).sum() / mask.sum().clamp(min=1))
 
 
-def _resolve_layer(cfg: BupoConfig, model: PolicyModel) -> int:
-    if cfg.layer != "auto":
-        layer = int(cfg.layer)
-        if not 0 <= layer < model.n_layers:
-            raise ValueError(f"--layer {layer} is out of range (0..{model.n_layers - 1})")
-        return layer
-    return _auto_layer(cfg, model)
-
-
-def _auto_layer(cfg: BupoConfig, model: PolicyModel, n: int = 16) -> int:
-    """The paper's layer rule on a quick entropy pass over the first ``n`` training prompts."""
-    from ..convergence import suggest_layer
-    from ..evaluate import sample
-    from ..tables import entropy_table, summary_table
-
-    records = read_records(cfg.data, max_samples=n)
-    responses = sample(
-        model,
-        [r["prompt"] for r in records],
-        samples=1,
-        temperature=0.0,
-        max_new_tokens=cfg.max_new_tokens,
-    )
-    inputs = [{**r, "response": text[0]} for r, text in zip(records, responses)]
-    table = entropy_table(
-        model, inputs, lens=cfg.lens, sites=["mlp_in", "mlp_out"], response_only=True
-    )
-    suggestion = suggest_layer(summary_table(table))
-    if suggestion.layer is None:
-        raise ValueError(f"--layer auto: {suggestion.reason}; pass --layer K instead")
-    return suggestion.layer
-
-
 def _reference_model(cfg: BupoConfig) -> PolicyModel | None:
     if cfg.kl_coef <= 0:
         return None
@@ -201,49 +185,8 @@ def _start(cfg, out, model, opt, sched, layer) -> int:
     config = {**asdict(cfg), "layer": layer}
     config.pop("resume")
     checkpoint = latest_checkpoint(out)
+    step = None if checkpoint is None else checkpoint_step(checkpoint)
+    start_training(out, config, resume=cfg.resume, resume_step=step)
     if cfg.resume and checkpoint is not None:
-        check_resume_config(out, config)
-        step = load_checkpoint(checkpoint, model, opt, sched)
-        _truncate_metrics(out, step)
-        return step
-    if (out / "metrics.jsonl").exists() and not cfg.resume:
-        raise ValueError(
-            f"{out}: holds a training run; pass --resume to continue it or choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+        return load_checkpoint(checkpoint, model, opt, sched)
     return 0
-
-
-def check_resume_config(out: Path, config: dict) -> None:
-    """Refuse to resume a run whose ``config.json`` differs from ``config``, naming the fields."""
-    saved = json.loads((out / "config.json").read_text())
-    if saved != config:
-        changed = sorted(k for k in config if saved.get(k) != config[k])
-        raise ValueError(
-            f"{out / 'config.json'}: --resume with another configuration "
-            f"(differs in {', '.join(changed)})"
-        )
-
-
-def _append_metrics(out: Path, metrics: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(metrics) + "\n")
-        fh.flush()
-
-
-def _truncate_metrics(out: Path, step: int) -> None:
-    """Drop metric lines of steps after the checkpoint (they are redone)."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if _safe_step(ln) is not None and _safe_step(ln) < step]
-    path.write_text("".join(ln + "\n" for ln in kept))
-
-
-def _safe_step(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError):
-        return None

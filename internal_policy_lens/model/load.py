@@ -1,7 +1,8 @@
 """Load a causal LM and its tokenizer through transformer-lens 4's TransformerBridge.
 
 The bridge keeps the real Hugging Face weights (no norm folding: the raw lens needs the model's real
-unembedding) and exposes every site of :data:`~internal_policy_lens.sites.SITES` as a hook point.
+unembedding) and exposes every site of :data:`~internal_policy_lens.lens.sites.SITES` as a hook
+point.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..bundled import BUNDLED_MODELS, bundled_model_path
+from .batch import position_ids
+
 # Architectures whose sites, norms and unembedding the toolkit is tested on.
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "LlamaForCausalLM",
 )
-# Small reference models trained by analyses/train_bundled_models.py and shipped with the package.
-BUNDLED_MODELS: tuple[str, ...] = ("ipl-tiny-qwen2", "ipl-tiny-llama")
-DEFAULT_MODEL = "ipl-tiny-qwen2"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _DTYPES = {
     "float32": torch.float32,
@@ -129,9 +130,8 @@ class PolicyModel:
         cached positions and the block, and the block's keys and values are appended to
         ``past``. Each block's attention scores are then [block, all positions so far].
         """
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        position_ids = position_ids[:, -input_ids.shape[1] :]
-        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        positions = position_ids(attention_mask)[:, -input_ids.shape[1] :]
+        kwargs = {"attention_mask": attention_mask, "position_ids": positions}
         kwargs |= (
             {"use_cache": False} if past is None else {"past_key_values": past, "use_cache": True}
         )
@@ -259,7 +259,7 @@ def _resolve(name_or_path: str | os.PathLike, revision: str | None):
 
 def bundled_path(name: str) -> Path:
     """Folder of a bundled model (see :data:`BUNDLED_MODELS`)."""
-    folder = Path(__file__).resolve().parent / "bundled" / name
+    folder = bundled_model_path(name)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(
             f"the bundled model '{name}' is missing from {folder.parent}; reinstall the package "

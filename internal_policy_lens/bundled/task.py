@@ -10,7 +10,8 @@ and its worked solution writes one step per operation, then the boxed answer::
 
 Difficulty = the number of operations (1 to 6). Additions and subtractions take operands of one or
 two digits, multiplications a single digit from 2 to 9; every intermediate value stays in
-[0, ``max_value``], so no step needs more than three digits.
+[0, ``max_value``], so no step needs more than three digits. Responses are scored by the same
+checker as every other task, :func:`internal_policy_lens.train.rewards.math_reward`.
 """
 
 from __future__ import annotations
@@ -65,30 +66,6 @@ def make_problems(n: int, *, seed: int, max_ops: int = 6, max_value: int = 200) 
     """``n`` problems with difficulties cycling 1..max_ops, reproducible from ``seed``."""
     rng = random.Random(seed)
     return [make_problem(rng, 1 + i % max_ops, max_value) for i in range(n)]
-
-
-def extract_boxed(text: str) -> str | None:
-    r"""The content of the last ``\boxed{...}`` in ``text``, or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for i in range(begin, len(text)):  # match braces, so \boxed{\frac{1}{2}} is whole
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth < 0:
-            return text[begin:i].strip()
-    return None
-
-
-def check(response: str, answer: int | str) -> bool:
-    """Exact checker: the last boxed value is the answer, as an integer."""
-    boxed = extract_boxed(response)
-    if boxed is None:
-        return False
-    try:
-        return int(boxed.replace(" ", "")) == int(answer)
-    except ValueError:
-        return False
 
 
 def to_record(problem: Problem, index: int) -> dict:

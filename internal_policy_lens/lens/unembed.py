@@ -1,7 +1,7 @@
 """Site vector -> logits: the ``raw`` and ``norm`` lenses, in ``exact`` or ``fast`` precision.
 
 The reductions of the logits to entropies and the other per-token statistics live in
-:mod:`internal_policy_lens.engine`.
+:mod:`internal_policy_lens.lens.reduce`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .models import PolicyModel
+from ..model.load import PolicyModel
 
 LENSES: tuple[str, ...] = ("raw", "norm")
 PRECISIONS: tuple[str, ...] = ("auto", "exact", "fast")

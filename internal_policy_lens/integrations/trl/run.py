@@ -15,10 +15,13 @@ from pathlib import Path
 from transformers import TrainerCallback
 from trl import GRPOConfig
 
-from ..config import BupoConfig
-from ..datasets import read_records
-from ..models import load_causal_lm, load_model
-from .trl import BupoGRPOTrainer, grpo_config, math_reward_func, prompt_dataset
+from ...config import BupoConfig
+from ...model.load import load_causal_lm, load_model
+from ...train.checkpoint import checkpoint_step
+from ...train.folder import append_metrics, start_training
+from ...train.layer import resolve_layer
+from ...train.loop import training_records
+from .trainer import BupoGRPOTrainer, grpo_config, math_reward_func, prompt_dataset
 
 
 class _Metrics(TrainerCallback):
@@ -44,8 +47,7 @@ class _Metrics(TrainerCallback):
             "entropy_policy": None if ipa else entropy,
             **logs,
         }
-        with open(self.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(line) + "\n")
+        append_metrics(self.out, line)
 
 
 def train_bupo_trl(
@@ -58,13 +60,9 @@ def train_bupo_trl(
     ``final/``. ``reward_funcs`` default to :func:`math_reward_func`; ``overrides`` are
     GRPOConfig fields (e.g. ``use_vllm=True``), recorded in ``config.json``.
     """
-    from ..train.bupo import _resolve_layer
-
     out = Path(cfg.out)
-    records = [r for r in read_records(cfg.data) if r["answer"] is not None]
-    if not records:
-        raise ValueError(f"{cfg.data}: no record has an answer; BuPO needs verifiable answers")
-    layer = _resolve_layer(cfg, load_model(cfg.model, dtype="float32", device="cpu"))
+    records = training_records(cfg)
+    layer = resolve_layer(cfg, load_model(cfg.model, dtype="float32", device="cpu"))
     overrides = overrides or {}
     args = grpo_config(cfg, disable_tqdm=not progress, **overrides)
     per_rollout = args.steps_per_generation * args.num_iterations
@@ -103,22 +101,10 @@ def parse_overrides(items: list[str]) -> dict:
 
 def _start(cfg: BupoConfig, out: Path, layer: int, per_rollout: int, overrides: dict) -> bool:
     """Check or write ``config.json``; return whether to resume from TRL's latest checkpoint."""
-    from ..train.bupo import _truncate_metrics, check_resume_config
-
     config = {**asdict(cfg), "layer": layer, "engine": "trl", "trl_options": overrides}
     config.pop("resume")
-    done = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
-    first = int(os.environ.get("RANK", "0")) == 0  # the process that writes the run's files
-    if cfg.resume and done:
-        check_resume_config(out, config)
-        if first:  # steps after the checkpoint are redone
-            _truncate_metrics(out, max(done) // per_rollout)
-        return True
-    if (out / "metrics.jsonl").exists():
-        raise ValueError(
-            f"{out}: holds a training run; pass --resume to continue it or choose another --out"
-        )
-    if first:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-    return False
+    done = [checkpoint_step(p) for p in out.glob("checkpoint-*") if checkpoint_step(p)]
+    step = max(done) // per_rollout if done else None  # rollout steps finished
+    writer = int(os.environ.get("RANK", "0")) == 0  # the process that writes the run's files
+    start_training(out, config, resume=cfg.resume, resume_step=step, writer=writer)
+    return cfg.resume and step is not None

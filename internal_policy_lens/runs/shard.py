@@ -2,8 +2,9 @@
 
 The analysis of a run folder is a numbered list of batches (``batch_size`` sequences each); batch
 b belongs to shard ``b % n``. A shard writes its batches' token tables into the run folder's
-``parts/``, the same files a single process writes, so the merge concatenates the very tables a
-single process would have, in the same order: the results are identical row for row.
+``parts/``, the same files a single process writes, so the merge
+(:func:`internal_policy_lens.runs.entropy.merge_run`) concatenates the very tables a single
+process would have, in the same order: the results are identical row for row.
 
 Responses still to be generated are seeded per generation batch, so any process produces the
 same text for a batch; a shard generates its own generation batches first, then any batch no
@@ -17,11 +18,11 @@ import json
 import os
 from pathlib import Path
 
-import pandas as pd
+from .io import RunFolder
 
 Shard = tuple[int, int]  # (index i, count n)
-_LOCK = ".merging"
-_META = "meta.json"
+MERGING = ".merging"
+META = "meta.json"
 
 
 def resolve_shard(text: str | None) -> Shard | None:
@@ -62,57 +63,32 @@ def work_order(n_batches: int, shard: Shard | None) -> list[int]:
     return sorted(range(n_batches), key=lambda b: (not owns(shard, b), b))
 
 
-def write_meta(parts: Path, n_batches: int, samples: int, truncated: int) -> None:
-    """Record what a complete set of parts is, for the merge (same content from every shard)."""
-    from .run import _write_json  # atomic: written to a temporary file, then renamed
-
-    _write_json(parts / _META, {"batches": n_batches, "samples": samples, "truncated": truncated})
-
-
 def part_path(parts: Path, batch: int) -> Path:
     """The token table of one analysis batch."""
     return parts / f"tokens-{batch:05d}.parquet"
 
 
-def merge_when_complete(out: Path):
-    """Merge if every part exists and no other shard is merging; else None."""
-    parts = Path(out) / "parts"
-    meta = json.loads((parts / _META).read_text())
-    if _missing(parts, meta["batches"]):
-        return None
-    try:
-        os.close(os.open(parts / _LOCK, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return None
-    return merge_run(out)
+def read_meta(parts: Path) -> dict | None:
+    """What a complete set of parts is (written by :func:`write_meta`), or None before."""
+    path = parts / META
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def merge_run(out: str | os.PathLike):
-    """Join the shards' parts into the run's tables (tokens, deltas, summary); return the run.
-
-    Raises:
-        ValueError: when the folder holds no shard parts or some are missing.
-    """
-    from .run import finish_run
-
-    out = Path(out)
-    parts = out / "parts"
-    if not (parts / _META).is_file():
-        state = "is already merged" if (out / "tokens.parquet").is_file() else "has no shard parts"
-        raise ValueError(f"{out}: {state}")
-    meta = json.loads((parts / _META).read_text())
-    missing = _missing(parts, meta["batches"])
-    if missing:
-        raise ValueError(
-            f"{out}: {len(missing)} of {meta['batches']} batches are not analysed yet "
-            f"(first: {missing[:5]}); run the shards that own them, then merge again"
-        )
-    tokens = pd.concat(
-        [pd.read_parquet(part_path(parts, b)) for b in range(meta["batches"])], ignore_index=True
-    )
-    info = json.loads((out / "run.json").read_text())
-    return finish_run(out, info, tokens, meta["samples"], meta["truncated"])
+def write_meta(parts: Path, n_batches: int, samples: int, truncated: int) -> None:
+    """Record what a complete set of parts is, for the merge (same content from every shard)."""
+    meta = {"batches": n_batches, "samples": samples, "truncated": truncated}
+    RunFolder(parts).write_json(META, meta)
 
 
-def _missing(parts: Path, n_batches: int) -> list[int]:
+def missing_parts(parts: Path, n_batches: int) -> list[int]:
+    """The batches whose token table is not written yet."""
     return [b for b in range(n_batches) if not part_path(parts, b).is_file()]
+
+
+def claim_merge(parts: Path) -> bool:
+    """Whether this process is the one to merge (the first to create the merge marker)."""
+    try:
+        os.close(os.open(parts / MERGING, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True

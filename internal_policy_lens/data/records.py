@@ -12,17 +12,17 @@ message naming the file, the line or row, and the fix.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from ..runs.io import RunFolder
 
 __all__ = ["DataError", "read_records", "write_records_jsonl"]
 
@@ -123,23 +123,13 @@ def write_records_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.Pat
         ValueError: A record has no ``sample_id`` or ``prompt``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for index, record in enumerate(records):
-                if "sample_id" not in record or "prompt" not in record:
-                    raise ValueError(f"record {index} needs 'sample_id' and 'prompt' keys")
-                row = {key: record.get(key) for key in RECORD_KEYS}
-                fh.write(json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    lines = []
+    for index, record in enumerate(records):
+        if "sample_id" not in record or "prompt" not in record:
+            raise ValueError(f"record {index} needs 'sample_id' and 'prompt' keys")
+        row = {key: record.get(key) for key in RECORD_KEYS}
+        lines.append(json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n")
+    RunFolder(path.parent).create().write_text(path.name, "".join(lines))
     return path
 
 

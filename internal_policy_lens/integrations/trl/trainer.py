@@ -7,12 +7,12 @@ policy (Eq. 10). Rollouts always come from the full model, through TRL (transfor
 
 pi^k is computed *inside the model's own forward*: while :func:`internal_policy` is active the
 decoder stops after layer k and, under the raw lens, skips the final norm, so the LM head projects
-``resid_post[k]`` exactly as :class:`~internal_policy_lens.lens.Lens` does. Keeping it inside the
-forward is what DDP, DeepSpeed and FSDP need (they track the parameters a forward uses), and it
-keeps TRL's fused LM head (log-probs without materialising the logits). Layers above k and the
-final norm then take no part in the IPA forward and get no gradient; see docs/scale-out.md for
-how each distributed backend is configured for that. The ``ipl train-bupo --engine trl`` runner is
-:mod:`~internal_policy_lens.integrations.trl_run`.
+``resid_post[k]`` exactly as :class:`~internal_policy_lens.lens.unembed.Lens` does. Keeping it
+inside the forward is what DDP, DeepSpeed and FSDP need (they track the parameters a forward
+uses), and it keeps TRL's fused LM head (log-probs without materialising the logits). Layers above
+k and the final norm then take no part in the IPA forward and get no gradient; see
+docs/scale-out.md for how each distributed backend is configured for that. The ``ipl train-bupo
+--engine trl`` runner is :mod:`~internal_policy_lens.integrations.trl.run`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
-from ..config import BupoConfig
-from ..data import prompt_text
-from ..lens import LENSES
-from ..train.rewards import math_reward
+from ...config import BupoConfig
+from ...data.encode import prompt_text
+from ...lens.unembed import LENSES
+from ...train.rewards import math_reward
 
 # The TRL releases this module is tested with (pyproject's ``[trl]`` extra pins the same range).
 TESTED_TRL = ("1.16", "1.17")

@@ -25,9 +25,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from .lens import EXTRA_COLUMNS, Lens
+from .sites import SiteKey
+from .unembed import EXTRA_COLUMNS, Lens
 
-SiteKey = tuple[str, int]
 Stats = dict[str, torch.Tensor]
 
 # Work (logits elements) from which compiling pays for itself in one call: torch.compile takes
@@ -57,7 +57,7 @@ def site_stats(
         keys: the distinct sites to reduce; each vector is projected once.
         index: ``(batch_rows, positions)``, the rows to keep, ``[n]`` each.
         next_ids: ``[n]`` the actual next token (-1 where there is none). Given, adds the extras
-            (:data:`~internal_policy_lens.lens.EXTRA_COLUMNS`); then ``keys`` must hold the
+            (:data:`~internal_policy_lens.lens.unembed.EXTRA_COLUMNS`); then ``keys`` must hold the
             ``final`` site, against which ``kl_to_final`` and ``top1_agrees`` are taken.
         chunk_tokens: logits rows formed at once (the final policy's rows included).
         compiled: use the ``torch.compile``d reductions; ``None`` decides from the environment

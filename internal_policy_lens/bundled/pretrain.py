@@ -11,62 +11,21 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import encode_prompt
-from .task import Problem, make_problem, make_problems
+from ..config import PretrainConfig
+from ..data.encode import encode_prompt
+from ..model.batch import pad
+from ..model.generate import sample
+from ..model.load import load_model
+from ..train.evaluate import pass_at_k
+from ..train.rewards import math_reward
+from .task import Problem, make_problem, make_problems, write_jsonl
 from .tiny import char_tokenizer, tiny_config
-
-STEPS = {"qwen2": 1600, "llama": 1000}
-"""Steps of the bundled models: llama learns the task faster, and both should stay in the 30-80%
-greedy band that leaves room for RL."""
-
-
-@dataclass
-class PretrainConfig:
-    """One training run of a bundled model."""
-
-    out: str
-    """Folder to write the model into."""
-    arch: str = "qwen2"
-    """qwen2 or llama (qwen3 works too)."""
-    n_layers: int = 8
-    """Decoder layers."""
-    d_model: int = 128
-    """Residual width."""
-    n_heads: int = 4
-    """Attention heads."""
-    n_kv_heads: int = 2
-    """Key/value heads (grouped-query attention)."""
-    d_mlp: int = 512
-    """SwiGLU hidden width."""
-    steps: int = STEPS["qwen2"]
-    """Optimizer steps (the bundled models' steps per arch are STEPS)."""
-    batch_tokens: int = 4096
-    """Tokens per batch (whole problems, padded)."""
-    lr: float = 3e-3
-    """Peak learning rate (cosine decay to 10%)."""
-    warmup: int = 100
-    """Linear warm-up steps."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    max_ops: int = 6
-    """Hardest difficulty (operations per problem)."""
-    max_value: int = 200
-    """Bound on every intermediate value."""
-    seed: int = 0
-    """Seed of the weights and the training problems."""
-    heldout: int = 420
-    """Held-out problems for the evaluation (drawn with seed 10_000, never trained on)."""
-    pass_k: int = 8
-    """Samples per problem for pass@k at temperature 1."""
-    bf16: bool = True
-    """bfloat16 autocast (about 10x faster on CPU)."""
-
 
 HELDOUT_SEED = 10_000
 
@@ -84,8 +43,6 @@ def write_task_files(folder: str | Path, cfg: PretrainConfig | None = None) -> N
     ``arith_demo.jsonl`` holds the first 100 held-out problems (the default data of ``ipl
     entropy``). The RL training set (2000 problems, seed 20_000) leaves out every held-out question.
     """
-    from .task import write_jsonl
-
     cfg = cfg or PretrainConfig(out="")
     heldout = heldout_problems(cfg)
     exclude = {p.question for p in heldout}
@@ -178,14 +135,10 @@ def _batch(tokenizer, rng, cfg, exclude):
         response = tokenizer(problem.solution, add_special_tokens=False)["input_ids"] + [eos]
         rows.append((prompt, response))
         total += len(prompt) + len(response)
-    length = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), length), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), length), -100)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    ids, mask = pad([p + r for p, r in rows], tokenizer.pad_token_id, side="right")
+    labels = torch.full_like(ids, -100)  # the loss is on response tokens only
     for i, (p, r) in enumerate(rows):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
         labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
-        mask[i, : len(p) + len(r)] = 1
     return ids, labels, mask
 
 
@@ -209,8 +162,6 @@ def _save(model, tokenizer, cfg, facts, heldout) -> dict:
 
 def evaluate_saved(folder: str | Path) -> dict:
     """(Re-)evaluate a trained folder through load_model; rewrite training.json and the card."""
-    from .evaluate import accuracy_report
-
     folder = Path(folder)
     facts = json.loads((folder / "training.json").read_text())
     cfg = PretrainConfig(**facts["config"])
@@ -220,6 +171,48 @@ def evaluate_saved(folder: str | Path) -> dict:
     (folder / "training.json").write_text(json.dumps(facts, indent=2))
     (folder / "README.md").write_text(model_card(folder.name, facts))
     return facts
+
+
+def accuracy_report(
+    model_path: str, problems: list[Problem], *, pass_k: int = 8, seed: int = 0
+) -> dict:
+    """Greedy accuracy, pass@k and mean@k at temperature 1, overall and by difficulty."""
+    model = load_model(model_path, dtype="float32", device="cpu")
+    questions = [p.question for p in problems]
+    greedy = sample(model, questions, samples=1, temperature=0.0, max_new_tokens=96, seed=seed)
+    sampled = sample(
+        model, questions, samples=pass_k, temperature=1.0, max_new_tokens=96, seed=seed + 1
+    )
+    rows = []
+    for p, g, s in zip(problems, greedy, sampled):
+        correct = sum(math_reward(r, p.answer) == 1.0 for r in s)
+        rows.append(
+            (
+                p.difficulty,
+                math_reward(g[0], p.answer) == 1.0,
+                pass_at_k(pass_k, correct, pass_k),
+                correct / pass_k,
+            )
+        )
+    levels = sorted({r[0] for r in rows})
+    by = [_summarise(str(d), [r for r in rows if r[0] == d]) for d in levels]
+    return {
+        "problems": len(rows),
+        "pass_k": pass_k,
+        "by_difficulty": by,
+        "overall": _summarise("all", rows),
+    }
+
+
+def _summarise(label: str, rows: list[tuple]) -> dict:
+    n = len(rows)
+    return {
+        "difficulty": label,
+        "problems": n,
+        "greedy": sum(r[1] for r in rows) / n,
+        "pass_at_k": sum(r[2] for r in rows) / n,
+        "mean_at_k": sum(r[3] for r in rows) / n,
+    }
 
 
 def model_card(name: str, facts: dict) -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .config import ConvergenceConfig
+from ..config import ConvergenceConfig
 
 STAGES: tuple[str, ...] = ("exploration", "integration", "convergence")
 _CLASS_NAMES = {1: "exploration", 0: "integration", -1: "convergence"}

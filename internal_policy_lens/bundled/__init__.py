@@ -1,0 +1,28 @@
+"""What ships with the package: two small trained models, the arithmetic task and its data.
+
+``task`` (the verifiable arithmetic problems), ``tiny`` (random models from real architecture
+configs, and the character tokenizer) and ``pretrain`` (how the bundled models were trained) live
+here. This module itself only names the shipped files; it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+BUNDLED_MODELS: tuple[str, ...] = ("ipl-tiny-qwen2", "ipl-tiny-llama")
+"""Small reference models trained by ``analyses/train_bundled_models.py``."""
+DEFAULT_MODEL = BUNDLED_MODELS[0]
+"""The model of every command when none is given."""
+DEFAULT_DATA = "arith_demo.jsonl"
+"""The data of ``ipl entropy`` when none is given: 100 held-out arithmetic problems."""
+
+
+def bundled_data(name: str = DEFAULT_DATA) -> Path:
+    """Path of a data file shipped with the package (``bundled/data/NAME``)."""
+    return Path(str(resources.files(__name__) / "data" / name))
+
+
+def bundled_model_path(name: str) -> Path:
+    """Folder of a bundled model (see :data:`BUNDLED_MODELS`); it may be missing on disk."""
+    return Path(str(resources.files(__name__) / name))

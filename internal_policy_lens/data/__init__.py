@@ -1,0 +1,1 @@
+"""Data in: files -> records (``records``), records -> token ids (``encode``)."""

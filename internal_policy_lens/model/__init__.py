@@ -1,0 +1,1 @@
+"""The model: loading through TransformerBridge (``load``), padding (``batch``), generation."""

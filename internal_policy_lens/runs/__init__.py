@@ -1,0 +1,1 @@
+"""Run folders: one owner for reading and writing them (``io``), the entropy run, its shards."""

@@ -1,0 +1,199 @@
+"""The one owner of run folders on disk: atomic writes, hashes, versions, ``run.json``.
+
+Every command that writes a folder (``ipl entropy``, ``merge``, ``plot``, ``compare``,
+``train-bupo``, ``eval``) writes through :class:`RunFolder`: each file goes to a temporary name in
+the same folder, is flushed to disk, then renamed onto its final name, so an interrupted command
+never leaves a half-written file under a final name. Readers use :func:`open_run` for a finished
+``ipl entropy`` folder. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+
+RUN_TABLES: tuple[str, ...] = ("run.json", "summary.csv", "tokens.parquet", "deltas.parquet")
+"""The files of a finished ``ipl entropy`` run folder."""
+VERSIONED_PACKAGES: tuple[str, ...] = (
+    "internal-policy-lens",
+    "torch",
+    "transformers",
+    "transformer-lens",
+    "pandas",
+)
+
+
+class RunFolder:
+    """A folder of results: written atomically, read back by name.
+
+    For a finished ``ipl entropy`` run (see :func:`open_run`) it also reads the run's tables and
+    facts (:attr:`info` is ``run.json``).
+    """
+
+    def __init__(self, path: str | os.PathLike, info: dict | None = None) -> None:
+        self.path = Path(path)
+        self._info = info
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # --- writing
+
+    def create(self) -> RunFolder:
+        """Make the folder (and its parents) if it does not exist; return self."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @contextlib.contextmanager
+    def atomic(self, name: str | os.PathLike) -> Iterator[Path]:
+        """Yield a temporary path for ``name``; flush it and rename it onto ``name`` on success.
+
+        ``name`` is relative to the folder (or absolute). The temporary file is removed when the
+        block raises.
+        """
+        path = self.path / name
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_text(self, name: str | os.PathLike, text: str) -> Path:
+        """Write ``text`` (UTF-8) atomically; return the path."""
+        with self.atomic(name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        return self.path / name
+
+    def write_json(self, name: str | os.PathLike, payload) -> Path:
+        """Write ``payload`` as indented JSON atomically (non-JSON values as strings)."""
+        return self.write_text(name, json.dumps(payload, indent=2, default=str))
+
+    def write_parquet(self, name: str | os.PathLike, frame: pd.DataFrame) -> Path:
+        """Write ``frame`` as Parquet (no index) atomically."""
+        with self.atomic(name) as tmp:
+            frame.to_parquet(tmp, index=False)
+        return self.path / name
+
+    def write_csv(self, name: str | os.PathLike, frame: pd.DataFrame) -> Path:
+        """Write ``frame`` as CSV (no index) atomically."""
+        with self.atomic(name) as tmp:
+            frame.to_csv(tmp, index=False)
+        return self.path / name
+
+    def append_line(self, name: str | os.PathLike, payload: dict) -> None:
+        """Append ``payload`` as one JSON line (a log: a killed writer loses at most that line)."""
+        with open(self.path / name, "a") as fh:
+            fh.write(json.dumps(payload) + "\n")
+            fh.flush()
+
+    # --- reading
+
+    def read_json(self, name: str | os.PathLike):
+        """A JSON file of the folder."""
+        return json.loads((self.path / name).read_text())
+
+    def read_lines(self, name: str | os.PathLike) -> list[dict]:
+        """The JSON lines of a log written by :meth:`append_line` (blank lines skipped)."""
+        text = (self.path / name).read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    @property
+    def info(self) -> dict:
+        """``run.json``: how the run was made."""
+        if self._info is None:
+            self._info = self.read_json("run.json")
+        return self._info
+
+    @property
+    def name(self) -> str:
+        """The model's name (see :func:`model_name`)."""
+        return model_name(self.info)
+
+    @property
+    def n_layers(self) -> int:
+        """The model's number of decoder layers."""
+        return int(self.info["model"]["n_layers"])
+
+    @property
+    def lens(self) -> str:
+        """The lens of the run (``raw`` or ``norm``)."""
+        return str(self.info["config"]["lens"])
+
+    def summary(self) -> pd.DataFrame:
+        """``summary.csv``."""
+        return pd.read_csv(self.path / "summary.csv")
+
+    def tokens(self) -> pd.DataFrame:
+        """``tokens.parquet``."""
+        return pd.read_parquet(self.path / "tokens.parquet")
+
+    def deltas(self) -> pd.DataFrame:
+        """``deltas.parquet``."""
+        return pd.read_parquet(self.path / "deltas.parquet")
+
+
+def open_run(path: str | os.PathLike) -> RunFolder:
+    """Check that ``path`` holds a finished ``ipl entropy`` run and read its ``run.json``.
+
+    Raises:
+        FileNotFoundError: the folder or one of its tables is missing.
+        ValueError: the run has not finished.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run folder")
+    missing = [name for name in RUN_TABLES if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path}: not a finished run folder (missing {', '.join(missing)}); "
+            f"write one with `ipl entropy --out {path}`"
+        )
+    folder = RunFolder(path)
+    if folder.info.get("status") != "complete":
+        raise ValueError(
+            f"{path}: the run is not complete (status {folder.info.get('status')!r}); "
+            "rerun the same `ipl entropy` command to finish it"
+        )
+    return folder
+
+
+def model_name(info: dict) -> str:
+    """The last part of a run's model hub name or folder: ``Qwen/Qwen3-4B`` -> ``Qwen3-4B``."""
+    return Path(str(info["model"]["name_or_path"]).rstrip("/")).name
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (recorded with the data a run read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict:
+    """Versions of the packages that shape the results, and of Python."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in VERSIONED_PACKAGES:
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    found["python"] = sys.version.split()[0]
+    return found
+
+
+def now() -> str:
+    """The local time as ISO 8601 with its UTC offset."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

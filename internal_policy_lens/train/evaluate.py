@@ -1,0 +1,84 @@
+"""``ipl eval``: Avg@K and the unbiased Pass@k of a model on problems with answers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from math import comb
+
+import pandas as pd
+
+from ..config import EvalConfig
+from ..data.records import read_records
+from ..model.generate import sample
+from ..model.load import load_model
+from ..runs.io import RunFolder
+from .rewards import math_reward
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased Pass@k from ``n`` samples of which ``c`` are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 < k <= n:
+        raise ValueError(f"k={k} must be in 1..n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def pass_ks(samples: int) -> list[int]:
+    """The k of Pass@k to report: 1, 2, 4, ... below ``samples``, then ``samples``."""
+    ks, k = [], 1
+    while k < samples:
+        ks.append(k)
+        k *= 2
+    return ks + [samples]
+
+
+def evaluate(cfg: EvalConfig) -> tuple[pd.DataFrame, dict]:
+    """Sample ``cfg.samples`` responses per problem; write and return per-problem results.
+
+    Writes ``results.csv`` (one row per problem: correct count, Avg@K, Pass@k), ``samples.jsonl``
+    (every response with its reward) and ``metrics.json`` (the means, with the configuration).
+    """
+    records = read_records(cfg.data, max_samples=cfg.max_samples)
+    missing = [r["line"] for r in records if r["answer"] is None]
+    if missing:
+        raise ValueError(f"{cfg.data}:{missing[0]}: record has no answer; ipl eval needs answers")
+    model = load_model(cfg.model)
+    responses = sample(
+        model,
+        [r["prompt"] for r in records],
+        samples=cfg.samples,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=True,
+    )
+    rows, lines = [], []
+    for record, texts in zip(records, responses):
+        rewards = [math_reward(t, record["answer"]) for t in texts]
+        correct = int(sum(r == 1.0 for r in rewards))
+        row = {
+            "sample_id": record["sample_id"],
+            "answer": record["answer"],
+            "n": cfg.samples,
+            "correct": correct,
+            f"avg@{cfg.samples}": correct / cfg.samples,
+        }
+        row.update({f"pass@{k}": pass_at_k(cfg.samples, correct, k) for k in pass_ks(cfg.samples)})
+        rows.append(row)
+        lines += [
+            {"sample_id": record["sample_id"], "response": t, "reward": r}
+            for t, r in zip(texts, rewards)
+        ]
+    table = pd.DataFrame(rows)
+    metrics = {c: float(table[c].mean()) for c in table.columns if "@" in c}
+    out = RunFolder(cfg.out).create()
+    out.write_csv("results.csv", table)
+    out.write_text("samples.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+    out.write_json(
+        "metrics.json", {"metrics": metrics, "problems": len(table), "config": asdict(cfg)}
+    )
+    return table, metrics

@@ -1,0 +1,91 @@
+"""The run folder of a training run, for both trainers (built-in loop and TRL).
+
+``config.json`` holds the resolved configuration; ``metrics.jsonl`` one line per step. A run is
+resumed only with the same configuration, and the metric lines of steps after the checkpoint
+it resumes from are dropped (they are redone). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..runs.io import RunFolder
+
+METRICS = "metrics.jsonl"
+
+
+def start_training(
+    out: Path, config: dict, *, resume: bool, resume_step: int | None, writer: bool = True
+) -> None:
+    """Check a folder before training into it, or set it up for a fresh run.
+
+    Args:
+        out: the run folder.
+        config: the resolved configuration (``config.json``).
+        resume: whether the user asked to resume (``--resume``).
+        resume_step: the step of the folder's last checkpoint (None: there is none). A run
+            resumes when both are given, else it starts fresh.
+        writer: whether this process writes the run's files (rank 0 of several).
+
+    Raises:
+        ValueError: when resuming with another configuration, or when a fresh run would write
+            into a folder that holds a run.
+    """
+    folder = RunFolder(out)
+    if resume and resume_step is not None:
+        check_resume_config(out, config)
+        if writer:
+            _truncate_metrics(folder, resume_step)
+        return
+    if (out / METRICS).exists():
+        fix = "it has no checkpoint yet" if resume else "pass --resume to continue it"
+        raise ValueError(f"{out}: holds a training run; {fix}, or choose another --out")
+    if writer:
+        folder.create().write_json("config.json", config)
+
+
+def check_resume_config(out: Path, config: dict) -> None:
+    """Refuse to resume a run whose ``config.json`` differs from ``config``, naming the fields."""
+    saved = RunFolder(out).read_json("config.json")
+    if saved != config:
+        changed = sorted(k for k in config if saved.get(k) != config[k])
+        raise ValueError(
+            f"{out / 'config.json'}: --resume with another configuration "
+            f"(differs in {', '.join(changed)})"
+        )
+
+
+def append_metrics(out: Path, metrics: dict) -> None:
+    """Append one step's metrics to ``metrics.jsonl``."""
+    RunFolder(out).append_line(METRICS, metrics)
+
+
+def read_metrics(run: str | Path) -> pd.DataFrame:
+    """A run folder's ``metrics.jsonl`` as a DataFrame (one row per step)."""
+    path = Path(run) / METRICS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics; is {run} a folder of ipl train-bupo?")
+    lines = RunFolder(run).read_lines(METRICS)
+    if not lines:
+        raise ValueError(f"{path}: no step has finished yet")
+    return pd.DataFrame(lines)
+
+
+def _truncate_metrics(folder: RunFolder, step: int) -> None:
+    """Drop metric lines of steps at or after ``step`` (they are redone)."""
+    path = folder.path / METRICS
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if (_step(ln) is not None and _step(ln) < step)]
+    folder.write_text(METRICS, "".join(ln + "\n" for ln in kept))
+
+
+def _step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError):
+        return None
