@@ -4,7 +4,7 @@
     nice -n 10 python analyses/bench_bupo_update.py --qwen-dims 24 --layers-k 5 11 17 \
         --sequences 8 --tokens 64
 
-Each update is the trainer's own `_update` (one mini-batch, one AdamW step: the policy's
+Each update is the trainer's own `update_policy` (one mini-batch, one AdamW step: the policy's
 per-token log-probs with gradients, the PPO-clip loss, backward, clipping, the step) on the same
 fixed batch of random token sequences (half prompt, half response) with fixed advantages. Modes
 alternate within each repeat (GRPO, then IPA at each k); times are medians. The ratio IPA/GRPO is
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from internal_policy_lens import load_model  # noqa: E402
 from internal_policy_lens.config import BupoConfig  # noqa: E402
-from internal_policy_lens.train.bupo import _update  # noqa: E402
+from internal_policy_lens.train.loop import update_policy  # noqa: E402
 from internal_policy_lens.train.rollout import RolloutBatch, token_logprobs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,7 +80,7 @@ def main() -> None:
         k = modes[name]
         start = time.perf_counter()
         model.bridge.train()
-        _update(model, opt, sched, batch, old[name], None, k, cfg, 0)
+        update_policy(model, opt, sched, batch, old[name], None, k, cfg, 0)
         return time.perf_counter() - start
 
     for name in modes:  # warm-up (allocator, AdamW state)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from internal_policy_lens.config import BupoConfig, EvalConfig
-from internal_policy_lens.evaluate import evaluate
-from internal_policy_lens.train.bupo import train_bupo
+from internal_policy_lens.train.evaluate import evaluate
+from internal_policy_lens.train.loop import train_bupo
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, default=Path("runs/bupo_vs_grpo"))

@@ -12,8 +12,9 @@ Writes, into --out (default: the repository's figures/ folder):
 import argparse
 from pathlib import Path
 
+from internal_policy_lens.analysis.figures import compare, write_run_figures
 from internal_policy_lens.config import CompareConfig
-from internal_policy_lens.figures import compare, open_run, write_run_figures
+from internal_policy_lens.runs.io import open_run
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
 

@@ -5,7 +5,7 @@
 By default the two models train at the same time, each in its own process on one thread (on two
 cores that is faster than one after the other on two threads). Writes
 internal_policy_lens/bundled/ipl-tiny-{arch}/ (transformers folder + model card) and
-internal_policy_lens/data/arith_{heldout,demo,train}.jsonl.
+internal_policy_lens/bundled/data/arith_{heldout,demo,train}.jsonl.
 """
 
 import argparse
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "internal_policy_lens"
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--arch", nargs="+", default=["qwen2", "llama"])
-parser.add_argument("--steps", type=int, help="steps for every arch (default: pretrain.STEPS)")
+parser.add_argument("--steps", type=int, help="steps for every arch (default: config.STEPS)")
 parser.add_argument("--out", type=Path, default=ROOT / "bundled")
 parser.add_argument(
     "--threads",
@@ -46,12 +46,8 @@ if len(args.arch) > 1 and not args.sequential:
 
 import torch  # noqa: E402
 
-from internal_policy_lens.pretrain import (  # noqa: E402
-    STEPS,
-    PretrainConfig,
-    pretrain,
-    write_task_files,
-)
+from internal_policy_lens.bundled.pretrain import pretrain, write_task_files  # noqa: E402
+from internal_policy_lens.config import STEPS, PretrainConfig  # noqa: E402
 
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -66,4 +62,4 @@ for arch in args.arch:
         f"greedy {overall['greedy']:.1%}, pass@{cfg.pass_k} {overall['pass_at_k']:.1%}"
     )
 if not args.no_task_files:
-    write_task_files(ROOT / "data")
+    write_task_files(ROOT / "bundled" / "data")

@@ -1,4 +1,3 @@
-import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,20 +6,18 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import ARCHS, seed_everything, write_problems  # noqa: E402
 
 from internal_policy_lens import load_model  # noqa: E402
-from internal_policy_lens.tiny import make_tiny_model  # noqa: E402
+from internal_policy_lens.bundled.tiny import make_tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
 
-# Real architecture configs at tiny sizes: Qwen2 (q/k/v biases), Qwen3 (q/k norm), Llama with
-# untied and tied embeddings. Hidden and vocabulary sizes are not powers of two.
-ARCHS = {
-    "qwen2": dict(arch="qwen2"),
-    "qwen3": dict(arch="qwen3"),
-    "llama": dict(arch="llama", tie_embeddings=False),
-    "llama_tied": dict(arch="llama", tie_embeddings=True, d_model=60, n_heads=5, n_kv_heads=5),
-}
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state."""
+    seed_everything(0)
 
 
 @pytest.fixture(scope="session")
@@ -50,58 +47,7 @@ def models(tiny_dirs):
     return get
 
 
-TEXTS = [
-    "Solve 12+7*3. First 7*3=21, then 12+21=33. \\boxed{33}",
-    "What is 9-4?",
-    "Let x=5; x*x=25 and 25+1=26.",
-]
-
-
-def write_problems(path, n):
-    """``n`` records ``{"question": "What is i+i?", "answer": "2i"}`` as JSON Lines at ``path``."""
-    rows = [{"question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
 def data_file(tmp_path):
     """Twelve verifiable training problems."""
     return write_problems(tmp_path / "train.jsonl", 12)
-
-
-def tiny_bupo_config(tiny_dirs, data_file, out, **kw):
-    """A two-step BuPO config (one IPA step at layer 1, then GRPO) on the tiny qwen2 model."""
-    from internal_policy_lens.config import BupoConfig
-
-    base = dict(
-        model=str(tiny_dirs["qwen2"]),
-        data=str(data_file),
-        out=str(out),
-        layer=1,
-        iterative_steps=1,
-        steps=2,
-        group_size=4,
-        prompts_per_step=3,
-        mini_batch_size=6,
-        max_new_tokens=12,
-        lr=1e-2,
-        save_every=1,
-    )
-    return BupoConfig(**{**base, **kw})
-
-
-def assert_ipa_then_grpo_updates(start: dict, ipa: dict, grpo: dict) -> None:
-    """State dicts of the tiny 3-layer model before, after one IPA step at layer 1, after GRPO.
-
-    IPA leaves layer 2 and the final norm bit-identical and changes layers 0-1 and the LM head;
-    the GRPO step changes every layer. A key bias shifts every attention score of a head
-    equally: softmax ignores it, so its gradient is zero up to rounding, which Adam may or may
-    not turn into a step; it is left out.
-    """
-    keys = [k for k in start if not k.endswith("k_proj.bias")]
-    above = [k for k in keys if k.startswith("model.layers.2.")] + ["model.norm.weight"]
-    below = [k for k in keys if k.startswith(("model.layers.0.", "model.layers.1."))]
-    assert [k for k in above if not torch.equal(start[k], ipa[k])] == []
-    assert [k for k in below + ["lm_head.weight"] if torch.equal(start[k], ipa[k])] == []
-    assert [k for k in above + below if torch.equal(ipa[k], grpo[k])] == []

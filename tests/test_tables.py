@@ -2,24 +2,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TEXTS
+from helpers import TEXTS, naive_table
 from reference import entropy, hf_model, naive_logits, naive_sites
 
 from internal_policy_lens import SITES, delta_table, entropy_table, summary_table
 from internal_policy_lens.tables import TABLE_COLUMNS
-
-
-def _naive_table(folder, tokenizer, texts, lens):
-    """Reference entropies {(sample, position, layer, site): nats} in float64."""
-    model = hf_model(folder)
-    out = {}
-    for sample, text in enumerate(texts):
-        acts, _ = naive_sites(model, tokenizer(text)["input_ids"])
-        for (site, layer), x in acts.items():
-            h = entropy(naive_logits(model, x, site, lens))
-            for pos, value in enumerate(h.tolist()):
-                out[sample, pos, layer, site] = value
-    return out
 
 
 @pytest.mark.parametrize("lens", ["raw", "norm"])
@@ -27,7 +14,7 @@ def _naive_table(folder, tokenizer, texts, lens):
 def test_every_site_matches_naive_float64(arch, models, tiny_dirs, lens, dtype, tol):
     model = models(arch, dtype)
     table = entropy_table(model, TEXTS, lens=lens, batch_size=2, chunk_tokens=7)
-    naive = _naive_table(tiny_dirs[arch], model.tokenizer, TEXTS, lens)
+    naive = naive_table(tiny_dirs[arch], model.tokenizer, TEXTS, lens)
     assert list(table.columns) == list(TABLE_COLUMNS)
     got = {(r.sample_id, r.position, r.layer, r.site): r.entropy for r in table.itertuples()}
     assert got.keys() == naive.keys()
@@ -102,7 +89,7 @@ def test_capture_budget_groups_layers_with_the_same_table(arch, models, monkeypa
 def test_attention_budget_runs_position_blocks_with_the_same_table(
     arch, models, monkeypatch, extras, capture_mb
 ):
-    from internal_policy_lens.tables import position_block
+    from internal_policy_lens.lens.capture import position_block
 
     model = models(arch, "float64")
     whole = entropy_table(model, TEXTS, batch_size=3, extras=extras)
@@ -139,7 +126,7 @@ def test_attention_budget_runs_position_blocks_with_the_same_table(
 
 
 def test_logits_never_exceed_chunk_rows(models, monkeypatch):
-    from internal_policy_lens.lens import Lens
+    from internal_policy_lens.lens.unembed import Lens
 
     model = models("qwen3")
     seen = []

@@ -223,10 +223,10 @@ def model_card(name: str, facts: dict) -> str:
     lines = [
         f"# {name}",
         "",
-        f"A {cfg['arch']} causal LM trained from scratch by `internal_policy_lens.pretrain` "
-        "(`python analyses/train_bundled_models.py`) on the arithmetic task "
-        "of `internal_policy_lens.task` (problems: a start value and 1 to "
-        f"{cfg['max_ops']} operations applied left to right; additions/subtractions of 1-2 "
+        f"A {cfg['arch']} causal LM trained from scratch by "
+        "`internal_policy_lens.bundled.pretrain` (`python analyses/train_bundled_models.py`) on "
+        "the arithmetic task of `internal_policy_lens.bundled.task` (problems: a start value and "
+        f"1 to {cfg['max_ops']} operations applied left to right; additions/subtractions of 1-2 "
         f"digit numbers, multiplications by 2-9; every intermediate value in [0, "
         f"{cfg['max_value']}]). Character-level tokenizer with a ChatML template; the loss is "
         "on the response tokens only. Held-out questions are never trained on.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from math import comb
 
@@ -34,8 +35,13 @@ def pass_ks(samples: int) -> list[int]:
     return ks + [samples]
 
 
-def evaluate(cfg: EvalConfig) -> tuple[pd.DataFrame, dict]:
+def evaluate(
+    cfg: EvalConfig, *, reward: Callable[[str, str], float] = math_reward
+) -> tuple[pd.DataFrame, dict]:
     """Sample ``cfg.samples`` responses per problem; write and return per-problem results.
+
+    A response is correct when ``reward(response, answer)`` is 1 (default:
+    :func:`~internal_policy_lens.train.rewards.math_reward`, the last boxed answer matches).
 
     Writes ``results.csv`` (one row per problem: correct count, Avg@K, Pass@k), ``samples.jsonl``
     (every response with its reward) and ``metrics.json`` (the means, with the configuration).
@@ -58,7 +64,7 @@ def evaluate(cfg: EvalConfig) -> tuple[pd.DataFrame, dict]:
     )
     rows, lines = [], []
     for record, texts in zip(records, responses):
-        rewards = [math_reward(t, record["answer"]) for t in texts]
+        rewards = [reward(t, record["answer"]) for t in texts]
         correct = int(sum(r == 1.0 for r in rewards))
         row = {
             "sample_id": record["sample_id"],

@@ -82,7 +82,7 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
         # --- PPO-clip updates on pi^k (IPA) or pi_theta (GRPO)
         t0 = time.perf_counter()
         model.bridge.train()
-        stats = _update(model, opt, sched, batch, old, ref_logp, k, cfg, seed)
+        stats = update_policy(model, opt, sched, batch, old, ref_logp, k, cfg, seed)
         model.bridge.eval()
         metrics = {
             "step": step,
@@ -117,7 +117,8 @@ def training_records(cfg: BupoConfig) -> list[dict]:
     return records
 
 
-def _update(model, opt, sched, batch, old_logp, ref_logp, k, cfg, seed: int) -> dict:
+def update_policy(model, opt, sched, batch, old_logp, ref_logp, k, cfg, seed: int) -> dict:
+    """PPO-clip updates on a step's rollouts; ratio on pi^k when ``k`` is a layer. Mean stats."""
     n = batch.input_ids.shape[0]
     gen = torch.Generator().manual_seed(seed)  # mini-batch order
     totals: dict[str, float] = {}

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from internal_policy_lens import EntropyConfig, GenerationConfig, load_model, run_entropy
 from internal_policy_lens.cli import app
-from internal_policy_lens.shard import resolve_shard, work_order
+from internal_policy_lens.runs.shard import resolve_shard, work_order
 from internal_policy_lens.tables import entropy_table
 
 TABLES = ("tokens.parquet", "deltas.parquet", "summary.csv")
@@ -56,7 +56,7 @@ def test_shards_merge_into_the_single_process_tables(tiny_dirs, prompts, tmp_pat
     sharded = tmp_path / "two"
     assert run_entropy(_cfg(tiny_dirs, prompts, sharded, shard="1/2"), progress=False) is None
     with pytest.raises(ValueError, match="batches are not analysed yet"):
-        from internal_policy_lens.shard import merge_run
+        from internal_policy_lens.runs.entropy import merge_run
 
         merge_run(sharded)
     merged = run_entropy(_cfg(tiny_dirs, prompts, sharded, shard="0/2"), progress=False)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import TEXTS
+from helpers import TEXTS
 from reference import hf_model
 
 from internal_policy_lens import SITES, capture

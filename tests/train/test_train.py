@@ -1,13 +1,12 @@
-import itertools
 import json
 
 import pytest
 import torch
-from conftest import assert_ipa_then_grpo_updates, tiny_bupo_config
+from helpers import alternating_reward, assert_ipa_then_grpo_updates, tiny_bupo_config
 
 from internal_policy_lens.config import BupoConfig
 from internal_policy_lens.train import rollout
-from internal_policy_lens.train.bupo import phase_of, train_bupo
+from internal_policy_lens.train.loop import phase_of, train_bupo
 from internal_policy_lens.train.loss import group_advantages, policy_loss
 from internal_policy_lens.train.rewards import math_reward, normalize
 
@@ -84,13 +83,8 @@ def test_math_reward():
     assert normalize("$ 1,000 $") == "1000"
 
 
-_CALLS = itertools.count()
-
-
-def _parity_reward(text, answer):
-    # Random tiny models never write \boxed{}. Rewards alternate 1, 0, 1, 0 in call order, so
-    # every group (scored in order, even size) has reward variance, hence non-zero advantages.
-    return float(next(_CALLS) % 2 == 0)
+# Random tiny models never write \boxed{}: the tests pass alternating_reward (1, 0, 1, 0 in call
+# order), so every group (scored in order, even size) has reward variance, hence advantages.
 
 
 def _cfg(tiny_dirs, data_file, out, **kw):
@@ -130,11 +124,11 @@ def test_gradient_flow_ipa_vs_grpo(models):
 
 
 def test_ratio_is_exactly_one_on_first_minibatch(models, monkeypatch):
-    monkeypatch.setattr(rollout, "math_reward", _parity_reward)
     model = models("qwen3")
     batch = rollout.collect(
         model,
         [{"prompt": "1+1?", "answer": "2"}] * 2,
+        reward=alternating_reward(),
         group_size=3,
         max_new_tokens=8,
         temperature=1.0,
@@ -158,8 +152,9 @@ def _weights(folder):
 
 
 def test_two_steps_ipa_then_grpo(tiny_dirs, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(rollout, "math_reward", _parity_reward)
-    out = train_bupo(_cfg(tiny_dirs, data_file, tmp_path / "run"), progress=False)
+    out = train_bupo(
+        _cfg(tiny_dirs, data_file, tmp_path / "run"), progress=False, reward=alternating_reward()
+    )
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["phase"] for m in metrics] == ["ipa", "grpo"]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
@@ -173,13 +168,16 @@ def test_two_steps_ipa_then_grpo(tiny_dirs, data_file, tmp_path, monkeypatch):
 
 
 def test_resume_equals_uninterrupted(tiny_dirs, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(rollout, "math_reward", _parity_reward)
     cfg = dict(steps=4, save_every=2, iterative_steps=2)
-    full = train_bupo(_cfg(tiny_dirs, data_file, tmp_path / "full", **cfg), progress=False)
-    from internal_policy_lens.train import bupo
+    full = train_bupo(
+        _cfg(tiny_dirs, data_file, tmp_path / "full", **cfg),
+        progress=False,
+        reward=alternating_reward(),
+    )
+    from internal_policy_lens.train import loop
 
     calls = {"n": 0}
-    original = bupo._append_metrics
+    original = loop.append_metrics
 
     def crash(out, metrics):
         original(out, metrics)
@@ -187,14 +185,24 @@ def test_resume_equals_uninterrupted(tiny_dirs, data_file, tmp_path, monkeypatch
         if calls["n"] == 3:  # killed after step 2 (0-based); the last checkpoint is step-2
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(bupo, "_append_metrics", crash)
+    monkeypatch.setattr(loop, "append_metrics", crash)
     with pytest.raises(KeyboardInterrupt):
-        train_bupo(_cfg(tiny_dirs, data_file, tmp_path / "cut", **cfg), progress=False)
-    monkeypatch.setattr(bupo, "_append_metrics", original)
+        train_bupo(
+            _cfg(tiny_dirs, data_file, tmp_path / "cut", **cfg),
+            progress=False,
+            reward=alternating_reward(),
+        )
+    monkeypatch.setattr(loop, "append_metrics", original)
     with pytest.raises(ValueError, match="--resume"):
-        train_bupo(_cfg(tiny_dirs, data_file, tmp_path / "cut", **cfg), progress=False)
+        train_bupo(
+            _cfg(tiny_dirs, data_file, tmp_path / "cut", **cfg),
+            progress=False,
+            reward=alternating_reward(),
+        )
     resumed = train_bupo(
-        _cfg(tiny_dirs, data_file, tmp_path / "cut", resume=True, **cfg), progress=False
+        _cfg(tiny_dirs, data_file, tmp_path / "cut", resume=True, **cfg),
+        progress=False,
+        reward=alternating_reward(),
     )
     a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]

@@ -3,17 +3,14 @@ from math import comb
 
 import pandas as pd
 import pytest
-from conftest import write_problems
+from helpers import parity_reward, write_problems
 from typer.testing import CliRunner
 
 from internal_policy_lens.cli import app
-from internal_policy_lens.train import rewards, rollout
+from internal_policy_lens.config import EvalConfig
+from internal_policy_lens.train.evaluate import evaluate
 
 runner = CliRunner()
-
-
-def _parity(text, answer):
-    return float(sum(map(ord, text)) % 2 == 0)
 
 
 @pytest.fixture
@@ -21,25 +18,17 @@ def problems(tmp_path):
     return write_problems(tmp_path / "p.jsonl", 6)
 
 
-def test_eval_pass_at_k_by_hand(tiny_dirs, problems, tmp_path, monkeypatch):
-    monkeypatch.setattr(rewards, "math_reward", _parity)
+def test_eval_pass_at_k_by_hand(tiny_dirs, problems, tmp_path):
+    # The library call takes a reward with variance (a random model never boxes the answer);
+    # the command line runs the real reward and prints the same columns.
     out = tmp_path / "eval"
-    result = runner.invoke(
-        app,
-        [
-            "eval",
-            "--model",
-            str(tiny_dirs["qwen2"]),
-            "--data",
-            str(problems),
-            "--out",
-            str(out),
-            "--samples",
-            "6",
-            "--max-new-tokens",
-            "6",
-        ],
+    cfg = EvalConfig(
+        model=str(tiny_dirs["qwen2"]), data=str(problems), out=str(out), samples=6, max_new_tokens=6
     )
+    evaluate(cfg, reward=parity_reward)
+    args = ["eval", "--model", str(tiny_dirs["qwen2"]), "--data", str(problems)]
+    args += ["--out", str(tmp_path / "cli"), "--samples", "6", "--max-new-tokens", "6"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "results.csv")
     assert list(table.columns) == [
@@ -68,8 +57,7 @@ def test_eval_pass_at_k_by_hand(tiny_dirs, problems, tmp_path, monkeypatch):
     assert "avg@6" in result.output and "pass@4" in result.output
 
 
-def test_train_bupo_cli_with_toml(tiny_dirs, problems, tmp_path, monkeypatch):
-    monkeypatch.setattr(rollout, "math_reward", _parity)
+def test_train_bupo_cli_with_toml(tiny_dirs, problems, tmp_path):
     config = tmp_path / "bupo.toml"
     config.write_text(
         f'model = "{tiny_dirs["llama"]}"\ndata = "{problems}"\nlayer = 0\n'

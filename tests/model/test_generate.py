@@ -1,8 +1,8 @@
 import pytest
 import torch
-from conftest import TEXTS
+from helpers import TEXTS
 
-from internal_policy_lens.generate import generate
+from internal_policy_lens.model.generate import generate
 
 
 def _greedy_no_cache(model, prompt, steps):

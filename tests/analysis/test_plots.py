@@ -7,7 +7,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from internal_policy_lens import plots
-from internal_policy_lens.sites import MODULES, SITES
+from internal_policy_lens.lens.sites import MODULES, SITES
 
 PACKAGE = Path(plots.__file__).parent
 

@@ -8,9 +8,9 @@ import pytest
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
+from internal_policy_lens.analysis.convergence import suggest_layer
 from internal_policy_lens.cli import app
 from internal_policy_lens.config import ConvergenceConfig
-from internal_policy_lens.convergence import suggest_layer
 
 runner = CliRunner()
 RECORDS = [
@@ -149,7 +149,7 @@ def test_suggest_layer_says_when_there_is_none(runs, tmp_path):
 def test_make_figures_script(runs, tmp_path):
     import runpy
 
-    script = Path(__file__).parents[1] / "analyses" / "make_figures.py"
+    script = Path(__file__).parents[2] / "analyses" / "make_figures.py"
     main = runpy.run_path(str(script))["main"]
     main([str(runs["qwen2"]), str(runs["llama"]), "--out", str(tmp_path / "figs")])
     names = {p.name for p in (tmp_path / "figs").iterdir()}
@@ -159,7 +159,8 @@ def test_make_figures_script(runs, tmp_path):
 
 
 def test_run_without_rows_skips_every_figure(runs, tmp_path):
-    from internal_policy_lens.figures import open_run, write_run_figures
+    from internal_policy_lens.analysis.figures import write_run_figures
+    from internal_policy_lens.runs.io import open_run
 
     run = open_run(runs["llama"])
     tokens, deltas, summary = run.tokens(), run.deltas(), run.summary()

@@ -106,7 +106,7 @@ def test_cached_greedy_generation_matches_transformers(arch, models, tiny_dirs):
 
 
 def test_save_model_round_trip(arch, models, tmp_path):
-    from internal_policy_lens.models import save_model
+    from internal_policy_lens.model.load import save_model
 
     model = models(arch)
     folder = save_model(model, tmp_path / "saved")

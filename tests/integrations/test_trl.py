@@ -1,7 +1,6 @@
 """BuPO on TRL's GRPOTrainer: the overridden method, pi^k log-probs, phases, loss parity, CLI."""
 
 import inspect
-import itertools
 import json
 import os
 import subprocess
@@ -10,15 +9,15 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import assert_ipa_then_grpo_updates, tiny_bupo_config
+from helpers import alternating_reward, assert_ipa_then_grpo_updates, tiny_bupo_config
 from typer.testing import CliRunner
 
 from internal_policy_lens import entropy_table
 from internal_policy_lens.cli import app
 from internal_policy_lens.config import BupoConfig
-from internal_policy_lens.integrations import trl as bupo_trl
-from internal_policy_lens.integrations.trl_run import parse_overrides, train_bupo_trl
-from internal_policy_lens.models import load_causal_lm
+from internal_policy_lens.integrations.trl import trainer as bupo_trl
+from internal_policy_lens.integrations.trl.run import parse_overrides, train_bupo_trl
+from internal_policy_lens.model.load import load_causal_lm
 from internal_policy_lens.train.loss import policy_loss
 from internal_policy_lens.train.rollout import token_logprobs
 
@@ -51,10 +50,12 @@ def test_contract_of_the_overridden_trl_method():
 
 
 def _alternating():
-    calls = itertools.count()
+    # TRL's reward_funcs take batches: 1, 0, 1, 0... over the completions, so every group has
+    # reward variance.
+    reward = alternating_reward()
 
-    def parity(completions, **kwargs):  # 1, 0, 1, 0...: every group has reward variance
-        return [float(next(calls) % 2 == 0) for _ in completions]
+    def parity(completions, **kwargs):
+        return [reward(c, None) for c in completions]
 
     return parity
 
@@ -188,7 +189,7 @@ def _weights(folder):
 _DDP_SCRIPT = """
 import itertools, json, sys
 from internal_policy_lens.config import BupoConfig
-from internal_policy_lens.integrations.trl_run import train_bupo_trl
+from internal_policy_lens.integrations.trl.run import train_bupo_trl
 calls = itertools.count()
 def parity(completions, **kwargs):
     return [float(next(calls) % 2 == 0) for _ in completions]
@@ -244,9 +245,8 @@ def test_grpo_config_maps_the_builtin_fields():
         bupo_trl.grpo_config(BupoConfig(prompts_per_step=3, group_size=5), output_dir="unused")
 
 
-def test_cli_engine_trl(tiny_dirs, data_file, tmp_path, monkeypatch):
-    calls = itertools.count()
-    monkeypatch.setattr(bupo_trl, "math_reward", lambda text, answer: float(next(calls) % 2))
+def test_cli_engine_trl(tiny_dirs, data_file, tmp_path):
+    # Through the command line the reward is the real one (all 0 for a random model).
     out = tmp_path / "cli"
     args = ["train-bupo", "--engine", "trl", "--model", str(tiny_dirs["llama"])]
     args += ["--data", str(data_file), "--out", str(out), "--layer", "1", "--steps", "2"]
@@ -342,7 +342,7 @@ def test_cli_engine_errors(tiny_dirs, data_file, tmp_path, monkeypatch):
     assert unknown.exit_code == 2 and "unknown engine 'jax'" in unknown.output
     stray = CliRunner().invoke(app, [*args, "--trl-option", "beta=0.1"])
     assert stray.exit_code == 2 and "--trl-option without --engine trl" in stray.output
-    monkeypatch.setitem(sys.modules, "internal_policy_lens.integrations.trl_run", None)
+    monkeypatch.setitem(sys.modules, "internal_policy_lens.integrations.trl.run", None)
     missing = CliRunner().invoke(app, [*args, "--engine", "trl"])
     assert missing.exit_code == 2 and "needs TRL" in missing.output
     assert "pip install 'internal-policy-lens[trl]'" in missing.output

@@ -2,13 +2,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from internal_policy_lens.config import ConvergenceConfig
-from internal_policy_lens.convergence import (
+from internal_policy_lens.analysis.convergence import (
     abruptness,
     convergence_summary,
     find_stages,
     suggest_layer,
 )
+from internal_policy_lens.config import ConvergenceConfig
 
 
 def synthetic_summary(ffn, post, start=None):

@@ -4,15 +4,16 @@ import secrets
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
+from helpers import TEXTS
 from reference import entropy
 
-from internal_policy_lens import engine, entropy_table
+from internal_policy_lens import entropy_table
 from internal_policy_lens.config import EntropyConfig
-from internal_policy_lens.engine import chunk_plan, site_stats
-from internal_policy_lens.hooks import capture
-from internal_policy_lens.lens import Lens, resolve_precision
-from internal_policy_lens.run import run_entropy
+from internal_policy_lens.lens import reduce as engine
+from internal_policy_lens.lens.capture import capture
+from internal_policy_lens.lens.reduce import chunk_plan, site_stats
+from internal_policy_lens.lens.unembed import Lens, resolve_precision
+from internal_policy_lens.runs.entropy import run_entropy
 
 # Stated tolerances against float64 (nats), for the tiny models' vectors and vocabularies:
 # exact = float32 products and float64 reductions; fast = bf16 products, float32 reductions.
@@ -94,7 +95,7 @@ def test_engine_matches_float64_on_random_vectors(models, precision):
 
 
 def test_fast_table_within_tolerance_of_float64(models, tiny_dirs):
-    from test_tables import _naive_table
+    from helpers import naive_table as _naive_table
 
     model = models("llama")
     table = entropy_table(model, TEXTS, precision="fast", lens="norm")
@@ -247,13 +248,14 @@ def test_cli_precision_option(tiny_dirs, tmp_path):
 def test_cli_memory_bounds_reach_entropy_table(tiny_dirs, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from internal_policy_lens import run
     from internal_policy_lens.cli import app
+    from internal_policy_lens.runs import entropy as run
 
     seen, original = [], run.entropy_table
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["capture_mb"], kwargs["attention_mb"]))
+        settings = kwargs["settings"]  # the lens settings travel as one object
+        seen.append((settings.capture_mb, settings.attention_mb))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(run, "entropy_table", spy)

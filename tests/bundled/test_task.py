@@ -2,21 +2,26 @@ import random
 
 import pytest
 
-from internal_policy_lens.datasets import read_records
-from internal_policy_lens.evaluate import pass_at_k
-from internal_policy_lens.task import check, extract_boxed, make_problems, write_jsonl
+from internal_policy_lens.bundled.task import make_problems, write_jsonl
+from internal_policy_lens.data.records import read_records
+from internal_policy_lens.train.evaluate import pass_at_k
+from internal_policy_lens.train.rewards import extract_boxed, math_reward
+
+
+def _correct(response, answer):
+    return math_reward(response, answer) == 1.0
 
 
 def test_checker_accepts_every_solution_and_rejects_perturbed():
     problems = make_problems(2000, seed=1)
     rng = random.Random(0)
     for p in problems:
-        assert check(p.solution, p.answer)
-        assert not check(
+        assert _correct(p.solution, p.answer)
+        assert not _correct(
             p.solution.replace(f"{{{p.answer}}}", f"{{{p.answer + rng.choice([-1, 1, 10])}}}"),
             p.answer,
         )
-        assert not check(p.solution.replace("\\boxed", "\\fbox"), p.answer)
+        assert not _correct(p.solution.replace("\\boxed", "\\fbox"), p.answer)
     assert {p.difficulty for p in problems} == {1, 2, 3, 4, 5, 6}
 
 
@@ -38,7 +43,7 @@ def test_problems_are_seeded():
 def test_extract_boxed_takes_the_last():
     assert extract_boxed("\\boxed{1} then \\boxed{ 23 }") == "23"
     assert extract_boxed("no box") is None
-    assert not check("\\boxed{abc}", 3)
+    assert not _correct("\\boxed{abc}", 3)
 
 
 def test_task_file_reads_like_a_benchmark(tmp_path):

@@ -4,9 +4,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from internal_policy_lens.datasets import DataError, read_records, write_records_jsonl
+from internal_policy_lens.data.records import DataError, read_records, write_records_jsonl
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 KEYS = ["sample_id", "prompt", "response", "answer", "line"]
 
 
