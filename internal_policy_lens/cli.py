@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
+import warnings
 from dataclasses import MISSING, fields
 from functools import partial
 from pathlib import Path
@@ -24,7 +27,29 @@ app = typer.Typer(
     help="Internal policies of LLMs: per-layer and per-module entropy of the residual stream.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: "[trl]" and "[default: ...]" stay as written
 )
+
+
+class _Stderr(logging.Handler):
+    """Log records as plain lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr)
+
+
+@app.callback()
+def _messages() -> None:
+    """Show the package's notes and warnings as plain lines on stderr (no source lines)."""
+    log = logging.getLogger("internal_policy_lens")
+    log.handlers = [_Stderr()]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+    def one_line(message, category, filename, lineno, line=None):
+        return f"warning: {message}\n"
+
+    warnings.formatwarning = one_line
 
 
 def _default(cls, name: str) -> str:
@@ -34,67 +59,78 @@ def _default(cls, name: str) -> str:
     return str(value)
 
 
+def _opt(cls, name: str, help: str, *decls: str, **kw):
+    """An option whose help shows the default of ``cls``'s field ``name`` (given: None)."""
+    return typer.Option(*decls, help=f"{help}  [default: {_default(cls, name)}]", **kw)
+
+
 def _config(cls, given: dict, **fixed):
     """``cls`` with its defaults, replaced by the options the user gave (those not None)."""
     return cls(**fixed, **{k: v for k, v in given.items() if v is not None})
 
 
 @contextlib.contextmanager
-def _user_errors():
-    """Turn the errors a user can fix into one line on stderr and exit code 2."""
+def _user_errors(resume_hint: str | None = None):
+    """Turn the errors a user can fix into one line on stderr and exit code 2.
+
+    Ctrl-C exits with code 130 and says what was kept (``resume_hint``) when the command resumes.
+    """
     from .data.records import DataError
     from .model.load import ModelLoadError
+    from .runs.io import RunFolderError
 
     try:
         yield
-    except (DataError, ModelLoadError, ValueError, FileNotFoundError) as err:
+    except (DataError, ModelLoadError, RunFolderError, ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-
-
-def _entropy_opt(name: str, help: str, **kw):
-    return typer.Option(help=help, show_default=_default(EntropyConfig, name), **kw)
-
-
-def _gen_opt(name: str, help: str, *decls: str, **kw):
-    return typer.Option(*decls, help=help, show_default=_default(GenerationConfig, name), **kw)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted{'; ' + resume_hint if resume_hint else ''}", err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
 def entropy(
     model: Annotated[
-        str | None, _entropy_opt("model", "Hub name, local folder or bundled model (ipl models).")
+        str | None,
+        _opt(EntropyConfig, "model", "Hub name, local folder or bundled model (ipl models)."),
     ] = None,
     data: Annotated[
         Path | None,
         typer.Option(help="JSONL, Parquet or CSV records (default: 100 bundled problems)."),
     ] = None,
-    out: Annotated[Path | None, _entropy_opt("out", "Run folder.")] = None,
+    out: Annotated[Path | None, _opt(EntropyConfig, "out", "Run folder.")] = None,
     lens: Annotated[
-        str | None, _entropy_opt("lens", "raw (paper, no final norm) or norm (logit lens).")
+        str | None, _opt(EntropyConfig, "lens", "raw (paper, no final norm) or norm (logit lens).")
     ] = None,
     sites: Annotated[str | None, typer.Option(help="Comma-separated sites (default all).")] = None,
     layers: Annotated[
         str | None, typer.Option(help="Layers, e.g. '0,3,5-7' (default all).")
     ] = None,
-    dtype: Annotated[str | None, _entropy_opt("dtype", "auto, float32, bfloat16, float16.")] = None,
-    device: Annotated[str | None, _entropy_opt("device", "auto, cpu, cuda, cuda:N.")] = None,
+    dtype: Annotated[
+        str | None, _opt(EntropyConfig, "dtype", "auto, float32, bfloat16, float16.")
+    ] = None,
+    device: Annotated[str | None, _opt(EntropyConfig, "device", "auto, cpu, cuda, cuda:N.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision of the model.")] = None,
     batch_size: Annotated[
-        int | None, _entropy_opt("batch_size", "Sequences per forward pass.", min=1)
+        int | None, _opt(EntropyConfig, "batch_size", "Sequences per forward pass.", min=1)
     ] = None,
     chunk_tokens: Annotated[
-        int | None, _entropy_opt("chunk_tokens", "Rows of logits held at once.", min=1)
+        int | None, _opt(EntropyConfig, "chunk_tokens", "Rows of logits held at once.", min=1)
     ] = None,
     capture_mb: Annotated[
         float | None,
-        _entropy_opt(
-            "capture_mb", "MiB of captured site vectors held at once (layer groups).", min=0.0
+        _opt(
+            EntropyConfig,
+            "capture_mb",
+            "MiB of captured site vectors held at once (layer groups).",
+            min=0.0,
         ),
     ] = None,
     attention_mb: Annotated[
         float | None,
-        _entropy_opt(
+        _opt(
+            EntropyConfig,
             "attention_mb",
             "MiB of one layer's attention scores (longer: blocks of positions).",
             min=0.0,
@@ -102,7 +138,8 @@ def entropy(
     ] = None,
     precision: Annotated[
         str | None,
-        _entropy_opt(
+        _opt(
+            EntropyConfig,
             "precision",
             "exact (float32 products, float64 sums), fast (bf16/model-dtype products, "
             "float32 sums) or auto (fast for bf16/fp16 models).",
@@ -116,38 +153,40 @@ def entropy(
         bool | None,
         typer.Option(
             "--response-only/--all-tokens",
-            help="Positions that predict response tokens, or all.",
-            show_default="--response-only",
+            help="Positions that predict response tokens, or all.  [default: --response-only]",
         ),
     ] = None,
     extras: Annotated[
         bool | None,
-        _entropy_opt("extras", "Next-token log-prob/rank, KL to final, top-1 agreement."),
+        _opt(EntropyConfig, "extras", "Next-token log-prob/rank, KL to final, top-1 agreement."),
     ] = None,
     max_new_tokens: Annotated[
-        int | None, _gen_opt("max_new_tokens", "Longest generated response.", min=1)
+        int | None, _opt(GenerationConfig, "max_new_tokens", "Longest generated response.", min=1)
     ] = None,
-    temperature: Annotated[float | None, _gen_opt("temperature", "0 = greedy.", min=0.0)] = None,
+    temperature: Annotated[
+        float | None, _opt(GenerationConfig, "temperature", "0 = greedy.", min=0.0)
+    ] = None,
     top_p: Annotated[
-        float | None, _gen_opt("top_p", "Nucleus sampling mass.", min=0.0, max=1.0)
+        float | None, _opt(GenerationConfig, "top_p", "Nucleus sampling mass.", min=0.0, max=1.0)
     ] = None,
-    seed: Annotated[int | None, _gen_opt("seed", "Sampling seed.")] = None,
+    seed: Annotated[int | None, _opt(GenerationConfig, "seed", "Sampling seed.")] = None,
     samples_per_prompt: Annotated[
         int | None,
-        _gen_opt(
-            "samples_per_prompt", "Responses per prompt.", "-n", "--samples-per-prompt", min=1
+        _opt(
+            GenerationConfig,
+            "samples_per_prompt",
+            "Responses per prompt.",
+            "-n",
+            "--samples-per-prompt",
+            min=1,
         ),
     ] = None,
     gen_batch_size: Annotated[
         int | None,
-        typer.Option(
-            min=1,
-            help="Prompts per generation batch.",
-            show_default=_default(GenerationConfig, "batch_size"),
-        ),
+        _opt(GenerationConfig, "batch_size", "Prompts per generation batch.", min=1),
     ] = None,
     overwrite: Annotated[
-        bool | None, _entropy_opt("overwrite", "Start over in a folder holding another run.")
+        bool | None, _opt(EntropyConfig, "overwrite", "Start over in a folder holding another run.")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     shard: Annotated[
@@ -179,7 +218,8 @@ def entropy(
         generation=_config(GenerationConfig, generation),
     )
     cfg = _config(EntropyConfig, given)
-    with _user_errors():
+    hint = f"finished batches are kept in {cfg.out}/: rerun the same command to resume"
+    with _user_errors(hint):
         result = run_entropy(cfg, progress=not quiet)
     if result is None:
         typer.echo(f"shard done: its batches are in {cfg.out}/parts/; the last shard merges")
@@ -215,10 +255,6 @@ def make_tiny(
 _TAU_HELP = "Integration band (nats): FFN ΔH > tau is exploration, < -tau convergence."
 
 
-def _convergence_opt(name: str, help: str, **kw):
-    return typer.Option(help=help, show_default=_default(ConvergenceConfig, name), **kw)
-
-
 def _convergence_config(**given) -> ConvergenceConfig:
     return _config(ConvergenceConfig, given)
 
@@ -232,7 +268,7 @@ def plot(
     site: Annotated[
         str | None, typer.Option(help="Site of the token heatmap [default: resid_post].")
     ] = None,
-    tau: Annotated[float | None, _convergence_opt("tau", _TAU_HELP, min=0.0)] = None,
+    tau: Annotated[float | None, _opt(ConvergenceConfig, "tau", _TAU_HELP, min=0.0)] = None,
 ) -> None:
     """Write a run's figures to RUN/figures/ as PNG and PDF (figures without data are skipped)."""
     from .analysis.figures import plot_run
@@ -249,11 +285,15 @@ def plot(
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders written by ipl entropy.")],
     out: Annotated[Path, typer.Option(help="Folder for the figures and convergence.csv.")],
-    tau: Annotated[float | None, _convergence_opt("tau", _TAU_HELP, min=0.0)] = None,
+    tau: Annotated[float | None, _opt(ConvergenceConfig, "tau", _TAU_HELP, min=0.0)] = None,
     abrupt_share: Annotated[
         float | None,
-        _convergence_opt(
-            "abrupt_share", "Label abrupt from this share of late entropy drop.", min=0.0, max=1.0
+        _opt(
+            ConvergenceConfig,
+            "abrupt_share",
+            "Label abrupt from this share of late entropy drop.",
+            min=0.0,
+            max=1.0,
         ),
     ] = None,
 ) -> None:
@@ -274,7 +314,7 @@ def compare(
 @app.command("suggest-layer")
 def suggest_layer(
     run: Annotated[Path, typer.Argument(help="Run folder written by ipl entropy.")],
-    tau: Annotated[float | None, _convergence_opt("tau", _TAU_HELP, min=0.0)] = None,
+    tau: Annotated[float | None, _opt(ConvergenceConfig, "tau", _TAU_HELP, min=0.0)] = None,
 ) -> None:
     """Print the BuPO layer of the paper's rule (last FFN exploration layer), with the evidence.
 
@@ -315,61 +355,66 @@ def _bupo_config(config_file: Path | None, given: dict):
     return _config(BupoConfig, values)
 
 
-def _bupo_opt(name: str, help: str, **kw):
-    return typer.Option(help=help, show_default=_default(BupoConfig, name), **kw)
-
-
 @app.command("train-bupo")
 def train_bupo(
-    model: Annotated[str | None, _bupo_opt("model", "Start model.")] = None,
+    model: Annotated[str | None, _opt(BupoConfig, "model", "Start model.")] = None,
     data: Annotated[
         str | None,
         typer.Option(help="Training records with answers (default: bundled arith_train.jsonl)."),
     ] = None,
-    out: Annotated[str | None, _bupo_opt("out", "Run folder.")] = None,
-    layer: Annotated[str | None, _bupo_opt("layer", "Internal layer k (0-based) or auto.")] = None,
+    out: Annotated[str | None, _opt(BupoConfig, "out", "Run folder.")] = None,
+    layer: Annotated[
+        str | None, _opt(BupoConfig, "layer", "Internal layer k (0-based) or auto.")
+    ] = None,
     iterative_steps: Annotated[
         int | None,
-        _bupo_opt("iterative_steps", "s_inter: IPA steps before GRPO (0 = plain GRPO).", min=0),
+        _opt(
+            BupoConfig, "iterative_steps", "s_inter: IPA steps before GRPO (0 = plain GRPO).", min=0
+        ),
     ] = None,
-    steps: Annotated[int | None, _bupo_opt("steps", "Total steps.", min=1)] = None,
+    steps: Annotated[int | None, _opt(BupoConfig, "steps", "Total steps.", min=1)] = None,
     group_size: Annotated[
-        int | None, _bupo_opt("group_size", "G: responses per prompt.", min=2)
+        int | None, _opt(BupoConfig, "group_size", "G: responses per prompt.", min=2)
     ] = None,
     prompts_per_step: Annotated[
-        int | None, _bupo_opt("prompts_per_step", "Prompts per step.", min=1)
+        int | None, _opt(BupoConfig, "prompts_per_step", "Prompts per step.", min=1)
     ] = None,
     mini_batch_size: Annotated[
-        int | None, _bupo_opt("mini_batch_size", "Responses per optimiser step.", min=1)
+        int | None, _opt(BupoConfig, "mini_batch_size", "Responses per optimiser step.", min=1)
     ] = None,
     updates_per_step: Annotated[
-        int | None, _bupo_opt("updates_per_step", "Passes over a step's rollouts.", min=1)
+        int | None, _opt(BupoConfig, "updates_per_step", "Passes over a step's rollouts.", min=1)
     ] = None,
-    lr: Annotated[float | None, _bupo_opt("lr", "AdamW learning rate.")] = None,
+    lr: Annotated[float | None, _opt(BupoConfig, "lr", "AdamW learning rate.")] = None,
     weight_decay: Annotated[
-        float | None, _bupo_opt("weight_decay", "AdamW weight decay.", min=0.0)
+        float | None, _opt(BupoConfig, "weight_decay", "AdamW weight decay.", min=0.0)
     ] = None,
     grad_clip: Annotated[
-        float | None, _bupo_opt("grad_clip", "Gradient-norm clip.", min=0.0)
+        float | None, _opt(BupoConfig, "grad_clip", "Gradient-norm clip.", min=0.0)
     ] = None,
-    clip_low: Annotated[float | None, _bupo_opt("clip_low", "eps_low.", min=0.0)] = None,
-    clip_high: Annotated[float | None, _bupo_opt("clip_high", "eps_high.", min=0.0)] = None,
+    clip_low: Annotated[float | None, _opt(BupoConfig, "clip_low", "eps_low.", min=0.0)] = None,
+    clip_high: Annotated[float | None, _opt(BupoConfig, "clip_high", "eps_high.", min=0.0)] = None,
     temperature: Annotated[
-        float | None, _bupo_opt("temperature", "Sampling temperature of the rollouts.", min=0.0)
+        float | None,
+        _opt(BupoConfig, "temperature", "Sampling temperature of the rollouts.", min=0.0),
     ] = None,
     max_new_tokens: Annotated[
-        int | None, _bupo_opt("max_new_tokens", "Longest response.", min=1)
+        int | None, _opt(BupoConfig, "max_new_tokens", "Longest response.", min=1)
     ] = None,
     aggregation: Annotated[
-        str | None, _bupo_opt("aggregation", "Loss aggregation: token or sequence.")
+        str | None, _opt(BupoConfig, "aggregation", "Loss aggregation: token or sequence.")
     ] = None,
-    kl_coef: Annotated[float | None, _bupo_opt("kl_coef", "KL beta.", min=0.0)] = None,
-    lens: Annotated[str | None, _bupo_opt("lens", "Lens of pi^k: raw or norm.")] = None,
+    kl_coef: Annotated[float | None, _opt(BupoConfig, "kl_coef", "KL beta.", min=0.0)] = None,
+    lens: Annotated[str | None, _opt(BupoConfig, "lens", "Lens of pi^k: raw or norm.")] = None,
     seed: Annotated[
-        int | None, _bupo_opt("seed", "Seed of prompts, sampling, mini-batches.")
+        int | None, _opt(BupoConfig, "seed", "Seed of prompts, sampling, mini-batches.")
     ] = None,
+    dtype: Annotated[
+        str | None, _opt(BupoConfig, "dtype", "Dtype of the trained weights: float32, bfloat16.")
+    ] = None,
+    device: Annotated[str | None, _opt(BupoConfig, "device", "auto, cpu, cuda, cuda:N.")] = None,
     save_every: Annotated[
-        int | None, _bupo_opt("save_every", "Checkpoint every N steps.", min=1)
+        int | None, _opt(BupoConfig, "save_every", "Checkpoint every N steps.", min=1)
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
     config: Annotated[Path | None, typer.Option(help="TOML file with the same fields.")] = None,
@@ -395,8 +440,11 @@ def train_bupo(
     if layer not in (None, "auto"):
         given["layer"] = int(layer) if layer.lstrip("-").isdigit() else layer
     with _user_errors():
+        cfg = _bupo_config(config, given)
         run = _trainer(engine, trl_option or [])
-        folder = run(_bupo_config(config, given), progress=not quiet)
+    hint = f"checkpoints are kept in {cfg.out}/checkpoints/: rerun with --resume to continue"
+    with _user_errors(hint):
+        folder = run(cfg, progress=not quiet)
     typer.echo(f"training run written to {folder}/ (metrics.jsonl, checkpoints/)")
 
 
@@ -417,29 +465,31 @@ def _trainer(engine: str, trl_options: list[str]):
     return partial(train_bupo_trl, overrides=parse_overrides(trl_options))
 
 
-def _eval_opt(name: str, help: str, **kw):
-    return typer.Option(help=help, show_default=_default(EvalConfig, name), **kw)
-
-
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str | None, _eval_opt("model", "Model or checkpoint folder.")] = None,
+    model: Annotated[str | None, _opt(EvalConfig, "model", "Model or checkpoint folder.")] = None,
     data: Annotated[
         Path | None, typer.Option(help="Problems with answers (default: bundled held-out set).")
     ] = None,
-    out: Annotated[Path | None, _eval_opt("out", "Results folder.")] = None,
-    samples: Annotated[int | None, _eval_opt("samples", "K: samples per problem.", min=1)] = None,
+    out: Annotated[Path | None, _opt(EvalConfig, "out", "Results folder.")] = None,
+    samples: Annotated[
+        int | None, _opt(EvalConfig, "samples", "K: samples per problem.", min=1)
+    ] = None,
     temperature: Annotated[
-        float | None, _eval_opt("temperature", "Sampling temperature (0 = greedy).", min=0.0)
+        float | None, _opt(EvalConfig, "temperature", "Sampling temperature (0 = greedy).", min=0.0)
     ] = None,
     top_p: Annotated[
-        float | None, _eval_opt("top_p", "Nucleus sampling mass.", min=0.0, max=1.0)
+        float | None, _opt(EvalConfig, "top_p", "Nucleus sampling mass.", min=0.0, max=1.0)
     ] = None,
     max_new_tokens: Annotated[
-        int | None, _eval_opt("max_new_tokens", "Longest response.", min=1)
+        int | None, _opt(EvalConfig, "max_new_tokens", "Longest response.", min=1)
     ] = None,
     max_samples: Annotated[int | None, typer.Option(min=1, help="First N problems.")] = None,
-    seed: Annotated[int | None, _eval_opt("seed", "Sampling seed.")] = None,
+    seed: Annotated[int | None, _opt(EvalConfig, "seed", "Sampling seed.")] = None,
+    dtype: Annotated[
+        str | None, _opt(EvalConfig, "dtype", "auto, float32, bfloat16, float16.")
+    ] = None,
+    device: Annotated[str | None, _opt(EvalConfig, "device", "auto, cpu, cuda, cuda:N.")] = None,
 ) -> None:
     """Sample K responses per problem; print Avg@K and unbiased Pass@k for k = 1, 2, 4, ..., K."""
     given = dict(locals())  # first line: only the options

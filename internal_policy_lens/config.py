@@ -10,6 +10,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from .bundled import DEFAULT_MODEL, bundled_data
 
+LENSES: tuple[str, ...] = ("raw", "norm")
+"""How a site vector becomes logits (see :class:`~internal_policy_lens.lens.unembed.Lens`)."""
+PRECISIONS: tuple[str, ...] = ("auto", "exact", "fast")
+"""Precision of the products and reductions (see :class:`LensSettings`)."""
+
 
 def derive_seed(seed: int, index: int) -> int:
     """The seed of item ``index`` (a step, a generation batch) of a run seeded with ``seed``."""
@@ -39,6 +44,19 @@ class LensSettings:
     def update(self, **given) -> LensSettings:
         """A copy with the fields that are given (not None) replaced."""
         return replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    def check(self) -> LensSettings:
+        """Raise ValueError naming the first unusable field and its valid values; return self."""
+        if self.lens not in LENSES:
+            raise ValueError(f"unknown lens '{self.lens}'; use one of {', '.join(LENSES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision '{self.precision}'; use one of {', '.join(PRECISIONS)}"
+            )
+        for name in ("chunk_tokens", "capture_mb", "attention_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        return self
 
 
 @dataclass
@@ -211,6 +229,10 @@ class BupoConfig:
     """Lens of the internal policy during IPA."""
     seed: int = 0
     """Seed of prompt order, sampling and mini-batch order."""
+    dtype: str = "float32"
+    """Dtype of the trained weights: float32, bfloat16, float16 (auto: float32 on the CPU)."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
     save_every: int = 10
     """Checkpoint every N steps (and at the end)."""
     resume: bool = False
@@ -241,6 +263,10 @@ class EvalConfig:
     """Evaluate only the first N problems."""
     seed: int = 0
     """Sampling seed."""
+    dtype: str = "auto"
+    """Model dtype: auto, float32, bfloat16, float16."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
 
 
 STEPS = {"qwen2": 1600, "llama": 1000}

@@ -23,7 +23,15 @@ from .lens.unembed import EXTRA_COLUMNS, Lens
 from .model.batch import pad
 from .model.load import PolicyModel
 
-TABLE_COLUMNS: tuple[str, ...] = ("sample_id", "position", "token_id", "layer", "site", "entropy")
+TABLE_COLUMNS: tuple[str, ...] = (
+    "sample_id",
+    "position",
+    "token_id",
+    "token",
+    "layer",
+    "site",
+    "entropy",
+)
 DELTA_COLUMNS: tuple[str, ...] = ("sample_id", "position", "layer", "module", "delta")
 SUMMARY_COLUMNS: tuple[str, ...] = ("quantity", "layer", "name", "mean", "std", "count")
 
@@ -78,9 +86,10 @@ def entropy_table(
         progress: show a progress bar.
 
     Returns:
-        Columns ``sample_id, position, token_id, layer, site, entropy`` (+ extras), sorted by
-        sample, position, layer and site. ``position`` is 0-based in the input sequence and
-        ``token_id`` is the token at that position; the policy there predicts position + 1.
+        Columns ``sample_id, position, token_id, token, layer, site, entropy`` (+ extras), sorted
+        by sample, position, layer and site. ``position`` is 0-based in the input sequence,
+        ``token_id`` is the token at that position and ``token`` its text; the policy there
+        predicts position + 1.
     """
     settings = (settings or LensSettings()).update(
         lens=lens,
@@ -101,7 +110,19 @@ def entropy_table(
         parts.append(_batch_table(model, projector, batch, keys, settings, response_only, extras))
         bar.update(len(batch))
     bar.close()
-    return pd.concat(parts, ignore_index=True)
+    out = pd.concat(parts, ignore_index=True)
+    out.insert(3, "token", token_text(model.tokenizer, out["token_id"]))
+    return out
+
+
+def token_text(tokenizer, token_ids: pd.Series) -> pd.Series:
+    """The text of each token id (each distinct id decoded once).
+
+    Plain strings, not a categorical: tables of several calls concatenate without surprises.
+    """
+    unique = token_ids.unique().tolist()
+    text = dict(zip(unique, (tokenizer.decode([i]) for i in unique)))
+    return token_ids.map(text).astype(str)
 
 
 @torch.no_grad()
@@ -122,7 +143,8 @@ def _batch_table(
     keep = _kept_positions(batch, mask, response_only)  # [batch, pos]
     rows_b, rows_t = keep.nonzero(as_tuple=True)
     if len(rows_b) == 0:
-        return pd.DataFrame(columns=[*TABLE_COLUMNS, *(EXTRA_COLUMNS if extras else ())])
+        columns = [c for c in TABLE_COLUMNS if c != "token"]  # added by entropy_table
+        return pd.DataFrame(columns=[*columns, *(EXTRA_COLUMNS if extras else ())])
     next_ids = torch.full_like(ids, -1)
     next_ids[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
     next_ids = next_ids[rows_b, rows_t] if extras else None

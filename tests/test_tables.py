@@ -263,3 +263,11 @@ def test_subsets_and_table_order(models):
         entropy_table(model, TEXTS, sites=["mlp"])
     with pytest.raises(ValueError, match="out of range"):
         entropy_table(model, TEXTS, layers=[3])
+
+
+def test_token_column_is_the_decoded_token(models):
+    model = models("qwen2")
+    table = entropy_table(model, TEXTS[:2], sites=["final"])
+    assert list(table.columns[:4]) == ["sample_id", "position", "token_id", "token"]
+    expected = [model.tokenizer.decode([i]) for i in table["token_id"]]
+    assert table["token"].astype(str).tolist() == expected

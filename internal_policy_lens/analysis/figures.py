@@ -151,7 +151,13 @@ def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
     Writes ``OUT/comparison.{png,pdf}`` and ``OUT/convergence.csv`` (columns ``model, run, lens``
     then :meth:`Convergence.row`; ``note`` says why a run has no summary).
     """
+    folder = RunFolder(cfg.out).check_writable()
     runs = [open_run(path) for path in cfg.runs]
+    with folder.lock():  # one writer per output folder
+        return _compare(cfg, runs)
+
+
+def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, pd.DataFrame]:
     names = [run.name for run in runs]
     names = [
         f"{name} ({run.path.name})" if names.count(name) > 1 else name

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,14 @@ def read_records(path: str | os.PathLike, *, max_samples: int | None = None) -> 
         raise DataError(f"{name}: no records found; add at least one record to the file")
     parsed = [_normalize(raw, line, where) for line, raw in entries]
     records = _assign_ids(parsed, where)
+    empty = [line for line, raw in entries if _empty_response(raw)]
+    if empty:
+        warnings.warn(
+            f"{name}: {len(empty)} of {len(entries)} records have an empty response (first on "
+            f"{where.unit(empty[0])}); an empty response counts as none, so they get a generated "
+            "one",
+            stacklevel=2,
+        )
     return records if max_samples is None else records[:max_samples]
 
 
@@ -156,7 +165,9 @@ def _as_object(value: Any, loc: str) -> dict:
 
 
 def _json_error(exc: json.JSONDecodeError, loc: str, fix: str) -> DataError:
-    return DataError(f"{loc}: malformed JSON ({exc.msg} at column {exc.colno}); {fix}")
+    # Some messages end in "starting at" ("Unterminated string starting at"): no second "at".
+    what = exc.msg.removesuffix(" at")
+    return DataError(f"{loc}: malformed JSON ({what} at column {exc.colno}); {fix}")
 
 
 def _read_jsonl(path: Path, where: _Where, text: str | None = None) -> list[tuple[int, Any]]:
@@ -226,7 +237,8 @@ def _read_csv(path: Path, where: _Where) -> list[tuple[int, Any]]:
         ) from exc
     rows = [
         {
-            key: value if isinstance(value, str) and value != "" else None
+            # An empty response cell is kept as "" so that every format follows one rule.
+            key: value if isinstance(value, str) and (value or key in RESPONSE_FIELDS) else None
             for key, value in raw.items()
         }
         for raw in frame.to_dict("records")
@@ -325,10 +337,17 @@ def _answer(raw: Mapping, loc: str) -> str | None:
     return value
 
 
+def _empty_response(raw: Mapping) -> bool:
+    _, response = _pick(raw, RESPONSE_FIELDS)
+    return isinstance(response, str) and not response.strip()
+
+
 def _normalize(raw: Mapping, line: int, where: _Where) -> tuple[dict, Any, int | None]:
     """One record without its id, plus its explicit id and usable extra_info.index (or None)."""
     loc = where(line)
     key, response = _pick(raw, RESPONSE_FIELDS)
+    if _empty_response(raw):
+        response = None  # one rule for every format: an empty response is no response
     if response is not None and not isinstance(response, str):
         raise DataError(f'{loc}: "{key}" is a {type(response).__name__}; make it a string')
     record = {"prompt": _prompt(raw, loc), "response": response, "answer": _answer(raw, loc)}

@@ -69,6 +69,25 @@ def capture(
             handle.remove()
 
 
+def run_with_cache(
+    model: PolicyModel,
+    inputs,
+    sites: Iterable[str] | str | None = None,
+    layers: Iterable[int] | str | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[SiteKey, torch.Tensor]]:
+    """The model's logits and the captured sites, like TransformerLens' ``run_with_cache``.
+
+    ``inputs`` as in :meth:`~internal_policy_lens.model.load.PolicyModel.to_tokens`. Returns
+    logits ``[batch, pos, vocab]`` and ``(site, layer) -> [batch, pos, d_model]`` (all sites of
+    all layers by default). Runs without gradients.
+    """
+    with torch.no_grad(), capture(model, sites, layers) as acts:
+        logits = model(inputs, attention_mask)
+    return logits, dict(acts)
+
+
 def _saver(store: dict[SiteKey, torch.Tensor], key: SiteKey):
     def hook(module, inputs, output):
         store[key] = output

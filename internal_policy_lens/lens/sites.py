@@ -77,7 +77,7 @@ def resolve_layers(layers: Iterable[int] | str | None, n_layers: int) -> tuple[i
     if layers is None:
         return tuple(range(n_layers))
     if isinstance(layers, str):
-        layers = _parse_layer_string(layers)
+        layers = parse_layers(layers)
     out = set()
     for layer in layers:
         index = layer + n_layers if layer < 0 else layer
@@ -92,19 +92,32 @@ def resolve_layers(layers: Iterable[int] | str | None, n_layers: int) -> tuple[i
     return tuple(sorted(out))
 
 
-def _parse_layer_string(text: str) -> Sequence[int]:
+def parse_layers(text: str) -> Sequence[int]:
+    """``"0,3,5-7"`` -> ``[0, 3, 5, 6, 7]`` (no range check; see :func:`resolve_layers`).
+
+    Raises:
+        ValueError: for text that is not integers and low-high ranges.
+    """
     values: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         try:
             if "-" in part[1:] and not part.startswith("-"):
-                lo, hi = part.split("-", 1)
-                values.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError(
+                        f"layer range {part!r} is empty: write it low-high, e.g. '{hi}-{lo}'"
+                    )
+                values.extend(range(lo, hi + 1))
             else:
                 values.append(int(part))
-        except ValueError:
+        except ValueError as err:
+            if "layer range" in str(err):
+                raise
             raise ValueError(
                 f"cannot read layer {part!r}: use integers and ranges, e.g. '0,3,5-7'"
             ) from None
+    if not values:
+        raise ValueError(f"no layer given in {text!r}; use integers and ranges, e.g. '0,3,5-7'")
     return values

@@ -12,10 +12,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..config import LENSES, PRECISIONS
 from ..model.load import PolicyModel
 
-LENSES: tuple[str, ...] = ("raw", "norm")
-PRECISIONS: tuple[str, ...] = ("auto", "exact", "fast")
 EXTRA_COLUMNS: tuple[str, ...] = (
     "next_token_logprob",
     "next_token_rank",

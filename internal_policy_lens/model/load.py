@@ -7,6 +7,7 @@ point.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from ..bundled import BUNDLED_MODELS, bundled_model_path
-from .batch import position_ids
+from ..data.encode import encode_inputs
+from .batch import pad, position_ids
 
 # Architectures whose sites, norms and unembedding the toolkit is tested on.
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
@@ -105,6 +107,32 @@ class PolicyModel:
         """The model's real final norm (``model.norm``)."""
         return self.bridge.ln_final.original_component
 
+    def to_tokens(self, inputs, attention_mask: torch.Tensor | None = None):
+        """``input_ids`` and ``attention_mask`` ``[batch, pos]`` on the model's device.
+
+        ``inputs``: a string or list of strings (tokenized as given, no chat template), a list of
+        token ids or of token-id lists (right-padded), or an ids tensor ``[pos]``/``[batch, pos]``
+        (used as given, with ``attention_mask`` or all ones).
+        """
+        if isinstance(inputs, torch.Tensor):
+            ids = inputs if inputs.dim() == 2 else inputs.unsqueeze(0)
+            mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+            return ids.to(self.device), mask.to(self.device)
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        seqs = [e.input_ids for e in encode_inputs(self.tokenizer, inputs)]
+        return pad(seqs, self.tokenizer.pad_token_id, self.device, side="right")
+
+    def __call__(self, inputs, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[batch, pos, vocab]`` of the model's own policy, like TransformerLens' model.
+
+        ``inputs`` as in :meth:`to_tokens`; the logits at padded positions are meaningless.
+        """
+        ids, mask = self.to_tokens(inputs, attention_mask)
+        return self.bridge(
+            ids, attention_mask=mask, position_ids=position_ids(mask), return_type="logits"
+        )
+
     def new_cache(self):
         """An empty key/value cache for :meth:`forward`'s ``past``."""
         from transformers import DynamicCache
@@ -170,6 +198,7 @@ def load_model(
     device: str = "auto",
     revision: str | None = None,
     device_map: str | dict | None = None,
+    progress: bool = True,
 ) -> PolicyModel:
     """Load a Qwen2/Qwen2.5, Qwen3 or Llama model with its tokenizer.
 
@@ -184,6 +213,7 @@ def load_model(
         revision: hub revision (branch, tag or commit).
         device_map: split a model larger than one device over the visible devices
             (``"auto"``, ``"balanced"`` or an explicit transformers device map).
+        progress: show transformers' weight-loading bar.
 
     Raises:
         ModelLoadError: with what happened and what to do.
@@ -197,15 +227,31 @@ def load_model(
     logging.getLogger("transformer_lens").setLevel(logging.ERROR)
     placement = {"device_map": device_map} if device_map else {"device": device}
     try:
-        bridge = TransformerBridge.boot_transformers(
-            name, tokenizer=tokenizer, dtype=torch_dtype, revision=revision, **placement
-        )
+        with _loading_bar(progress):
+            bridge = TransformerBridge.boot_transformers(
+                name, tokenizer=tokenizer, dtype=torch_dtype, revision=revision, **placement
+            )
     except OSError as err:
         raise ModelLoadError(_hub_message(name, err)) from err
     bridge.eval()
     return PolicyModel(
         bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision
     )
+
+
+@contextlib.contextmanager
+def _loading_bar(show: bool):
+    """Transformers' progress bars off for the block unless ``show``; as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def load_causal_lm(
@@ -336,7 +382,7 @@ def _faithful_tokenizer(name: str, tokenizer):
     expected = Tokenizer.from_file(str(file)).encode(_PROBE, add_special_tokens=False).ids
     if tokenizer(_PROBE, add_special_tokens=False)["input_ids"] == expected:
         return tokenizer
-    logging.getLogger(__name__).info(
+    logging.getLogger(__name__).debug(
         "%s: AutoTokenizer changed the saved tokenizer; using tokenizer.json as saved", name
     )
     return PreTrainedTokenizerFast.from_pretrained(name)

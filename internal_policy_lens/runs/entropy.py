@@ -16,7 +16,9 @@ half-written file under a final name; rerunning the same command skips the finis
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -24,6 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -31,15 +34,15 @@ from tqdm.auto import tqdm
 from ..config import EntropyConfig, derive_seed
 from ..data.encode import Encoded, encode_inputs, encode_prompt
 from ..data.records import read_records, write_records_jsonl
-from ..lens.sites import resolve_layers, resolve_sites
+from ..lens.sites import parse_layers, resolve_layers, resolve_sites
 from ..lens.unembed import resolve_precision
 from ..model.generate import generate_texts
 from ..model.load import PolicyModel, load_model
 from ..tables import delta_table, entropy_table, summary_table
 from .io import RunFolder, now, sha256, versions
 from .shard import (
+    MERGING,
     Shard,
-    claim_merge,
     missing_parts,
     owns,
     part_path,
@@ -50,6 +53,10 @@ from .shard import (
     write_meta,
 )
 
+if TYPE_CHECKING:
+    from ..analysis.figures import FigureReport
+
+_log = logging.getLogger(__name__)
 OUTPUTS = ("tokens.parquet", "deltas.parquet", "summary.csv", "responses.jsonl", "run.json")
 WORK_DIRS = ("parts", "generation")
 
@@ -67,6 +74,8 @@ class EntropyRun:
     summary: pd.DataFrame
     out: Path
     info: dict
+    figures: FigureReport | None = None
+    """The figures written (and skipped, with why) at the end of the run."""
 
 
 def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | None:
@@ -76,8 +85,13 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     batches are analysed (see :mod:`~internal_policy_lens.runs.shard`); the shard that completes the
     last part merges and returns the tables, the others return None.
     """
-    resolve_sites(cfg.sites)  # fail before any work
+    # Every option is checked before anything is written (the layer range needs the model).
+    cfg.settings.check()
+    resolve_sites(cfg.sites)
+    if isinstance(cfg.layers, str):
+        parse_layers(cfg.layers)
     shard = resolve_shard(cfg.shard)
+    folder = RunFolder(cfg.out).check_writable()
     records = read_records(cfg.data, max_samples=cfg.max_samples)
     model = load_model(
         cfg.model,
@@ -85,15 +99,32 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         device=shard_device(cfg.device, shard),
         revision=cfg.revision,
         device_map=cfg.device_map,
+        progress=progress,
     )
     resolve_layers(cfg.layers, model.n_layers)
     out = Path(cfg.out)
-    info = _start_folder(out, cfg, model)
-    records = _ensure_responses(model, records, cfg, out, progress, shard)
-    tokens, truncated = _analyse(model, records, cfg, out, progress, shard)
-    if shard is not None:
-        return merge_when_complete(out)
-    return finish_run(out, info, tokens, len(records), truncated)
+    with writer_lock(folder, shard):
+        info = _start_folder(out, cfg, model)
+        records = _ensure_responses(model, records, cfg, out, progress, shard)
+        tokens, truncated = _analyse(model, records, cfg, out, progress, shard)
+        if shard is not None:
+            return merge_when_complete(out)
+        return finish_run(out, info, tokens, len(records), truncated)
+
+
+@contextlib.contextmanager
+def writer_lock(folder: RunFolder, shard: Shard | None):
+    """The folder's lock for the block: exclusive for a whole run.
+
+    A shard shares the folder's lock with the run's other shards (so no whole run can start
+    beside them) and holds an exclusive lock of its own.
+    """
+    if shard is None:
+        with folder.lock():
+            yield
+        return
+    with folder.lock(shared=True), folder.lock(f".lock-shard-{shard[0]}-of-{shard[1]}"):
+        yield
 
 
 def finish_run(
@@ -113,8 +144,8 @@ def finish_run(
         shutil.rmtree(out / name, ignore_errors=True)
     from ..analysis.figures import write_run_figures  # matplotlib loads once a run is done
 
-    write_run_figures(out, tokens, deltas, summary, info)
-    return EntropyRun(tokens, deltas, summary, out, info)
+    figures = write_run_figures(out, tokens, deltas, summary, info)
+    return EntropyRun(tokens, deltas, summary, out, info, figures)
 
 
 def describe(run: EntropyRun) -> str:
@@ -124,13 +155,19 @@ def describe(run: EntropyRun) -> str:
     ffn = summary[(summary.quantity == "delta") & (summary.name == "ffn")]
     widening = ffn[ffn["mean"] > 0]["layer"].tolist()
     final_text = f"{final.iloc[0]:.3f} nats" if len(final) else "n/a (site not analysed)"
-    return (
+    text = (
         f"Wrote {len(run.tokens):,} rows for {run.info['samples']} samples to {run.out}/ "
         f"(tokens.parquet, deltas.parquet, summary.csv, responses.jsonl, run.json). "
         f"Lens: {run.info['config']['lens']}. Mean final entropy: {final_text}. "
         f"Layers with mean FFN entropy change > 0 (exploration): "
         f"{widening if len(ffn) else 'n/a'}."
     )
+    if run.figures is not None:
+        drawn = sorted({path.stem for path in run.figures.written})
+        text += f"\nFigures in {run.out}/figures/: {', '.join(drawn) or 'none'}."
+        for name, why in run.figures.skipped.items():
+            text += f"\nSkipped figure {name}: {why}"
+    return text
 
 
 def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
@@ -139,6 +176,8 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
     previous = out / "run.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
+        if old.get("config") == identity and old.get("status") == "running":
+            _log.info("resuming the unfinished run in %s/ (finished batches are kept)", out)
         if old.get("config") != identity:
             if not cfg.overwrite:
                 changed = sorted(k for k in identity if old.get("config", {}).get(k) != identity[k])
@@ -250,7 +289,6 @@ def _analyse(model, records, cfg, out, progress, shard: Shard | None):
                 batch_size=cfg.batch_size,
                 settings=cfg.settings,
             )
-            table.insert(3, "token", _token_text(model.tokenizer, table["token_id"]))
             RunFolder(folder).write_parquet(part.name, table)
             n_tokens += sum(len(e.input_ids) for e in batch)
         if shard is None:
@@ -264,27 +302,30 @@ def _analyse(model, records, cfg, out, progress, shard: Shard | None):
     return pd.concat(parts, ignore_index=True), truncated
 
 
-def _token_text(tokenizer, token_ids: pd.Series) -> pd.Series:
-    unique = token_ids.unique().tolist()
-    text = dict(zip(unique, (tokenizer.decode([i]) for i in unique)))
-    return token_ids.map(text).astype("category")
-
-
 def merge_when_complete(out: Path) -> EntropyRun | None:
-    """Merge if every part exists and no other shard is merging; else None."""
+    """Merge if every part exists and no other shard is merging (or has merged); else None."""
     parts = Path(out) / "parts"
     meta = read_meta(parts)
-    if missing_parts(parts, meta["batches"]) or not claim_merge(parts):
+    if meta is None or missing_parts(parts, meta["batches"]):
         return None
-    return merge_run(out)
+    with RunFolder(out).lock(MERGING, if_free=True) as mine:
+        if not mine or read_meta(parts) is None:  # another shard merges, or has merged
+            return None
+        return merge_run(out, lock=False)  # the shards' shared lock keeps whole runs out
 
 
-def merge_run(out: str | os.PathLike) -> EntropyRun:
+def merge_run(out: str | os.PathLike, *, lock: bool = True) -> EntropyRun:
     """Join the shards' parts into the run's tables (tokens, deltas, summary); return the run.
+
+    ``lock``: hold the folder's exclusive lock (refused while shards still run).
 
     Raises:
         ValueError: when the folder holds no shard parts or some are missing.
+        RunFolderError: another process is writing the folder.
     """
+    if lock:
+        with RunFolder(out).lock():
+            return merge_run(out, lock=False)
     out = Path(out)
     parts = out / "parts"
     meta = read_meta(parts)

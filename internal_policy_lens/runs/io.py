@@ -5,14 +5,28 @@ Every command that writes a folder (``ipl entropy``, ``merge``, ``plot``, ``comp
 the same folder, is flushed to disk, then renamed onto its final name, so an interrupted command
 never leaves a half-written file under a final name. Readers use :func:`open_run` for a finished
 ``ipl entropy`` folder. Nothing here imports torch.
+
+A writer first checks that the folder can be written (:meth:`RunFolder.check_writable`, before
+any work) and holds an exclusive lock on it (:meth:`RunFolder.lock`: ``fcntl.flock`` on
+``.lock`` inside it, released by the operating system when the process ends, however it ends), so
+two commands never write one folder at once. Shards of one data-parallel run share the folder
+lock and hold one of their own each. A write that fails (no space left, a read-only or vanished
+folder) raises :class:`RunFolderError`, whose message names the folder and what was kept.
+
+For tests of interrupted runs, the environment variable ``IPL_KILL_BEFORE_PUBLISH=NAME`` makes the
+process kill itself (SIGKILL) just before it renames a finished file (or checkpoint folder) called
+NAME onto its final name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +43,23 @@ VERSIONED_PACKAGES: tuple[str, ...] = (
     "transformer-lens",
     "pandas",
 )
+
+
+LOCK = ".lock"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class RunFolderError(RuntimeError):
+    """A folder cannot be written, or another process is writing it.
+
+    The message names the folder, says why, what was kept and what to do.
+    """
+
+
+def kill_point(name: str) -> None:
+    """Kill this process if ``IPL_KILL_BEFORE_PUBLISH`` names ``name`` (interrupted-run tests)."""
+    if os.environ.get("IPL_KILL_BEFORE_PUBLISH") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RunFolder:
@@ -49,8 +80,78 @@ class RunFolder:
 
     def create(self) -> RunFolder:
         """Make the folder (and its parents) if it does not exist; return self."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunFolderError(self._unusable(err)) from None
         return self
+
+    def check_writable(self) -> RunFolder:
+        """Fail before any work when the folder cannot be made or written; return self.
+
+        Creates nothing: the folder, or its nearest existing parent, must be a writable folder.
+
+        Raises:
+            RunFolderError: the path is a file, lies under a file, or is not writable (read-only
+                file system, no permission).
+        """
+        existing = next(p for p in (self.path, *self.path.parents) if p.exists())
+        if not existing.is_dir():
+            what = (
+                "is a file, not a folder"
+                if existing == self.path
+                else f"lies under a file ({existing})"
+            )
+            raise RunFolderError(f"{self.path}: {what}; choose a folder path for --out")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            why = "a read-only file system" if _read_only(existing) else "no permission to write"
+            raise RunFolderError(
+                f"{self.path}: cannot write in {existing} ({why}); choose a --out where you can "
+                "write"
+            )
+        return self
+
+    @contextlib.contextmanager
+    def lock(self, name: str = LOCK, *, shared: bool = False, if_free: bool = False):
+        """Hold an advisory lock on the folder (``name`` inside it) for the block.
+
+        ``shared`` locks are held together (the shards of one run); an exclusive one excludes
+        every other. Yields True; with ``if_free``, yields False instead of raising when another
+        process holds the lock.
+
+        Raises:
+            RunFolderError: another process holds the lock; the message names its pid.
+        """
+        self.check_writable().create()
+        path = self.path / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if if_free:
+                    yield False
+                    return
+                holder = path.read_text().strip() or "unknown"
+                raise RunFolderError(
+                    f"{self.path}: another ipl process (pid {holder}) is writing this folder; "
+                    "wait for it to finish, or choose another --out"
+                ) from None
+            os.ftruncate(fd, 0)  # the holder's pid, for the message a second writer gets
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _unusable(self, err: OSError, detail: str = "") -> str:
+        """One line: the folder, the operating system's reason, what was kept and what to do."""
+        if err.errno in _NO_SPACE:
+            fix = "free some space, then rerun the same command (finished work is kept)"
+        elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "choose a --out where you can write"
+        else:
+            fix = "check the path, or choose another --out"
+        return f"{self.path}: {err.strerror or err}{detail}; {fix}"
 
     @contextlib.contextmanager
     def atomic(self, name: str | os.PathLike) -> Iterator[Path]:
@@ -65,9 +166,14 @@ class RunFolder:
             yield tmp
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            kill_point(path.name)
             os.replace(tmp, path)
+        except OSError as err:
+            detail = f"; nothing was written to {path.name}"
+            raise RunFolderError(self._unusable(err, detail)) from None
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     def write_text(self, name: str | os.PathLike, text: str) -> Path:
         """Write ``text`` (UTF-8) atomically; return the path."""
@@ -93,9 +199,12 @@ class RunFolder:
 
     def append_line(self, name: str | os.PathLike, payload: dict) -> None:
         """Append ``payload`` as one JSON line (a log: a killed writer loses at most that line)."""
-        with open(self.path / name, "a") as fh:
-            fh.write(json.dumps(payload) + "\n")
-            fh.flush()
+        try:
+            with open(self.path / name, "a") as fh:
+                fh.write(json.dumps(payload) + "\n")
+                fh.flush()
+        except OSError as err:
+            raise RunFolderError(self._unusable(err)) from None
 
     # --- reading
 
@@ -141,6 +250,13 @@ class RunFolder:
     def deltas(self) -> pd.DataFrame:
         """``deltas.parquet``."""
         return pd.read_parquet(self.path / "deltas.parquet")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def open_run(path: str | os.PathLike) -> RunFolder:

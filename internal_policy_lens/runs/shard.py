@@ -9,7 +9,8 @@ process would have, in the same order: the results are identical row for row.
 Responses still to be generated are seeded per generation batch, so any process produces the
 same text for a batch; a shard generates its own generation batches first, then any batch no
 other shard has written yet, and never waits. The shard that completes the last part merges
-(a lock file keeps it to one); ``ipl merge OUT`` merges by hand.
+(a lock keeps it to one; a killed merger leaves no stale claim); ``ipl merge OUT`` merges by
+hand.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from .io import RunFolder
 
 Shard = tuple[int, int]  # (index i, count n)
-MERGING = ".merging"
+MERGING = ".lock-merge"  # held by the shard that merges (released if it dies)
 META = "meta.json"
 
 
@@ -85,10 +86,3 @@ def missing_parts(parts: Path, n_batches: int) -> list[int]:
     return [b for b in range(n_batches) if not part_path(parts, b).is_file()]
 
 
-def claim_merge(parts: Path) -> bool:
-    """Whether this process is the one to merge (the first to create the merge marker)."""
-    try:
-        os.close(os.open(parts / MERGING, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return False
-    return True

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..model.load import PolicyModel, save_model
+from ..runs.io import RunFolderError, kill_point
 
 STATE = "trainer_state.pt"
 
@@ -18,17 +19,25 @@ def save_checkpoint(folder: Path, model: PolicyModel, opt, sched, step: int) -> 
     """Write ``folder`` atomically: a sibling temporary folder is renamed when complete."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    torch.save(
-        {
-            "step": step,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-        },
-        tmp / STATE,
-    )
+    try:
+        save_model(model, tmp)
+        torch.save(
+            {
+                "step": step,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+            },
+            tmp / STATE,
+        )
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunFolderError(
+            f"{folder.parent}: could not write checkpoint {folder.name} ({err.strerror or err}); "
+            "the earlier checkpoints are kept: free space, then rerun with --resume"
+        ) from None
+    kill_point(folder.name)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder

@@ -46,11 +46,17 @@ def evaluate(
     Writes ``results.csv`` (one row per problem: correct count, Avg@K, Pass@k), ``samples.jsonl``
     (every response with its reward) and ``metrics.json`` (the means, with the configuration).
     """
+    out = RunFolder(cfg.out).check_writable()  # before any work
     records = read_records(cfg.data, max_samples=cfg.max_samples)
     missing = [r["line"] for r in records if r["answer"] is None]
     if missing:
         raise ValueError(f"{cfg.data}:{missing[0]}: record has no answer; ipl eval needs answers")
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    with out.lock():  # one writer per results folder
+        return _evaluate(cfg, model, records, reward, out)
+
+
+def _evaluate(cfg: EvalConfig, model, records: list[dict], reward, out: RunFolder):
     responses = sample(
         model,
         [r["prompt"] for r in records],
@@ -81,7 +87,6 @@ def evaluate(
         ]
     table = pd.DataFrame(rows)
     metrics = {c: float(table[c].mean()) for c in table.columns if "@" in c}
-    out = RunFolder(cfg.out).create()
     out.write_csv("results.csv", table)
     out.write_text("samples.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
     out.write_json(

@@ -26,8 +26,9 @@ def start_training(
         out: the run folder.
         config: the resolved configuration (``config.json``).
         resume: whether the user asked to resume (``--resume``).
-        resume_step: the step of the folder's last checkpoint (None: there is none). A run
-            resumes when both are given, else it starts fresh.
+        resume_step: the step of the folder's last checkpoint (None: there is none). With
+            ``resume`` the run continues from it, or from step 0 when there is none (a run
+            killed before its first checkpoint starts again).
         writer: whether this process writes the run's files (rank 0 of several).
 
     Raises:
@@ -35,14 +36,15 @@ def start_training(
             into a folder that holds a run.
     """
     folder = RunFolder(out)
-    if resume and resume_step is not None:
+    if resume and (out / "config.json").is_file():
         check_resume_config(out, config)
         if writer:
-            _truncate_metrics(folder, resume_step)
+            _truncate_metrics(folder, resume_step or 0)
         return
     if (out / METRICS).exists():
-        fix = "it has no checkpoint yet" if resume else "pass --resume to continue it"
-        raise ValueError(f"{out}: holds a training run; {fix}, or choose another --out")
+        raise ValueError(
+            f"{out}: holds a training run; pass --resume to continue it, or choose another --out"
+        )
     if writer:
         folder.create().write_json("config.json", config)
 

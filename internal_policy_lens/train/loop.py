@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from ..config import BupoConfig, derive_seed
 from ..data.records import read_records
 from ..model.load import PolicyModel, load_model
+from ..runs.io import RunFolder
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .folder import append_metrics, start_training
 from .layer import resolve_layer
@@ -43,10 +45,16 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
     ``reward`` scores each sampled response against its record's answer (default: the last
     ``\boxed{}`` must match, :func:`~internal_policy_lens.train.rewards.math_reward`).
     """
-    out = Path(cfg.out)
+    folder = RunFolder(cfg.out).check_writable()  # before any work
     records = training_records(cfg)
-    model = load_model(cfg.model, dtype="float32")
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=progress)
     layer = resolve_layer(cfg, model)
+    with folder.lock():  # one writer per run folder
+        return _train(cfg, model, layer, records, reward, progress)
+
+
+def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress: bool) -> Path:
+    out = Path(cfg.out)
     params = [p for p in model.bridge.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 1)
@@ -73,6 +81,7 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
             temperature=cfg.temperature,
             seed=seed,
         )
+        warn_if_no_signal(batch.rewards, cfg.group_size, step)
         with torch.no_grad():
             internal_logp, entropy_k = _logprobs(model, batch, layer, cfg)
             full_logp, entropy_full = _logprobs(model, batch, None, cfg)
@@ -107,6 +116,19 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out / "checkpoints" / f"step-{step + 1}", model, opt, sched, step + 1)
     return out
+
+
+def warn_if_no_signal(rewards: torch.Tensor, group_size: int, step: int) -> None:
+    """Warn when every group's rewards are equal: all advantages are 0, nothing is learned."""
+    groups = rewards.view(-1, group_size)  # [prompts, G]
+    if bool((groups == groups[:, :1]).all()):
+        values = sorted({float(v) for v in groups[:, 0]})
+        warnings.warn(
+            f"step {step}: every group's rewards are identical (rewards {values}), so every "
+            "advantage is 0 and the policy-gradient update is zero; use prompts the model solves "
+            "sometimes, or a larger --group-size",
+            stacklevel=2,
+        )
 
 
 def training_records(cfg: BupoConfig) -> list[dict]:
@@ -176,7 +198,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 def _reference_model(cfg: BupoConfig) -> PolicyModel | None:
     if cfg.kl_coef <= 0:
         return None
-    ref = load_model(cfg.model, dtype="float32")
+    ref = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=False)
     ref.bridge.requires_grad_(False)
     return ref
 

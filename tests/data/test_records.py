@@ -139,7 +139,11 @@ def test_csv(tmp_path, with_response):
     if with_response:
         rows = [rows[0] + ",resp", rows[1] + ","]
     path.write_text("\n".join([header, *rows]) + "\n")
-    records = read_records(path)
+    if with_response:  # row b's response cell is empty: it counts as none, with a warning
+        with pytest.warns(UserWarning, match="1 of 2 records have an empty response"):
+            records = read_records(path)
+    else:
+        records = read_records(path)
     assert records == [
         {
             "sample_id": "a",
@@ -389,3 +393,31 @@ def test_not_utf8(tmp_path):
     (tmp_path / "latin.jsonl").write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
     with pytest.raises(DataError, match=r"latin\.jsonl: not UTF-8"):
         read_records(tmp_path / "latin.jsonl")
+
+
+def test_no_doubled_word_in_json_errors(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "unterminated\n')
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert "Unterminated string starting at column" in str(err.value)
+    assert "at at" not in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_empty_responses_count_as_none_in_every_format(tmp_path, fmt):
+    rows = [
+        {"problem": "1+1?", "response": "2"},
+        {"problem": "2+2?", "response": ""},
+        {"problem": "3+3?", "response": "  "},
+    ]
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    with pytest.warns(UserWarning, match=r"2 of 3 records have an empty response \(first on"):
+        records = read_records(path)
+    assert [r["response"] for r in records] == ["2", None, None]

@@ -81,9 +81,7 @@ def test_entropy_simple_layouts(tiny_dirs, models, tmp_path, fmt, with_response)
     if with_response:
         assert responses[0]["response"] == "2*3 = 6. \\boxed{6}"
     expected = entropy_table(models("qwen2"), responses, response_only=True)
-    pd.testing.assert_frame_equal(
-        tokens.drop(columns="token"), expected, check_dtype=False, check_categorical=False
-    )
+    pd.testing.assert_frame_equal(tokens, expected, check_dtype=False, check_categorical=False)
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "complete" and info["config"]["lens"] == "raw"
     assert info["model"]["architecture"] == "Qwen2ForCausalLM" and info["model"]["n_layers"] == 3

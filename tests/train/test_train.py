@@ -215,3 +215,18 @@ def test_resume_equals_uninterrupted(tiny_dirs, data_file, tmp_path, monkeypatch
                 assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
             else:
                 assert x[key] == y[key], key
+
+
+def test_warns_when_every_group_has_identical_rewards(tiny_dirs, data_file, tmp_path):
+    import warnings
+
+    from internal_policy_lens.train.loop import warn_if_no_signal
+
+    with pytest.warns(UserWarning, match=r"step 3: every group's rewards are identical"):
+        warn_if_no_signal(torch.tensor([0.0, 0.0, 1.0, 1.0]), 2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_no_signal(torch.tensor([0.0, 1.0, 1.0, 1.0]), 2, 3)  # one group varies: no warning
+    cfg = _cfg(tiny_dirs, data_file, tmp_path / "flat", steps=1, iterative_steps=0)
+    with pytest.warns(UserWarning, match=r"step 0: .* \(rewards \[0\.0\]\), so every advantage"):
+        train_bupo(cfg, progress=False, reward=lambda text, answer: 0.0)

@@ -7,6 +7,7 @@ TRL's own metrics), so ``ipl plot-train`` reads both kinds of run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict
@@ -17,6 +18,7 @@ from trl import GRPOConfig
 
 from ...config import BupoConfig
 from ...model.load import load_causal_lm, load_model
+from ...runs.io import RunFolder
 from ...train.checkpoint import checkpoint_step
 from ...train.folder import append_metrics, start_training
 from ...train.layer import resolve_layer
@@ -61,13 +63,23 @@ def train_bupo_trl(
     GRPOConfig fields (e.g. ``use_vllm=True``), recorded in ``config.json``.
     """
     out = Path(cfg.out)
+    folder = RunFolder(out).check_writable()  # before any work
     records = training_records(cfg)
     layer = resolve_layer(cfg, load_model(cfg.model, dtype="float32", device="cpu"))
-    overrides = overrides or {}
+    # One writer per run folder: the process of rank 0 (the one that writes the run's files).
+    with folder.lock() if _writer() else contextlib.nullcontext():
+        return _train(cfg, out, records, layer, progress, reward_funcs, overrides or {})
+
+
+def _writer() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _train(cfg, out: Path, records, layer: int, progress, reward_funcs, overrides: dict) -> Path:
     args = grpo_config(cfg, disable_tqdm=not progress, **overrides)
     per_rollout = args.steps_per_generation * args.num_iterations
     resume = _start(cfg, out, layer, per_rollout, overrides)
-    model, tokenizer = load_causal_lm(cfg.model, dtype="float32")
+    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype)
     trainer = BupoGRPOTrainer(
         model=model,
         args=args,
@@ -105,6 +117,5 @@ def _start(cfg: BupoConfig, out: Path, layer: int, per_rollout: int, overrides: 
     config.pop("resume")
     done = [checkpoint_step(p) for p in out.glob("checkpoint-*") if checkpoint_step(p)]
     step = max(done) // per_rollout if done else None  # rollout steps finished
-    writer = int(os.environ.get("RANK", "0")) == 0  # the process that writes the run's files
-    start_training(out, config, resume=cfg.resume, resume_step=step, writer=writer)
+    start_training(out, config, resume=cfg.resume, resume_step=step, writer=_writer())
     return cfg.resume and step is not None

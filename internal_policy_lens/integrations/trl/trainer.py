@@ -27,9 +27,8 @@ import torch
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
-from ...config import BupoConfig
+from ...config import LENSES, BupoConfig
 from ...data.encode import prompt_text
-from ...lens.unembed import LENSES
 from ...train.rewards import math_reward
 
 # The TRL releases this module is tested with (pyproject's ``[trl]`` extra pins the same range).
@@ -223,7 +222,7 @@ def grpo_config(cfg: BupoConfig, *, world_size: int | None = None, **overrides) 
         save_strategy="steps",
         save_steps=cfg.save_every * per_rollout,
         report_to="none",
-        use_cpu=not cuda,
+        use_cpu=cfg.device == "cpu" or not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         # IPA leaves layers above k out of the forward: DDP must look for unused parameters.
         ddp_find_unused_parameters=True if cfg.iterative_steps > 0 else None,

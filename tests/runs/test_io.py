@@ -1,0 +1,215 @@
+"""Run folders defend themselves: one writer, unusable --out refused before work, no space left."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from helpers import write_problems
+from typer.testing import CliRunner
+
+from internal_policy_lens.cli import app
+from internal_policy_lens.runs.io import RunFolder, RunFolderError
+
+runner = CliRunner()
+
+
+def _data(tmp_path, n=3):
+    rows = [{"problem": f"Compute {a}*7.", "response": f"{a}*7 = {a * 7}."} for a in range(n)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _commands(tiny_dirs, tmp_path, out):
+    """Every command that writes a folder, writing into ``out``."""
+    model, data = str(tiny_dirs["qwen2"]), str(_data(tmp_path))
+    problems = str(write_problems(tmp_path / "p.jsonl", 2))
+    run = tmp_path / "finished"
+    if not run.exists():
+        done = runner.invoke(app, ["entropy", "--model", model, "--data", data, "--out", str(run)])
+        assert done.exit_code == 0, done.output
+    return {
+        "entropy": ["entropy", "--model", model, "--data", data, "--out", str(out)],
+        "train-bupo": ["train-bupo", "--model", model, "--data", problems, "--out", str(out)],
+        "eval": ["eval", "--model", model, "--data", problems, "--out", str(out)],
+        "compare": ["compare", str(run), "--out", str(out)],
+        "merge": ["merge", str(out)],
+    }
+
+
+def _after(tmp_path):
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["file", "under-file"])
+def test_out_that_is_or_lies_under_a_file(tiny_dirs, tmp_path, case):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    out = afile if case == "file" else afile / "run"
+    expected = "is a file, not a folder" if case == "file" else f"lies under a file ({afile})"
+    for name, args in _commands(tiny_dirs, tmp_path, out).items():
+        before = _after(tmp_path)
+        result = runner.invoke(app, [*args, "--quiet"] if name in ("entropy",) else args)
+        assert result.exit_code == 2, (name, result.output)
+        assert f"error: {out}: {expected}; choose a folder path for --out" in result.output, name
+        assert "Traceback" not in result.output
+        assert _after(tmp_path) == before, name  # nothing written
+        assert afile.read_text() == "not a folder"
+
+
+def test_read_only_file_system(tiny_dirs, tmp_path):
+    mount = Path(tempfile.mkdtemp(prefix="ipl-ro-"))
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        mount.rmdir()
+        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        for name, args in _commands(tiny_dirs, tmp_path, mount / "run").items():
+            if name == "merge":
+                continue  # merge reads a run that exists; a read-only one is refused the same way
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2, (name, result.output)
+            assert f"error: {mount / 'run'}: cannot write in {mount} (a read-only file" in (
+                result.output
+            ), name
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+        mount.rmdir()
+
+
+def test_no_permission(tiny_dirs, tmp_path):
+    base = Path(tempfile.mkdtemp(prefix="ipl-perm-"))
+    try:
+        os.chmod(base, 0o755)
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        command = [sys.executable, "-m", "internal_policy_lens.cli", "entropy"]
+        command += ["--out", str(locked / "run"), "--quiet"]
+        if os.geteuid() == 0:  # root ignores permission bits: run as an unprivileged user
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root and setpriv is missing: root bypasses permissions")
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        env = {**os.environ, "HOME": str(base)}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == (
+            f"error: {locked / 'run'}: cannot write in {locked} (no permission to write); "
+            "choose a --out where you can write"
+        )
+        assert list(locked.iterdir()) == []
+    finally:
+        os.chmod(base / "locked", 0o755)
+        shutil.rmtree(base)
+
+
+def test_no_space_left_while_writing_a_part(tiny_dirs, tmp_path, monkeypatch):
+    data = _data(tmp_path, n=4)
+    args = ["entropy", "--model", str(tiny_dirs["qwen2"]), "--data", str(data), "--quiet"]
+    args += ["--batch-size", "1"]
+    lone = runner.invoke(app, [*args, "--out", str(tmp_path / "lone")])
+    assert lone.exit_code == 0, lone.output
+    original, calls = pd.DataFrame.to_parquet, []
+
+    def full_disk(self, path, *a, **k):
+        calls.append(str(path))
+        if "tokens-00002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(self, path, *a, **k)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full_disk)
+    out = tmp_path / "run"
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"error: {out / 'parts'}: No space left on device" in result.output
+    assert "nothing was written to tokens-00002.parquet" in result.output
+    assert "free some space, then rerun the same command (finished work is kept)" in result.output
+    assert "Traceback" not in result.output
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    assert parts == ["tokens-00000.parquet", "tokens-00001.parquet"]  # no temporary left
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", original)
+    again = runner.invoke(app, [*args, "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    for name in ("tokens.parquet", "deltas.parquet"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(out / name), pd.read_parquet(tmp_path / "lone" / name)
+        )
+
+
+def test_second_lock_names_the_holder(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    with folder.lock():
+        with pytest.raises(RunFolderError, match=rf"pid {os.getpid()}\) is writing this folder"):
+            with folder.lock():
+                pass
+        with folder.lock(if_free=True) as mine:
+            assert mine is False
+    with folder.lock(shared=True), folder.lock(shared=True):  # shards share the folder
+        with pytest.raises(RunFolderError, match="wait for it to finish, or choose another"):
+            with folder.lock():
+                pass
+    with folder.lock() as mine:  # released on exit
+        assert mine is True
+
+
+def _entropy(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "internal_policy_lens.cli", "entropy", *map(str, args)]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for(condition, seconds=120):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not condition():
+        time.sleep(0.05)
+    assert condition()
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_one_writer(tiny_dirs, tmp_path):
+    # Enough generation batches (one response each) that the first run outlasts the second's
+    # start-up by several seconds.
+    rows = [{"question": f"What is {i}+{i * 3}?"} for i in range(40)]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", tiny_dirs["qwen3"], "--data", data, "--max-new-tokens", 64]
+    common += ["--batch-size", 4, "--gen-batch-size", 1, "--seed", 7, "--quiet"]
+    out = tmp_path / "run"
+    first = _entropy([*common, "--out", out])
+    _wait_for(lambda: (out / "run.json").is_file())  # the first holds the lock
+    second = _entropy([*common, "--out", out])
+    assert second.wait() == 2
+    assert first.poll() is None  # refused while the first was still running
+    message = second.stderr.read().strip().splitlines()
+    assert message == [
+        f"error: {out}: another ipl process (pid {first.pid}) is writing this folder; wait for "
+        "it to finish, or choose another --out"
+    ]
+    assert first.wait() == 0, first.stderr.read()
+    # kill -9 of a holder leaves no stale lock: the next run takes it and resumes
+    killed = tmp_path / "killed"
+    holder = _entropy([*common, "--out", killed])
+    _wait_for(lambda: len(list((killed / "generation").glob("part-*.json"))) >= 5)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    rerun = _entropy([*common, "--out", killed])
+    assert rerun.wait() == 0, rerun.stderr.read()
+    assert "resuming the unfinished run" in rerun.stderr.read()
+    # Both equal: the run that kept the folder to itself, and the killed-then-resumed one.
+    for name in ("tokens.parquet", "deltas.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(killed / name), pd.read_parquet(out / name))
+    assert (killed / "responses.jsonl").read_text() == (out / "responses.jsonl").read_text()
