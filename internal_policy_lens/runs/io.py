@@ -13,9 +13,9 @@ two commands never write one folder at once. Shards of one data-parallel run sha
 lock and hold one of their own each. A write that fails (no space left, a read-only or vanished
 folder) raises :class:`RunFolderError`, whose message names the folder and what was kept.
 
-For tests of interrupted runs, the environment variable ``IPL_KILL_BEFORE_PUBLISH=NAME`` makes the
-process kill itself (SIGKILL) just before it renames a finished file (or checkpoint folder) called
-NAME onto its final name.
+For tests of interrupted runs, the environment variable ``IPL_KILL_BEFORE_PUBLISH=NAME[#k]`` makes
+the process kill itself (SIGKILL) just before it publishes (renames onto its final name, or
+appends to a log) a file or checkpoint folder called NAME for the k-th time.
 """
 
 from __future__ import annotations
@@ -56,9 +56,20 @@ class RunFolderError(RuntimeError):
     """
 
 
+_published: dict[str, int] = {}
+
+
 def kill_point(name: str) -> None:
-    """Kill this process if ``IPL_KILL_BEFORE_PUBLISH`` names ``name`` (interrupted-run tests)."""
-    if os.environ.get("IPL_KILL_BEFORE_PUBLISH") == name:
+    """Kill this process if ``IPL_KILL_BEFORE_PUBLISH`` names ``name`` (interrupted-run tests).
+
+    ``NAME#k`` kills before the k-th publication of ``NAME`` by this process (default: the first).
+    """
+    wanted = os.environ.get("IPL_KILL_BEFORE_PUBLISH")
+    if not wanted:
+        return
+    _published[name] = _published.get(name, 0) + 1
+    target, _, count = wanted.partition("#")
+    if target == name and _published[name] == int(count or 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -199,6 +210,7 @@ class RunFolder:
 
     def append_line(self, name: str | os.PathLike, payload: dict) -> None:
         """Append ``payload`` as one JSON line (a log: a killed writer loses at most that line)."""
+        kill_point(Path(name).name)
         try:
             with open(self.path / name, "a") as fh:
                 fh.write(json.dumps(payload) + "\n")
