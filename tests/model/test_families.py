@@ -1,0 +1,118 @@
+"""Every further family against plain transformers: sites, identities, lenses, generation.
+
+Each family is a tiny random model from its real config class with its distinctive features
+switched on (sliding windows, experts, post-norms, soft-capping, multipliers, parallel blocks).
+The reference is a plain transformers model with torch hooks (tests/reference.py).
+"""
+
+import numpy as np
+import pytest
+import torch
+from helpers import FAMILY_ARCHS, TEXTS, naive_table
+from reference import entropy, head, hf_model, naive_sites
+
+from internal_policy_lens import SITES, capture, entropy_table
+from internal_policy_lens.model.generate import generate
+
+
+@pytest.fixture(params=FAMILY_ARCHS)
+def family(request):
+    return request.param
+
+
+def _right_padded(model, texts):
+    seqs = [model.tokenizer(t)["input_ids"] for t in texts]
+    ids = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return seqs, ids, mask
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-5), ("float32", 1e-4)])
+def test_sites_equal_transformers_and_add_up(family, family_models, family_dirs, dtype, tol):
+    model = family_models(family, dtype)
+    reference = hf_model(family_dirs(family), dtype=getattr(torch, dtype))
+    seqs, ids, mask = _right_padded(model, TEXTS)
+    with torch.no_grad(), capture(model) as acts:
+        model.forward(ids, mask)
+    L = model.n_layers
+    parallel = family == "gpt_neox"
+    assert model.parallel == parallel
+    present = [s for s in SITES if s != "final" and not (parallel and s == "resid_mid")]
+    assert set(acts) == {(s, i) for s in present for i in range(L)} | {("final", L - 1)}
+
+    def close(a, b):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+    for row, seq in enumerate(seqs):
+        n = len(seq)
+        ours = {k: v[row, :n] for k, v in acts.items()}
+        expected, logits = naive_sites(reference, seq)
+        with torch.no_grad():
+            hidden = reference(torch.tensor([seq]), output_hidden_states=True).hidden_states
+        # Every site, attn_in / mlp_in included, is what the plain model's modules see.
+        assert ours.keys() == expected.keys()
+        for key, value in expected.items():
+            close(ours[key], value)
+        for layer in range(L):
+            a = {s: ours[s, layer] for s in present}
+            close(a["resid_pre"], hidden[layer][0])
+            close(a["resid_post"], a["resid_pre"] + a["attn_out"] + a["mlp_out"])
+            if not parallel:
+                close(a["resid_mid"], a["resid_pre"] + a["attn_out"])
+            if layer + 1 < L:
+                close(ours["resid_pre", layer + 1], a["resid_post"])
+        # final through the unembedding and the model's own head gives the model's logits.
+        with torch.no_grad():
+            final = head(reference, model.unembed(ours["final", L - 1]))
+        close(final, logits)
+
+
+@pytest.mark.parametrize("lens", ["raw", "norm"])
+def test_every_site_entropy_matches_naive_float64(family, family_models, family_dirs, lens):
+    model = family_models(family, "float64")
+    table = entropy_table(model, TEXTS, lens=lens, batch_size=2, chunk_tokens=7)
+    naive = naive_table(family_dirs(family), model.tokenizer, TEXTS, lens)
+    got = {(r.sample_id, r.position, r.layer, r.site): r.entropy for r in table.itertuples()}
+    assert got.keys() == naive.keys()
+    err = np.array([abs(got[k] - naive[k]) for k in naive])
+    assert err.max() < 1e-5, f"max error {err.max():.2e} nats"
+    assert table["entropy"].std() > 0.1  # the policies are not all uniform
+
+
+def test_norm_lens_last_resid_post_equals_final(family, family_models, family_dirs):
+    model = family_models(family)
+    last = model.n_layers - 1
+    table = entropy_table(model, TEXTS, lens="norm", sites=["resid_post", "final"], layers=[last])
+    wide = table.pivot(index=["sample_id", "position"], columns="site", values="entropy")
+    np.testing.assert_allclose(wide["resid_post"], wide["final"], atol=1e-5)
+    # final is the entropy of the plain model's own logits (soft-capped / scaled where it is).
+    reference = hf_model(family_dirs(family), dtype=torch.float32)
+    ids = torch.tensor([model.tokenizer(TEXTS[0])["input_ids"]])
+    with torch.no_grad():
+        expected = entropy(reference(ids).logits[0])
+    got = wide.loc[0, "final"].to_numpy()
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+
+
+def _greedy_no_cache(model, prompt, steps):
+    ids = torch.tensor([prompt])
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model.hf_model(ids, use_cache=False).logits[0, -1]
+        out.append(int(logits.argmax()))
+        if out[-1] == model.tokenizer.eos_token_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
+    return out
+
+
+def test_cached_greedy_generation_equals_uncached_loop(family, family_models):
+    model = family_models(family)
+    prompts = [model.tokenizer(t)["input_ids"] for t in TEXTS]
+    batched = generate(model, prompts, max_new_tokens=10, temperature=0)
+    for prompt, got in zip(prompts, batched, strict=True):
+        assert got == _greedy_no_cache(model, prompt, 10)
