@@ -66,6 +66,8 @@ class Family:
         attn_out, mlp_out, lens: what the sites and the lenses are, for the README and ``ipl
             models``.
         parallel_attr: config attribute that switches the block to parallel (GPT-NeoX).
+        layers_attr, norm_attr: the decoder's layer list and final norm (``get_decoder()``'s
+            attributes), which the TRL integration trims for pi^k.
     """
 
     name: str
@@ -75,6 +77,8 @@ class Family:
     lens: str = "raw: x W_U^T; norm: final RMSNorm first"
     sites: dict[str, str | Tap] = field(default_factory=dict)
     parallel_attr: str | None = None
+    layers_attr: str = "layers"
+    norm_attr: str = "norm"
 
     def source(self, site: str, layer: int, config) -> str | Tap | None:
         """Where ``site`` of ``layer`` is read; ``None`` where the block has no such vector."""
@@ -165,6 +169,8 @@ FAMILIES: tuple[Family, ...] = (
         attn_out="attn output (after c_proj)",
         mlp_out="MLP output (after c_proj)",
         lens="raw: x W_U^T (tied to the embedding); norm: final LayerNorm (with bias) first",
+        layers_attr="h",
+        norm_attr="ln_f",
     ),
     Family(
         "GPT-NeoX / Pythia",
@@ -173,6 +179,7 @@ FAMILIES: tuple[Family, ...] = (
         mlp_out="MLP output (after dense_4h_to_h); parallel: no resid_mid",
         lens="raw: x W_U^T (embed_out); norm: final LayerNorm (with bias) first",
         parallel_attr="use_parallel_residual",
+        norm_attr="final_layer_norm",
     ),
 )
 """Every supported family, in the order ``ipl models`` lists them."""
