@@ -5,13 +5,18 @@ switched on (sliding windows, experts, post-norms, soft-capping, multipliers, pa
 The reference is a plain transformers model with torch hooks (tests/reference.py).
 """
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers import FAMILY_ARCHS, TEXTS, naive_table
 from reference import entropy, head, hf_model, naive_sites
+from typer.testing import CliRunner
 
 from internal_policy_lens import SITES, capture, entropy_table
+from internal_policy_lens.cli import app
 from internal_policy_lens.model.generate import generate
 
 
@@ -116,3 +121,41 @@ def test_cached_greedy_generation_equals_uncached_loop(family, family_models):
     batched = generate(model, prompts, max_new_tokens=10, temperature=0)
     for prompt, got in zip(prompts, batched, strict=True):
         assert got == _greedy_no_cache(model, prompt, 10)
+
+
+def test_models_command_lists_every_family():
+    from internal_policy_lens.model.families import FAMILIES
+
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    for family in FAMILIES:
+        assert f"{family.name}\t{family.hf_class}" in result.output
+
+
+def test_entropy_run_and_compare_across_parallel_and_post_norm_families(family_dirs, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = [{"question": f"What is {i}+{i}?", "response": f"{2 * i}. Done."} for i in range(3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for name in ("gpt_neox", "gemma2"):
+        runs[name] = tmp_path / name
+        args = ["entropy", "--model", family_dirs(name), "--data", data, "--out", runs[name]]
+        result = CliRunner().invoke(app, [*map(str, args), "--quiet"])
+        assert result.exit_code == 0, result.output
+    info = json.loads((runs["gpt_neox"] / "run.json").read_text())["model"]
+    assert info["parallel_block"] and info["absent_sites"] == ["resid_mid"]
+    assert info["family"] == "GPT-NeoX / Pythia"
+    tokens = pd.read_parquet(runs["gpt_neox"] / "tokens.parquet")
+    assert "resid_mid" not in set(tokens["site"].astype(str))
+    deltas = pd.read_parquet(runs["gpt_neox"] / "deltas.parquet")
+    assert set(deltas["module"].astype(str)) == {"layer", "attn", "ffn"}
+    assert deltas["delta"].notna().all()
+    gemma = json.loads((runs["gemma2"] / "run.json").read_text())["model"]
+    assert not gemma["parallel_block"] and gemma["absent_sites"] == []
+    assert any((runs["gpt_neox"] / "figures").glob("*.png"))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(
+        app, ["compare", str(runs["gpt_neox"]), str(runs["gemma2"]), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(out / "convergence.csv")["model"].tolist() == ["gpt_neox", "gemma2"]
