@@ -159,3 +159,44 @@ def test_entropy_run_and_compare_across_parallel_and_post_norm_families(family_d
     )
     assert result.exit_code == 0, result.output
     assert pd.read_csv(out / "convergence.csv")["model"].tolist() == ["gpt_neox", "gemma2"]
+
+
+@pytest.mark.parametrize("capture_mb", [512, 1e-6])
+def test_position_blocks_and_layer_groups_give_the_same_table(family, family_models, capture_mb):
+    """Blocks of 4 positions through the key/value cache (a window of 4 included), one pass or one
+    per layer, give the table of one whole pass."""
+    model = family_models(family, "float64")
+    whole = entropy_table(model, TEXTS, batch_size=3, extras=True)
+    length = int(whole.position.max()) + 1
+    budget = 3 * model.config.num_attention_heads * length * 4 * 4  # 4 positions per block
+    blocked = entropy_table(
+        model, TEXTS, batch_size=3, extras=True, attention_mb=budget / 2**20, capture_mb=capture_mb
+    )
+    pd.testing.assert_frame_equal(whole, blocked, check_exact=False, atol=1e-5, rtol=0)
+
+
+def test_cached_generation_scores_equal_plain_transformers(family, family_models, family_dirs):
+    """Step logits too: a random model often repeats one token, which hides a broken cache."""
+    model = family_models(family)
+    reference = hf_model(family_dirs(family), dtype=torch.float32)
+    prompt = torch.tensor([model.tokenizer("Compute 17*3+4 step by step.")["input_ids"]])
+    ids, expected = prompt, []
+    for _ in range(12):
+        with torch.no_grad():
+            expected.append(reference(ids, use_cache=False).logits[:, -1])
+        ids = torch.cat([ids, expected[-1].argmax(-1, keepdim=True)], dim=1)
+    with torch.no_grad():
+        got = model.hf_model.generate(
+            prompt,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            use_cache=True,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    assert got.sequences.tolist() == ids.tolist()
+    torch.testing.assert_close(
+        torch.stack(got.scores, 1), torch.stack(expected, 1), atol=1e-4, rtol=1e-4
+    )
