@@ -32,6 +32,10 @@ FAMILY_ARCHS = (
     "granite",
     "gpt2",
     "gpt_neox",
+    "olmo3",
+    "smollm3",
+    "deepseek_v3",
+    "gpt_oss",
 )
 FAMILY_SIZES = dict(n_layers=3, d_model=48, n_heads=4, n_kv_heads=2, d_mlp=64)
 

@@ -49,6 +49,7 @@ LAYOUTS = {
     "Gemma2ForCausalLM": GEMMA,
     "Gemma3ForCausalLM": GEMMA,
     "Olmo2ForCausalLM": OLMO2,
+    "Olmo3ForCausalLM": OLMO2,
     "GPT2LMHeadModel": GPT2,
     "GPTNeoXForCausalLM": NEOX_PARALLEL,
 }

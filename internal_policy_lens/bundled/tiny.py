@@ -35,6 +35,10 @@ ARCHITECTURES = (
     "granite",
     "gpt2",
     "gpt_neox",
+    "olmo3",
+    "smollm3",
+    "deepseek_v3",
+    "gpt_oss",
 )
 
 
@@ -80,7 +84,9 @@ def tiny_config(
     Each family's distinctive features are switched on: sliding windows shorter than a prompt
     (Mistral, Gemma), mixtures of experts with a dense layer and a shared expert (Qwen2-MoE),
     attention and final logit soft-capping (Gemma), embedding, residual and logit multipliers
-    (Granite), parallel attention and MLP with partial rotary (GPT-NeoX).
+    (Granite), parallel attention and MLP with partial rotary (GPT-NeoX), layers without rotary
+    (SmolLM3), latent attention with grouped routing and a dense first layer (DeepSeek-V3),
+    attention sinks and experts with biases (GPT-OSS).
     """
     import transformers
 
@@ -99,14 +105,17 @@ def tiny_config(
         eos_token_id=SPECIAL_TOKENS.index("<|im_end|>"),
         bos_token_id=None,
     )
+    if arch == "deepseek_v3":  # latent attention: every head has its own key and value
+        common["num_key_value_heads"] = n_heads
     head_dim = d_model // n_heads
     experts = dict(num_experts_per_tok=2, router_jitter_noise=0.0)
+    windows = [("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)]
     gemma = dict(
         head_dim=head_dim,
         query_pre_attn_scalar=head_dim,
         sliding_window=4,
         final_logit_softcapping=5.0,
-        layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)],
+        layer_types=windows,
     )
     extras = {
         "qwen2": ("Qwen2Config", {}),
@@ -139,6 +148,36 @@ def tiny_config(
                 residual_multiplier=0.5,
                 logits_scaling=2.0,
                 attention_multiplier=1.0 / head_dim,
+            ),
+        ),
+        "olmo3": ("Olmo3Config", dict(sliding_window=4, layer_types=windows)),
+        "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=2)),
+        "deepseek_v3": (
+            "DeepseekV3Config",
+            dict(
+                n_routed_experts=4,
+                n_shared_experts=1,
+                moe_intermediate_size=d_mlp // 2,
+                first_k_dense_replace=1,
+                n_group=2,
+                topk_group=1,
+                num_experts_per_tok=2,
+                kv_lora_rank=16,
+                q_lora_rank=24,
+                qk_rope_head_dim=4,
+                qk_nope_head_dim=8,
+                v_head_dim=head_dim,
+                head_dim=4,
+            ),
+        ),
+        "gpt_oss": (
+            "GptOssConfig",
+            dict(
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                head_dim=head_dim,
+                sliding_window=4,
+                layer_types=windows,
             ),
         ),
     }

@@ -105,6 +105,14 @@ _POST_NORMS = _taps(  # Gemma 2/3: pre and post norms around each branch
     mlp_in=("pre_feedforward_layernorm", "out"),
     mlp_out=("post_feedforward_layernorm", "out"),
 )
+_NORMS_AFTER = _taps(  # OLMo 2/3: norms after each branch only; the branches read the residual
+    "model.layers",
+    attn_in=("self_attn", "in"),
+    attn_out=("post_attention_layernorm", "out"),
+    resid_mid=("mlp", "in"),
+    mlp_in=("mlp", "in"),
+    mlp_out=("post_feedforward_layernorm", "out"),
+)
 _GEMMA_LENS = (
     "raw: softcap(x W_U^T); norm: final (1 + w) RMSNorm first. softcap(z) = c tanh(z / c), "
     "c = final_logit_softcapping"
@@ -140,14 +148,27 @@ FAMILIES: tuple[Family, ...] = (
         "Olmo2ForCausalLM",
         attn_out="post_attention_layernorm output",
         mlp_out="post_feedforward_layernorm output",
-        sites=_taps(
-            "model.layers",
-            attn_in=("self_attn", "in"),
-            attn_out=("post_attention_layernorm", "out"),
-            resid_mid=("mlp", "in"),
-            mlp_in=("mlp", "in"),
-            mlp_out=("post_feedforward_layernorm", "out"),
-        ),
+        sites=_NORMS_AFTER,
+    ),
+    Family(
+        "OLMo 3",
+        "Olmo3ForCausalLM",
+        attn_out="post_attention_layernorm output",
+        mlp_out="post_feedforward_layernorm output",
+        sites=_NORMS_AFTER,
+    ),
+    Family("SmolLM3", "SmolLM3ForCausalLM"),
+    Family(
+        "DeepSeek-V3",
+        "DeepseekV3ForCausalLM",
+        attn_out="multi-head latent attention output (o_proj)",
+        mlp_out=_MOE + " + shared experts (dense MLP in the first_k_dense_replace layers)",
+    ),
+    Family(
+        "GPT-OSS",
+        "GptOssForCausalLM",
+        attn_out="self_attn output (o_proj; attention sinks)",
+        mlp_out=_MOE + " (experts with biases)",
     ),
     Family("Phi-3", "Phi3ForCausalLM", mlp_out="MLP output (fused gate_up_proj, down_proj)"),
     Family(
