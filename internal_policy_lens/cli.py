@@ -492,6 +492,8 @@ def models() -> None:
     typer.echo("supported families (transformers class):")
     for family in FAMILIES:
         typer.echo(f"  {family.name}\t{family.hf_class}")
+        typer.echo(f"      attn_out: {family.attn_out}; mlp_out: {family.mlp_out}")
+        typer.echo(f"      lens {family.lens}")
 
 
 if __name__ == "__main__":  # accelerate launch -m internal_policy_lens.cli ...

@@ -107,7 +107,9 @@ class Lens:
             logits = torch.mm(x, self.weight.t(), out=out[: len(x)])
         else:
             logits = torch.addmm(self.bias, x, self.weight.t(), out=out[: len(x)])
-        return logits if self.config is None else head_transform(self.config, logits)
+        if self.config is None:
+            return logits
+        return head_transform(self.config, logits, inplace=not torch.is_grad_enabled())
 
     @contextmanager
     def reused_output(self, rows: int) -> Iterator[None]:

@@ -218,15 +218,15 @@ def family_of(architecture: str) -> Family:
     return _BY_CLASS[architecture]
 
 
-def head_transform(config, logits: torch.Tensor) -> torch.Tensor:
-    """The model's own output head transformation of its logits (in place without gradients).
+def head_transform(config, logits: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """The model's own output head transformation of its logits ``[..., vocab]``.
 
-    Granite divides by ``logits_scaling``; Gemma 2/3 soft-cap with ``final_logit_softcapping``;
-    every other family leaves the logits as they are.
+    Granite divides by ``logits_scaling``; Gemma 2/3 soft-cap with ``final_logit_softcapping``
+    (``c * tanh(z / c)``); every other family leaves the logits as they are. ``inplace``
+    overwrites ``logits`` (for a buffer without gradients).
     """
     scale = getattr(config, "logits_scaling", None)
     cap = getattr(config, "final_logit_softcapping", None)
-    inplace = not torch.is_grad_enabled()
     if scale not in (None, 1, 1.0):
         logits = logits.div_(scale) if inplace else logits / scale
     if cap is not None:

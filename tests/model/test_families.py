@@ -200,3 +200,41 @@ def test_cached_generation_scores_equal_plain_transformers(family, family_models
     torch.testing.assert_close(
         torch.stack(got.scores, 1), torch.stack(expected, 1), atol=1e-4, rtol=1e-4
     )
+
+
+def test_save_model_round_trip(family, family_models, tmp_path):
+    """What the trainer's checkpoints are: a plain transformers folder giving the same logits."""
+    from internal_policy_lens import load_model
+    from internal_policy_lens.model.load import save_model
+
+    model = family_models(family)
+    folder = save_model(model, tmp_path / "saved")
+    again = load_model(folder, device="cpu")
+    plain = hf_model(folder, dtype=torch.float32)
+    ids = torch.tensor([model.tokenizer("12+7=19, then 19*2=38")["input_ids"]])
+    with torch.no_grad():
+        expected = model.bridge(ids)
+        torch.testing.assert_close(again.bridge(ids), expected, atol=0, rtol=0)
+        torch.testing.assert_close(plain(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["granite", "olmo2", "gemma2"])
+def test_module_hooks_removed_even_when_body_raises(name, family_models):
+    """Sites read from the HF modules (not bridge hook points) come and go like the others."""
+    model = family_models(name)
+
+    def counts():
+        return {
+            key: (len(m._forward_hooks), len(m._forward_pre_hooks))
+            for key, m in model.bridge.named_modules()
+        }
+
+    before = counts()
+    ids = torch.tensor([model.tokenizer(TEXTS[0])["input_ids"]])
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(model) as acts:
+            assert counts() != before
+            model.forward(ids, torch.ones_like(ids))
+            assert len(acts) == 7 * model.n_layers + 1
+            raise RuntimeError("boom")
+    assert counts() == before
