@@ -6,16 +6,17 @@ transformer-lens's TransformerBridge. The definitions are the same for every fam
 
 - ``resid_pre`` / ``resid_post``: the decoder layer's input / output;
 - ``attn_out`` / ``mlp_out``: exactly what each branch *adds* to the residual stream, after any
-  post-branch norm (Gemma 2/3, OLMo 2) or multiplier (Granite), so ``resid_post = resid_pre +
+  post-branch norm (Gemma 2/3, OLMo 2/3) or multiplier (Granite), so ``resid_post = resid_pre +
   attn_out + mlp_out``; for a mixture of experts ``mlp_out`` is the whole block's output;
 - ``attn_in`` / ``mlp_in``: what each branch reads (the input its attention / MLP module receives);
 - ``resid_mid = resid_pre + attn_out`` in a sequential block; a parallel block (GPT-NeoX with
   ``use_parallel_residual``) has none and its rows are absent.
 
-A site is read either from a TransformerBridge hook point (a string, as for Qwen2, Qwen3 and Llama)
-or, where the bridge has no hook point carrying that vector, from a forward hook on the module of
-the wrapped Hugging Face model (a :class:`Tap`). :func:`~internal_policy_lens.lens.capture.capture`
-registers both kinds.
+A site is read from a TransformerBridge hook point (:data:`BRIDGE_HOOKS`; for Gemma 2/3 the bridge
+points ``hook_attn_out`` / ``hook_mlp_out`` / ``hook_resid_mid`` past the post-norms itself) or,
+where the bridge has no hook point carrying that vector (OLMo 2/3, Granite), from a forward hook
+on the module of the wrapped Hugging Face model (a :class:`Tap`).
+:func:`~internal_policy_lens.lens.capture.capture` registers both kinds.
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ class Family:
         name: the family as researchers call it.
         hf_class: the transformers class (``config.architectures[0]``).
         sites: where a site is read when not from :data:`BRIDGE_HOOKS` (hook name or :class:`Tap`).
-        parallel: attention and MLP both read the layer input (no ``resid_mid``).
         attn_out, mlp_out, lens: what the sites and the lenses are, for the README and ``ipl
             models``.
         parallel_attr: config attribute that switches the block to parallel (GPT-NeoX).
@@ -98,13 +98,6 @@ def _taps(prefix: str, **sites: tuple) -> dict[str, Tap]:
     return {site: Tap(f"{prefix}.{{layer}}.{spec[0]}", *spec[1:]) for site, spec in sites.items()}
 
 
-_POST_NORMS = _taps(  # Gemma 2/3: pre and post norms around each branch
-    "model.layers",
-    attn_out=("post_attention_layernorm", "out"),
-    resid_mid=("pre_feedforward_layernorm", "in"),
-    mlp_in=("pre_feedforward_layernorm", "out"),
-    mlp_out=("post_feedforward_layernorm", "out"),
-)
 _NORMS_AFTER = _taps(  # OLMo 2/3: norms after each branch only; the branches read the residual
     "model.layers",
     attn_in=("self_attn", "in"),
@@ -133,7 +126,6 @@ FAMILIES: tuple[Family, ...] = (
         attn_out="post_attention_layernorm output",
         mlp_out="post_feedforward_layernorm output",
         lens=_GEMMA_LENS,
-        sites=_POST_NORMS,
     ),
     Family(
         "Gemma 3 (text)",
@@ -141,7 +133,6 @@ FAMILIES: tuple[Family, ...] = (
         attn_out="post_attention_layernorm output",
         mlp_out="post_feedforward_layernorm output",
         lens=_GEMMA_LENS,
-        sites=_POST_NORMS,
     ),
     Family(
         "OLMo 2",

@@ -218,7 +218,7 @@ def test_save_model_round_trip(family, family_models, tmp_path):
         torch.testing.assert_close(plain(ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["granite", "olmo2", "gemma2"])
+@pytest.mark.parametrize("name", ["granite", "olmo2"])
 def test_module_hooks_removed_even_when_body_raises(name, family_models):
     """Sites read from the HF modules (not bridge hook points) come and go like the others."""
     model = family_models(name)
