@@ -4,11 +4,17 @@ import json
 
 import pytest
 import torch
-from helpers import alternating_reward, assert_ipa_then_grpo_updates, tiny_bupo_config
+from helpers import (
+    FAMILY_ARCHS,
+    alternating_reward,
+    assert_ipa_then_grpo_updates,
+    tiny_bupo_config,
+)
 from safetensors.torch import load_file
 
 from internal_policy_lens.integrations.trl import trainer as bupo_trl
 from internal_policy_lens.integrations.trl.run import train_bupo_trl
+from internal_policy_lens.model.families import family_of
 from internal_policy_lens.model.load import load_causal_lm
 from internal_policy_lens.train.rollout import token_logprobs
 
@@ -83,3 +89,19 @@ def test_two_steps_freeze_above_k_during_ipa_only(
         for f in (folder, out / f"checkpoint-{per_rollout}", out / f"checkpoint-{2 * per_rollout}")
     )
     assert_ipa_then_grpo_updates(start, ipa, grpo)
+
+
+@pytest.mark.parametrize("lens", ["raw", "norm"])
+@pytest.mark.parametrize("family", FAMILY_ARCHS)
+def test_trimmed_forward_is_the_lens_policy(family, lens, family_dirs, family_models):
+    """pi^k inside the plain model's own forward (what the TRL engine trains) on every family."""
+    model, tokenizer = load_causal_lm(family_dirs(family))
+    ids = torch.tensor([tokenizer("Let x=5; x*x=25 and 25+1=26.")["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), bupo_trl.internal_policy(model, K, lens):
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    layers = getattr(model.get_decoder(), family_of(type(model).__name__).layers_attr)
+    assert len(layers) == 3  # restored
+    ours, _ = token_logprobs(family_models(family), ids, mask, layer=K, lens=lens)
+    expected = logp.gather(-1, ids[0, 1:, None])[:, 0]
+    torch.testing.assert_close(ours[0], expected, atol=2e-5, rtol=0)
