@@ -240,3 +240,19 @@ def test_module_hooks_removed_even_when_body_raises(name, family_models):
             assert len(acts) == 7 * model.n_layers + 1
             raise RuntimeError("boom")
     assert counts() == before
+
+
+@pytest.mark.parametrize("name", ["gemma2", "granite", "qwen3_moe"])
+def test_fast_precision_and_bfloat16_within_tolerance(name, family_models):
+    """The head transformation also runs on the reused bfloat16 logits buffer of ``fast``."""
+    model32 = family_models(name)
+    exact = entropy_table(model32, TEXTS, lens="norm")
+    fast = entropy_table(model32, TEXTS, lens="norm", precision="fast")
+    half = entropy_table(family_models(name, "bfloat16"), TEXTS, lens="norm")
+    for other in (fast, half):
+        err = (exact["entropy"] - other["entropy"]).abs()
+        assert err.mean() < 0.05, err.mean()
+        # A bfloat16 router picks other experts for a few tokens (seen: 0.70 nats on one
+        # mlp_out row of the tiny Qwen3-MoE), so the worst row is bounded for dense models only.
+        if other is fast or "moe" not in name:
+            assert err.max() < 0.5, err.max()
