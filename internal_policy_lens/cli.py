@@ -240,7 +240,13 @@ def merge(out: Annotated[Path, typer.Argument(help="Run folder of sharded ipl en
 @app.command("make-tiny")
 def make_tiny(
     out: Annotated[Path, typer.Option(help="Folder to write the model into.")],
-    arch: Annotated[str, typer.Option(help="qwen2, qwen3 or llama.")] = "qwen2",
+    arch: Annotated[
+        str,
+        typer.Option(
+            help="qwen2, qwen3, llama, mistral, mixtral, qwen2_moe, qwen3_moe, gemma2, gemma3, "
+            "olmo2, phi3, granite, gpt2 or gpt_neox."
+        ),
+    ] = "qwen2",
     layers: Annotated[int, typer.Option(min=1, help="Decoder layers.")] = 8,
     seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
 ) -> None:
@@ -524,13 +530,20 @@ def plot_train(
 
 @app.command()
 def models() -> None:
-    """List the bundled models (usable as --model NAME offline) and where they live."""
+    """List the bundled models (usable as --model NAME offline) and the supported families."""
     from .bundled import BUNDLED_MODELS
+    from .model.families import FAMILIES
     from .model.load import bundled_path
 
+    typer.echo("bundled models:")
     for name in BUNDLED_MODELS:
         with _user_errors():
-            typer.echo(f"{name}\t{bundled_path(name)}")
+            typer.echo(f"  {name}\t{bundled_path(name)}")
+    typer.echo("supported families (transformers class):")
+    for family in FAMILIES:
+        typer.echo(f"  {family.name}\t{family.hf_class}")
+        typer.echo(f"      attn_out: {family.attn_out}; mlp_out: {family.mlp_out}")
+        typer.echo(f"      lens {family.lens}")
 
 
 if __name__ == "__main__":  # accelerate launch -m internal_policy_lens.cli ...

@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import ARCHS, seed_everything, write_problems  # noqa: E402
+from helpers import ARCHS, FAMILY_ARCHS, FAMILY_SIZES, seed_everything, write_problems  # noqa: E402
 
 from internal_policy_lens import load_model  # noqa: E402
 from internal_policy_lens.bundled.tiny import make_tiny_model  # noqa: E402
@@ -28,6 +28,33 @@ def tiny_dirs(tmp_path_factory):
         spec = dict(spec)
         out[name] = make_tiny_model(spec.pop("arch"), root / name, seed=seed, n_layers=3, **spec)
     return out
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """A tiny random model of every further family (built on first use)."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+
+    def get(name):
+        if name not in out:
+            seed = 100 + FAMILY_ARCHS.index(name)
+            out[name] = make_tiny_model(name, root / name, seed=seed, **FAMILY_SIZES)
+        return out[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_models(family_dirs):
+    cache = {}
+
+    def get(name, dtype="float32"):
+        if (name, dtype) not in cache:
+            cache[name, dtype] = load_model(family_dirs(name), dtype=dtype, device="cpu")
+        return cache[name, dtype]
+
+    return get
 
 
 @pytest.fixture(scope="session", params=list(ARCHS))

@@ -18,6 +18,27 @@ ARCHS = {
     "llama_tied": dict(arch="llama", tie_embeddings=True, d_model=60, n_heads=5, n_kv_heads=5),
 }
 
+# One tiny model per further family, each with its distinctive features switched on (see
+# internal_policy_lens.bundled.tiny.tiny_config). Smaller than ARCHS: there are many of them.
+FAMILY_ARCHS = (
+    "mistral",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gemma2",
+    "gemma3",
+    "olmo2",
+    "phi3",
+    "granite",
+    "gpt2",
+    "gpt_neox",
+    "olmo3",
+    "smollm3",
+    "deepseek_v3",
+    "gpt_oss",
+)
+FAMILY_SIZES = dict(n_layers=3, d_model=48, n_heads=4, n_kv_heads=2, d_mlp=64)
+
 TEXTS = [
     "Solve 12+7*3. First 7*3=21, then 12+21=33. \\boxed{33}",
     "What is 9-4?",

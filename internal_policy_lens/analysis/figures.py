@@ -80,6 +80,8 @@ def write_run_figures(
     """
     sample, site = _heatmap_choice(tokens, sample, site)
     title = f"{model_name(info)} ({info['config']['lens']} lens)"
+    if info.get("model", {}).get("parallel_block"):
+        title += "; parallel attention and MLP: no resid_mid"
     cfg = cfg or ConvergenceConfig()
     stages = _stages(summary, cfg)
     builders = {

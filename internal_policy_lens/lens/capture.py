@@ -15,8 +15,9 @@ from contextlib import contextmanager
 import torch
 
 from ..config import LensSettings
+from ..model.families import Tap
 from ..model.load import PolicyModel
-from .sites import SiteKey, hook_name, resolve_layers, resolve_sites
+from .sites import SiteKey, resolve_layers, resolve_sites
 
 
 def site_keys(
@@ -24,11 +25,15 @@ def site_keys(
     sites: Iterable[str] | str | None = None,
     layers: Iterable[int] | str | None = None,
 ) -> list[SiteKey]:
-    """Return the (site, layer) pairs for the given subsets, in canonical order (final at L-1)."""
+    """Return the (site, layer) pairs for the given subsets, in canonical order (final at L-1).
+
+    ``resid_mid`` is left out in a parallel block, where it does not exist.
+    """
     layer_list = resolve_layers(layers, model.n_layers)
+    absent = {"final"} | ({"resid_mid"} if model.parallel else set())
     keys = []
     for layer in layer_list:
-        keys.extend((s, layer) for s in resolve_sites(sites) if s != "final")
+        keys.extend((s, layer) for s in resolve_sites(sites) if s not in absent)
     if "final" in resolve_sites(sites):
         keys.append(("final", model.n_layers - 1))
     return keys
@@ -48,7 +53,9 @@ def capture(
     The tensors are not detached: under ``torch.no_grad()`` they carry no graph, and with
     gradients enabled a loss built on them backpropagates into the model (the trainer relies on
     this). ``final`` is keyed with layer L-1. Hooks are removed on exit, also when the body
-    raises.
+    raises. Each site is read where its family's entry says
+    (:meth:`~internal_policy_lens.model.families.Family.source`): a bridge hook point or a hook
+    on a module of the wrapped Hugging Face model.
 
     Example:
         >>> with torch.no_grad(), capture(model, ["attn_out", "mlp_out"], [0, 5]) as acts:
@@ -60,9 +67,7 @@ def capture(
     handles = []
     try:
         for key in wanted:
-            site, layer = key
-            point = model.bridge.get_submodule(hook_name(site, layer))
-            handles.append(point.register_forward_hook(_saver(store, key)))
+            handles.append(_register(model, key, store))
         yield store
     finally:
         for handle in handles:
@@ -88,9 +93,33 @@ def run_with_cache(
     return logits, dict(acts)
 
 
-def _saver(store: dict[SiteKey, torch.Tensor], key: SiteKey):
+def _register(model: PolicyModel, key: SiteKey, store: dict[SiteKey, torch.Tensor]):
+    site, layer = key
+    where = model.family.source(site, layer, model.config)
+    if where is None:
+        raise ValueError(
+            f"{model.architecture} has no {site}: its attention and MLP both read the layer input"
+        )
+    if not isinstance(where, Tap):
+        return model.bridge.get_submodule(where).register_forward_hook(_saver(store, key))
+    module = model.hf_model.get_submodule(where.module)
+    scale = getattr(model.config, where.scale) if where.scale else None
+    if where.where == "in":
+        return module.register_forward_pre_hook(_input_saver(store, key), with_kwargs=True)
+    return module.register_forward_hook(_saver(store, key, scale))
+
+
+def _saver(store: dict[SiteKey, torch.Tensor], key: SiteKey, scale: float | None = None):
     def hook(module, inputs, output):
-        store[key] = output
+        output = output[0] if isinstance(output, tuple) else output
+        store[key] = output if scale is None else output * scale
+
+    return hook
+
+
+def _input_saver(store: dict[SiteKey, torch.Tensor], key: SiteKey):
+    def hook(module, args, kwargs):
+        store[key] = args[0] if args else kwargs["hidden_states"]
 
     return hook
 

@@ -1,8 +1,10 @@
 """Site names: the one naming scheme used by hooks, tables, plots and the trainer.
 
-A *site* is a vector in a decoder layer that can be read as a policy. Each maps to one
-TransformerBridge hook point. ``final`` is the model's own output policy: the final norm's output,
-which the unembedding turns into the model's logits; it is stored with layer = L - 1.
+A *site* is a vector in a decoder layer that can be read as a policy (definitions for every family
+in :mod:`internal_policy_lens.model.families`, which also says where each is read). ``final`` is
+the model's own output policy: the final norm's output, which the unembedding (and the model's
+output head transformation) turns into the model's logits; it is stored with layer = L - 1.
+``resid_mid`` does not exist in a parallel block (GPT-NeoX): its rows are absent there.
 """
 
 from __future__ import annotations
@@ -29,22 +31,6 @@ MODULES: dict[str, tuple[str, str]] = {
     "attn": ("attn_in", "attn_out"),
     "ffn": ("mlp_in", "mlp_out"),
 }
-
-_HOOKS = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "attn_in": "blocks.{layer}.ln1.hook_out",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "mlp_in": "blocks.{layer}.ln2.hook_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "final": "ln_final.hook_out",
-}
-
-
-def hook_name(site: str, layer: int) -> str:
-    """Return the TransformerBridge hook point that carries ``site`` of ``layer``."""
-    return _HOOKS[site].format(layer=layer)
 
 
 def resolve_sites(sites: Iterable[str] | str | None) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LENSES, PRECISIONS
+from ..model.families import has_head_transform, head_transform
 from ..model.load import PolicyModel
 
 EXTRA_COLUMNS: tuple[str, ...] = (
@@ -41,8 +42,10 @@ class Lens:
     """Turns site vectors into logits with the ``raw`` or ``norm`` lens.
 
     ``raw`` (the paper's definition): ``x @ W_U^T (+ b_U)``. ``norm`` (the logit lens):
-    ``final_norm(x) @ W_U^T (+ b_U)``. The ``final`` site is the final norm's output already, so
-    it is projected as it is under both lenses and gives the model's own logits.
+    ``final_norm(x) @ W_U^T (+ b_U)``. Both then apply the model's own output head transformation
+    where it has one (Granite's logit scaling, Gemma's final soft-capping). The ``final`` site is
+    the final norm's output already, so it is projected as it is under both lenses and gives the
+    model's own logits.
 
     Precision ``exact``: products in float32 (float64 for a float64 model) and reductions in
     float64. ``fast``: products in the model's dtype if it is bf16/fp16, else in bfloat16 (4-10x
@@ -73,6 +76,7 @@ class Lens:
         bias = getattr(unembed, "bias", None)
         # The bridge gives lm_head an all-zero bias; adding it costs ~9% of a bf16 product.
         self.bias = None if bias is None or not bias.any() else bias.to(self.dtype)
+        self.config = model.config if has_head_transform(model.config) else None
         self._out: torch.Tensor | None = None  # see reused_output
 
     @property
@@ -97,11 +101,14 @@ class Lens:
             x = self.inputs(x, site)
         out = self._out
         if out is None or len(x) > len(out) or torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        out = out[: len(x)]
-        if self.bias is None:
-            return torch.mm(x, self.weight.t(), out=out)
-        return torch.addmm(self.bias, x, self.weight.t(), out=out)
+            logits = F.linear(x, self.weight, self.bias)
+        elif self.bias is None:
+            logits = torch.mm(x, self.weight.t(), out=out[: len(x)])
+        else:
+            logits = torch.addmm(self.bias, x, self.weight.t(), out=out[: len(x)])
+        if self.config is None:
+            return logits
+        return head_transform(self.config, logits, inplace=not torch.is_grad_enabled())
 
     @contextmanager
     def reused_output(self, rows: int) -> Iterator[None]:

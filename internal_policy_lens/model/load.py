@@ -20,13 +20,8 @@ from torch import nn
 from ..bundled import BUNDLED_MODELS, bundled_model_path
 from ..data.encode import encode_inputs
 from .batch import pad, position_ids
+from .families import FAMILIES, SUPPORTED_ARCHITECTURES, Family, family_of, prepare
 
-# Architectures whose sites, norms and unembedding the toolkit is tested on.
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "LlamaForCausalLM",
-)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _DTYPES = {
     "float32": torch.float32,
@@ -66,6 +61,16 @@ class PolicyModel:
     def architecture(self) -> str:
         """Architecture name, e.g. ``Qwen2ForCausalLM``."""
         return self.config.architectures[0]
+
+    @property
+    def family(self) -> Family:
+        """What the toolkit knows about this architecture (sites, output head)."""
+        return family_of(self.architecture)
+
+    @property
+    def parallel(self) -> bool:
+        """Whether attention and MLP both read the layer input (no ``resid_mid``)."""
+        return self.family.is_parallel(self.config)
 
     @property
     def n_layers(self) -> int:
@@ -130,8 +135,28 @@ class PolicyModel:
         """
         ids, mask = self.to_tokens(inputs, attention_mask)
         return self.bridge(
-            ids, attention_mask=mask, position_ids=position_ids(mask), return_type="logits"
+            ids,
+            attention_mask=self.visible(mask),
+            position_ids=position_ids(mask),
+            return_type="logits",
         )
+
+    def visible(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask to run a right-padded batch with.
+
+        With a sliding window shorter than a row's trailing padding, a padding position sees no
+        key at all; the eager attention of transformers and of the bridge then writes NaN there,
+        and the next layer spreads it to the real tokens (0 * NaN in the value product). Trailing
+        padding is unmasked instead: a real token never attends to it (attention is causal), so
+        the real tokens' numbers are unchanged. Models without a sliding window keep their mask.
+        """
+        config = self.config
+        if not getattr(config, "sliding_window", None) or not getattr(
+            config, "use_sliding_window", True
+        ):
+            return attention_mask
+        seen = attention_mask.flip(-1).cumsum(-1).flip(-1) > 0  # a real token at or after here
+        return torch.where(seen, attention_mask, torch.ones_like(attention_mask))
 
     def new_cache(self):
         """An empty key/value cache for :meth:`forward`'s ``past``."""
@@ -159,7 +184,7 @@ class PolicyModel:
         ``past``. Each block's attention scores are then [block, all positions so far].
         """
         positions = position_ids(attention_mask)[:, -input_ids.shape[1] :]
-        kwargs = {"attention_mask": attention_mask, "position_ids": positions}
+        kwargs = {"attention_mask": self.visible(attention_mask), "position_ids": positions}
         kwargs |= (
             {"use_cache": False} if past is None else {"past_key_values": past, "use_cache": True}
         )
@@ -200,7 +225,7 @@ def load_model(
     device_map: str | dict | None = None,
     progress: bool = True,
 ) -> PolicyModel:
-    """Load a Qwen2/Qwen2.5, Qwen3 or Llama model with its tokenizer.
+    """Load a model of a supported family (:data:`FAMILIES`) with its tokenizer.
 
     Args:
         name_or_path: a bundled model (``ipl-tiny-qwen2``, ``ipl-tiny-llama``), a local folder
@@ -234,6 +259,7 @@ def load_model(
     except OSError as err:
         raise ModelLoadError(_hub_message(name, err)) from err
     bridge.eval()
+    prepare(bridge.original_model)
     return PolicyModel(
         bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision
     )
@@ -272,6 +298,7 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         name, dtype=_resolve_dtype(dtype, config, "cpu"), revision=revision
     )
+    prepare(model)
     return model, tokenizer
 
 
@@ -296,9 +323,10 @@ def _resolve(name_or_path: str | os.PathLike, revision: str | None):
         raise ModelLoadError(_hub_message(name, err)) from err
     architecture = (config.architectures or ["<none>"])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
+        families = ", ".join(f"{f.hf_class} ({f.name})" for f in FAMILIES)
         raise ModelLoadError(
-            f"architecture '{architecture}' of '{name}' is not supported; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/Qwen2.5, Qwen3, Llama 2/3)."
+            f"architecture '{architecture}' of '{name}' is not supported; supported: {families}. "
+            "`ipl models` lists them."
         )
     return name, config
 

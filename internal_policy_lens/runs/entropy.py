@@ -199,6 +199,10 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
             "name_or_path": cfg.model,
             "revision": cfg.revision,
             "architecture": model.architecture,
+            "family": model.family.name,
+            # A parallel block (GPT-NeoX) has no resid_mid: those rows are absent, not NaN.
+            "parallel_block": model.parallel,
+            "absent_sites": ["resid_mid"] if model.parallel else [],
             "n_layers": model.n_layers,
             "d_model": model.d_model,
             "vocab_size": model.vocab_size,

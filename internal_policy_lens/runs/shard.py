@@ -84,5 +84,3 @@ def write_meta(parts: Path, n_batches: int, samples: int, truncated: int) -> Non
 def missing_parts(parts: Path, n_batches: int) -> list[int]:
     """The batches whose token table is not written yet."""
     return [b for b in range(n_batches) if not part_path(parts, b).is_file()]
-
-

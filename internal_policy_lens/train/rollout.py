@@ -101,7 +101,7 @@ def token_logprobs(
     if layer is None:
         logits = model.bridge(
             input_ids,
-            attention_mask=attention_mask,
+            attention_mask=model.visible(attention_mask),
             position_ids=position_ids(attention_mask),
             return_type="logits",
         )

@@ -43,12 +43,12 @@ def test_folder_without_config(tmp_path):
 
 
 def test_unsupported_architecture(tiny_dirs, tmp_path):
-    folder = tmp_path / "gpt2ish"
+    folder = tmp_path / "falconish"
     shutil.copytree(tiny_dirs["qwen2"], folder)
     config = json.loads((folder / "config.json").read_text())
-    config["architectures"] = ["GPT2LMHeadModel"]
+    config["architectures"] = ["FalconForCausalLM"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="GPT2LMHeadModel.*not supported.*Qwen2ForCausalLM"):
+    with pytest.raises(ModelLoadError, match="FalconForCausalLM.*not supported.*Qwen2ForCausalLM"):
         load_model(folder)
 
 

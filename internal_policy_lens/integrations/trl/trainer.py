@@ -29,6 +29,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ...config import LENSES, BupoConfig
 from ...data.encode import prompt_text
+from ...model.families import family_of
 from ...train.rewards import math_reward
 
 # The TRL releases this module is tested with (pyproject's ``[trl]`` extra pins the same range).
@@ -84,17 +85,23 @@ def internal_policy(model: nn.Module, layer: int, lens: str = "raw") -> Iterator
     if lens not in LENSES:
         raise ValueError(f"unknown lens '{lens}'; use one of {', '.join(LENSES)}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder()  # [batch, pos, d_model] out of decoder.norm, into the LM head
-    layers, norm = decoder.layers, decoder.norm
+    try:
+        family = family_of(type(base).__name__)
+    except KeyError:
+        raise ValueError(f"{type(base).__name__} is not a supported architecture") from None
+    decoder = base.get_decoder()  # [batch, pos, d_model] out of the final norm, into the LM head
+    names = family.layers_attr, family.norm_attr
+    layers, norm = (getattr(decoder, name) for name in names)
     if not 0 <= layer < len(layers):
         raise ValueError(f"layer {layer} is out of range (0..{len(layers) - 1})")
-    decoder.layers = layers[: layer + 1]
+    setattr(decoder, names[0], layers[: layer + 1])
     if lens == "raw":
-        decoder.norm = nn.Identity()
+        setattr(decoder, names[1], nn.Identity())
     try:
         yield model
     finally:
-        decoder.layers, decoder.norm = layers, norm
+        setattr(decoder, names[0], layers)
+        setattr(decoder, names[1], norm)
 
 
 class BupoGRPOTrainer(GRPOTrainer):

@@ -1,0 +1,107 @@
+"""The TRL engine on a mixture-of-experts family and a post-norm, soft-capped family."""
+
+import json
+
+import pytest
+import torch
+from helpers import (
+    FAMILY_ARCHS,
+    alternating_reward,
+    assert_ipa_then_grpo_updates,
+    tiny_bupo_config,
+)
+from safetensors.torch import load_file
+
+from internal_policy_lens.integrations.trl import trainer as bupo_trl
+from internal_policy_lens.integrations.trl.run import train_bupo_trl
+from internal_policy_lens.model.families import family_of
+from internal_policy_lens.model.load import load_causal_lm
+from internal_policy_lens.train.rollout import token_logprobs
+
+K = 1
+
+
+def _rewards():
+    reward = alternating_reward()
+    return [lambda completions, **kwargs: [reward(c, None) for c in completions]]
+
+
+@pytest.mark.parametrize("family,lens", [("qwen2_moe", "raw"), ("gemma2", "norm")])
+def test_ipa_logprobs_are_the_lens_logprobs(
+    family, lens, family_dirs, family_models, tiny_dirs, data_file, tmp_path
+):
+    cfg = tiny_bupo_config(
+        tiny_dirs, data_file, tmp_path / "trl", model=str(family_dirs(family)), layer=K, lens=lens
+    )
+    model, tokenizer = load_causal_lm(cfg.model)
+    trainer = bupo_trl.BupoGRPOTrainer(
+        model=model,
+        args=bupo_trl.grpo_config(cfg, disable_tqdm=True),
+        reward_funcs=_rewards(),
+        train_dataset=bupo_trl.prompt_dataset([{"prompt": "1+1?", "answer": "2"}] * 4, tokenizer),
+        processing_class=tokenizer,
+        layer=K,
+        iterative_steps=cfg.iterative_steps,
+        lens=lens,
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    policy = family_models(family)
+    # Prompts left-padded, completions right-padded (TRL's layout), longer than the window.
+    prompts = [tokenizer(t)["input_ids"] for t in ("1+1?", "12+30=? twice", "7*6?")]
+    completions = [tokenizer(t)["input_ids"] for t in ("2.", "42 done, then 84", "42")]
+    p, c = max(map(len, prompts)), max(map(len, completions))
+    ids = torch.full((3, p + c), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, (a, b) in enumerate(zip(prompts, completions)):
+        ids[row, p - len(a) : p + len(b)] = torch.tensor(a + b)
+        mask[row, p - len(a) : p + len(b)] = 1
+    target = mask[:, p:].bool()
+    with torch.no_grad():
+        for layer in (K, None):
+            trainer.state.global_step = 0 if layer is not None else trainer.steps_per_rollout
+            logp, entropy, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, mask, c, compute_entropy=True
+            )
+            ours, ours_h = token_logprobs(policy, ids, mask, layer=layer, lens=lens)
+            torch.testing.assert_close(logp[target], ours[:, p - 1 :][target], atol=2e-5, rtol=0)
+            torch.testing.assert_close(
+                entropy[target], ours_h[:, p - 1 :][target], atol=2e-5, rtol=0
+            )
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gemma2"])
+def test_two_steps_freeze_above_k_during_ipa_only(
+    family, family_dirs, tiny_dirs, data_file, tmp_path
+):
+    folder = family_dirs(family)
+    cfg = tiny_bupo_config(
+        tiny_dirs, data_file, tmp_path / "run", model=str(folder), layer=K, max_new_tokens=8
+    )
+    out = train_bupo_trl(cfg, progress=False, reward_funcs=_rewards())
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["phase"], m["layer"]) for m in metrics] == [
+        (0, "ipa", K),
+        (1, "grpo", None),
+    ]
+    per_rollout = 2  # 3 prompts x 4 responses in mini-batches of 6
+    start, ipa, grpo = (
+        load_file(f / "model.safetensors")
+        for f in (folder, out / f"checkpoint-{per_rollout}", out / f"checkpoint-{2 * per_rollout}")
+    )
+    assert_ipa_then_grpo_updates(start, ipa, grpo)
+
+
+@pytest.mark.parametrize("lens", ["raw", "norm"])
+@pytest.mark.parametrize("family", FAMILY_ARCHS)
+def test_trimmed_forward_is_the_lens_policy(family, lens, family_dirs, family_models):
+    """pi^k inside the plain model's own forward (what the TRL engine trains) on every family."""
+    model, tokenizer = load_causal_lm(family_dirs(family))
+    ids = torch.tensor([tokenizer("Let x=5; x*x=25 and 25+1=26.")["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), bupo_trl.internal_policy(model, K, lens):
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    layers = getattr(model.get_decoder(), family_of(type(model).__name__).layers_attr)
+    assert len(layers) == 3  # restored
+    ours, _ = token_logprobs(family_models(family), ids, mask, layer=K, lens=lens)
+    expected = logp.gather(-1, ids[0, 1:, None])[:, 0]
+    torch.testing.assert_close(ours[0], expected, atol=2e-5, rtol=0)
