@@ -4,10 +4,14 @@ Imported by name from the test files (``from helpers import ...``); fixtures liv
 """
 
 import json
+import os
 import random
+import sys
 
 import torch
 from reference import entropy, hf_model, naive_logits, naive_sites
+
+from internal_policy_lens.bundled.tiny import ARCHITECTURES
 
 # Real architecture configs at tiny sizes: Qwen2 (q/k/v biases), Qwen3 (q/k norm), Llama with
 # untied and tied embeddings. Hidden and vocabulary sizes are not powers of two.
@@ -20,23 +24,7 @@ ARCHS = {
 
 # One tiny model per further family, each with its distinctive features switched on (see
 # internal_policy_lens.bundled.tiny.tiny_config). Smaller than ARCHS: there are many of them.
-FAMILY_ARCHS = (
-    "mistral",
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "gemma2",
-    "gemma3",
-    "olmo2",
-    "phi3",
-    "granite",
-    "gpt2",
-    "gpt_neox",
-    "olmo3",
-    "smollm3",
-    "deepseek_v3",
-    "gpt_oss",
-)
+FAMILY_ARCHS = tuple(a for a in ARCHITECTURES if a not in ("qwen2", "qwen3", "llama"))
 FAMILY_SIZES = dict(n_layers=3, d_model=48, n_heads=4, n_kv_heads=2, d_mlp=64)
 
 TEXTS = [
@@ -121,3 +109,39 @@ def seed_everything(seed: int = 0) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def trl_rewards():
+    """TRL reward functions (batches of completions) giving 1, 0, 1, 0...: every group varies."""
+    reward = alternating_reward()
+    return [lambda completions, **kwargs: [reward(c, None) for c in completions]]
+
+
+def trl_trainer(cfg, layer: int, lens: str = "raw"):
+    """A BupoGRPOTrainer on ``cfg.model`` with four copies of one prompt, ready to step."""
+    from internal_policy_lens.integrations.trl import trainer as bupo_trl
+    from internal_policy_lens.model.load import load_causal_lm
+
+    model, tokenizer = load_causal_lm(cfg.model)
+    trainer = bupo_trl.BupoGRPOTrainer(
+        model=model,
+        args=bupo_trl.grpo_config(cfg, disable_tqdm=True),
+        reward_funcs=trl_rewards(),
+        train_dataset=bupo_trl.prompt_dataset([{"prompt": "1+1?", "answer": "2"}] * 4, tokenizer),
+        processing_class=tokenizer,
+        layer=layer,
+        iterative_steps=cfg.iterative_steps,
+        lens=lens,
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def ipl_command(*args) -> list[str]:
+    """The command line of ``ipl ARGS...`` run by this Python (a subprocess of the tests)."""
+    return [sys.executable, "-m", "internal_policy_lens.cli", *map(str, args)]
+
+
+def one_thread_env(**extra) -> dict:
+    """The environment for a subprocess of the tests: one thread each (they share 2 cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}

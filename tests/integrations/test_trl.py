@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from helpers import alternating_reward, assert_ipa_then_grpo_updates, tiny_bupo_config
+from helpers import assert_ipa_then_grpo_updates, tiny_bupo_config, trl_rewards, trl_trainer
 from typer.testing import CliRunner
 
 from internal_policy_lens import entropy_table
@@ -49,36 +49,13 @@ def test_contract_of_the_overridden_trl_method():
     assert "vllm_importance_sampling_correction" in inspect.getsource(GRPOTrainer._compute_loss)
 
 
-def _alternating():
-    # TRL's reward_funcs take batches: 1, 0, 1, 0... over the completions, so every group has
-    # reward variance.
-    reward = alternating_reward()
-
-    def parity(completions, **kwargs):
-        return [reward(c, None) for c in completions]
-
-    return parity
-
-
 def _cfg(tiny_dirs, data_file, out, **kw):
     return tiny_bupo_config(tiny_dirs, data_file, out, **{"layer": K, "max_new_tokens": 8, **kw})
 
 
 def _trainer(tiny_dirs, data_file, tmp_path, arch="qwen2", lens="raw", **kw):
     cfg = _cfg(tiny_dirs, data_file, tmp_path / "trl", model=str(tiny_dirs[arch]), lens=lens, **kw)
-    model, tokenizer = load_causal_lm(cfg.model)
-    trainer = bupo_trl.BupoGRPOTrainer(
-        model=model,
-        args=bupo_trl.grpo_config(cfg, disable_tqdm=True),
-        reward_funcs=[_alternating()],
-        train_dataset=bupo_trl.prompt_dataset([{"prompt": "1+1?", "answer": "2"}] * 4, tokenizer),
-        processing_class=tokenizer,
-        layer=K,
-        iterative_steps=cfg.iterative_steps,
-        lens=lens,
-    )
-    trainer.current_gradient_accumulation_steps = 1
-    return trainer
+    return trl_trainer(cfg, K, lens)
 
 
 def _batch(models, arch):
@@ -201,7 +178,7 @@ train_bupo_trl(BupoConfig(**json.loads(sys.argv[1])), progress=False, reward_fun
 def test_two_steps_freeze_above_k_during_ipa_only(tiny_dirs, data_file, tmp_path, processes):
     cfg = _cfg(tiny_dirs, data_file, tmp_path / "run")
     if processes == 1:
-        out = train_bupo_trl(cfg, progress=False, reward_funcs=[_alternating()])
+        out = train_bupo_trl(cfg, progress=False, reward_funcs=trl_rewards())
     else:  # DDP over two CPU processes (gloo), launched as accelerate or torchrun would
         script = tmp_path / "ddp.py"
         script.write_text(_DDP_SCRIPT)
@@ -266,17 +243,17 @@ def test_resume_redoes_the_steps_after_the_last_checkpoint(tiny_dirs, data_file,
     import shutil
 
     cfg = _cfg(tiny_dirs, data_file, tmp_path / "run", steps=3)
-    out = train_bupo_trl(cfg, progress=False, reward_funcs=[_alternating()])
+    out = train_bupo_trl(cfg, progress=False, reward_funcs=trl_rewards())
     full = (out / "metrics.jsonl").read_text().splitlines()
     shutil.rmtree(out / "checkpoint-6")  # killed after step 2's metrics, before its checkpoint
     with pytest.raises(ValueError, match="--resume"):
-        train_bupo_trl(cfg, progress=False, reward_funcs=[_alternating()])
+        train_bupo_trl(cfg, progress=False, reward_funcs=trl_rewards())
     with pytest.raises(ValueError, match="another configuration"):
         train_bupo_trl(
             _cfg(tiny_dirs, data_file, out, steps=3, lr=1e-3, resume=True), progress=False
         )
     resumed = _cfg(tiny_dirs, data_file, out, steps=3, resume=True)
-    train_bupo_trl(resumed, progress=False, reward_funcs=[_alternating()])
+    train_bupo_trl(resumed, progress=False, reward_funcs=trl_rewards())
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["phase"]) for m in lines] == [(0, "ipa"), (1, "grpo"), (2, "grpo")]
     assert [json.loads(x)["loss"] for x in full[:2]] == [m["loss"] for m in lines[:2]]
@@ -314,7 +291,7 @@ def test_trainer_refuses_settings_that_break_ipa(tiny_dirs, data_file, tmp_path)
     model, tokenizer = load_causal_lm(cfg.model)
     common = dict(
         model=model,
-        reward_funcs=[_alternating()],
+        reward_funcs=trl_rewards(),
         train_dataset=bupo_trl.prompt_dataset([{"prompt": "1+1?", "answer": "2"}] * 4, tokenizer),
         processing_class=tokenizer,
         layer=K,

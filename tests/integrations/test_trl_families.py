@@ -6,9 +6,10 @@ import pytest
 import torch
 from helpers import (
     FAMILY_ARCHS,
-    alternating_reward,
     assert_ipa_then_grpo_updates,
     tiny_bupo_config,
+    trl_rewards,
+    trl_trainer,
 )
 from safetensors.torch import load_file
 
@@ -21,11 +22,6 @@ from internal_policy_lens.train.rollout import token_logprobs
 K = 1
 
 
-def _rewards():
-    reward = alternating_reward()
-    return [lambda completions, **kwargs: [reward(c, None) for c in completions]]
-
-
 @pytest.mark.parametrize("family,lens", [("qwen2_moe", "raw"), ("gemma2", "norm")])
 def test_ipa_logprobs_are_the_lens_logprobs(
     family, lens, family_dirs, family_models, tiny_dirs, data_file, tmp_path
@@ -33,18 +29,8 @@ def test_ipa_logprobs_are_the_lens_logprobs(
     cfg = tiny_bupo_config(
         tiny_dirs, data_file, tmp_path / "trl", model=str(family_dirs(family)), layer=K, lens=lens
     )
-    model, tokenizer = load_causal_lm(cfg.model)
-    trainer = bupo_trl.BupoGRPOTrainer(
-        model=model,
-        args=bupo_trl.grpo_config(cfg, disable_tqdm=True),
-        reward_funcs=_rewards(),
-        train_dataset=bupo_trl.prompt_dataset([{"prompt": "1+1?", "answer": "2"}] * 4, tokenizer),
-        processing_class=tokenizer,
-        layer=K,
-        iterative_steps=cfg.iterative_steps,
-        lens=lens,
-    )
-    trainer.current_gradient_accumulation_steps = 1
+    trainer = trl_trainer(cfg, K, lens)
+    tokenizer = trainer.processing_class
     policy = family_models(family)
     # Prompts left-padded, completions right-padded (TRL's layout), longer than the window.
     prompts = [tokenizer(t)["input_ids"] for t in ("1+1?", "12+30=? twice", "7*6?")]
@@ -77,7 +63,7 @@ def test_two_steps_freeze_above_k_during_ipa_only(
     cfg = tiny_bupo_config(
         tiny_dirs, data_file, tmp_path / "run", model=str(folder), layer=K, max_new_tokens=8
     )
-    out = train_bupo_trl(cfg, progress=False, reward_funcs=_rewards())
+    out = train_bupo_trl(cfg, progress=False, reward_funcs=trl_rewards())
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["phase"], m["layer"]) for m in metrics] == [
         (0, "ipa", K),

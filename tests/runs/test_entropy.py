@@ -2,12 +2,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import ipl_command
 from typer.testing import CliRunner
 
 from internal_policy_lens import entropy_table
@@ -232,13 +232,7 @@ def test_truncation_is_counted(tiny_dirs, tmp_path):
 
 
 def _cli(*args):
-    return [
-        sys.executable,
-        "-c",
-        "from internal_policy_lens.cli import app; app()",
-        "entropy",
-        *map(str, args),
-    ]
+    return ipl_command("entropy", *args)
 
 
 @pytest.mark.slow

@@ -6,14 +6,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import write_problems
+from helpers import ipl_command, one_thread_env, write_problems
 from typer.testing import CliRunner
 
 from internal_policy_lens.cli import app
@@ -96,8 +95,7 @@ def test_no_permission(tiny_dirs, tmp_path):
         locked = base / "locked"
         locked.mkdir(mode=0o555)
         locked.chmod(0o555)
-        command = [sys.executable, "-m", "internal_policy_lens.cli", "entropy"]
-        command += ["--out", str(locked / "run"), "--quiet"]
+        command = ipl_command("entropy", "--out", locked / "run", "--quiet")
         if os.geteuid() == 0:  # root ignores permission bits: run as an unprivileged user
             if shutil.which("setpriv") is None:
                 pytest.skip("running as root and setpriv is missing: root bypasses permissions")
@@ -165,10 +163,12 @@ def test_second_lock_names_the_holder(tmp_path):
 
 
 def _entropy(args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "internal_policy_lens.cli", "entropy", *map(str, args)]
     return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ipl_command("entropy", *args),
+        env=one_thread_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -3,7 +3,6 @@ rerun of the same command finishes with exactly the tables (or metrics and check
 uninterrupted run."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from dataclasses import asdict
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_bupo_config
+from helpers import ipl_command, one_thread_env, tiny_bupo_config
 from safetensors.torch import load_file
 
 TABLES = ("tokens.parquet", "deltas.parquet", "summary.csv", "responses.jsonl")
@@ -33,12 +32,13 @@ ENTROPY_POINTS = [
 
 
 def _run(command, env=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, env=one_thread_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _entropy(args):
-    return [sys.executable, "-m", "internal_policy_lens.cli", "entropy", *map(str, args)]
+    return ipl_command("entropy", *args)
 
 
 def _same_tables(a, b):
@@ -67,7 +67,7 @@ def _killed_at_random(command, seconds, rng):
     """Start ``command`` and SIGKILL it after a seeded random share of ``seconds``."""
     proc = subprocess.Popen(
         command,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=one_thread_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
