@@ -18,6 +18,7 @@ from .config import (
     EvalConfig,
     GenerationConfig,
     PlotConfig,
+    ReportConfig,
 )
 
 app = typer.Typer(
@@ -123,6 +124,12 @@ def entropy(
     extras: Annotated[
         bool | None,
         _entropy_opt("extras", "Next-token log-prob/rank, KL to final, top-1 agreement."),
+    ] = None,
+    topk: Annotated[
+        int | None,
+        _entropy_opt(
+            "topk", "K most probable tokens of each policy (topk.parquet); 0: none.", min=0
+        ),
     ] = None,
     max_new_tokens: Annotated[
         int | None, _gen_opt("max_new_tokens", "Longest generated response.", min=1)
@@ -246,6 +253,50 @@ def plot(
 
 
 @app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder written by ipl entropy.")],
+    open_page: Annotated[
+        bool, typer.Option("--open", help="Open the page in the default browser.")
+    ] = False,
+    max_samples: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Samples embedded in the token explorer.",
+            show_default=_default(ReportConfig, "max_samples"),
+        ),
+    ] = None,
+    max_values: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Numbers embedded in the token explorer (bounds the page's size).",
+            show_default=_default(ReportConfig, "max_values"),
+        ),
+    ] = None,
+    site: Annotated[
+        str | None,
+        typer.Option(
+            help="Site colouring the tokens at first.", show_default=_default(ReportConfig, "site")
+        ),
+    ] = None,
+    tau: Annotated[float | None, _convergence_opt("tau", _TAU_HELP, min=0.0)] = None,
+) -> None:
+    """Write RUN/report.html: one self-contained interactive page (charts, token explorer)."""
+    from .analysis.report import report_run
+
+    given = dict(max_samples=max_samples, max_values=max_values, site=site)
+    cfg = _config(ReportConfig, given, run=str(run), convergence=_convergence_config(tau=tau))
+    with _user_errors():
+        path = report_run(cfg)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+@app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders written by ipl entropy.")],
     out: Annotated[Path, typer.Option(help="Folder for the figures and convergence.csv.")],
@@ -257,7 +308,7 @@ def compare(
         ),
     ] = None,
 ) -> None:
-    """Overlay runs on relative depth; write comparison.png/.pdf and convergence.csv."""
+    """Overlay runs on relative depth; write comparison.png/.pdf, report.html, convergence.csv."""
     from .analysis.figures import compare as compare_runs
 
     cfg = CompareConfig(

@@ -148,7 +148,8 @@ def plot_run(cfg: PlotConfig) -> FigureReport:
 def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
     """``ipl compare``: runs overlaid on relative depth, and one convergence row per run.
 
-    Writes ``OUT/comparison.{png,pdf}`` and ``OUT/convergence.csv`` (columns ``model, run, lens``
+    Writes ``OUT/comparison.{png,pdf}``, ``OUT/report.html`` (interactive charts, provenance)
+    and ``OUT/convergence.csv`` (columns ``model, run, lens``
     then :meth:`Convergence.row`; ``note`` says why a run has no summary).
     """
     runs = [open_run(path) for path in cfg.runs]
@@ -176,6 +177,9 @@ def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
         rows.append(row)
     table = pd.DataFrame(rows)
     report.written.append(RunFolder(out).write_csv("convergence.csv", table))
+    from .report import write_compare_report  # plotly loads only when a page is written
+
+    report.written.append(write_compare_report(cfg, runs, names))
     return report, table
 
 
