@@ -224,7 +224,8 @@ def _change_figure(deltas: pd.DataFrame, stages, tau: float) -> go.Figure | None
         return None
     module = deltas["module"].astype(str)
     fig = go.Figure()
-    for stage, pattern in (("exploration", "lightgrey"), ("convergence", "#bbbbbb")):
+    shades = (("exploration", "#e0e0e0", "ΔH > "), ("convergence", "#bdbdbd", "ΔH < −"))
+    for stage, pattern, rule in shades:
         span = (stages or {}).get(stage)
         if span is not None:
             fig.add_vrect(
@@ -233,7 +234,8 @@ def _change_figure(deltas: pd.DataFrame, stages, tau: float) -> go.Figure | None
                 fillcolor=pattern,
                 opacity=0.35,
                 line_width=0,
-                annotation_text=f"FFN {stage} (|ΔH| > {tau:g})",
+                layer="below",
+                annotation_text=f"FFN {stage} ({rule}{tau:g})",
                 annotation_position="top left",
             )
     fig.add_hline(y=0, line_dash="dash", line_color="#444444")

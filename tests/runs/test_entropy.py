@@ -283,6 +283,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dirs, tmp_path):
         assert len(list((out / stage).glob("*[0-9].*"))) >= 2, f"never reached {stage}"
         assert not (out / "tokens.parquet").exists()
     subprocess.run(_cli(*common, "--out", out), check=True, env=env, capture_output=True)
-    for name in ("tokens.parquet", "deltas.parquet"):
+    for name in ("tokens.parquet", "topk.parquet", "deltas.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(full / name))
+    topk = pd.read_parquet(out / "topk.parquet")  # 5 ranks per token row, none lost or twice
+    assert not topk.duplicated(["sample_id", "position", "layer", "site", "rank"]).any()
+    assert len(topk) == 5 * len(pd.read_parquet(out / "tokens.parquet"))
     assert (out / "responses.jsonl").read_text() == (full / "responses.jsonl").read_text()

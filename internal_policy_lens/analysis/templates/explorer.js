@@ -55,7 +55,8 @@
   data.sites.forEach((s) => option(siteSelect, s, s));
   siteSelect.value = data.default_site;
   function fillLayers() {
-    const site = siteSelect.value, before = Number(layerSelect.value);
+    const site = siteSelect.value;
+    const before = layerSelect.value === "" ? NaN : Number(layerSelect.value);
     layerSelect.innerHTML = "";
     layers.filter((l) => keyIndex.has(site + "/" + l)).forEach((l) => option(layerSelect, l, l));
     const have = [...layerSelect.options].map((o) => Number(o.value));
