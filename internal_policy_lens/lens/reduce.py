@@ -176,9 +176,11 @@ def _fused(logits, dtype, next_ids, final_logp, final_top, topk=0) -> Stats:
     if final_top is not None:
         out["top1_agrees"] = z.argmax(-1) == final_top
     if topk:
-        best, ids = z.topk(topk, dim=-1, sorted=True)  # [sites, rows, K]
+        # On the logits as formed (upcasting is exact, so the same order): selecting from
+        # ``z`` would make the compiled graph materialise it, [sites, rows, vocab] in ``dtype``.
+        best, ids = logits.topk(topk, dim=-1, sorted=True)  # [sites, rows, K]
         out["topk_id"] = ids
-        out["topk_prob"] = (best - top - log_total.unsqueeze(-1)).exp()
+        out["topk_prob"] = (best.to(dtype) - top - log_total.unsqueeze(-1)).exp()
     return out
 
 
