@@ -18,29 +18,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import seaborn as sns
 from plotly.offline import get_plotlyjs
 
 from ..config import CompareConfig, ReportConfig
 from ..runs.io import RunFolder, model_name, open_run
-from . import plots
+from .charts import change_chart, compare_charts, flow_chart
 from .convergence import convergence_summary, suggest_layer
-
-
-def hex_colour(rgb) -> str:
-    """``#rrggbb`` of an RGB triple in [0, 1] (matplotlib/seaborn colours -> plotly)."""
-    return "#" + "".join(f"{round(255 * c):02x}" for c in rgb[:3])
-
 
 ASSETS = Path(__file__).with_name("templates")
 """The page template, its styles and the token explorer's script."""
-_HEX = {
-    name: hex_colour(rgb)
-    for name, rgb in {
-        **plots.SITE_COLOURS,
-        **{m: c for m, (_, c) in plots.MODULE_LABELS.items()},
-    }.items()
-}
 
 
 def report_run(cfg: ReportConfig) -> Path:
@@ -80,8 +66,8 @@ def write_run_report(
     except ValueError as err:  # e.g. the run has no FFN sites
         convergence = f"<p>No convergence summary: {html.escape(str(err))}</p>"
     charts = [
-        _chart(_flow_figure(tokens), "chart-flow"),
-        _chart(_change_figure(deltas, stages, conv_cfg.tau), "chart-change"),
+        _chart(flow_chart(tokens), "chart-flow"),
+        _chart(change_chart(deltas, stages, conv_cfg.tau), "chart-change"),
     ]
     data = explorer_data(tokens, topk, cfg)
     return _write_page(
@@ -107,7 +93,7 @@ def write_compare_report(cfg: CompareConfig, runs: list[RunFolder], names: list[
             row["note"] = str(err)
         rows.append(row)
         provenance.append(f"<h3>{html.escape(name)}</h3>{_provenance_html(run.info)}")
-    charts = _compare_figures(pd.concat(frames, ignore_index=True))
+    charts = compare_charts(pd.concat(frames, ignore_index=True))
     note = "The token explorer is in each run's own report.html (ipl report RUN)."
     return _write_page(
         Path(cfg.out) / "report.html",
@@ -192,146 +178,6 @@ def _sample_topk(topk, sample, positions, keys, k, vocab) -> dict:
 
 def _jsonable(value):
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _flow_figure(tokens: pd.DataFrame) -> go.Figure | None:
-    site = tokens["site"].astype(str)
-    fig = go.Figure()
-    for name in [s for s in plots.FLOW_SITES if (site == s).any()]:
-        mid, lo, hi = plots.band(tokens[site == name], "layer", "entropy", "iqr")
-        _band_traces(fig, mid, lo, hi, name, _HEX[name])
-    final = tokens[site == "final"]
-    if len(final):
-        fig.add_scatter(
-            x=[int(final["layer"].max())],
-            y=[final["entropy"].mean()],
-            mode="markers",
-            marker=dict(symbol="star", size=14, color=_HEX["final"]),
-            name="final (output)",
-        )
-    if not fig.data:
-        return None
-    return _layout(
-        fig,
-        "Entropy flow: mean per layer; band: 25th–75th percentile over tokens",
-        "layer (0-based)",
-        "entropy (nats)",
-    )
-
-
-def _change_figure(deltas: pd.DataFrame, stages, tau: float) -> go.Figure | None:
-    if deltas.empty:
-        return None
-    module = deltas["module"].astype(str)
-    fig = go.Figure()
-    shades = (("exploration", "#e0e0e0", "ΔH > "), ("convergence", "#bdbdbd", "ΔH < −"))
-    for stage, pattern, rule in shades:
-        span = (stages or {}).get(stage)
-        if span is not None:
-            fig.add_vrect(
-                x0=span[0] - 0.5,
-                x1=span[1] + 0.5,
-                fillcolor=pattern,
-                opacity=0.35,
-                line_width=0,
-                layer="below",
-                annotation_text=f"FFN {stage} ({rule}{tau:g})",
-                annotation_position="top left",
-            )
-    fig.add_hline(y=0, line_dash="dash", line_color="#444444")
-    for name, (label, _) in plots.MODULE_LABELS.items():
-        if (module == name).any():
-            mid, lo, hi = plots.band(deltas[module == name], "layer", "delta", "iqr")
-            _band_traces(fig, mid, lo, hi, label, _HEX[name])
-    return _layout(
-        fig,
-        "Entropy change per layer (mean; band: 25th–75th percentile); FFN stages shaded",
-        "layer (0-based)",
-        "entropy change ΔH (nats)",
-    )
-
-
-def _compare_figures(stacked: pd.DataFrame) -> list[go.Figure]:
-    panels = (
-        ("entropy", "resid_post", "Layer output H(resid_post)", "entropy (nats)"),
-        ("delta", "ffn", "FFN ΔH", "ΔH (nats)"),
-        ("delta", "attn", "Attention ΔH", "ΔH (nats)"),
-    )
-    figures = []
-    palette = sns.color_palette("colorblind", n_colors=max(stacked["model"].nunique(), 1))
-    for quantity, which, title, unit in panels:
-        fig = go.Figure()
-        for model, rgb in zip(dict.fromkeys(stacked["model"]), palette):
-            frame = stacked[(stacked["model"] == model) & (stacked["quantity"] == quantity)]
-            frame = frame[frame["name"].astype(str) == which]
-            colour = hex_colour(rgb)
-            fig.add_scatter(
-                x=(frame["layer"] + 1) / frame["n_layers"],
-                y=frame["mean"],
-                mode="lines+markers",
-                name=model,
-                line=dict(color=colour),
-                customdata=frame["layer"],
-                hovertemplate="layer %{customdata}<br>depth %{x:.2f}<br>%{y:.3f}",
-            )
-        figures.append(
-            _layout(
-                fig,
-                f"{title} (mean over tokens) on relative depth",
-                "relative depth (l + 1) / L",
-                unit,
-            )
-        )
-    return figures
-
-
-def _band_traces(fig: go.Figure, mid, lo, hi, name: str, colour: str) -> None:
-    x = mid.index.astype(int).tolist()
-    fill = colour + "33"  # the line's colour, 20% opaque
-    fig.add_scatter(
-        x=x,
-        y=hi.to_numpy(),
-        mode="lines",
-        line=dict(width=0),
-        showlegend=False,
-        hoverinfo="skip",
-        legendgroup=name,
-    )
-    fig.add_scatter(
-        x=x,
-        y=lo.to_numpy(),
-        mode="lines",
-        line=dict(width=0),
-        fill="tonexty",
-        fillcolor=fill,
-        showlegend=False,
-        hoverinfo="skip",
-        legendgroup=name,
-    )
-    fig.add_scatter(
-        x=x,
-        y=mid.to_numpy(),
-        mode="lines+markers",
-        name=name,
-        legendgroup=name,
-        line=dict(color=colour),
-        customdata=np.c_[lo.to_numpy(), hi.to_numpy()],
-        hovertemplate="layer %{x}<br>mean %{y:.3f}<br>25%: %{customdata[0]:.3f}"
-        "<br>75%: %{customdata[1]:.3f}<extra>" + name + "</extra>",
-    )
-
-
-def _layout(fig: go.Figure, title: str, xaxis: str, yaxis: str) -> go.Figure:
-    fig.update_layout(
-        title=title,
-        xaxis_title=xaxis,
-        yaxis_title=yaxis,
-        template="plotly_white",
-        height=420,
-        margin=dict(l=60, r=20, t=60, b=50),
-        hovermode="closest",
-    )
-    return fig
 
 
 def _chart(fig: go.Figure | None, div_id: str) -> str:
