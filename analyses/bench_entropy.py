@@ -1,6 +1,7 @@
 """Benchmark of the entropy engine on a model with Qwen2.5-0.5B's dimensions (random weights).
 
-    nice -n 10 python analyses/bench_entropy.py [--tokens 256] [--layers 24] [--repeats 3]
+    nice -n 10 python analyses/bench_entropy.py [--tokens 256] [--layers 24] [--repeats 3] \
+        [--topk 5,20]
     nice -n 10 python analyses/bench_entropy.py --memory-tokens 4096 [--memory-dtype bfloat16]
 
 d_model 896, vocabulary 151936, 14 heads, 2 KV heads, intermediate 4864, `--layers` decoder
@@ -15,6 +16,9 @@ All modes read the same captured site vectors of one `--tokens`-token sequence; 
          softmax and log-softmax materialised, -sum p log p (resid_pre recomputed)
   exact  engine.site_stats, precision exact (float32 products, float64 reductions)
   fast   engine.site_stats, precision fast (bf16 products, float32 reductions)
+  exact+topK, fast+topK
+         the same with the K most probable tokens of every policy kept in the same pass
+         (``--topk``, default 5 and 20): the cost of ``ipl entropy --topk K``
   floor  the bare unembedding products of the same rows as fast, in bf16, into one reused
          output buffer as the engine does (a fresh output per product costs ~20% more)
 
@@ -112,10 +116,10 @@ def naive(model, acts, keys, rows):
     return out
 
 
-def engine(model, acts, keys, rows, precision):
+def engine(model, acts, keys, rows, precision, topk=0):
     index = (torch.zeros(rows, dtype=torch.long), torch.arange(rows))
     lens = Lens(model, "raw", precision)
-    stats = site_stats(lens, acts, keys, index, chunk_tokens=CHUNK, compiled=True)
+    stats = site_stats(lens, acts, keys, index, topk=topk, chunk_tokens=CHUNK, compiled=True)
     return {key: torch.from_numpy(cols["entropy"]) for key, cols in stats.items()}
 
 
@@ -157,22 +161,27 @@ def errors(got, ref):
     return err.max().item(), err.mean().item()
 
 
-def make_modes(model, acts):
+def make_modes(model, acts, topks=()):
     table_keys, keys = list(acts), unique_keys(acts)
     bf16_weight = model.unembed.weight.to(torch.bfloat16)
     stacked = torch.stack([acts[k][0] for k in keys]).to(torch.bfloat16)  # [sites, tokens, d]
-    return {
-        "naive": lambda rows: naive(model, acts, table_keys, rows),
-        "exact": lambda rows: engine(model, acts, keys, rows, "exact"),
-        "fast": lambda rows: engine(model, acts, keys, rows, "fast"),
-        "floor": lambda rows: floor(bf16_weight, stacked, rows),
-    }
+    modes = {"naive": lambda rows: naive(model, acts, table_keys, rows)}
+    for precision in ("exact", "fast"):
+        for k in (0, *topks):
+            name = precision if k == 0 else f"{precision}+top{k}"
+            modes[name] = lambda rows, p=precision, k=k: engine(model, acts, keys, rows, p, k)
+    modes["floor"] = lambda rows: floor(bf16_weight, stacked, rows)
+    return modes
+
+
+def topk_list(text):
+    return [int(k) for k in text.split(",") if k.strip()]
 
 
 def child_memory(args):
     """One mode in a fresh process: peak extra memory of one run (allocators cache across modes)."""
     model = load_model(args.folder, dtype="float32", device="cpu")
-    fn = make_modes(model, capture_sites(model, args.tokens))[args.child]
+    fn = make_modes(model, capture_sites(model, args.tokens), topk_list(args.topk))[args.child]
     fn(8)  # compiles, pages the weights in
     print(json.dumps(measure(lambda: fn(args.tokens))[1]))
 
@@ -181,14 +190,14 @@ def benchmark(args):
     with tempfile.TemporaryDirectory(prefix="bench_entropy_") as folder:
         model = build_model(folder, args.layers)
         acts, T = capture_sites(model, args.tokens), args.tokens
-        modes = make_modes(model, acts)
+        modes = make_modes(model, acts, topk_list(args.topk))
         warm = {name: measure(lambda f=fn: f(8))[0] for name, fn in modes.items()}
         times, results = {name: [] for name in modes}, {}
         for _ in range(args.repeats):
             for name, fn in modes.items():
                 seconds, _, results[name] = measure(lambda f=fn: f(T))
                 times[name].append(seconds)
-        memory = {name: memory_of(name, folder, T) for name in modes}
+        memory = {name: memory_of(name, folder, T, args.topk) for name in modes}
     keys = unique_keys(acts)
     ref = reference(model, acts, keys, min(args.ref_tokens, T))
     spread = torch.cat(list(ref.values()))
@@ -204,8 +213,8 @@ def benchmark(args):
     report(times, warm, memory, results, ref, T)
 
 
-def memory_of(mode, folder, tokens):
-    command = [sys.executable, __file__, "--child", mode, "--folder", folder]
+def memory_of(mode, folder, tokens, topk):
+    command = [sys.executable, __file__, "--child", mode, "--folder", folder, "--topk", topk]
     done = subprocess.run([*command, "--tokens", str(tokens)], capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -213,13 +222,13 @@ def memory_of(mode, folder, tokens):
 def report(times, warm, memory, results, ref, tokens):
     median = {name: statistics.median(values) for name, values in times.items()}
     print(
-        f"{'mode':6} {'median s':>9} {'tokens/s':>9} {'vs naive':>9} {'vs floor':>9} "
+        f"{'mode':11} {'median s':>9} {'tokens/s':>9} {'vs naive':>9} {'vs floor':>9} "
         f"{'warm-up s':>9} {'peak GB':>8} {'max err':>9} {'mean err':>9}"
     )
     for name, t in median.items():
         err = errors(results[name], ref) if results[name] is not None else (np.nan, np.nan)
         print(
-            f"{name:6} {t:9.2f} {tokens / t:9.1f} {median['naive'] / t:8.2f}x "
+            f"{name:11} {t:9.2f} {tokens / t:9.1f} {median['naive'] / t:8.2f}x "
             f"{t / median['floor']:8.2f}x {warm[name]:9.2f} {memory[name]:8.2f} "
             f"{err[0]:9.2e} {err[1]:9.2e}"
         )
@@ -229,6 +238,10 @@ def report(times, warm, memory, results, ref, tokens):
         f"{median['fast'] / median['floor']:.2f}x the floor; exact is "
         f"{median['naive'] / median['exact']:.1f}x faster than naive"
     )
+    for name, t in median.items():
+        if "+top" in name:
+            base = name.split("+")[0]
+            print(f"top-k cost: {name} takes {t / median[base]:.2f}x the time of {base}")
 
 
 def memory_run(args):
@@ -255,6 +268,7 @@ if __name__ == "__main__":
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ref-tokens", type=int, default=64)
+    parser.add_argument("--topk", default="5,20", help="K of the top-k modes (comma-separated)")
     parser.add_argument("--memory-tokens", type=int, default=0)
     parser.add_argument("--memory-dtype", default="bfloat16")
     parser.add_argument(

@@ -21,6 +21,7 @@ from .config import (
     EvalConfig,
     GenerationConfig,
     PlotConfig,
+    ReportConfig,
 )
 
 app = typer.Typer(
@@ -160,6 +161,15 @@ def entropy(
         bool | None,
         _opt(EntropyConfig, "extras", "Next-token log-prob/rank, KL to final, top-1 agreement."),
     ] = None,
+    topk: Annotated[
+        int | None,
+        _opt(
+            EntropyConfig,
+            "topk",
+            "K most probable tokens of each policy (topk.parquet); 0: none.",
+            min=0,
+        ),
+    ] = None,
     max_new_tokens: Annotated[
         int | None, _opt(GenerationConfig, "max_new_tokens", "Longest generated response.", min=1)
     ] = None,
@@ -288,6 +298,45 @@ def plot(
 
 
 @app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder written by ipl entropy.")],
+    open_page: Annotated[
+        bool, typer.Option("--open", help="Open the page in the default browser.")
+    ] = False,
+    max_samples: Annotated[
+        int | None,
+        _opt(ReportConfig, "max_samples", "Samples embedded in the token explorer.", min=1),
+    ] = None,
+    max_values: Annotated[
+        int | None,
+        _opt(
+            ReportConfig,
+            "max_values",
+            "Numbers embedded in the token explorer (bounds the page's size).",
+            min=1,
+        ),
+    ] = None,
+    site: Annotated[
+        str | None,
+        _opt(ReportConfig, "site", "Site colouring the tokens at first."),
+    ] = None,
+    tau: Annotated[float | None, _opt(ConvergenceConfig, "tau", _TAU_HELP, min=0.0)] = None,
+) -> None:
+    """Write RUN/report.html: one self-contained interactive page (charts, token explorer)."""
+    from .analysis.report import report_run
+
+    given = dict(max_samples=max_samples, max_values=max_values, site=site)
+    cfg = _config(ReportConfig, given, run=str(run), convergence=_convergence_config(tau=tau))
+    with _user_errors():
+        path = report_run(cfg)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+@app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders written by ipl entropy.")],
     out: Annotated[Path, typer.Option(help="Folder for the figures and convergence.csv.")],
@@ -303,7 +352,7 @@ def compare(
         ),
     ] = None,
 ) -> None:
-    """Overlay runs on relative depth; write comparison.png/.pdf and convergence.csv."""
+    """Overlay runs on relative depth; write comparison.png/.pdf, report.html, convergence.csv."""
     from .analysis.figures import compare as compare_runs
 
     cfg = CompareConfig(

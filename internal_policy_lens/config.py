@@ -117,6 +117,9 @@ class EntropyConfig:
     """Keep only positions that predict response tokens (the paper averages over those)."""
     extras: bool = False
     """Add next-token log-prob and rank, KL to the final policy and top-1 agreement."""
+    topk: int = 5
+    """K most probable tokens of every policy into ``topk.parquet`` (0: none). Computed in the
+    same pass as the entropies; 5 gives the report's logit-lens table."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Settings for records without a response."""
     overwrite: bool = False
@@ -179,6 +182,28 @@ class CompareConfig:
     """Folder for the comparison figures and ``convergence.csv``."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the convergence summary."""
+
+
+@dataclass
+class ReportConfig:
+    """One ``ipl report`` call: a run's self-contained interactive page, ``RUN/report.html``.
+
+    The page embeds the token explorer's data for the first samples (by id) only: at most
+    ``max_samples`` samples and ``max_values`` numbers (entropies plus top-k probabilities and
+    ids), so its size is bounded (about 10 bytes a number plus 4.6 MB of plotly.js).
+    """
+
+    run: str
+    """Run folder written by ``ipl entropy``."""
+    max_samples: int = 20
+    """Samples embedded in the token explorer."""
+    max_values: int = 1_000_000
+    """Numbers embedded in the token explorer; samples are added in id order while they fit
+    (the first sample is cut to its first positions if it alone does not)."""
+    site: str = "resid_post"
+    """Site whose entropy colours the tokens when the page opens (else the first analysed)."""
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
+    """Thresholds of the stages and the layer rule shown in the page."""
 
 
 @dataclass

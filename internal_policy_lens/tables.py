@@ -34,6 +34,15 @@ TABLE_COLUMNS: tuple[str, ...] = (
 )
 DELTA_COLUMNS: tuple[str, ...] = ("sample_id", "position", "layer", "module", "delta")
 SUMMARY_COLUMNS: tuple[str, ...] = ("quantity", "layer", "name", "mean", "std", "count")
+TOPK_COLUMNS: tuple[str, ...] = (
+    "sample_id",
+    "position",
+    "layer",
+    "site",
+    "rank",
+    "token_id",
+    "prob",
+)
 
 
 def entropy_table(
@@ -45,6 +54,7 @@ def entropy_table(
     layers: Iterable[int] | str | None = None,
     response_only: bool = False,
     extras: bool = False,
+    topk: int = 0,
     batch_size: int = 8,
     chunk_tokens: int | None = None,
     precision: str | None = None,
@@ -52,8 +62,8 @@ def entropy_table(
     attention_mb: float | None = None,
     settings: LensSettings | None = None,
     progress: bool = False,
-) -> pd.DataFrame:
-    """Entropy (nats) of every internal policy at every position.
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+    """Entropy (nats) of every internal policy at every position (and, with ``topk``, its top-k).
 
     Args:
         model: from :func:`load_model`.
@@ -65,6 +75,9 @@ def entropy_table(
         response_only: keep the positions whose next token is a response token (records only).
         extras: add ``next_token_logprob``, ``next_token_rank`` (1 = top), ``kl_to_final``
             (KL(internal || final), nats) and ``top1_agrees``.
+        topk: K > 0 also returns every policy's K most probable tokens, computed in the same
+            pass over each chunk's logits (no second product); the entropy table is the same
+            as without it.
         batch_size: sequences per forward pass.
         chunk_tokens: logits rows formed at once (all sites of a chunk of tokens are stacked
             into one product); bounds the extra memory. Default 1024.
@@ -89,7 +102,10 @@ def entropy_table(
         Columns ``sample_id, position, token_id, token, layer, site, entropy`` (+ extras), sorted
         by sample, position, layer and site. ``position`` is 0-based in the input sequence,
         ``token_id`` is the token at that position and ``token`` its text; the policy there
-        predicts position + 1.
+        predicts position + 1. With ``topk`` K > 0, the pair ``(tokens, topk)`` where ``topk``
+        has the columns :data:`TOPK_COLUMNS` (``sample_id, position, layer, site, rank,
+        token_id, prob``): K rows per row of ``tokens``, in the same order, ``rank`` 1 the most
+        probable, ``prob`` in the lens's policy.
     """
     settings = (settings or LensSettings()).update(
         lens=lens,
@@ -103,16 +119,20 @@ def entropy_table(
         raise ValueError("response_only=True needs records with a 'response' for every input")
     keys = site_keys(model, sites, layers)
     projector = Lens(model, settings.lens, settings.precision)
-    parts = []
+    parts, tops = [], []
     bar = tqdm(total=len(encoded), unit="sample", disable=not progress)
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        parts.append(_batch_table(model, projector, batch, keys, settings, response_only, extras))
+        table, top = _batch_table(
+            model, projector, batch, keys, settings, response_only, extras, topk
+        )
+        parts.append(table)
+        tops.append(top)
         bar.update(len(batch))
     bar.close()
-    out = pd.concat(parts, ignore_index=True)
-    out.insert(3, "token", token_text(model.tokenizer, out["token_id"]))
-    return out
+    tokens = pd.concat(parts, ignore_index=True)
+    tokens.insert(3, "token", token_text(model.tokenizer, tokens["token_id"]))
+    return (tokens, pd.concat(tops, ignore_index=True)) if topk > 0 else tokens
 
 
 def token_text(tokenizer, token_ids: pd.Series) -> pd.Series:
@@ -134,7 +154,8 @@ def _batch_table(
     settings: LensSettings,
     response_only: bool,
     extras: bool,
-) -> pd.DataFrame:
+    topk: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     ids, mask = pad(
         [e.input_ids for e in batch], model.tokenizer.pad_token_id, model.device, side="right"
     )
@@ -144,7 +165,8 @@ def _batch_table(
     rows_b, rows_t = keep.nonzero(as_tuple=True)
     if len(rows_b) == 0:
         columns = [c for c in TABLE_COLUMNS if c != "token"]  # added by entropy_table
-        return pd.DataFrame(columns=[*columns, *(EXTRA_COLUMNS if extras else ())])
+        empty = pd.DataFrame(columns=[*columns, *(EXTRA_COLUMNS if extras else ())])
+        return empty, pd.DataFrame(columns=list(TOPK_COLUMNS))
     next_ids = torch.full_like(ids, -1)
     next_ids[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
     next_ids = next_ids[rows_b, rows_t] if extras else None
@@ -164,6 +186,7 @@ def _batch_table(
             group,
             (rows_b[sel], rows_t[sel] - start),
             next_ids=None if next_ids is None else next_ids[sel],
+            topk=topk,
             chunk_tokens=settings.chunk_tokens,
         )
         del acts
@@ -171,7 +194,8 @@ def _batch_table(
         for key, columns in part.items():
             into = stats.setdefault(key, {})
             for name, values in columns.items():
-                into.setdefault(name, np.empty(len(rows_b), values.dtype))[at] = values
+                shape = (len(rows_b), *values.shape[1:])  # [n] or [n, K]
+                into.setdefault(name, np.empty(shape, values.dtype))[at] = values
     n, k = len(rows_b), len(keys)
     frame = {
         "sample_id": np.repeat(
@@ -185,6 +209,23 @@ def _batch_table(
     for column in ("entropy", *(EXTRA_COLUMNS if extras else ())):
         matrix = np.stack([stats[sources[key]][column] for key in keys], axis=1)  # [rows, keys]
         frame[column] = matrix.reshape(-1)
+    out = pd.DataFrame(frame)
+    out["sample_id"] = out["sample_id"].infer_objects()
+    return out, _topk_frame(out, [stats[sources[key]] for key in keys], topk)
+
+
+def _topk_frame(tokens: pd.DataFrame, per_key: list[dict[str, np.ndarray]], k: int):
+    """K rows per row of ``tokens`` (same order): rank, token id and probability."""
+    if k <= 0:
+        return None
+    k = per_key[0]["topk_id"].shape[1]  # at most the vocabulary
+    ids = np.stack([s["topk_id"] for s in per_key], axis=1)  # [rows, keys, K]
+    probs = np.stack([s["topk_prob"] for s in per_key], axis=1)  # [rows, keys, K]
+    frame = {name: np.repeat(tokens[name].to_numpy(), k) for name in TOPK_COLUMNS[:3]}
+    frame["site"] = pd.Categorical(np.repeat(tokens["site"].astype(str), k), categories=SITES)
+    frame["rank"] = np.tile(np.arange(1, k + 1, dtype=np.int16), len(tokens))
+    frame["token_id"] = ids.reshape(-1).astype(np.int64)
+    frame["prob"] = probs.reshape(-1)
     out = pd.DataFrame(frame)
     out["sample_id"] = out["sample_id"].infer_objects()
     return out

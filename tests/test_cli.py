@@ -21,6 +21,7 @@ from internal_policy_lens.config import (
     EntropyConfig,
     EvalConfig,
     GenerationConfig,
+    ReportConfig,
 )
 
 runner = CliRunner()
@@ -32,6 +33,7 @@ CONFIGS = {
     "plot": (ConvergenceConfig,),
     "compare": (ConvergenceConfig,),
     "suggest-layer": (ConvergenceConfig,),
+    "report": (ReportConfig, ConvergenceConfig),
 }
 
 

@@ -20,6 +20,8 @@ TORCH_FREE = (
     "internal_policy_lens.analysis.convergence",
     "internal_policy_lens.analysis.plots",
     "internal_policy_lens.analysis.figures",
+    "internal_policy_lens.analysis.charts",
+    "internal_policy_lens.analysis.report",
     "internal_policy_lens.runs.io",
     "internal_policy_lens.train.folder",
     "internal_policy_lens.train.rewards",

@@ -6,7 +6,7 @@ from helpers import TEXTS, naive_table
 from reference import entropy, hf_model, naive_logits, naive_sites
 
 from internal_policy_lens import SITES, delta_table, entropy_table, summary_table
-from internal_policy_lens.tables import TABLE_COLUMNS
+from internal_policy_lens.tables import TABLE_COLUMNS, TOPK_COLUMNS
 
 
 @pytest.mark.parametrize("lens", ["raw", "norm"])
@@ -271,3 +271,61 @@ def test_token_column_is_the_decoded_token(models):
     assert list(table.columns[:4]) == ["sample_id", "position", "token_id", "token"]
     expected = [model.tokenizer.decode([i]) for i in table["token_id"]]
     assert table["token"].astype(str).tolist() == expected
+
+
+def _naive_topk(folder, tokenizer, texts, lens, k):
+    """{(sample, position, layer, site): (probs [k+1], ids [k+1])} in float64, sorted."""
+    model = hf_model(folder)
+    out = {}
+    for sample, text in enumerate(texts):
+        acts, _ = naive_sites(model, tokenizer(text)["input_ids"])
+        for (site, layer), x in acts.items():
+            probs = torch.softmax(naive_logits(model, x, site, lens), -1)
+            top, ids = probs.sort(-1, descending=True)
+            for pos in range(len(x)):
+                out[sample, pos, layer, site] = (top[pos, : k + 1], ids[pos, : k + 1])
+    return out
+
+
+@pytest.mark.parametrize("lens", ["raw", "norm"])
+def test_topk_matches_naive_float64(arch, models, tiny_dirs, lens):
+    k = 4
+    model = models(arch, "float64")
+    tokens, topk = entropy_table(model, TEXTS, lens=lens, topk=k, batch_size=2, chunk_tokens=7)
+    assert list(topk.columns) == list(TOPK_COLUMNS)
+    assert len(topk) == k * len(tokens)
+    naive = _naive_topk(tiny_dirs[arch], model.tokenizer, TEXTS, lens, k)
+    groups = topk.groupby(["sample_id", "position", "layer", "site"], observed=True)
+    assert len(groups) == len(naive)
+    checked_ids = 0
+    for key, rows in groups:
+        want_p, want_id = naive[key]
+        assert rows["rank"].tolist() == list(range(1, k + 1))
+        np.testing.assert_allclose(rows["prob"], want_p[:k], atol=1e-5, err_msg=str(key))
+        assert (np.diff(rows["prob"].to_numpy()) <= 0).all(), key  # most probable first
+        gaps = torch.diff(want_p).abs()  # [k]: rank r to r+1
+        for r in range(k):  # where the order is not a near-tie, the same token
+            before = gaps[r - 1] if r else torch.tensor(1.0)
+            if min(before, gaps[r]) > 1e-6:
+                assert rows["token_id"].iloc[r] == want_id[r], (key, r)
+                checked_ids += 1
+    assert checked_ids > 0.9 * len(topk)
+    # The same pass, the same entropy table: bit for bit.
+    plain = entropy_table(model, TEXTS, lens=lens, batch_size=2, chunk_tokens=7)
+    pd.testing.assert_frame_equal(plain, tokens, check_exact=True)
+
+
+def test_topk_rank1_of_final_is_the_models_argmax(arch, models, tiny_dirs):
+    model = models(arch)
+    reference = hf_model(tiny_dirs[arch], dtype=torch.float32)
+    _, topk = entropy_table(model, TEXTS[:1], sites=["final", "mlp_out"], topk=3)
+    ids = torch.tensor([model.tokenizer(TEXTS[0])["input_ids"]])
+    with torch.no_grad():
+        argmax = reference(ids).logits[0].argmax(-1)
+    first = topk[(topk.site == "final") & (topk["rank"] == 1)].sort_values("position")
+    np.testing.assert_array_equal(first["token_id"], argmax.numpy())
+    assert set(topk["site"].astype(str)) == {"final", "mlp_out"}
+    # K above the vocabulary: every token, once.
+    _, everything = entropy_table(model, TEXTS[1:2], sites=["final"], topk=10**6)
+    assert everything["rank"].max() == model.vocab_size
+    np.testing.assert_allclose(everything.groupby("position")["prob"].sum(), 1.0, atol=1e-5)

@@ -150,7 +150,8 @@ def plot_run(cfg: PlotConfig) -> FigureReport:
 def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
     """``ipl compare``: runs overlaid on relative depth, and one convergence row per run.
 
-    Writes ``OUT/comparison.{png,pdf}`` and ``OUT/convergence.csv`` (columns ``model, run, lens``
+    Writes ``OUT/comparison.{png,pdf}``, ``OUT/report.html`` (interactive charts, provenance)
+    and ``OUT/convergence.csv`` (columns ``model, run, lens``
     then :meth:`Convergence.row`; ``note`` says why a run has no summary).
     """
     folder = RunFolder(cfg.out).check_writable()
@@ -184,6 +185,9 @@ def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, p
         rows.append(row)
     table = pd.DataFrame(rows)
     report.written.append(RunFolder(out).write_csv("convergence.csv", table))
+    from .report import write_compare_report  # plotly loads only when a page is written
+
+    report.written.append(write_compare_report(cfg, runs, names))
     return report, table
 
 

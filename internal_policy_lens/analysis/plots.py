@@ -39,7 +39,13 @@ _STAGE_SHADES = {
     "exploration": ("FFN exploration stage (ΔH > {tau})", ""),
     "convergence": ("FFN convergence stage (ΔH < −{tau})", "///"),
 }
-SPREADS = {"std": "band: mean ± 1 s.d. over tokens", "iqr": "band: 25th–75th percentile"}
+SPREADS = {
+    "std": "band: mean ± 1 s.d. over tokens",
+    "iqr": "band: 25th–75th percentile over tokens",
+}
+"""Bands around a per-layer mean; ``iqr`` is the default (a s.d. band of entropies, which
+cannot be negative, reaches below zero for skewed distributions; quantiles stay in range).
+"""
 PANELS = (
     ("reward_mean", "mean reward"),
     ("accuracy", "accuracy (reward = 1)"),
@@ -84,8 +90,12 @@ def _figure(width: float, height: float, ncols: int = 1):
     return fig, axes
 
 
-def _band(frame: pd.DataFrame, by: str, value: str, spread: str, center: str = "mean"):
-    """Per ``by`` group: the centre line and the band's low and high edges."""
+def band(frame: pd.DataFrame, by: str, value: str, spread: str, center: str = "mean"):
+    """Per ``by`` group: the centre line and the band's low and high edges.
+
+    ``center`` is ``mean`` or ``median``; ``spread`` is ``iqr`` (25th and 75th percentiles) or
+    ``std`` (± 1 s.d.).
+    """
     if spread not in SPREADS:
         raise ValueError(f"unknown spread '{spread}'; use one of {', '.join(SPREADS)}")
     grouped = frame.groupby(by, observed=True)[value]
@@ -121,12 +131,13 @@ def _present(frame: pd.DataFrame, column: str, wanted, what: str) -> list[str]:
 
 
 @_styled
-def entropy_flow(tokens: pd.DataFrame, *, spread: str = "std", title: str | None = None) -> Figure:
+def entropy_flow(tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None = None) -> Figure:
     """Mean entropy per layer of the layer input, attention output, FFN output and layer output.
 
     Args:
         tokens: an entropy table (``entropy_table`` or ``tokens.parquet``).
-        spread: the band: ``std`` (mean ± 1 s.d. over tokens) or ``iqr`` (25th-75th percentile).
+        spread: the band: ``iqr`` (25th-75th percentile over tokens, the default: entropies are
+            skewed and never negative) or ``std`` (mean ± 1 s.d.).
         title: axes title (e.g. the model's name).
 
     ``final`` (the model's output policy), when present, is a star at the last layer.
@@ -135,7 +146,7 @@ def entropy_flow(tokens: pd.DataFrame, *, spread: str = "std", title: str | None
     fig, (ax,) = _figure(COLUMN_WIDTH, 3.0)
     site = tokens["site"].astype(str)
     for name in sites:
-        stats = _band(tokens[site == name], "layer", "entropy", spread)
+        stats = band(tokens[site == name], "layer", "entropy", spread)
         _line(ax, stats, SITE_COLOURS[name], name)
     final = tokens[site == "final"]
     if len(final):
@@ -152,7 +163,7 @@ def entropy_flow(tokens: pd.DataFrame, *, spread: str = "std", title: str | None
 def entropy_change(
     deltas: pd.DataFrame,
     *,
-    spread: str = "std",
+    spread: str = "iqr",
     stages: dict[str, tuple[int, int] | None] | None = None,
     tau: float | None = None,
     title: str | None = None,
@@ -161,7 +172,7 @@ def entropy_change(
 
     Args:
         deltas: a delta table (``delta_table`` or ``deltas.parquet``).
-        spread: ``std`` or ``iqr`` (see :func:`entropy_flow`).
+        spread: ``iqr`` or ``std`` (see :func:`entropy_flow`).
         stages: from ``convergence.find_stages``; shades the exploration and convergence layers.
         tau: the stages' threshold (nats), for the legend.
         title: axes title.
@@ -185,7 +196,7 @@ def entropy_change(
     ax.axhline(0.0, color="0.25", lw=0.8, ls="--", zorder=1)
     for name in modules:
         label, colour = MODULE_LABELS[name]
-        _line(ax, _band(deltas[module == name], "layer", "delta", spread), colour, label)
+        _line(ax, band(deltas[module == name], "layer", "delta", spread), colour, label)
     ax.set_ylabel("entropy change ΔH (nats)")
     _layer_axis(ax)
     ax.set_title(title or "")
@@ -252,7 +263,7 @@ def token_heatmap(
 
 @_styled
 def next_token_extras(
-    tokens: pd.DataFrame, *, spread: str = "std", title: str | None = None
+    tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None = None
 ) -> Figure:
     """Rank of the actual next token (median, log scale) and KL to the final policy, per layer.
 
@@ -273,8 +284,8 @@ def next_token_extras(
     for name in sites:
         rows = tokens[site == name]
         ranked = rows[rows["next_token_rank"] >= 1]  # -1: the position has no next token
-        rank = _band(ranked, "layer", "next_token_rank", "iqr", "median")
-        kl = _band(rows.dropna(subset=["kl_to_final"]), "layer", "kl_to_final", spread)
+        rank = band(ranked, "layer", "next_token_rank", "iqr", "median")
+        kl = band(rows.dropna(subset=["kl_to_final"]), "layer", "kl_to_final", spread)
         _line(rank_ax, rank, SITE_COLOURS[name], name)
         _line(kl_ax, kl, SITE_COLOURS[name], name)
     rank_ax.set_yscale("log")

@@ -12,6 +12,9 @@ product's logits. The engine keeps both small:
   ``KL(p || q) = sum exp(z - m) (z - m - log q) / S - log S``. The same function runs eagerly
   (in row slices that bound its temporaries) or compiled by ``torch.compile``, which fuses it
   into two loops over the logits with no temporaries; compiling is never required.
+- **Top-k.** With ``topk`` K, the same pass keeps each row's K largest logits and their ids,
+  as probabilities ``exp(z - m - log S)``: ``[rows, K]`` per chunk, never a ``[rows, vocab]``
+  array beyond the chunk's logits, no second product.
 - **Shared final policy.** With extras, the final policy's log-probabilities for a chunk's rows
   are formed once and shared by every site.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -46,6 +50,7 @@ def site_stats(
     index: tuple[torch.Tensor, torch.Tensor],
     *,
     next_ids: torch.Tensor | None = None,
+    topk: int = 0,
     chunk_tokens: int = 1024,
     compiled: bool | None = None,
 ) -> dict[SiteKey, dict[str, np.ndarray]]:
@@ -59,20 +64,24 @@ def site_stats(
         next_ids: ``[n]`` the actual next token (-1 where there is none). Given, adds the extras
             (:data:`~internal_policy_lens.lens.unembed.EXTRA_COLUMNS`); then ``keys`` must hold the
             ``final`` site, against which ``kl_to_final`` and ``top1_agrees`` are taken.
+        topk: K > 0 adds ``topk_id`` and ``topk_prob``, ``[n, K]`` each: the policy's K most
+            probable token ids, most probable first, and their probabilities.
         chunk_tokens: logits rows formed at once (the final policy's rows included).
         compiled: use the ``torch.compile``d reductions; ``None`` decides from the environment
             variable ``IPL_COMPILE`` (``0`` or ``1``), else from the amount of work. A compile
             failure falls back to the eager reductions (same numbers up to float rounding).
 
     Returns:
-        ``key -> column -> [n]`` arrays: ``entropy`` (+ extras).
+        ``key -> column -> [n]`` arrays: ``entropy`` (+ extras); ``[n, K]`` for the top-k.
     """
     final = _final_key(keys) if next_ids is not None else None
     sites = [key for key in keys if key != final]
     n = len(index[0])
     rows, group = chunk_plan(n, len(sites), chunk_tokens, final is not None)
     reduce = _reducer(compiled, n * len(keys) * lens.vocab_size)
-    out = {key: _allocate(lens, n, final is not None) for key in keys}
+    topk = min(topk, lens.vocab_size)
+    reduce = partial(reduce, topk=topk)
+    out = {key: _allocate(lens, n, final is not None, topk) for key in keys}
     with lens.reused_output(rows * group):  # each chunk's logits are reduced before the next
         for part in _chunks(n, rows):
             nxt = None if next_ids is None else next_ids[part].to(lens.weight.device)
@@ -108,6 +117,7 @@ def reduce_logits(
     next_ids: torch.Tensor | None = None,
     final_logp: torch.Tensor | None = None,
     final_top: torch.Tensor | None = None,
+    topk: int = 0,
 ) -> Stats:
     """Statistics of the policies ``softmax(logits)``, reduced in ``dtype`` (the eager path).
 
@@ -119,9 +129,10 @@ def reduce_logits(
         final_logp: ``[rows, vocab]`` log-probabilities of the model's output policy; adds
             ``kl_to_final`` = KL(internal || final).
         final_top: ``[rows]`` argmax of the output policy; adds ``top1_agrees``.
+        topk: K > 0 adds ``topk_id`` and ``topk_prob``, ``[sites, rows, K]``, most probable first.
 
     Returns:
-        ``column -> [sites, rows]``.
+        ``column -> [sites, rows]`` (``[sites, rows, K]`` for the top-k).
     """
     sites, rows, vocab = logits.shape
     site_step = max(1, _EAGER_ELEMENTS // (rows * vocab))
@@ -135,6 +146,7 @@ def reduce_logits(
                 None if next_ids is None else next_ids[part],
                 None if final_logp is None else final_logp[part],
                 None if final_top is None else final_top[part],
+                topk,
             )
             for part in _chunks(rows, row_step)
         ]
@@ -142,7 +154,7 @@ def reduce_logits(
     return {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]}
 
 
-def _fused(logits, dtype, next_ids, final_logp, final_top) -> Stats:
+def _fused(logits, dtype, next_ids, final_logp, final_top, topk=0) -> Stats:
     # The reductions as one expression graph; torch.compile fuses them into two loops per row.
     z = logits.to(dtype)  # [sites, rows, vocab]
     top = z.amax(-1, keepdim=True)
@@ -163,6 +175,12 @@ def _fused(logits, dtype, next_ids, final_logp, final_top) -> Stats:
         out["kl_to_final"] = (weights * (shifted - final_logp)).sum(-1) / total - log_total
     if final_top is not None:
         out["top1_agrees"] = z.argmax(-1) == final_top
+    if topk:
+        # On the logits as formed (upcasting is exact, so the same order): selecting from
+        # ``z`` would make the compiled graph materialise it, [sites, rows, vocab] in ``dtype``.
+        best, ids = logits.topk(topk, dim=-1, sorted=True)  # [sites, rows, K]
+        out["topk_id"] = ids
+        out["topk_prob"] = (best.to(dtype) - top - log_total.unsqueeze(-1)).exp()
     return out
 
 
@@ -177,18 +195,20 @@ def _reducer(compiled: bool | None, work: int):
     return _compiled_reduce if compiled else reduce_logits
 
 
-def _compiled_reduce(logits, dtype, next_ids=None, final_logp=None, final_top=None) -> Stats:
+def _compiled_reduce(
+    logits, dtype, next_ids=None, final_logp=None, final_top=None, topk=0
+) -> Stats:
     """:func:`reduce_logits` through ``torch.compile``; the eager path if compiling fails."""
     global _compiled_fused
     if _compiled_fused is None:
         _compiled_fused = torch.compile(_fused, dynamic=True)
     if _compiled_fused is not False:
         try:
-            return _compiled_fused(logits, dtype, next_ids, final_logp, final_top)
+            return _compiled_fused(logits, dtype, next_ids, final_logp, final_top, topk)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
             _log.info("torch.compile failed (%s); using the eager reductions", err)
             _compiled_fused = False
-    return reduce_logits(logits, dtype, next_ids, final_logp, final_top)
+    return reduce_logits(logits, dtype, next_ids, final_logp, final_top, topk)
 
 
 def _final_key(keys: Iterable[SiteKey]) -> SiteKey:
@@ -213,7 +233,7 @@ def _final_block(lens, acts, final, index, part, reduce, next_ids, out):
     return shared
 
 
-def _allocate(lens: Lens, n: int, extras: bool) -> Stats:
+def _allocate(lens: Lens, n: int, extras: bool, topk: int) -> Stats:
     device = lens.weight.device
     out = {"entropy": torch.empty(n, dtype=lens.out_dtype, device=device)}
     if extras:
@@ -221,11 +241,14 @@ def _allocate(lens: Lens, n: int, extras: bool) -> Stats:
         out[EXTRA_COLUMNS[1]] = torch.empty(n, dtype=torch.long, device=device)
         out[EXTRA_COLUMNS[2]] = torch.empty(n, dtype=lens.out_dtype, device=device)
         out[EXTRA_COLUMNS[3]] = torch.empty(n, dtype=torch.bool, device=device)
+    if topk:
+        out["topk_id"] = torch.empty(n, topk, dtype=torch.long, device=device)
+        out["topk_prob"] = torch.empty(n, topk, dtype=lens.out_dtype, device=device)
     return out
 
 
 def _store(out: dict[SiteKey, Stats], keys: Sequence[SiteKey], part: slice, stats: Stats) -> None:
-    for name, value in stats.items():  # [sites, rows]
+    for name, value in stats.items():  # [sites, rows] (or [sites, rows, K])
         for i, key in enumerate(keys):
             out[key][name][part] = value[i]
 

@@ -7,6 +7,7 @@ Layout of a run folder::
     generation/         per-batch generated responses while generation is under way
     parts/              per-batch token tables while the analysis is under way
     tokens.parquet      entropy_table + token text
+    topk.parquet        with --topk K: K most probable tokens of every policy, + token text
     deltas.parquet      delta_table
     summary.csv         summary_table
 
@@ -38,7 +39,7 @@ from ..lens.sites import parse_layers, resolve_layers, resolve_sites
 from ..lens.unembed import resolve_precision
 from ..model.generate import generate_texts
 from ..model.load import PolicyModel, load_model
-from ..tables import delta_table, entropy_table, summary_table
+from ..tables import delta_table, entropy_table, summary_table, token_text
 from .io import RunFolder, now, sha256, versions
 from .shard import (
     MERGING,
@@ -49,6 +50,7 @@ from .shard import (
     read_meta,
     resolve_shard,
     shard_device,
+    topk_path,
     work_order,
     write_meta,
 )
@@ -57,7 +59,15 @@ if TYPE_CHECKING:
     from ..analysis.figures import FigureReport
 
 _log = logging.getLogger(__name__)
-OUTPUTS = ("tokens.parquet", "deltas.parquet", "summary.csv", "responses.jsonl", "run.json")
+OUTPUTS = (
+    "tokens.parquet",
+    "topk.parquet",
+    "deltas.parquet",
+    "summary.csv",
+    "responses.jsonl",
+    "run.json",
+    "report.html",
+)
 WORK_DIRS = ("parts", "generation")
 
 
@@ -76,6 +86,8 @@ class EntropyRun:
     info: dict
     figures: FigureReport | None = None
     """The figures written (and skipped, with why) at the end of the run."""
+    topk: pd.DataFrame | None = None
+    """``topk.parquet`` (None when the run has no top-k)."""
 
 
 def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | None:
@@ -106,10 +118,10 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     with writer_lock(folder, shard):
         info = _start_folder(out, cfg, model)
         records = _ensure_responses(model, records, cfg, out, progress, shard)
-        tokens, truncated = _analyse(model, records, cfg, out, progress, shard)
+        tokens, topk, truncated = _analyse(model, records, cfg, out, progress, shard)
         if shard is not None:
             return merge_when_complete(out)
-        return finish_run(out, info, tokens, len(records), truncated)
+        return finish_run(out, info, tokens, len(records), truncated, topk)
 
 
 @contextlib.contextmanager
@@ -128,12 +140,19 @@ def writer_lock(folder: RunFolder, shard: Shard | None):
 
 
 def finish_run(
-    out: Path, info: dict, tokens: pd.DataFrame, samples: int, truncated: int
+    out: Path,
+    info: dict,
+    tokens: pd.DataFrame,
+    samples: int,
+    truncated: int,
+    topk: pd.DataFrame | None = None,
 ) -> EntropyRun:
-    """Derive and write the tables and figures of a run whose token table is complete."""
+    """Derive and write the tables, figures and report of a run whose token table is complete."""
     deltas = delta_table(tokens)
     summary = summary_table(tokens, deltas)
     folder = RunFolder(out)
+    if topk is not None:
+        folder.write_parquet("topk.parquet", topk)
     folder.write_parquet("tokens.parquet", tokens)
     folder.write_parquet("deltas.parquet", deltas)
     folder.write_csv("summary.csv", summary)
@@ -145,7 +164,10 @@ def finish_run(
     from ..analysis.figures import write_run_figures  # matplotlib loads once a run is done
 
     figures = write_run_figures(out, tokens, deltas, summary, info)
-    return EntropyRun(tokens, deltas, summary, out, info, figures)
+    from ..analysis.report import write_run_report
+
+    write_run_report(out, tokens=tokens, summary=summary, deltas=deltas, topk=topk, info=info)
+    return EntropyRun(tokens, deltas, summary, out, info, figures=figures, topk=topk)
 
 
 def describe(run: EntropyRun) -> str:
@@ -157,7 +179,8 @@ def describe(run: EntropyRun) -> str:
     final_text = f"{final.iloc[0]:.3f} nats" if len(final) else "n/a (site not analysed)"
     text = (
         f"Wrote {len(run.tokens):,} rows for {run.info['samples']} samples to {run.out}/ "
-        f"(tokens.parquet, deltas.parquet, summary.csv, responses.jsonl, run.json). "
+        f"({'topk.parquet, ' if run.topk is not None else ''}tokens.parquet, deltas.parquet, "
+        f"summary.csv, responses.jsonl, run.json, report.html). "
         f"Lens: {run.info['config']['lens']}. Mean final entropy: {final_text}. "
         f"Layers with mean FFN entropy change > 0 (exploration): "
         f"{widening if len(ffn) else 'n/a'}."
@@ -257,9 +280,11 @@ def _ensure_responses(model, records, cfg, out, progress, shard: Shard | None) -
 
 
 def _analyse(model, records, cfg, out, progress, shard: Shard | None):
-    """Token tables batch by batch into parts/; returns the concatenated table and truncations.
+    """Token tables batch by batch into parts/; returns the token and top-k tables, truncations.
 
-    A shard analyses its own batches only and returns no table (the merge reads the parts).
+    A batch's top-k part is written before its token part, so a token part on disk means the
+    batch is finished. A shard analyses its own batches only and returns no table (the merge
+    reads the parts).
     """
     limit = cfg.max_length or model.max_length
     encoded = encode_inputs(model.tokenizer, records)
@@ -273,7 +298,7 @@ def _analyse(model, records, cfg, out, progress, shard: Shard | None):
         encoded = [Encoded(e.sample_id, e.input_ids[:limit], e.response_start) for e in encoded]
     folder = out / "parts"
     folder.mkdir(exist_ok=True)
-    parts = []
+    parts, tops = [], []
     n_batches = -(-len(encoded) // cfg.batch_size)
     mine = [b for b in range(n_batches) if owns(shard, b)]
     total = sum(len(encoded[b * cfg.batch_size : (b + 1) * cfg.batch_size]) for b in mine)
@@ -290,20 +315,28 @@ def _analyse(model, records, cfg, out, progress, shard: Shard | None):
                 layers=cfg.layers,
                 response_only=cfg.response_only,
                 extras=cfg.extras,
+                topk=cfg.topk,
                 batch_size=cfg.batch_size,
                 settings=cfg.settings,
             )
+            if cfg.topk > 0:
+                table, top = table
+                top.insert(6, "token", token_text(model.tokenizer, top["token_id"]))
+                RunFolder(folder).write_parquet(topk_path(folder, number).name, top)
             RunFolder(folder).write_parquet(part.name, table)
             n_tokens += sum(len(e.input_ids) for e in batch)
         if shard is None:
             parts.append(pd.read_parquet(part))
+            if cfg.topk > 0:
+                tops.append(pd.read_parquet(topk_path(folder, number)))
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
     bar.close()
     if shard is not None:
-        write_meta(folder, n_batches, len(records), truncated)
-        return None, truncated
-    return pd.concat(parts, ignore_index=True), truncated
+        write_meta(folder, n_batches, len(records), truncated, cfg.topk > 0)
+        return None, None, truncated
+    topk = pd.concat(tops, ignore_index=True) if tops else None
+    return pd.concat(parts, ignore_index=True), topk, truncated
 
 
 def merge_when_complete(out: Path) -> EntropyRun | None:
@@ -319,7 +352,7 @@ def merge_when_complete(out: Path) -> EntropyRun | None:
 
 
 def merge_run(out: str | os.PathLike, *, lock: bool = True) -> EntropyRun:
-    """Join the shards' parts into the run's tables (tokens, deltas, summary); return the run.
+    """Join the shards' parts into the run's tables (tokens, top-k, deltas, summary); return it.
 
     ``lock``: hold the folder's exclusive lock (refused while shards still run).
 
@@ -345,5 +378,11 @@ def merge_run(out: str | os.PathLike, *, lock: bool = True) -> EntropyRun:
     tokens = pd.concat(
         [pd.read_parquet(part_path(parts, b)) for b in range(meta["batches"])], ignore_index=True
     )
+    topk = None
+    if meta.get("topk"):
+        topk = pd.concat(
+            [pd.read_parquet(topk_path(parts, b)) for b in range(meta["batches"])],
+            ignore_index=True,
+        )
     info = RunFolder(out).read_json("run.json")
-    return finish_run(out, info, tokens, meta["samples"], meta["truncated"])
+    return finish_run(out, info, tokens, meta["samples"], meta["truncated"], topk)

@@ -257,11 +257,32 @@ class RunFolder:
 
     def tokens(self) -> pd.DataFrame:
         """``tokens.parquet``."""
-        return pd.read_parquet(self.path / "tokens.parquet")
+        return read_parquet(self.path / "tokens.parquet")
 
     def deltas(self) -> pd.DataFrame:
         """``deltas.parquet``."""
-        return pd.read_parquet(self.path / "deltas.parquet")
+        return read_parquet(self.path / "deltas.parquet")
+
+    def topk(self) -> pd.DataFrame | None:
+        """``topk.parquet``, or None for a run analysed without ``--topk``."""
+        path = self.path / "topk.parquet"
+        return read_parquet(path) if path.is_file() else None
+
+
+def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
+    """A Parquet table of a run folder.
+
+    Raises:
+        ValueError: the file is not readable Parquet (truncated or overwritten).
+    """
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"{path}: not a readable Parquet file ({reason}); rerun the `ipl entropy` command "
+            "that wrote the folder (with --overwrite) to rewrite it"
+        ) from None
 
 
 def _read_only(path: Path) -> bool:

@@ -1,8 +1,8 @@
 """Data-parallel ``ipl entropy``: each process analyses its share of the batches, then one merges.
 
 The analysis of a run folder is a numbered list of batches (``batch_size`` sequences each); batch
-b belongs to shard ``b % n``. A shard writes its batches' token tables into the run folder's
-``parts/``, the same files a single process writes, so the merge
+b belongs to shard ``b % n``. A shard writes its batches' token (and top-k) tables into the run
+folder's ``parts/``, the same files a single process writes, so the merge
 (:func:`internal_policy_lens.runs.entropy.merge_run`) concatenates the very tables a single
 process would have, in the same order: the results are identical row for row.
 
@@ -69,15 +69,20 @@ def part_path(parts: Path, batch: int) -> Path:
     return parts / f"tokens-{batch:05d}.parquet"
 
 
+def topk_path(parts: Path, batch: int) -> Path:
+    """The top-k table of one analysis batch (written before its token table)."""
+    return parts / f"topk-{batch:05d}.parquet"
+
+
 def read_meta(parts: Path) -> dict | None:
     """What a complete set of parts is (written by :func:`write_meta`), or None before."""
     path = parts / META
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_meta(parts: Path, n_batches: int, samples: int, truncated: int) -> None:
+def write_meta(parts: Path, n_batches: int, samples: int, truncated: int, topk: bool) -> None:
     """Record what a complete set of parts is, for the merge (same content from every shard)."""
-    meta = {"batches": n_batches, "samples": samples, "truncated": truncated}
+    meta = {"batches": n_batches, "samples": samples, "truncated": truncated, "topk": topk}
     RunFolder(parts).write_json(META, meta)
 
 

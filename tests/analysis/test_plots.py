@@ -83,6 +83,26 @@ def test_entropy_flow(tables, spread):
     np.testing.assert_allclose(line.get_ydata(), expected.to_numpy(), rtol=1e-6)
 
 
+def test_entropy_bands_are_quantiles_and_stay_non_negative():
+    # Skewed entropies near zero (as in a converged layer): a s.d. band reaches below zero.
+    tokens = synthetic_tokens()
+    tokens["entropy"] = np.random.default_rng(1).exponential(0.05, len(tokens)).astype("float32")
+    tokens.loc[tokens.index[::50], "entropy"] = 6.0
+    fig = plots.entropy_flow(tokens)
+    assert "25th–75th percentile" in fig.legends[0].get_title().get_text()
+    ax = fig.axes[0]
+    bands = [c for c in ax.collections if len(c.get_paths())]
+    assert len(bands) == 4
+    site = tokens["site"].astype(str)
+    for band, name in zip(bands, ["resid_pre", "attn_out", "mlp_out", "resid_post"]):
+        edges = band.get_paths()[0].vertices[:, 1]
+        assert edges.min() >= 0.0
+        q75 = tokens[site == name].groupby("layer")["entropy"].quantile(0.75)
+        np.testing.assert_allclose(edges.max(), q75.max(), rtol=1e-6)
+    std = plots.entropy_flow(tokens, spread="std").axes[0].collections[0]
+    assert std.get_paths()[0].vertices[:, 1].min() < 0  # what the quantile band avoids
+
+
 def test_entropy_change_with_stages(tables):
     stages = {"exploration": (0, 1), "integration": (2, 3), "convergence": (4, 5)}
     fig = plots.entropy_change(tables[1], stages=stages)

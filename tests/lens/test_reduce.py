@@ -71,8 +71,15 @@ def test_engine_matches_float64_on_random_vectors(models, precision):
     index = _index(2, 9)
     next_ids = torch.randint(0, model.vocab_size, (18,), generator=generator)
     keys = list(acts)
-    got = site_stats(Lens(model, "raw", precision), acts, keys, index, next_ids=next_ids)
+    lens = Lens(model, "raw", precision)
+    got = site_stats(lens, acts, keys, index, next_ids=next_ids, topk=3)
     want = _reference(model, acts, keys, index, next_ids)
+    for key in keys:  # top-3 probabilities against float64 (ids: see tests/test_tables.py)
+        z = acts[key][index].double() @ model.unembed.weight.detach().double().T
+        z = z + (0 if model.unembed.bias is None else model.unembed.bias.detach().double())
+        top = torch.softmax(z, -1).topk(3, -1).values.numpy()
+        atol = EXACT_ATOL if precision == "exact" else FAST_MAX
+        np.testing.assert_allclose(got[key]["topk_prob"], top, atol=atol, err_msg=str(seed))
     entropies = np.concatenate([want[k]["entropy"].numpy() for k in keys])
     assert entropies.min() < 1.0 and entropies.max() > 0.9 * np.log(model.vocab_size)
     err = np.concatenate([np.abs(got[k]["entropy"] - want[k]["entropy"].numpy()) for k in keys])
@@ -148,10 +155,11 @@ def test_compiled_equals_eager(models, precision):
     next_ids = torch.randint(-1, model.vocab_size, (18,), generator=generator)
     lens = Lens(model, "raw", precision)
     args = (lens, acts, list(acts), _index(2, 9))
-    eager = site_stats(*args, next_ids=next_ids, chunk_tokens=30, compiled=False)
-    compiled = site_stats(*args, next_ids=next_ids, chunk_tokens=30, compiled=True)
+    eager = site_stats(*args, next_ids=next_ids, topk=4, chunk_tokens=30, compiled=False)
+    compiled = site_stats(*args, next_ids=next_ids, topk=4, chunk_tokens=30, compiled=True)
     assert engine._compiled_fused not in (None, False), "torch.compile did not run"
     for key, columns in eager.items():
+        assert {"topk_id", "topk_prob"} <= set(columns) and columns["topk_id"].shape == (18, 4)
         for column, value in columns.items():
             np.testing.assert_allclose(compiled[key][column], value, atol=1e-5, rtol=0)
 

@@ -90,6 +90,28 @@ def test_entropy_simple_layouts(tiny_dirs, models, tmp_path, fmt, with_response)
     assert tokens["token"].astype(str).str.len().gt(0).all()
 
 
+@pytest.mark.parametrize("k", [0, 3])
+def test_topk_option(tiny_dirs, models, tmp_path, k):
+    data = _write(_simple(True), tmp_path / "data.jsonl")
+    out = tmp_path / "run"
+    result = _invoke("--model", tiny_dirs["qwen2"], "--data", data, "--out", out, "--topk", k)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["config"]["topk"] == k
+    assert (out / "report.html").is_file()
+    if k == 0:
+        assert not (out / "topk.parquet").exists() and "topk.parquet" not in result.output
+        return
+    tokens, topk = pd.read_parquet(out / "tokens.parquet"), pd.read_parquet(out / "topk.parquet")
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    _, expected = entropy_table(models("qwen2"), responses, response_only=True, topk=k)
+    pd.testing.assert_frame_equal(
+        topk.drop(columns="token"), expected, check_dtype=False, check_categorical=False
+    )
+    tokenizer = models("qwen2").tokenizer
+    assert topk["token"].tolist() == [tokenizer.decode([i]) for i in topk["token_id"]]
+    assert len(topk) == k * len(tokens)
+
+
 def test_benchmark_layout_norm_lens_extras_and_reuse(tiny_dirs, tmp_path):
     data = _write(BENCH, tmp_path / "bench.jsonl")
     out = tmp_path / "run"
@@ -275,6 +297,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dirs, tmp_path):
         assert len(list((out / stage).glob("*[0-9].*"))) >= 2, f"never reached {stage}"
         assert not (out / "tokens.parquet").exists()
     subprocess.run(_cli(*common, "--out", out), check=True, env=env, capture_output=True)
-    for name in ("tokens.parquet", "deltas.parquet"):
+    for name in ("tokens.parquet", "topk.parquet", "deltas.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(full / name))
+    topk = pd.read_parquet(out / "topk.parquet")  # 5 ranks per token row, none lost or twice
+    assert not topk.duplicated(["sample_id", "position", "layer", "site", "rank"]).any()
+    assert len(topk) == 5 * len(pd.read_parquet(out / "tokens.parquet"))
     assert (out / "responses.jsonl").read_text() == (full / "responses.jsonl").read_text()

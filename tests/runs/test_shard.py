@@ -14,7 +14,7 @@ from internal_policy_lens.cli import app
 from internal_policy_lens.runs.shard import resolve_shard, work_order
 from internal_policy_lens.tables import entropy_table
 
-TABLES = ("tokens.parquet", "deltas.parquet", "summary.csv")
+TABLES = ("tokens.parquet", "topk.parquet", "deltas.parquet", "summary.csv")
 
 
 @pytest.fixture
