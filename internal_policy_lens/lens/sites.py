@@ -42,6 +42,11 @@ _HOOKS = {
 }
 
 
+def source_key(site: str, layer: int) -> SiteKey:
+    """The (site, layer) that carries the same vector: ``resid_pre[l]`` is ``resid_post[l-1]``."""
+    return ("resid_post", layer - 1) if site == "resid_pre" and layer > 0 else (site, layer)
+
+
 def hook_name(site: str, layer: int) -> str:
     """Return the TransformerBridge hook point that carries ``site`` of ``layer``."""
     return _HOOKS[site].format(layer=layer)
