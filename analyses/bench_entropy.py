@@ -15,6 +15,8 @@ All modes read the same captured site vectors of one `--tokens`-token sequence; 
          softmax and log-softmax materialised, -sum p log p (resid_pre recomputed)
   exact  engine.site_stats, precision exact (float32 products, float64 reductions)
   fast   engine.site_stats, precision fast (bf16 products, float32 reductions)
+  norm   fast with the norm lens (the final RMSNorm before the unembedding)
+  tuned  fast with the tuned lens: a random d x d translator per (site, layer), then as norm
   floor  the bare unembedding products of the same rows as fast, in bf16, into one reused
          output buffer as the engine does (a fresh output per product costs ~20% more)
 
@@ -112,9 +114,9 @@ def naive(model, acts, keys, rows):
     return out
 
 
-def engine(model, acts, keys, rows, precision):
+def engine(model, acts, keys, rows, precision, lens="raw", translators=None):
     index = (torch.zeros(rows, dtype=torch.long), torch.arange(rows))
-    lens = Lens(model, "raw", precision)
+    lens = Lens(model, lens, precision, translators)
     stats = site_stats(lens, acts, keys, index, chunk_tokens=CHUNK, compiled=True)
     return {key: torch.from_numpy(cols["entropy"]) for key, cols in stats.items()}
 
@@ -161,10 +163,19 @@ def make_modes(model, acts):
     table_keys, keys = list(acts), unique_keys(acts)
     bf16_weight = model.unembed.weight.to(torch.bfloat16)
     stacked = torch.stack([acts[k][0] for k in keys]).to(torch.bfloat16)  # [sites, tokens, d]
+    gen = torch.Generator().manual_seed(0)
+    d = model.d_model
+    translators = {
+        k: (0.01 * torch.randn(d, d, generator=gen), 0.01 * torch.randn(d, generator=gen))
+        for k in keys
+        if k[0] != "final"
+    }
     return {
         "naive": lambda rows: naive(model, acts, table_keys, rows),
         "exact": lambda rows: engine(model, acts, keys, rows, "exact"),
         "fast": lambda rows: engine(model, acts, keys, rows, "fast"),
+        "norm": lambda rows: engine(model, acts, keys, rows, "fast", "norm"),
+        "tuned": lambda rows: engine(model, acts, keys, rows, "fast", "tuned", translators),
         "floor": lambda rows: floor(bf16_weight, stacked, rows),
     }
 
@@ -217,7 +228,8 @@ def report(times, warm, memory, results, ref, tokens):
         f"{'warm-up s':>9} {'peak GB':>8} {'max err':>9} {'mean err':>9}"
     )
     for name, t in median.items():
-        err = errors(results[name], ref) if results[name] is not None else (np.nan, np.nan)
+        raw = results[name] is not None and name not in ("norm", "tuned")  # ref is the raw lens
+        err = errors(results[name], ref) if raw else (np.nan, np.nan)
         print(
             f"{name:6} {t:9.2f} {tokens / t:9.1f} {median['naive'] / t:8.2f}x "
             f"{t / median['floor']:8.2f}x {warm[name]:9.2f} {memory[name]:8.2f} "
@@ -227,7 +239,8 @@ def report(times, warm, memory, results, ref, tokens):
     print(
         f"ratios: fast is {median['naive'] / median['fast']:.1f}x faster than naive and "
         f"{median['fast'] / median['floor']:.2f}x the floor; exact is "
-        f"{median['naive'] / median['exact']:.1f}x faster than naive"
+        f"{median['naive'] / median['exact']:.1f}x faster than naive; the tuned lens takes "
+        f"{median['tuned'] / median['norm']:.2f}x the norm lens's time"
     )
 
 

@@ -153,6 +153,13 @@ def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
     """
     runs = [open_run(path) for path in cfg.runs]
     names = [run.name for run in runs]
+    # One model under several lenses: name each run by its lens, then by its folder if needed.
+    names = [
+        f"{name} ({run.lens})"
+        if len({r.lens for r, n in zip(runs, names) if n == name}) > 1
+        else name
+        for name, run in zip(names, runs)
+    ]
     names = [
         f"{name} ({run.path.name})" if names.count(name) > 1 else name
         for name, run in zip(names, runs)

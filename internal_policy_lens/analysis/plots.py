@@ -372,8 +372,13 @@ def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
     floor = 1e-4
     for lens, colour in zip(lenses, palette):
         rows = frame[frame["lens"] == lens].sort_values("layer")
-        ax.plot(rows["layer"], rows["kl_to_final"].clip(lower=floor), color=colour, marker="o",
-                label=lens)  # fmt: skip
+        ax.plot(
+            rows["layer"],
+            rows["kl_to_final"].clip(lower=floor),
+            color=colour,
+            marker="o",
+            label=lens,
+        )
     ax.set_yscale("log")
     ax.set_ylabel("KL(final ‖ lens) (nats)")
     ax.set_title(f"{site}: how far each lens is from the output policy", loc="left")

@@ -63,8 +63,9 @@ def collect_rows(
     nexts = []
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        ids, mask = pad([e.input_ids for e in batch], model.tokenizer.pad_token_id, model.device,
-                        side="right")  # fmt: skip
+        ids, mask = pad(
+            [e.input_ids for e in batch], model.tokenizer.pad_token_id, model.device, side="right"
+        )
         rows_b, rows_t = kept_positions(batch, mask, True).nonzero(as_tuple=True)
         with capture(model, keys=wanted) as acts:
             model.forward(ids, mask)
@@ -103,8 +104,16 @@ def lens_metrics(lens: Lens, rows: Rows, chunk: int = 4096) -> pd.DataFrame:
             agree += float((logits.argmax(-1) == target.argmax(-1)).sum())
         n = max(len(rows), 1)
         site, layer = key
-        out.append(dict(layer=layer, site=site, lens=lens.kind, kl_to_final=kl / n,
-                        next_token_ce=ce / n, top1_agrees=agree / n))  # fmt: skip
+        out.append(
+            dict(
+                layer=layer,
+                site=site,
+                lens=lens.kind,
+                kl_to_final=kl / n,
+                next_token_ce=ce / n,
+                top1_agrees=agree / n,
+            )
+        )
     return pd.DataFrame(out)
 
 
@@ -192,8 +201,9 @@ def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: RunFolder, progress
     for p in params:
         p.requires_grad_(True)
     base_lr = cfg.lr * (1 - cfg.momentum)
-    opt = torch.optim.SGD(params, lr=base_lr, momentum=cfg.momentum, nesterov=True,
-                          weight_decay=cfg.weight_decay)  # fmt: skip
+    opt = torch.optim.SGD(
+        params, lr=base_lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
     start = _resume(out, cfg, keys, translators, opt)
     lens = Lens(model, "tuned", "exact", translators)
     lens.translators = translators  # the trained tensors themselves, not copies
@@ -210,7 +220,7 @@ def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: RunFolder, progress
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        mean_kl = float(loss) / len(keys)
+        mean_kl = float(loss.detach()) / len(keys)
         bar.update(1)
         bar.set_postfix(kl=f"{mean_kl:.4f}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
