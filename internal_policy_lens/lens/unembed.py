@@ -16,6 +16,9 @@ from ..model.load import PolicyModel
 from .sites import SiteKey, source_key
 
 LENSES: tuple[str, ...] = ("raw", "norm", "tuned")
+MODEL_LENSES: tuple[str, ...] = ("raw", "norm")
+"""The lenses made of the model's own weights only: those BuPO can train the internal policy
+through (a tuned lens's translators are fitted to a fixed model and are not part of it)."""
 PRECISIONS: tuple[str, ...] = ("auto", "exact", "fast")
 EXTRA_COLUMNS: tuple[str, ...] = (
     "next_token_logprob",

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import BupoConfig, derive_seed
 from ..data.records import read_records
+from ..lens.unembed import MODEL_LENSES
 from ..model.load import PolicyModel, load_model
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .folder import append_metrics, start_training
@@ -43,6 +44,11 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
     ``reward`` scores each sampled response against its record's answer (default: the last
     ``\boxed{}`` must match, :func:`~internal_policy_lens.train.rewards.math_reward`).
     """
+    if cfg.lens not in MODEL_LENSES:
+        raise ValueError(
+            f"lens '{cfg.lens}' cannot train pi^k (a tuned lens's translators are not part of the "
+            f"model); use --lens {' or --lens '.join(MODEL_LENSES)}"
+        )
     out = Path(cfg.out)
     records = training_records(cfg)
     model = load_model(cfg.model, dtype="float32")

@@ -29,7 +29,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ...config import BupoConfig
 from ...data.encode import prompt_text
-from ...lens.unembed import LENSES
+from ...lens.unembed import MODEL_LENSES
 from ...train.rewards import math_reward
 
 # The TRL releases this module is tested with (pyproject's ``[trl]`` extra pins the same range).
@@ -82,8 +82,8 @@ def internal_policy(model: nn.Module, layer: int, lens: str = "raw") -> Iterator
     (``norm``: the final norm is kept, the logit lens). ``model`` is a transformers causal LM of
     a supported architecture, or a PEFT model around one. Restored on exit, also on errors.
     """
-    if lens not in LENSES:
-        raise ValueError(f"unknown lens '{lens}'; use one of {', '.join(LENSES)}")
+    if lens not in MODEL_LENSES:
+        raise ValueError(f"lens '{lens}' cannot train pi^k; use one of {', '.join(MODEL_LENSES)}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()  # [batch, pos, d_model] out of decoder.norm, into the LM head
     layers, norm = decoder.layers, decoder.norm
