@@ -366,7 +366,8 @@ def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
     frame = table[table["site"].astype(str) == site]
     if frame.empty:
         raise ValueError(f"the table has no rows for site {site!r}")
-    lenses = list(dict.fromkeys(frame["lens"]))
+    order = ("raw", "norm", "tuned")
+    lenses = sorted(set(frame["lens"]), key=lambda n: (order.index(n) if n in order else 3, n))
     fig, (ax,) = _figure(COLUMN_WIDTH, 2.6)
     palette = sns.color_palette("colorblind", n_colors=len(lenses))
     floor = 1e-4
@@ -381,7 +382,7 @@ def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
         )
     ax.set_yscale("log")
     ax.set_ylabel("KL(final ‖ lens) (nats)")
-    ax.set_title(f"{site}: how far each lens is from the output policy", loc="left")
+    ax.set_title(f"{site}: distance to the output policy", loc="left")
     _layer_axis(ax)
     _legend(fig, ax, "lens (held-out tokens)", ncols=len(lenses))
     return fig

@@ -10,6 +10,7 @@ import pandas as pd
 from ..config import EvalLensConfig, FitLensConfig
 from ..data.records import read_records
 from ..lens.fit import collect_rows, fit_lens, lens_metrics
+from ..lens.sites import SITES
 from ..lens.tuned import META, default_lens_path, read_lens
 from ..lens.unembed import Lens
 from ..model.load import load_model
@@ -66,7 +67,9 @@ def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
     rows = collect_rows(model, records, keys, cfg.batch_size)
     lenses = [Lens(model, "raw"), Lens(model, "norm"), Lens(model, "tuned", "exact", translators)]
     table = pd.concat([lens_metrics(lens, rows) for lens in lenses], ignore_index=True)
-    table = table.sort_values(["site", "layer", "lens"], kind="stable").reset_index(drop=True)
+    table["site"] = pd.Categorical(table["site"], categories=SITES)
+    table = table.sort_values(["site", "layer"], kind="stable").reset_index(drop=True)
+    table["site"] = table["site"].astype(str)
     table = table[list(EVAL_COLUMNS)]
     if cfg.out is not None:
         from ..analysis.figures import save_figure

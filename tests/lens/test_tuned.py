@@ -300,3 +300,18 @@ def test_fit_and_eval_lens_commands(tiny_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     info = json.loads((run / "run.json").read_text())
     assert info["config"]["lens"] == "tuned" and len(info["lens"]["sha256"]) == 64
+
+
+def test_zero_steps_write_identity_translators_and_lens_path_needs_tuned(models, tmp_path):
+    model = models("qwen2")
+    records = [{"prompt": f"{i}+1?", "response": f"{i + 1}", "sample_id": i} for i in range(4)]
+    cfg = FitLensConfig(out=str(tmp_path / "lens"), steps=0, sites=["mlp_out"])
+    meta = fit_lens(model, records, cfg, progress=False)
+    assert meta["translators"] == [f"mlp_out.{i}" for i in range(model.n_layers)]
+    translators, _ = read_lens(tmp_path / "lens", model)
+    assert all(not a.any() and not b.any() for a, b in translators.values())
+    evaluation = pd.DataFrame(meta["heldout"]["evaluation"])
+    kl = evaluation.pivot_table(index="layer", columns="lens", values="kl_to_final")
+    np.testing.assert_allclose(kl["tuned"], kl["norm"], atol=1e-6)
+    with pytest.raises(ValueError, match="goes with the tuned lens"):
+        entropy_table(model, TEXTS, lens="norm", lens_path=tmp_path / "lens")
