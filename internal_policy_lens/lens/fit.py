@@ -32,7 +32,7 @@ from ..runs.io import RunFolder, now, versions
 from ..tables import kept_positions
 from .capture import capture
 from .sites import SiteKey, resolve_sites
-from .tuned import META, fitted_keys, model_facts, write_lens, zero_translators
+from .tuned import LENS_FORMATS, META, fitted_keys, model_facts, write_lens, zero_translators
 from .unembed import Lens
 
 CHECKPOINT, CHECKPOINT_META = "checkpoint.safetensors", "checkpoint.json"
@@ -129,6 +129,23 @@ def split_records(records: Sequence[dict], share: float, seed: int) -> tuple[lis
     )
 
 
+def check_fit_config(cfg: FitLensConfig) -> tuple[str, ...]:
+    """Validate the sites and format before any work; return the sites in canonical order."""
+    sites = resolve_sites(cfg.sites)
+    if "final" in sites:
+        raise ValueError("the final site is the model's own policy: it has no translator")
+    if cfg.format not in LENS_FORMATS:
+        raise ValueError(
+            f"unknown lens format '{cfg.format}'; use one of {', '.join(LENS_FORMATS)}"
+        )
+    if cfg.format == "tuned-lens" and sites != ("resid_pre", "resid_post"):
+        raise ValueError(
+            "the tuned-lens format holds resid_pre[0] and resid_post translators only; "
+            "use --sites resid_pre,resid_post with it, or --format ipl"
+        )
+    return sites
+
+
 def fit_lens(
     model: PolicyModel,
     records: Sequence[dict],
@@ -154,9 +171,7 @@ def fit_lens(
     cfg = cfg or FitLensConfig()
     if any(r.get("response") is None for r in records):
         raise ValueError("fit_lens needs records with responses (ipl fit-lens generates them)")
-    sites = resolve_sites(cfg.sites)
-    if "final" in sites:
-        raise ValueError("the final site is the model's own policy: it has no translator")
+    sites = check_fit_config(cfg)
     keys = fitted_keys(sites, model.n_layers)
     out = RunFolder(cfg.out).create()
     done = _start_folder(out, cfg)

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..config import EvalLensConfig, FitLensConfig
 from ..data.records import read_records
-from ..lens.fit import collect_rows, fit_lens, lens_metrics
+from ..lens.fit import check_fit_config, collect_rows, fit_lens, lens_metrics
 from ..lens.sites import SITES
 from ..lens.tuned import META, default_lens_path, read_lens
 from ..lens.unembed import Lens
@@ -26,6 +26,7 @@ def run_fit_lens(cfg: FitLensConfig, *, progress: bool = True) -> dict:
     Rerunning a killed fit continues from its last saved translators; rerunning a finished
     one returns its lens.json.
     """
+    check_fit_config(cfg)
     out = Path(cfg.out)
     if (out / META).is_file():
         old = RunFolder(out).read_json(META)

@@ -190,6 +190,21 @@ def test_bad_lens_folders_exit_2_with_one_line_and_write_nothing(tiny_dirs, mode
         assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--format", "tuned-lens", "--sites", "mlp_out"], "holds resid_pre[0] and resid_post"),
+        (["--format", "pt"], "unknown lens format 'pt'"),
+        (["--sites", "final"], "has no translator"),
+    ],
+)
+def test_fit_lens_refuses_bad_settings_before_any_work(tiny_dirs, tmp_path, args, message):
+    out = tmp_path / "lens"
+    result = _cli("fit-lens", "--model", tiny_dirs["qwen2"], "--out", out, *args)
+    assert result.exit_code == 2 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
 def _solved(n):
     """Bundled problems with their worked solutions as responses (no generation needed)."""
     path = bundled_data("arith_heldout.jsonl")
@@ -315,3 +330,16 @@ def test_zero_steps_write_identity_translators_and_lens_path_needs_tuned(models,
     np.testing.assert_allclose(kl["tuned"], kl["norm"], atol=1e-6)
     with pytest.raises(ValueError, match="goes with the tuned lens"):
         entropy_table(model, TEXTS, lens="norm", lens_path=tmp_path / "lens")
+
+
+def test_fit_in_the_tuned_lens_format_reads_back(models, tmp_path):
+    model = models("llama")
+    records = [{"prompt": f"{i}*2?", "response": f"{2 * i}", "sample_id": i} for i in range(6)]
+    cfg = FitLensConfig(out=str(tmp_path / "tl"), steps=3, format="tuned-lens", batch_tokens=16)
+    meta = fit_lens(model, records, cfg, progress=False)
+    assert meta["format"] == "tuned-lens"
+    assert {"config.json", "params.pt"} <= {p.name for p in (tmp_path / "tl").iterdir()}
+    translators, _ = read_lens(tmp_path / "tl", model)
+    assert translators["resid_pre", 0][0].abs().max() > 0  # trained, and read back
+    table = entropy_table(model, TEXTS, lens="tuned", lens_path=tmp_path / "tl", sites="resid_post")
+    assert table["entropy"].notna().all()
