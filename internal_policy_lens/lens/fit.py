@@ -171,6 +171,8 @@ def fit_lens(
     cfg = cfg or FitLensConfig()
     if any(r.get("response") is None for r in records):
         raise ValueError("fit_lens needs records with responses (ipl fit-lens generates them)")
+    if len(records) < 2:
+        raise ValueError(f"{cfg.data}: a fit needs at least 2 records (one is held out)")
     sites = check_fit_config(cfg)
     keys = fitted_keys(sites, model.n_layers)
     out = RunFolder(cfg.out).create()
