@@ -19,6 +19,8 @@ from .config import (
     ConvergenceConfig,
     EntropyConfig,
     EvalConfig,
+    EvalLensConfig,
+    FitLensConfig,
     GenerationConfig,
     PlotConfig,
     ReportConfig,
@@ -102,7 +104,12 @@ def entropy(
     ] = None,
     out: Annotated[Path | None, _opt(EntropyConfig, "out", "Run folder.")] = None,
     lens: Annotated[
-        str | None, _opt(EntropyConfig, "lens", "raw (paper, no final norm) or norm (logit lens).")
+        str | None,
+        _opt(EntropyConfig, "lens", "raw (paper, no final norm), norm (logit lens) or tuned."),
+    ] = None,
+    lens_path: Annotated[
+        str | None,
+        typer.Option(help="Tuned lens folder (ipl fit-lens) [default: a bundled model's own]."),
     ] = None,
     sites: Annotated[str | None, typer.Option(help="Comma-separated sites (default all).")] = None,
     layers: Annotated[
@@ -247,6 +254,104 @@ def merge(out: Annotated[Path, typer.Argument(help="Run folder of sharded ipl en
     typer.echo(describe(result))
 
 
+@app.command("fit-lens")
+def fit_lens(
+    model: Annotated[
+        str | None, _opt(FitLensConfig, "model", "Hub name, local folder or bundled model.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Records; missing responses are generated (default: bundled train set)."),
+    ] = None,
+    out: Annotated[str | None, _opt(FitLensConfig, "out", "Lens folder.")] = None,
+    sites: Annotated[
+        str | None,
+        _opt(FitLensConfig, "sites", "Comma-separated sites with a translator per layer."),
+    ] = None,
+    steps: Annotated[
+        int | None, _opt(FitLensConfig, "steps", "SGD steps (0: zero translators).", min=0)
+    ] = None,
+    max_samples: Annotated[
+        int | None, _opt(FitLensConfig, "max_samples", "First N records.", min=2)
+    ] = None,
+    batch_tokens: Annotated[
+        int | None, _opt(FitLensConfig, "batch_tokens", "Token rows per step.", min=1)
+    ] = None,
+    lr: Annotated[
+        float | None, _opt(FitLensConfig, "lr", "LR scale (step lr * (1 - momentum)).")
+    ] = None,
+    heldout: Annotated[
+        float | None, _opt(FitLensConfig, "heldout", "Share of records held out.", min=0.0, max=0.9)
+    ] = None,
+    seed: Annotated[
+        int | None, _opt(FitLensConfig, "seed", "Seed of the split and the batches.")
+    ] = None,
+    save_every: Annotated[
+        int | None, _opt(FitLensConfig, "save_every", "Save the state every N steps.", min=1)
+    ] = None,
+    format: Annotated[str | None, _opt(FitLensConfig, "format", "ipl or tuned-lens.")] = None,
+    max_new_tokens: Annotated[
+        int | None, _opt(GenerationConfig, "max_new_tokens", "Longest generated response.", min=1)
+    ] = None,
+    device: Annotated[str | None, _opt(FitLensConfig, "device", "auto, cpu, cuda, cuda:N.")] = None,
+    overwrite: Annotated[
+        bool | None, _opt(FitLensConfig, "overwrite", "Start over in a folder holding another fit.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Fit a tuned lens: one affine translator per layer and site, trained on KL(final || lens).
+
+    Rerunning the same command resumes a killed fit from its last saved translators.
+    """
+    given = dict(locals())  # first line: only the options
+    from .runs.lens import run_fit_lens
+
+    given.pop("quiet")
+    given["sites"] = sites.split(",") if sites else None
+    given["generation"] = _config(GenerationConfig, {"max_new_tokens": given.pop("max_new_tokens")})
+    cfg = _config(FitLensConfig, given)
+    with _user_errors():
+        meta = run_fit_lens(cfg, progress=not quiet)
+    evaluation = meta["heldout"]["evaluation"]
+    kl = {
+        lens: [r["kl_to_final"] for r in evaluation if r["lens"] == lens]
+        for lens in ("norm", "tuned")
+    }
+    typer.echo(
+        f"wrote {len(meta['translators'])} translators to {cfg.out}/ ({meta['fit_seconds']} s); "
+        f"held-out mean KL(final || lens) over them: norm {sum(kl['norm']) / len(kl['norm']):.4f}, "
+        f"tuned {sum(kl['tuned']) / len(kl['tuned']):.4f} nats"
+    )
+
+
+@app.command("eval-lens")
+def eval_lens(
+    model: Annotated[str | None, typer.Option(help="The lens's model [default: bundled].")] = None,
+    lens_path: Annotated[
+        str | None, typer.Option(help="Lens folder [default: a bundled model's own].")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Records with responses [default: the lens's held-out records]."),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Folder for lens_eval.csv and lens_eval.png/.pdf.")
+    ] = None,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="First N records.")] = None,
+) -> None:
+    """KL to the final policy, next-token cross-entropy and top-1 agreement of raw, norm, tuned."""
+    given = dict(locals())  # first line: only the options
+    from .runs.lens import run_eval_lens
+
+    with _user_errors():
+        table = run_eval_lens(_config(EvalLensConfig, given))
+    wide = table.pivot_table(index=["site", "layer"], columns="lens", values="kl_to_final")
+    typer.echo("KL(final || lens), nats, per site and layer:")
+    typer.echo(wide.to_string(float_format=lambda v: f"{v:.4f}"))
+    if out is not None:
+        typer.echo(f"wrote {out}/lens_eval.csv and lens_eval.png/.pdf")
+
+
 @app.command("make-tiny")
 def make_tiny(
     out: Annotated[Path, typer.Option(help="Folder to write the model into.")],
@@ -381,7 +486,9 @@ def suggest_layer(
         folder, suggestion = suggest_run_layer(run, _convergence_config(tau=tau))
     typer.echo(f"{folder.name}: {folder.n_layers} layers, {folder.lens} lens")
     if folder.lens != "raw":
-        typer.echo("note: the paper's rule reads the raw lens; this run used the norm lens")
+        typer.echo(
+            f"note: the paper's rule reads the raw lens; this run used the {folder.lens} lens"
+        )
     typer.echo(str(suggestion))
     if suggestion.layer is None:
         raise typer.Exit(1)

@@ -10,8 +10,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from .bundled import DEFAULT_MODEL, bundled_data
 
-LENSES: tuple[str, ...] = ("raw", "norm")
+LENSES: tuple[str, ...] = ("raw", "norm", "tuned")
 """How a site vector becomes logits (see :class:`~internal_policy_lens.lens.unembed.Lens`)."""
+MODEL_LENSES: tuple[str, ...] = ("raw", "norm")
+"""The lenses made of the model's own weights only: those BuPO can train the internal policy
+through (a tuned lens's translators are fitted to a fixed model and are not part of it)."""
 PRECISIONS: tuple[str, ...] = ("auto", "exact", "fast")
 """Precision of the products and reductions (see :class:`LensSettings`)."""
 
@@ -26,7 +29,11 @@ class LensSettings:
     """How site vectors become statistics; travels as one object from a run to the reductions."""
 
     lens: str = "raw"
-    """``raw`` (the paper's definition, no final norm) or ``norm`` (logit lens)."""
+    """``raw`` (the paper's definition, no final norm), ``norm`` (logit lens) or ``tuned`` (a
+    learned affine translator per site and layer, then the final norm; see ``lens_path``)."""
+    lens_path: str | None = None
+    """Folder of the tuned lens (written by ``ipl fit-lens``, or the tuned-lens package's
+    ``config.json`` + ``params.pt``); default for a bundled model: the lens shipped with it."""
     precision: str = "auto"
     """``exact`` (float32 products, float64 reductions; float64 for a float64 model), ``fast``
     (products in bf16, or the model's fp16, reductions in float32; several times faster on CPUs
@@ -88,7 +95,9 @@ class EntropyConfig:
     out: str = "runs/entropy"
     """Run folder."""
     lens: str = LensSettings.lens
-    """``raw`` (the paper's definition, no final norm) or ``norm`` (logit lens)."""
+    """``raw`` (the paper's definition, no final norm), ``norm`` (logit lens) or ``tuned``."""
+    lens_path: str | None = LensSettings.lens_path
+    """Folder of the tuned lens (see :class:`LensSettings`)."""
     sites: list[str] | None = None
     """Sites to analyse (default: all eight)."""
     layers: str | None = None
@@ -141,6 +150,88 @@ class EntropyConfig:
         for name in ("overwrite", "out", "device_map", "shard"):
             out.pop(name)
         return out
+
+
+@dataclass
+class FitLensConfig:
+    """One ``ipl fit-lens`` run: a tuned lens (Belrose et al. 2023) for one model.
+
+    The optimiser follows the tuned-lens package's defaults for its published lenses: SGD with
+    Nesterov momentum 0.9, learning rate ``lr * (1 - momentum)`` (PyTorch's momentum scales the
+    step by 1 / (1 - momentum); undone so that ``lr = 1`` is the natural scale), weight decay
+    1e-3 (towards the identity translator, since translators add to their input), no warm-up,
+    linear decay to zero over 250 steps. The package samples 2^18 tokens per step from a large
+    corpus; here a step samples ``batch_tokens`` of the fit tokens.
+    """
+
+    model: str = DEFAULT_MODEL
+    """Hub name, local folder or bundled model."""
+    data: str = field(default_factory=lambda: str(bundled_data("arith_train.jsonl")))
+    """Records (JSONL, Parquet or CSV); those without a response get one generated first."""
+    out: str = "lenses/tuned"
+    """Lens folder."""
+    sites: list[str] = field(default_factory=lambda: ["resid_pre", "resid_post"])
+    """Sites to fit a translator for at every layer (``resid_pre`` only needs layer 0: at layer
+    l > 0 it is ``resid_post[l-1]`` and shares its translator); not ``final``."""
+    steps: int = 250
+    """Optimiser steps (0 writes the zero translators: the tuned lens is then the norm lens)."""
+    lr: float = 1.0
+    """Learning-rate scale; the SGD step is ``lr * (1 - momentum)``, decayed linearly to 0."""
+    momentum: float = 0.9
+    """Nesterov momentum of SGD."""
+    weight_decay: float = 1e-3
+    """Weight decay (pulls each translator towards the identity)."""
+    batch_tokens: int = 4096
+    """Token rows per step, drawn without replacement from the fit tokens (all if fewer)."""
+    max_samples: int | None = 400
+    """Use only the first N records (the activations of all fit tokens are held in memory)."""
+    heldout: float = 0.1
+    """Share of the records (at least one) held out for the evaluation, drawn with the seed."""
+    seed: int = 0
+    """Seed of the held-out split and of the token batches."""
+    save_every: int = 25
+    """Save the translators and optimiser state every N steps (a killed run resumes there)."""
+    format: str = "ipl"
+    """``ipl`` (translators.safetensors + lens.json) or ``tuned-lens`` (the tuned-lens
+    package's config.json + params.pt, plus lens.json)."""
+    batch_size: int = 16
+    """Sequences per forward pass when the activations are collected."""
+    dtype: str = "float32"
+    """Model dtype while fitting."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Settings for records without a response."""
+    overwrite: bool = False
+    """Start over in a folder that holds a lens fitted with another configuration."""
+
+    def identity(self) -> dict:
+        """The fields that define the lens; a resumed fit must match them."""
+        out = asdict(self)
+        for name in ("overwrite", "out", "device", "save_every"):
+            out.pop(name)
+        return out
+
+
+@dataclass
+class EvalLensConfig:
+    """One ``ipl eval-lens`` run: raw, norm and tuned lenses on the same held-out tokens."""
+
+    model: str = DEFAULT_MODEL
+    """The model the lens was fitted for."""
+    lens_path: str | None = None
+    """Lens folder (default for a bundled model: the lens shipped with it)."""
+    data: str | None = None
+    """Records with responses; default: the lens folder's responses.jsonl, held-out part only.
+    Another file is used whole (none of it was fitted on, unless it is the fit's data)."""
+    out: str | None = None
+    """Folder for lens_eval.csv and lens_eval.png/.pdf (default: print only)."""
+    max_samples: int | None = None
+    """Evaluate only the first N records."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
 
 
 @dataclass

@@ -18,7 +18,8 @@ from .config import LensSettings
 from .data.encode import Encoded, encode_inputs
 from .lens.capture import captured_blocks, site_keys
 from .lens.reduce import site_stats
-from .lens.sites import MODULES, SITES, SiteKey
+from .lens.sites import MODULES, SITES, SiteKey, source_key
+from .lens.tuned import make_lens
 from .lens.unembed import EXTRA_COLUMNS, Lens
 from .model.batch import pad
 from .model.load import PolicyModel
@@ -50,6 +51,7 @@ def entropy_table(
     inputs: Sequence,
     *,
     lens: str | None = None,
+    lens_path: str | None = None,
     sites: Iterable[str] | str | None = None,
     layers: Iterable[int] | str | None = None,
     response_only: bool = False,
@@ -69,7 +71,11 @@ def entropy_table(
         model: from :func:`load_model`.
         inputs: token-id lists (used as given), strings (tokenized as given, no chat template)
             or records ``{"prompt", "response", "sample_id"}`` (chat template applied).
-        lens: ``raw`` (paper, no final norm; the default) or ``norm`` (logit lens).
+        lens: ``raw`` (paper, no final norm; the default), ``norm`` (logit lens) or ``tuned``
+            (a translator per site and layer, then the final norm; every analysed site and
+            layer needs one in the lens folder).
+        lens_path: folder of the tuned lens (``ipl fit-lens``, or the tuned-lens package's
+            ``config.json`` + ``params.pt``); default for a bundled model: its shipped lens.
         sites: subset of :data:`SITES` (default all).
         layers: 0-based layers (default all); ``final`` is always stored at layer L-1.
         response_only: keep the positions whose next token is a response token (records only).
@@ -94,8 +100,9 @@ def entropy_table(
             scores would exceed it, the decoder runs over blocks of positions with a key/value
             cache, each block attending to every earlier position (same numbers up to float
             rounding; the captured vectors are then per block too).
-        settings: all five of the above as one :class:`~internal_policy_lens.config.LensSettings`
-            (what ``ipl entropy`` passes); the keyword arguments given replace its fields.
+        settings: the lens, its folder and the five above as one
+            :class:`~internal_policy_lens.config.LensSettings` (what ``ipl entropy``
+            passes); the keyword arguments given replace its fields.
         progress: show a progress bar.
 
     Returns:
@@ -109,6 +116,7 @@ def entropy_table(
     """
     settings = (settings or LensSettings()).update(
         lens=lens,
+        lens_path=lens_path,
         precision=precision,
         chunk_tokens=chunk_tokens,
         capture_mb=capture_mb,
@@ -118,7 +126,8 @@ def entropy_table(
     if response_only and any(e.response_start is None for e in encoded):
         raise ValueError("response_only=True needs records with a 'response' for every input")
     keys = site_keys(model, sites, layers)
-    projector = Lens(model, settings.lens, settings.precision)
+    projector = make_lens(model, settings)
+    projector.check(keys)
     parts, tops = [], []
     bar = tqdm(total=len(encoded), unit="sample", disable=not progress)
     for start in range(0, len(encoded), batch_size):
@@ -159,9 +168,9 @@ def _batch_table(
     ids, mask = pad(
         [e.input_ids for e in batch], model.tokenizer.pad_token_id, model.device, side="right"
     )
-    sources = {key: _source(key) for key in keys}  # resid_pre[l] is resid_post[l-1]
+    sources = {key: source_key(*key) for key in keys}  # resid_pre[l] is resid_post[l-1]
     distinct = list(dict.fromkeys(sources.values()))  # each distinct vector once
-    keep = _kept_positions(batch, mask, response_only)  # [batch, pos]
+    keep = kept_positions(batch, mask, response_only)  # [batch, pos]
     rows_b, rows_t = keep.nonzero(as_tuple=True)
     if len(rows_b) == 0:
         columns = [c for c in TABLE_COLUMNS if c != "token"]  # added by entropy_table
@@ -231,12 +240,8 @@ def _topk_frame(tokens: pd.DataFrame, per_key: list[dict[str, np.ndarray]], k: i
     return out
 
 
-def _source(key: SiteKey) -> SiteKey:
-    site, layer = key
-    return ("resid_post", layer - 1) if site == "resid_pre" and layer > 0 else key
-
-
-def _kept_positions(batch: list[Encoded], mask: torch.Tensor, response_only: bool) -> torch.Tensor:
+def kept_positions(batch: list[Encoded], mask: torch.Tensor, response_only: bool) -> torch.Tensor:
+    """``[batch, pos]``: True at the positions kept (response only: those predicting a response)."""
     keep = mask.bool().cpu().clone()
     if response_only:
         for row, e in enumerate(batch):

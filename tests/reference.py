@@ -158,3 +158,11 @@ def naive_logits(model, x, site, lens):
 def entropy(logits):
     logp = torch.log_softmax(logits.double(), -1)
     return -(logp.exp() * logp).sum(-1)
+
+
+@torch.no_grad()
+def naive_tuned_logits(model, x, weight, bias):
+    """Tuned lens by hand: translator x + A x + b, then the final RMSNorm and the unembedding."""
+    x = x.double()
+    translated = x + x @ weight.double().T + bias.double()
+    return naive_logits(model, translated, "resid_post", "norm")

@@ -20,6 +20,8 @@ from internal_policy_lens.config import (
     ConvergenceConfig,
     EntropyConfig,
     EvalConfig,
+    EvalLensConfig,
+    FitLensConfig,
     GenerationConfig,
     ReportConfig,
 )
@@ -34,6 +36,8 @@ CONFIGS = {
     "compare": (ConvergenceConfig,),
     "suggest-layer": (ConvergenceConfig,),
     "report": (ReportConfig, ConvergenceConfig),
+    "fit-lens": (FitLensConfig, GenerationConfig),
+    "eval-lens": (EvalLensConfig,),
 }
 
 

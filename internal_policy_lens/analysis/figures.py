@@ -162,6 +162,13 @@ def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
 
 def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, pd.DataFrame]:
     names = [run.name for run in runs]
+    # One model under several lenses: name each run by its lens, then by its folder if needed.
+    names = [
+        f"{name} ({run.lens})"
+        if len({r.lens for r, n in zip(runs, names) if n == name}) > 1
+        else name
+        for name, run in zip(names, runs)
+    ]
     names = [
         f"{name} ({run.path.name})" if names.count(name) > 1 else name
         for name, run in zip(names, runs)

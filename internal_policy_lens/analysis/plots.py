@@ -363,3 +363,37 @@ def training_curves(runs: dict[str, pd.DataFrame]) -> Figure:
     handles, labels = axes[0].get_legend_handles_labels()
     axes[-1].legend(handles, labels, loc="center", title="run (dotted: IPA → GRPO switch)")
     return fig
+
+
+@_styled
+def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
+    """KL(final || lens) per layer of ``site``, one line per lens, log scale (``ipl eval-lens``).
+
+    Args:
+        table: ``ipl eval-lens``'s table (``layer, site, lens, kl_to_final, ...``). A KL of
+            zero (the last layer under the norm and tuned lenses) is drawn at the axis floor.
+        site: the site drawn.
+    """
+    frame = table[table["site"].astype(str) == site]
+    if frame.empty:
+        raise ValueError(f"the table has no rows for site {site!r}")
+    order = ("raw", "norm", "tuned")
+    lenses = sorted(set(frame["lens"]), key=lambda n: (order.index(n) if n in order else 3, n))
+    fig, (ax,) = _figure(COLUMN_WIDTH, 2.6)
+    palette = sns.color_palette("colorblind", n_colors=len(lenses))
+    floor = 1e-4
+    for lens, colour in zip(lenses, palette):
+        rows = frame[frame["lens"] == lens].sort_values("layer")
+        ax.plot(
+            rows["layer"],
+            rows["kl_to_final"].clip(lower=floor),
+            color=colour,
+            marker="o",
+            label=lens,
+        )
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(final ‖ lens) (nats)")
+    ax.set_title(f"{site}: distance to the output policy", loc="left")
+    _layer_axis(ax)
+    _legend(fig, ax, "lens (held-out tokens)", ncols=len(lenses))
+    return fig

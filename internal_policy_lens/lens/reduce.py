@@ -219,7 +219,7 @@ def _final_key(keys: Iterable[SiteKey]) -> SiteKey:
 
 
 def _block(lens, acts, block, index, part, reduce, *extras) -> Stats:
-    stacked = torch.stack([lens.inputs(_rows(acts, k, index, part, lens), k[0]) for k in block])
+    stacked = torch.stack([lens.inputs(_rows(acts, k, index, part, lens), *k) for k in block])
     logits = lens.logits(stacked.flatten(0, 1), None)  # [sites * rows, vocab]
     logits = logits.view(len(block), -1, logits.shape[-1])  # [sites, rows, vocab]
     return reduce(logits, lens.reduce_dtype, *extras)

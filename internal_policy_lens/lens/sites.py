@@ -33,6 +33,11 @@ MODULES: dict[str, tuple[str, str]] = {
 }
 
 
+def source_key(site: str, layer: int) -> SiteKey:
+    """The (site, layer) that carries the same vector: ``resid_pre[l]`` is ``resid_post[l-1]``."""
+    return ("resid_post", layer - 1) if site == "resid_pre" and layer > 0 else (site, layer)
+
+
 def resolve_sites(sites: Iterable[str] | str | None) -> tuple[str, ...]:
     """Validate site names and return them in canonical order (:data:`SITES`).
 

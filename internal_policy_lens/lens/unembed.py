@@ -1,4 +1,4 @@
-"""Site vector -> logits: the ``raw`` and ``norm`` lenses, in ``exact`` or ``fast`` precision.
+"""Site vector -> logits: the ``raw``, ``norm`` and ``tuned`` lenses, ``exact`` or ``fast``.
 
 The reductions of the logits to entropies and the other per-token statistics live in
 :mod:`internal_policy_lens.lens.reduce`.
@@ -6,7 +6,7 @@ The reductions of the logits to entropies and the other per-token statistics liv
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..config import LENSES, PRECISIONS
 from ..model.families import has_head_transform, head_transform
 from ..model.load import PolicyModel
+from .sites import SiteKey, source_key
 
 EXTRA_COLUMNS: tuple[str, ...] = (
     "next_token_logprob",
@@ -39,13 +40,15 @@ def resolve_precision(precision: str, dtype: torch.dtype) -> str:
 
 
 class Lens:
-    """Turns site vectors into logits with the ``raw`` or ``norm`` lens.
+    """Turns site vectors into logits with the ``raw``, ``norm`` or ``tuned`` lens.
 
     ``raw`` (the paper's definition): ``x @ W_U^T (+ b_U)``. ``norm`` (the logit lens):
-    ``final_norm(x) @ W_U^T (+ b_U)``. Both then apply the model's own output head transformation
-    where it has one (Granite's logit scaling, Gemma's final soft-capping). The ``final`` site is
-    the final norm's output already, so it is projected as it is under both lenses and gives the
-    model's own logits.
+    ``final_norm(x) @ W_U^T (+ b_U)``. ``tuned`` (Belrose et al. 2023): the norm lens applied to
+    ``x + x A^T + b``, with one translator ``(A, b)`` per (site, layer) (see
+    :mod:`~internal_policy_lens.lens.tuned`); with zero translators it is the norm lens. Every
+    lens then applies the model's own output head transformation where it has one (Granite's
+    logit scaling, Gemma's final soft-capping). The ``final`` site is the final norm's output
+    already, so it is projected as it is under every lens and gives the model's own logits.
 
     Precision ``exact``: products in float32 (float64 for a float64 model) and reductions in
     float64. ``fast``: products in the model's dtype if it is bf16/fp16, else in bfloat16 (4-10x
@@ -57,9 +60,17 @@ class Lens:
         out_dtype: dtype of the statistics (float64 for a float64 model, else float32).
     """
 
-    def __init__(self, model: PolicyModel, lens: str = "raw", precision: str = "exact") -> None:
+    def __init__(
+        self,
+        model: PolicyModel,
+        lens: str = "raw",
+        precision: str = "exact",
+        translators: dict[SiteKey, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         if lens not in LENSES:
             raise ValueError(f"unknown lens '{lens}'; use one of {', '.join(LENSES)}")
+        if (lens == "tuned") != (translators is not None):
+            raise ValueError("translators go with the tuned lens, and only with it")
         self.kind = lens
         self.norm = model.final_norm
         unembed = model.unembed
@@ -72,6 +83,10 @@ class Lens:
             self.dtype = model_dtype if model_dtype in _HALF else torch.bfloat16
             self.reduce_dtype = torch.float32
         self.out_dtype = wide
+        # The translators run in the wide dtype (a d x d product: cheap next to the unembedding).
+        self.translators = {
+            key: (a.to(wide), b.to(wide)) for key, (a, b) in (translators or {}).items()
+        }
         self.weight = unembed.weight.to(self.dtype)  # [vocab, d_model]
         bias = getattr(unembed, "bias", None)
         # The bridge gives lm_head an all-zero bias; adding it costs ~9% of a bf16 product.
@@ -84,9 +99,29 @@ class Lens:
         """Size of every policy (rows of the unembedding)."""
         return self.weight.shape[0]
 
-    def inputs(self, x: torch.Tensor, site: str) -> torch.Tensor:
-        """What the unembedding reads for ``x`` ``[..., d_model]`` of ``site``, in :attr:`dtype`."""
-        if self.kind == "norm" and site != "final":
+    def check(self, keys: Iterable[SiteKey]) -> None:
+        """Raise ValueError naming the first (site, layer) of ``keys`` without a translator."""
+        if self.kind != "tuned":
+            return
+        have = sorted({s for s, _ in self.translators})
+        for site, layer in keys:
+            if site != "final" and source_key(site, layer) not in self.translators:
+                raise ValueError(
+                    f"the tuned lens has no translator for {site} at layer {layer} (it has "
+                    f"{', '.join(have)}); choose --sites among those, or fit the lens with "
+                    f"`ipl fit-lens --sites {site}`"
+                )
+
+    def inputs(self, x: torch.Tensor, site: str, layer: int | None = None) -> torch.Tensor:
+        """What the unembedding reads for ``x`` ``[..., d_model]`` of ``site``, in :attr:`dtype`.
+
+        The tuned lens needs the ``layer`` (its translator depends on it).
+        """
+        if self.kind == "tuned" and site != "final":
+            weight, bias = self.translators[source_key(site, layer)]
+            x = x.to(weight.dtype)
+            x = x + F.linear(x, weight, bias)
+        if self.kind != "raw" and site != "final":
             x = self.norm(x)
         return x.to(self.dtype)
 

@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from ..config import EntropyConfig, derive_seed
 from ..data.encode import Encoded, encode_inputs, encode_prompt
 from ..data.records import read_records, write_records_jsonl
-from ..lens.sites import parse_layers, resolve_layers, resolve_sites
+from ..lens.capture import site_keys
+from ..lens.sites import parse_layers, resolve_sites
+from ..lens.tuned import default_lens_path, folder_hash, make_lens
 from ..lens.unembed import resolve_precision
 from ..model.generate import generate_texts
 from ..model.load import PolicyModel, load_model
@@ -113,11 +115,12 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         device_map=cfg.device_map,
         progress=progress,
     )
-    resolve_layers(cfg.layers, model.n_layers)
+    keys = site_keys(model, cfg.sites, cfg.layers)
+    make_lens(model, cfg.settings).check(keys)  # a bad lens folder fails before any work
     out = Path(cfg.out)
     with writer_lock(folder, shard):
         info = _start_folder(out, cfg, model)
-        records = _ensure_responses(model, records, cfg, out, progress, shard)
+        records = ensure_responses(model, records, cfg, out, progress, shard)
         tokens, topk, truncated = _analyse(model, records, cfg, out, progress, shard)
         if shard is not None:
             return merge_when_complete(out)
@@ -233,13 +236,22 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
             "device": str(model.device),
         },
         "precision": precision,
+        "lens": _lens_facts(cfg, model),
         "versions": versions(),
     }
     RunFolder(out).write_json("run.json", info)
     return info
 
 
-def _ensure_responses(model, records, cfg, out, progress, shard: Shard | None) -> list[dict]:
+def _lens_facts(cfg: EntropyConfig, model: PolicyModel) -> dict:
+    """The lens of a run; for the tuned lens, its folder and that folder's hash."""
+    if cfg.lens != "tuned":
+        return {"name": cfg.lens}
+    path = cfg.lens_path or default_lens_path(model)
+    return {"name": "tuned", "path": str(path), "sha256": folder_hash(path)}
+
+
+def ensure_responses(model, records, cfg, out, progress, shard: Shard | None) -> list[dict]:
     """Generate the missing responses batch by batch (a shard's own first); responses.jsonl."""
     gen = cfg.generation
     todo = [(r, k) for r in records if r["response"] is None for k in range(gen.samples_per_prompt)]

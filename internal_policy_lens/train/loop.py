@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import BupoConfig, derive_seed
+from ..config import MODEL_LENSES, BupoConfig, derive_seed
 from ..data.records import read_records
 from ..model.load import PolicyModel, load_model
 from ..runs.io import RunFolder
@@ -45,6 +45,11 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
     ``reward`` scores each sampled response against its record's answer (default: the last
     ``\boxed{}`` must match, :func:`~internal_policy_lens.train.rewards.math_reward`).
     """
+    if cfg.lens not in MODEL_LENSES:
+        raise ValueError(
+            f"lens '{cfg.lens}' cannot train pi^k (a tuned lens's translators are not part of the "
+            f"model); use --lens {' or --lens '.join(MODEL_LENSES)}"
+        )
     folder = RunFolder(cfg.out).check_writable()  # before any work
     records = training_records(cfg)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=progress)

@@ -167,3 +167,43 @@ def test_run_without_rows_skips_every_figure(runs, tmp_path):
     report = write_run_figures(tmp_path, tokens[:0], deltas[:0], summary[:0], run.info)
     assert report.written == []
     assert set(report.skipped) == {"entropy_flow", "entropy_change", "token_heatmap", "next_token"}
+
+
+def test_compare_one_model_under_several_lenses(runs, tiny_dirs, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    folders = {}
+    for lens in ("norm", "tuned"):
+        folders[lens] = tmp_path / lens
+        args = ["entropy", "--model", tiny_dirs["llama"], "--data", data, "--out", folders[lens]]
+        args += ["--lens", lens, "--quiet"]
+        if lens == "tuned":
+            fit = ["fit-lens", "--model", tiny_dirs["llama"], "--data", data, "--out"]
+            lens_dir = tmp_path / "lens"
+            sites = "resid_pre,attn_in,attn_out,resid_mid,mlp_in,mlp_out,resid_post"
+            result = runner.invoke(
+                app,
+                [
+                    *map(str, fit),
+                    str(lens_dir),
+                    "--sites",
+                    sites,
+                    "--steps",
+                    "2",
+                    "--heldout",
+                    "0.34",
+                    "--quiet",
+                ],
+            )
+            assert result.exit_code == 0, result.output
+            args += ["--lens-path", lens_dir]
+        result = runner.invoke(app, list(map(str, args)))
+        assert result.exit_code == 0, result.output
+    out = tmp_path / "cmp"
+    paths = [str(runs["llama"]), str(folders["norm"]), str(folders["tuned"])]
+    result = runner.invoke(app, ["compare", *paths, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "convergence.csv")
+    assert table["lens"].tolist() == ["raw", "norm", "tuned"]
+    assert table["model"].tolist() == ["llama (raw)", "llama (norm)", "llama (tuned)"]
+    assert table["abruptness"].notna().all()

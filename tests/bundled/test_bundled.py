@@ -54,3 +54,24 @@ def test_bundled_models_solve_heldout_problems(bundled):
     )
     accuracy = sum(_correct(r[0], rec["answer"]) for r, rec in zip(responses, records)) / 40
     assert accuracy >= MIN_GREEDY, accuracy
+
+
+def test_bundled_tuned_lens_ships_and_beats_the_norm_lens(bundled):
+    import json
+
+    import pandas as pd
+
+    from internal_policy_lens.lens.tuned import default_lens_path, read_lens
+
+    translators, meta = read_lens(None, bundled)  # the shipped lens is the default
+    assert len(translators) == 6 * bundled.n_layers + 1  # every site but final; resid_pre[0]
+    assert meta["model"]["name_or_path"] == bundled.name
+    folder = default_lens_path(bundled)
+    assert json.loads((folder / "lens.json").read_text())["data_sha256"]
+    # Held out at fit time: the tuned lens is closer to the output policy wherever it matters.
+    evaluation = pd.DataFrame(meta["heldout"]["evaluation"])
+    wide = evaluation.pivot_table(index=["site", "layer"], columns="lens", values="kl_to_final")
+    relevant = ~((wide["norm"] < 0.01) & (wide["tuned"] < 0.01))
+    assert (wide.loc[relevant, "tuned"] < wide.loc[relevant, "norm"]).all()
+    table = entropy_table(bundled, ["Start with 5. Add 3. What is the result?"], lens="tuned")
+    assert set(table["site"].astype(str)) == set(SITES)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
-from ...config import LENSES, BupoConfig
+from ...config import MODEL_LENSES, BupoConfig
 from ...data.encode import prompt_text
 from ...model.families import family_of
 from ...train.rewards import math_reward
@@ -82,8 +82,8 @@ def internal_policy(model: nn.Module, layer: int, lens: str = "raw") -> Iterator
     (``norm``: the final norm is kept, the logit lens). ``model`` is a transformers causal LM of
     a supported architecture, or a PEFT model around one. Restored on exit, also on errors.
     """
-    if lens not in LENSES:
-        raise ValueError(f"unknown lens '{lens}'; use one of {', '.join(LENSES)}")
+    if lens not in MODEL_LENSES:
+        raise ValueError(f"lens '{lens}' cannot train pi^k; use one of {', '.join(MODEL_LENSES)}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         family = family_of(type(base).__name__)

@@ -1,0 +1,82 @@
+"""``ipl fit-lens`` and ``ipl eval-lens`` as library calls: files in, lens folder or table out."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import EvalLensConfig, FitLensConfig
+from ..data.records import read_records
+from ..lens.fit import check_fit_config, collect_rows, fit_lens, lens_metrics
+from ..lens.sites import SITES
+from ..lens.tuned import META, default_lens_path, read_lens
+from ..lens.unembed import Lens
+from ..model.load import load_model
+from .entropy import ensure_responses
+from .io import RunFolder, sha256
+
+EVAL_COLUMNS = ("layer", "site", "lens", "kl_to_final", "next_token_ce", "top1_agrees")
+
+
+def run_fit_lens(cfg: FitLensConfig, *, progress: bool = True) -> dict:
+    """Read the data, generate missing responses (OUT/responses.jsonl), fit, write the lens.
+
+    Rerunning a killed fit continues from its last saved translators; rerunning a finished
+    one returns its lens.json.
+    """
+    check_fit_config(cfg)
+    out = Path(cfg.out)
+    if (out / META).is_file():
+        old = RunFolder(out).read_json(META)
+        if old.get("config") == cfg.identity():
+            return old
+    records = read_records(cfg.data, max_samples=cfg.max_samples)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    records = ensure_responses(model, records, cfg, out, progress, None)
+    meta = fit_lens(model, records, cfg, data_sha256=sha256(cfg.data), progress=progress)
+    shutil.rmtree(out / "generation", ignore_errors=True)
+    return meta
+
+
+def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
+    """Raw, norm and tuned lens on the same held-out tokens, per (layer, site); ``EVAL_COLUMNS``.
+
+    Writes ``lens_eval.csv`` and ``lens_eval.png``/``.pdf`` to ``cfg.out`` when it is given.
+    """
+    model = load_model(cfg.model, dtype="float32", device=cfg.device)
+    lens_path = Path(cfg.lens_path) if cfg.lens_path else default_lens_path(model)
+    translators, meta = read_lens(lens_path, model)
+    held = set(meta.get("heldout", {}).get("samples", []))
+    data = cfg.data
+    if data is None:
+        data = lens_path / "responses.jsonl"
+        if not data.is_file():
+            raise FileNotFoundError(f"{data}: missing; pass --data with records and responses")
+    records = read_records(data, max_samples=cfg.max_samples)
+    if cfg.data is None or sha256(data) == meta.get("data_sha256"):
+        records = [r for r in records if r["sample_id"] in held]  # never fitted on
+    if not records or any(r["response"] is None for r in records):
+        raise ValueError(
+            f"{data}: eval-lens needs records with responses (none held out, or some without "
+            "a response); pass --data with responses, e.g. an ipl entropy run's responses.jsonl"
+        )
+    keys = [key for key in translators if key != ("resid_post", model.n_layers - 1)]
+    keys.append(("resid_post", model.n_layers - 1))
+    rows = collect_rows(model, records, keys, cfg.batch_size)
+    lenses = [Lens(model, "raw"), Lens(model, "norm"), Lens(model, "tuned", "exact", translators)]
+    table = pd.concat([lens_metrics(lens, rows) for lens in lenses], ignore_index=True)
+    table["site"] = pd.Categorical(table["site"], categories=SITES)
+    table = table.sort_values(["site", "layer"], kind="stable").reset_index(drop=True)
+    table["site"] = table["site"].astype(str)
+    table = table[list(EVAL_COLUMNS)]
+    if cfg.out is not None:
+        from ..analysis.figures import save_figure
+        from ..analysis.plots import lens_quality
+
+        folder = RunFolder(cfg.out).create()
+        folder.write_csv("lens_eval.csv", table)
+        save_figure(lens_quality(table), folder.path / "lens_eval")
+    return table
