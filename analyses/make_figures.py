@@ -24,7 +24,8 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="run folders written by ipl entropy")
     parser.add_argument("--out", type=Path, default=FIGURES, help="output folder")
     args = parser.parse_args(argv)
-    report, table = compare(CompareConfig(runs=[str(r) for r in args.runs], out=str(args.out)))
+    runs = [str(r) for r in args.runs]
+    report, table = compare(CompareConfig(runs=runs, out=str(args.out), report=False))
     print(report)
     for path in args.runs:
         run = open_run(path)

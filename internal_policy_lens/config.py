@@ -273,6 +273,8 @@ class CompareConfig:
     """Folder for the comparison figures and ``convergence.csv``."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the convergence summary."""
+    report: bool = True
+    """Also write ``OUT/report.html``, the interactive page of the runs."""
 
 
 @dataclass

@@ -150,7 +150,7 @@ def plot_run(cfg: PlotConfig) -> FigureReport:
 def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
     """``ipl compare``: runs overlaid on relative depth, and one convergence row per run.
 
-    Writes ``OUT/comparison.{png,pdf}``, ``OUT/report.html`` (interactive charts, provenance)
+    Writes ``OUT/comparison.{png,pdf}``, ``OUT/report.html`` (unless ``cfg.report`` is False)
     and ``OUT/convergence.csv`` (columns ``model, run, lens``
     then :meth:`Convergence.row`; ``note`` says why a run has no summary).
     """
@@ -192,9 +192,10 @@ def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, p
         rows.append(row)
     table = pd.DataFrame(rows)
     report.written.append(RunFolder(out).write_csv("convergence.csv", table))
-    from .report import write_compare_report  # plotly loads only when a page is written
+    if cfg.report:
+        from .report import write_compare_report  # plotly loads only when a page is written
 
-    report.written.append(write_compare_report(cfg, runs, names))
+        report.written.append(write_compare_report(cfg, runs, names))
     return report, table
 
 
