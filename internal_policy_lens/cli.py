@@ -423,7 +423,9 @@ def report(
     ] = None,
     site: Annotated[
         str | None,
-        _opt(ReportConfig, "site", "Site colouring the tokens at first."),
+        typer.Option(
+            help="Site colouring the tokens at first [default: resid_post, else the first]."
+        ),
     ] = None,
     tau: Annotated[float | None, _opt(ConvergenceConfig, "tau", _TAU_HELP, min=0.0)] = None,
 ) -> None:

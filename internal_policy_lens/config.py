@@ -293,8 +293,9 @@ class ReportConfig:
     max_values: int = 1_000_000
     """Numbers embedded in the token explorer; samples are added in id order while they fit
     (the first sample is cut to its first positions if it alone does not)."""
-    site: str = "resid_post"
-    """Site whose entropy colours the tokens when the page opens (else the first analysed)."""
+    site: str | None = None
+    """Site whose entropy colours the tokens when the page opens (default: resid_post, else the
+    first analysed; a site the run lacks is an error)."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the stages and the layer rule shown in the page."""
 

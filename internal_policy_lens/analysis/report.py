@@ -116,7 +116,9 @@ def explorer_data(tokens: pd.DataFrame, topk: pd.DataFrame | None, cfg: ReportCo
     keys = [(s, int(layer)) for s, layer in keys.itertuples(index=False)]
     k = 0 if topk is None else int(topk["rank"].max())
     sites = list(dict.fromkeys(site for site, _ in keys))
-    default_site = cfg.site if cfg.site in sites else sites[0]
+    if cfg.site is not None and cfg.site not in sites:
+        raise ValueError(f"site {cfg.site!r} is not in the run; it has {', '.join(sites)}")
+    default_site = cfg.site or ("resid_post" if "resid_post" in sites else sites[0])
     samples, used, vocab = [], 0, {}
     ids = sorted(tokens["sample_id"].unique(), key=lambda v: (str(type(v)), v))
     per_position = len(keys) * (1 + 2 * k)

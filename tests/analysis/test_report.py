@@ -84,6 +84,13 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path):
     assert result.exit_code == 2 and "no such run folder" in result.output
 
 
+def test_report_site_must_be_in_the_run(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    result = runner.invoke(app, ["report", str(run), "--site", "mlp"])
+    assert result.exit_code == 2
+    assert "site 'mlp' is not in the run; it has resid_pre" in result.output
+
+
 def test_report_without_topk_says_how_to_add_it(run_dir, tmp_path):
     run = _copy(run_dir, tmp_path)
     (run / "topk.parquet").unlink()
