@@ -145,3 +145,38 @@ def ipl_command(*args) -> list[str]:
 def one_thread_env(**extra) -> dict:
     """The environment for a subprocess of the tests: one thread each (they share 2 cores)."""
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def trl_batch(tokenizer, prompts, completions):
+    """Prompts left-padded, completions right-padded (TRL's layout): ids, mask ``[N, P + C]``,
+    P and C."""
+    prompts = [tokenizer(t)["input_ids"] for t in prompts]
+    completions = [tokenizer(t)["input_ids"] for t in completions]
+    p, c = max(map(len, prompts)), max(map(len, completions))
+    ids = torch.full((len(prompts), p + c), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, (a, b) in enumerate(zip(prompts, completions)):
+        ids[row, p - len(a) : p + len(b)] = torch.tensor(a + b)
+        mask[row, p - len(a) : p + len(b)] = 1
+    return ids, mask, p, c
+
+
+def assert_trl_logprobs_are_ours(trainer, policy, batch, layer_k: int, lens: str) -> None:
+    """TRL's per-token log-probs and entropies, in IPA (layer k) and GRPO, equal the package's
+    ``token_logprobs`` on the completion tokens (2e-5)."""
+    from internal_policy_lens.train.rollout import token_logprobs
+
+    ids, mask, p, c = batch
+    target = mask[:, p:].bool()
+    with torch.no_grad():
+        for layer in (layer_k, None):  # IPA at step 0, GRPO from the first step after s_inter
+            trainer.state.global_step = 0 if layer is not None else trainer.steps_per_rollout
+            assert trainer.in_ipa == (layer is not None)
+            logp, entropy, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, mask, c, compute_entropy=True
+            )
+            ours, ours_h = token_logprobs(policy, ids, mask, layer=layer, lens=lens)
+            torch.testing.assert_close(logp[target], ours[:, p - 1 :][target], atol=2e-5, rtol=0)
+            torch.testing.assert_close(
+                entropy[target], ours_h[:, p - 1 :][target], atol=2e-5, rtol=0
+            )

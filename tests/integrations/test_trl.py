@@ -9,7 +9,14 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from helpers import assert_ipa_then_grpo_updates, tiny_bupo_config, trl_rewards, trl_trainer
+from helpers import (
+    assert_ipa_then_grpo_updates,
+    assert_trl_logprobs_are_ours,
+    tiny_bupo_config,
+    trl_batch,
+    trl_rewards,
+    trl_trainer,
+)
 from typer.testing import CliRunner
 
 from internal_policy_lens import entropy_table
@@ -59,37 +66,17 @@ def _trainer(tiny_dirs, data_file, tmp_path, arch="qwen2", lens="raw", **kw):
 
 
 def _batch(models, arch):
-    """Prompts left-padded, completions right-padded: TRL's layout. ``[4, P + C]``."""
-    tok = models(arch).tokenizer
-    prompts = [tok(t)["input_ids"] for t in ("1+1?", "12+30=?", "7*6?", "9-4=")]
-    completions = [tok(t)["input_ids"] for t in ("2.", "42 done", "42", "5, so 5")]
-    p, c = max(map(len, prompts)), max(map(len, completions))
-    ids = torch.full((4, p + c), tok.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for row, (a, b) in enumerate(zip(prompts, completions)):
-        ids[row, p - len(a) : p + len(b)] = torch.tensor(a + b)
-        mask[row, p - len(a) : p + len(b)] = 1
-    return ids, mask, p, c
+    """Four prompts and completions in TRL's layout. ``[4, P + C]``."""
+    prompts, completions = ("1+1?", "12+30=?", "7*6?", "9-4="), ("2.", "42 done", "42", "5, so 5")
+    return trl_batch(models(arch).tokenizer, prompts, completions)
 
 
 @pytest.mark.parametrize("arch,lens", [("qwen2", "raw"), ("llama", "raw"), ("qwen3", "norm")])
 def test_ipa_logprobs_are_the_lens_logprobs(models, tiny_dirs, data_file, tmp_path, arch, lens):
     trainer = _trainer(tiny_dirs, data_file, tmp_path, arch=arch, lens=lens)
     policy = models(arch)
-    ids, mask, p, c = _batch(models, arch)
-    target = mask[:, p:].bool()
-    with torch.no_grad():
-        for layer in (K, None):  # IPA at step 0, GRPO from the first step after s_inter
-            trainer.state.global_step = 0 if layer is not None else trainer.steps_per_rollout
-            assert trainer.in_ipa == (layer is not None)
-            logp, entropy, _ = trainer._get_per_token_logps_and_entropies(
-                trainer.model, ids, mask, c, compute_entropy=True
-            )
-            ours, ours_h = token_logprobs(policy, ids, mask, layer=layer, lens=lens)
-            torch.testing.assert_close(logp[target], ours[:, p - 1 :][target], atol=2e-5, rtol=0)
-            torch.testing.assert_close(
-                entropy[target], ours_h[:, p - 1 :][target], atol=2e-5, rtol=0
-            )
+    ids, mask, p, c = batch = _batch(models, arch)
+    assert_trl_logprobs_are_ours(trainer, policy, batch, K, lens)
     # The same numbers as entropy_table, row by row, on the first (unpadded) sequence.
     row = mask[0].bool()
     seq = ids[0][row].tolist()

@@ -7,7 +7,9 @@ import torch
 from helpers import (
     FAMILY_ARCHS,
     assert_ipa_then_grpo_updates,
+    assert_trl_logprobs_are_ours,
     tiny_bupo_config,
+    trl_batch,
     trl_rewards,
     trl_trainer,
 )
@@ -33,26 +35,10 @@ def test_ipa_logprobs_are_the_lens_logprobs(
     tokenizer = trainer.processing_class
     policy = family_models(family)
     # Prompts left-padded, completions right-padded (TRL's layout), longer than the window.
-    prompts = [tokenizer(t)["input_ids"] for t in ("1+1?", "12+30=? twice", "7*6?")]
-    completions = [tokenizer(t)["input_ids"] for t in ("2.", "42 done, then 84", "42")]
-    p, c = max(map(len, prompts)), max(map(len, completions))
-    ids = torch.full((3, p + c), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for row, (a, b) in enumerate(zip(prompts, completions)):
-        ids[row, p - len(a) : p + len(b)] = torch.tensor(a + b)
-        mask[row, p - len(a) : p + len(b)] = 1
-    target = mask[:, p:].bool()
-    with torch.no_grad():
-        for layer in (K, None):
-            trainer.state.global_step = 0 if layer is not None else trainer.steps_per_rollout
-            logp, entropy, _ = trainer._get_per_token_logps_and_entropies(
-                trainer.model, ids, mask, c, compute_entropy=True
-            )
-            ours, ours_h = token_logprobs(policy, ids, mask, layer=layer, lens=lens)
-            torch.testing.assert_close(logp[target], ours[:, p - 1 :][target], atol=2e-5, rtol=0)
-            torch.testing.assert_close(
-                entropy[target], ours_h[:, p - 1 :][target], atol=2e-5, rtol=0
-            )
+    batch = trl_batch(
+        tokenizer, ("1+1?", "12+30=? twice", "7*6?"), ("2.", "42 done, then 84", "42")
+    )
+    assert_trl_logprobs_are_ours(trainer, policy, batch, K, lens)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "gemma2"])
