@@ -28,16 +28,17 @@ def run_fit_lens(cfg: FitLensConfig, *, progress: bool = True) -> dict:
     """
     check_fit_config(cfg)
     out = Path(cfg.out)
+    folder = RunFolder(out).check_writable()  # before any work
     if (out / META).is_file():
         old = RunFolder(out).read_json(META)
         if old.get("config") == cfg.identity():
             return old
     records = read_records(cfg.data, max_samples=cfg.max_samples)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
-    records = ensure_responses(model, records, cfg, out, progress, None)
-    meta = fit_lens(model, records, cfg, data_sha256=sha256(cfg.data), progress=progress)
-    shutil.rmtree(out / "generation", ignore_errors=True)
+    with folder.lock():  # one writer per lens folder
+        records = ensure_responses(model, records, cfg, out, progress, None)
+        meta = fit_lens(model, records, cfg, data_sha256=sha256(cfg.data), progress=progress)
+        shutil.rmtree(out / "generation", ignore_errors=True)
     return meta
 
 
@@ -46,6 +47,7 @@ def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
 
     Writes ``lens_eval.csv`` and ``lens_eval.png``/``.pdf`` to ``cfg.out`` when it is given.
     """
+    folder = None if cfg.out is None else RunFolder(cfg.out).check_writable()  # before any work
     model = load_model(cfg.model, dtype="float32", device=cfg.device)
     lens_path = Path(cfg.lens_path) if cfg.lens_path else default_lens_path(model)
     translators, meta = read_lens(lens_path, model)
@@ -72,11 +74,11 @@ def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
     table = table.sort_values(["site", "layer"], kind="stable").reset_index(drop=True)
     table["site"] = table["site"].astype(str)
     table = table[list(EVAL_COLUMNS)]
-    if cfg.out is not None:
+    if folder is not None:
         from ..analysis.figures import save_figure
         from ..analysis.plots import lens_quality
 
-        folder = RunFolder(cfg.out).create()
-        folder.write_csv("lens_eval.csv", table)
-        save_figure(lens_quality(table), folder.path / "lens_eval")
+        with folder.lock():  # one writer per output folder
+            folder.write_csv("lens_eval.csv", table)
+            save_figure(lens_quality(table), folder.path / "lens_eval")
     return table

@@ -42,6 +42,8 @@ def _commands(tiny_dirs, tmp_path, out):
         "eval": ["eval", "--model", model, "--data", problems, "--out", str(out)],
         "compare": ["compare", str(run), "--out", str(out)],
         "merge": ["merge", str(out)],
+        "fit-lens": ["fit-lens", "--model", model, "--data", data, "--out", str(out), "--quiet"],
+        "eval-lens": ["eval-lens", "--out", str(out)],
     }
 
 
