@@ -166,7 +166,11 @@ def entropy(
     ] = None,
     extras: Annotated[
         bool | None,
-        _opt(EntropyConfig, "extras", "Next-token log-prob/rank, KL to final, top-1 agreement."),
+        _opt(
+            EntropyConfig,
+            "extras",
+            "Next-token log-prob/rank, KL to final, top-1 agreement, residual cosines.",
+        ),
     ] = None,
     topk: Annotated[
         int | None,
@@ -581,6 +585,16 @@ def train_bupo(
         int | None, _opt(BupoConfig, "save_every", "Checkpoint every N steps.", min=1)
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
+    probe_every: Annotated[
+        int | None,
+        _opt(BupoConfig, "probe_every", "Probe at step 0 and every N steps (0: off).", min=0),
+    ] = None,
+    probe_data: Annotated[
+        str | None, _opt(BupoConfig, "probe_data", "Probe prompts (default: the training data).")
+    ] = None,
+    probe_samples: Annotated[
+        int | None, _opt(BupoConfig, "probe_samples", "Probe prompts drawn.", min=1)
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with the same fields.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     engine: Annotated[
@@ -605,6 +619,8 @@ def train_bupo(
         given["layer"] = int(layer) if layer.lstrip("-").isdigit() else layer
     with _user_errors():
         cfg = _bupo_config(config, given)
+        if engine != "builtin" and cfg.probe_every > 0:
+            raise ValueError("--probe-every: the probes run in the builtin engine only")
         run = _trainer(engine, trl_option or [])
     hint = f"checkpoints are kept in {cfg.out}/checkpoints/: rerun with --resume to continue"
     with _user_errors(hint):

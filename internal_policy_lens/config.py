@@ -125,7 +125,8 @@ class EntropyConfig:
     response_only: bool = True
     """Keep only positions that predict response tokens (the paper averages over those)."""
     extras: bool = False
-    """Add next-token log-prob and rank, KL to the final policy and top-1 agreement."""
+    """Add next-token log-prob and rank, KL to the final policy, top-1 agreement and the
+    residual cosines ``cos_attn`` and ``cos_ffn`` of each layer."""
     topk: int = 5
     """K most probable tokens of every policy into ``topk.parquet`` (0: none). Computed in the
     same pass as the entropies; 5 gives the report's logit-lens table."""
@@ -356,6 +357,14 @@ class BupoConfig:
     """Checkpoint every N steps (and at the end)."""
     resume: bool = False
     """Continue from the latest checkpoint in ``out``."""
+    probe_every: int = 0
+    """Probe the internal policies at step 0 and every N steps into ``probes.parquet`` (0: off,
+    the default: a probe adds a generation at step 0 and two forward passes with every layer's
+    unembedding per probe, which a plain training run should not pay for)."""
+    probe_data: str | None = None
+    """Records whose prompts the probes read (default: the training data)."""
+    probe_samples: int = 8
+    """Probe prompts (one response each, sampled at step 0 and kept)."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .config import LensSettings
 from .data.encode import Encoded, encode_inputs
 from .lens.capture import captured_blocks, site_keys
-from .lens.reduce import site_stats
+from .lens.reduce import COSINE_COLUMNS, cosine_keys, residual_cosines, site_stats
 from .lens.sites import MODULES, SITES, SiteKey, source_key
 from .lens.tuned import make_lens
 from .lens.unembed import EXTRA_COLUMNS, Lens
@@ -80,7 +80,12 @@ def entropy_table(
         layers: 0-based layers (default all); ``final`` is always stored at layer L-1.
         response_only: keep the positions whose next token is a response token (records only).
         extras: add ``next_token_logprob``, ``next_token_rank`` (1 = top), ``kl_to_final``
-            (KL(internal || final), nats) and ``top1_agrees``.
+            (KL(internal || final), nats) and ``top1_agrees``; and the residual cosines of the
+            row's layer, ``cos_attn`` = cos(attn_out, resid_pre) and ``cos_ffn`` =
+            cos(mlp_out, resid_mid) (in a parallel block, GPT-NeoX, which has no resid_mid:
+            cos(mlp_out, resid_pre)), computed in float64 from the captured vectors. They
+            belong to the (token, layer), not to the site: every site's row of the layer
+            carries the same value (NaN on the ``final`` rows).
         topk: K > 0 also returns every policy's K most probable tokens, computed in the same
             pass over each chunk's logits (no second product); the entropy table is the same
             as without it.
@@ -174,7 +179,7 @@ def _batch_table(
     rows_b, rows_t = keep.nonzero(as_tuple=True)
     if len(rows_b) == 0:
         columns = [c for c in TABLE_COLUMNS if c != "token"]  # added by entropy_table
-        empty = pd.DataFrame(columns=[*columns, *(EXTRA_COLUMNS if extras else ())])
+        empty = pd.DataFrame(columns=[*columns, *(_extra_columns() if extras else ())])
         return empty, pd.DataFrame(columns=list(TOPK_COLUMNS))
     next_ids = torch.full_like(ids, -1)
     next_ids[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
@@ -183,23 +188,32 @@ def _batch_table(
     shared = ("final", model.n_layers - 1) if extras else None
     length = int(rows_t.max()) + 1  # later positions cannot change the kept ones (causal)
     stats: dict[SiteKey, dict[str, np.ndarray]] = {}
-    blocks = captured_blocks(model, ids, mask, distinct, settings, length=length, shared=shared)
+    # The residual cosines' vectors, keyed by their own layer so that a layer group holds them.
+    cos_layers = sorted({layer for site, layer in keys if site != "final"}) if extras else []
+    cos_keys = cosine_keys(cos_layers, model.parallel)
+    captured = list(dict.fromkeys(distinct + cos_keys))
+    cosines: dict[int, dict[str, np.ndarray]] = {}
+    blocks = captured_blocks(model, ids, mask, captured, settings, length=length, shared=shared)
     for group, acts, start in blocks:
         end = start + next(iter(acts.values())).shape[1]
         sel = ((rows_t >= start) & (rows_t < end)).nonzero().squeeze(1)
         if len(sel) == 0:
             continue
+        index = (rows_b[sel], rows_t[sel] - start)
+        at = sel.numpy()
+        for layer in sorted({lay for site, lay in group if site != "final" and lay in cos_layers}):
+            for name, values in residual_cosines(acts, layer, index, model.parallel).items():
+                cosines.setdefault(layer, {}).setdefault(name, np.empty(len(rows_b)))[at] = values
         part = site_stats(
             projector,
             acts,
-            group,
-            (rows_b[sel], rows_t[sel] - start),
+            [key for key in group if key in distinct or key == shared],
+            index,
             next_ids=None if next_ids is None else next_ids[sel],
             topk=topk,
             chunk_tokens=settings.chunk_tokens,
         )
         del acts
-        at = sel.numpy()
         for key, columns in part.items():
             into = stats.setdefault(key, {})
             for name, values in columns.items():
@@ -218,9 +232,19 @@ def _batch_table(
     for column in ("entropy", *(EXTRA_COLUMNS if extras else ())):
         matrix = np.stack([stats[sources[key]][column] for key in keys], axis=1)  # [rows, keys]
         frame[column] = matrix.reshape(-1)
+    for column in COSINE_COLUMNS if extras else ():
+        missing = np.full(n, np.nan)
+        matrix = np.stack(
+            [missing if s == "final" else cosines[layer][column] for s, layer in keys], axis=1
+        )  # [rows, keys]
+        frame[column] = matrix.reshape(-1)
     out = pd.DataFrame(frame)
     out["sample_id"] = out["sample_id"].infer_objects()
     return out, _topk_frame(out, [stats[sources[key]] for key in keys], topk)
+
+
+def _extra_columns() -> tuple[str, ...]:
+    return (*EXTRA_COLUMNS, *COSINE_COLUMNS)
 
 
 def _topk_frame(tokens: pd.DataFrame, per_key: list[dict[str, np.ndarray]], k: int):
@@ -274,17 +298,27 @@ def delta_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_table(table: pd.DataFrame, deltas: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Mean, std and count of entropy per (layer, site) and of delta per (layer, module).
+    """Mean, std and count of entropy, delta and (with the extras) residual cosine per layer.
 
-    Returns columns ``quantity`` (``entropy`` or ``delta``), ``layer``, ``name`` (the site or
-    module), ``mean``, ``std``, ``count``.
+    Entropy per (layer, site), delta per (layer, module), cosine per layer and module.
+
+    Returns columns ``quantity`` (``entropy``, ``delta`` or ``cosine``), ``layer``, ``name``
+    (the site, the module, or ``attn``/``ffn`` for ``cos_attn``/``cos_ffn``), ``mean``, ``std``,
+    ``count``. A cosine counts each (token, layer) once, not once per site.
     """
     deltas = delta_table(table) if deltas is None else deltas
+    sources = [("entropy", table, "site", "entropy"), ("delta", deltas, "module", "delta")]
+    if set(COSINE_COLUMNS) <= set(table.columns):
+        per_layer = table[table["site"] != "final"].drop_duplicates(
+            ["sample_id", "position", "layer"]
+        )
+        cosines = per_layer.melt(
+            id_vars=["layer"], value_vars=list(COSINE_COLUMNS), var_name="module"
+        ).dropna(subset=["value"])
+        cosines["module"] = cosines["module"].str.removeprefix("cos_")
+        sources.append(("cosine", cosines, "module", "value"))
     parts = []
-    for quantity, frame, by, value in (
-        ("entropy", table, "site", "entropy"),
-        ("delta", deltas, "module", "delta"),
-    ):
+    for quantity, frame, by, value in sources:
         if frame.empty:
             continue
         grouped = frame.groupby(["layer", by], observed=True)[value].agg(["mean", "std", "count"])

@@ -329,3 +329,75 @@ def test_topk_rank1_of_final_is_the_models_argmax(arch, models, tiny_dirs):
     _, everything = entropy_table(model, TEXTS[1:2], sites=["final"], topk=10**6)
     assert everything["rank"].max() == model.vocab_size
     np.testing.assert_allclose(everything.groupby("position")["prob"].sum(), 1.0, atol=1e-5)
+
+
+def _naive_cosines(reference, ids, parallel=False):
+    """cos(attn_out, resid_pre) and cos(mlp_out, resid_mid) per layer, float64, by hand."""
+    acts, _ = naive_sites(reference, ids)
+    out = {}
+    for layer in range(len({key[1] for key in acts if key[0] == "resid_pre"})):
+        pre = acts["resid_pre", layer].double()
+        mid = pre if parallel else acts["resid_mid", layer].double()
+        for name, write, stream in (
+            ("cos_attn", acts["attn_out", layer].double(), pre),
+            ("cos_ffn", acts["mlp_out", layer].double(), mid),
+        ):
+            dot = (write * stream).sum(-1)
+            out[name, layer] = (dot / write.norm(dim=-1) / stream.norm(dim=-1)).numpy()
+    return out
+
+
+def _check_cosines(table, naive, ids, tol=1e-6):
+    rows = table[table.site != "final"]
+    assert table.loc[table.site == "final", ["cos_attn", "cos_ffn"]].isna().all().all()
+    for (name, layer), expected in naive.items():
+        per_site = rows[rows.layer == layer].pivot(index="position", columns="site", values=name)
+        assert per_site.shape == (len(ids), rows.site.nunique())
+        for site in per_site.columns:  # every site's row of the layer carries the same value
+            np.testing.assert_allclose(per_site[site], expected, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("capture_mb", [512, 1e-6])
+def test_residual_cosines_match_naive_float64(arch, models, tiny_dirs, capture_mb):
+    # capture_mb=1e-6: one layer per group, so resid_pre[l] and resid_post[l-1] are apart.
+    model = models(arch, "float64")
+    reference = hf_model(tiny_dirs[arch])
+    ids = model.tokenizer(TEXTS[1])["input_ids"]
+    table = entropy_table(model, [ids], extras=True, capture_mb=capture_mb)
+    naive = _naive_cosines(reference, ids)
+    _check_cosines(table, naive, ids)
+    values = table[["cos_attn", "cos_ffn"]].dropna().to_numpy()
+    assert values.std() > 0.05 and (np.abs(values) <= 1 + 1e-9).all()  # not a constant
+
+
+def test_residual_cosines_of_a_parallel_block_read_resid_pre(family_models, family_dirs):
+    model = family_models("gpt_neox", "float64")
+    assert model.parallel
+    reference = hf_model(family_dirs("gpt_neox"))
+    ids = model.tokenizer(TEXTS[0])["input_ids"]
+    table = entropy_table(model, [ids], extras=True, sites=["attn_out", "mlp_out", "final"])
+    _check_cosines(table, _naive_cosines(reference, ids, parallel=True), ids)
+
+
+def test_residual_cosines_only_some_layers(models):
+    model = models("qwen2")
+    whole = entropy_table(model, TEXTS[:2], extras=True)
+    part = entropy_table(model, TEXTS[:2], extras=True, sites=["mlp_out"], layers=[1])
+    expected = whole[(whole.site == "mlp_out") & (whole.layer == 1)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(part, expected, check_exact=False, atol=1e-6, rtol=0)
+
+
+def test_summary_has_cosine_rows_once_per_token_and_layer(models):
+    model = models("llama")
+    table = entropy_table(model, TEXTS, extras=True)
+    summary = summary_table(table)
+    cos = summary[summary.quantity == "cosine"]
+    assert sorted(set(cos.name)) == ["attn", "ffn"]
+    assert sorted(cos.layer.unique()) == list(range(model.n_layers))
+    one_site = table[table.site == "resid_post"]
+    for row in cos.itertuples():
+        values = one_site.loc[one_site.layer == row.layer, f"cos_{row.name}"]
+        assert row.count == len(values) == len(one_site) / model.n_layers
+        assert row.mean == pytest.approx(values.mean(), abs=1e-12)
+        assert row.std == pytest.approx(values.std(), abs=1e-12)
+    assert "cosine" not in set(summary_table(entropy_table(model, TEXTS)).quantity)

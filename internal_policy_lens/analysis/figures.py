@@ -69,7 +69,9 @@ def write_run_figures(
     folder: str | Path | None = None,
     prefix: str = "",
 ) -> FigureReport:
-    """Draw a run's figures into ``out_dir/figures/``: flow, change, heatmap, next-token extras.
+    """Draw a run's figures into ``out_dir/figures/``: flow, change, heatmap, extras, cosines.
+
+    ``next_token`` and ``residual_cosine`` need the extras columns.
 
     A figure whose data the run lacks (sites not analysed, no ``--extras``) is skipped with the
     reason. ``sample`` and ``site`` choose the heatmap's sample and site; ``folder`` replaces
@@ -93,6 +95,7 @@ def write_run_figures(
             tokens, sample_id=sample, site=site, title=f"{title}: sample {sample}, site {site}"
         ),
         "next_token": lambda: plots.next_token_extras(tokens, title=title),
+        "residual_cosine": lambda: plots.residual_cosine(tokens, title=title),
     }
     report = FigureReport()
     folder = Path(out_dir) / "figures" if folder is None else Path(folder)
@@ -150,7 +153,8 @@ def plot_run(cfg: PlotConfig) -> FigureReport:
 def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
     """``ipl compare``: runs overlaid on relative depth, and one convergence row per run.
 
-    Writes ``OUT/comparison.{png,pdf}``, ``OUT/report.html`` (unless ``cfg.report`` is False)
+    Writes ``OUT/comparison.{png,pdf}``, ``OUT/comparison_cosine.{png,pdf}`` (when a run has
+    the extras' residual cosines), ``OUT/report.html`` (unless ``cfg.report`` is False)
     and ``OUT/convergence.csv`` (columns ``model, run, lens``
     then :meth:`Convergence.row`; ``note`` says why a run has no summary).
     """
@@ -182,6 +186,10 @@ def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, p
     report = FigureReport()
     fig = plots.compare_runs(stacked, late_depth=cfg.convergence.late_depth)
     report.written += save_figure(fig, out / "comparison")
+    try:
+        report.written += save_figure(plots.compare_cosines(stacked), out / "comparison_cosine")
+    except ValueError as err:  # no run has the extras
+        report.skipped["comparison_cosine"] = str(err)
     rows = []
     for run, name, summary in zip(runs, names, summaries):
         row = {"model": name, "run": str(run.path), "lens": run.lens}

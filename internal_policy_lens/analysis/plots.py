@@ -300,6 +300,79 @@ def next_token_extras(
     return fig
 
 
+COSINE_LABELS = {
+    "cos_attn": ("attention: cos(attn_out, resid_pre)", SITE_COLOURS["attn_out"]),
+    "cos_ffn": ("FFN: cos(mlp_out, resid_mid)", SITE_COLOURS["mlp_out"]),
+}
+"""The residual cosines' legend labels and colours (a module shares its output site's)."""
+
+
+@_styled
+def residual_cosine(
+    tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None = None
+) -> Figure:
+    """Cosine of each module's write with the stream it is added to, per layer.
+
+    Below zero the module suppresses the stream's direction, near zero it writes orthogonal
+    (new) features, above zero it amplifies. In a parallel block the FFN's stream is
+    ``resid_pre`` (there is no ``resid_mid``).
+
+    Args:
+        tokens: an entropy table with the extras columns ``cos_attn`` and ``cos_ffn``; each
+            (token, layer) counts once (every site's row of a layer carries the same value).
+        spread: the band, ``iqr`` (25th-75th percentile over tokens) or ``std``.
+        title: figure title.
+    """
+    missing = set(COSINE_LABELS) - set(tokens.columns)
+    if missing:
+        raise ValueError(f"the table has no {', '.join(sorted(missing))} (run with --extras)")
+    rows = tokens[tokens["site"].astype(str) != "final"]
+    rows = rows.drop_duplicates(["sample_id", "position", "layer"])
+    if rows.empty:
+        raise ValueError("the table has no layer rows for the residual cosines")
+    fig, (ax,) = _figure(COLUMN_WIDTH, 2.6)
+    ax.axhline(0.0, color="0.25", lw=0.8, ls="--", zorder=1)
+    for column, (label, colour) in COSINE_LABELS.items():
+        _line(ax, band(rows.dropna(subset=[column]), "layer", column, spread), colour, label)
+    ax.set_ylabel("cosine with the residual stream\n" + SPREADS[spread].replace("band: ", ""))
+    ax.set_ylim(-1.05, 1.05)
+    _layer_axis(ax)
+    if title:
+        fig.suptitle(title)
+    _legend(fig, ax, "module write (mean over tokens)", ncols=1)
+    return fig
+
+
+@_styled
+def compare_cosines(summaries: pd.DataFrame) -> Figure:
+    """Several models' residual cosines (mean over tokens) on one relative-depth axis.
+
+    Args:
+        summaries: summary tables stacked, with the columns ``model`` and ``n_layers`` (as in
+            :func:`compare_runs`); the ``cosine`` rows are drawn.
+    """
+    cosines = summaries[summaries["quantity"] == "cosine"]
+    if cosines.empty:
+        raise ValueError("no run has residual cosines (run ipl entropy with --extras)")
+    models = list(dict.fromkeys(summaries["model"]))
+    palette = sns.color_palette("colorblind", n_colors=max(len(models), 1))
+    fig, axes = _figure(TEXT_WIDTH, 2.6, ncols=2)
+    for ax, (name, label) in zip(axes, (("attn", "cos_attn"), ("ffn", "cos_ffn"))):
+        for model, colour in zip(models, palette):
+            frame = cosines[(cosines["model"] == model) & (cosines["name"].astype(str) == name)]
+            depth = (frame["layer"] + 1) / frame["n_layers"]
+            legend = model if ax is axes[0] else None
+            ax.plot(depth, frame["mean"], color=colour, marker="o", label=legend)
+        ax.axhline(0.0, color="0.25", lw=0.8, ls="--", zorder=1)
+        ax.set_title(f"({'ab'[name == 'ffn']}) {COSINE_LABELS[label][0]}", loc="left")
+        ax.set_xlabel("relative depth (l + 1) / L")
+        ax.set_ylabel("cosine (mean over tokens)")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-1.05, 1.05)
+    _legend(fig, axes[0], "model", ncols=min(len(models), 4))
+    return fig
+
+
 @_styled
 def compare_runs(summaries: pd.DataFrame, *, late_depth: float = 0.9) -> Figure:
     """Several models on one relative-depth axis: layer-output entropy, FFN and attention ΔH.

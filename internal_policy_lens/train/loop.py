@@ -27,6 +27,7 @@ from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, sav
 from .folder import append_metrics, start_training
 from .layer import resolve_layer
 from .loss import policy_loss
+from .probes import Prober
 from .rewards import math_reward
 from .rollout import collect, token_logprobs
 
@@ -66,10 +67,13 @@ def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
     start = _start(cfg, out, model, opt, sched, layer)
     ref = _reference_model(cfg)
+    prober = Prober(cfg, model, layer, out, start) if cfg.probe_every > 0 else None
     bar = tqdm(
         range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="bupo"
     )
     for step in bar:
+        # --- probes of the weights after `step` updates (no gradients, random state restored)
+        probe_time = prober(step) if prober is not None and prober.due(step) else None
         phase = phase_of(step, cfg)
         k = layer if phase == "ipa" else None
         # --- rollouts from the full policy
@@ -111,6 +115,7 @@ def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress
             "lr": sched.get_last_lr()[0],
             "rollout_time": rollout_time,
             "update_time": time.perf_counter() - t0,
+            **({"probe_time": probe_time} if probe_time is not None else {}),
         }
         append_metrics(out, metrics)
         bar.set_postfix(
@@ -120,6 +125,8 @@ def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress
         )
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out / "checkpoints" / f"step-{step + 1}", model, opt, sched, step + 1)
+    if prober is not None and prober.due(cfg.steps):
+        prober(cfg.steps)  # the final weights (no metrics line: no step follows)
     return out
 
 

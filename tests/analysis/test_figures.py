@@ -43,11 +43,18 @@ def assert_image(path):
 
 def test_entropy_writes_figures(runs):
     folder = runs["qwen2"] / "figures"
-    for name in (*FIGURES, "next_token"):
+    for name in (*FIGURES, "next_token", "residual_cosine"):
         assert_image(folder / f"{name}.png")
         assert (folder / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
-    # Without --extras there is no next-token figure.
+    # Without --extras there is no next-token or residual-cosine figure.
     assert not (runs["llama"] / "figures" / "next_token.png").exists()
+    assert not (runs["llama"] / "figures" / "residual_cosine.png").exists()
+    # The extras' residual cosines are in the summary: per layer, attention and FFN.
+    summary = pd.read_csv(runs["qwen2"] / "summary.csv")
+    cosine = summary[summary.quantity == "cosine"]
+    assert len(cosine) == 2 * summary.layer.nunique() and set(cosine.name) == {"attn", "ffn"}
+    assert cosine["mean"].between(-1, 1).all()
+    assert "cosine" not in set(pd.read_csv(runs["llama"] / "summary.csv").quantity)
     assert (runs["llama"] / "figures" / "entropy_flow.png").is_file()
 
 
@@ -91,6 +98,8 @@ def test_compare_command(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert_image(out / "comparison.png")
     assert (out / "comparison.pdf").is_file()
+    assert_image(out / "comparison_cosine.png")  # qwen2's run has the extras
+    assert f"wrote {out / 'comparison_cosine.png'}" in result.output
     table = pd.read_csv(out / "convergence.csv")
     assert len(table) == 2
     assert table["model"].tolist() == ["qwen2", "llama"]  # folder names of the tiny models
@@ -166,7 +175,13 @@ def test_run_without_rows_skips_every_figure(runs, tmp_path):
     tokens, deltas, summary = run.tokens(), run.deltas(), run.summary()
     report = write_run_figures(tmp_path, tokens[:0], deltas[:0], summary[:0], run.info)
     assert report.written == []
-    assert set(report.skipped) == {"entropy_flow", "entropy_change", "token_heatmap", "next_token"}
+    assert set(report.skipped) == {
+        "entropy_flow",
+        "entropy_change",
+        "token_heatmap",
+        "next_token",
+        "residual_cosine",
+    }
 
 
 def test_compare_one_model_under_several_lenses(runs, tiny_dirs, tmp_path):

@@ -32,6 +32,13 @@ def synthetic_tokens(n_layers=6, n_positions=30, n_samples=2, extras=True, seed=
     if extras:
         frame["next_token_rank"] = rng.integers(1, 500, len(frame)) // (frame["layer"] + 1) + 1
         frame["kl_to_final"] = (4.0 * (1 - depth) + rng.random(len(frame))).astype("float32")
+        # A property of the (token, layer): the same value on every site's row, NaN on final.
+        keys = ["sample_id", "position", "layer"]
+        per_layer = frame[keys].drop_duplicates()
+        per_layer["cos_attn"] = np.tanh(rng.normal(-0.3, 0.4, len(per_layer)))
+        per_layer["cos_ffn"] = np.tanh(rng.normal(0.5 * depth.loc[per_layer.index], 0.3))
+        frame = frame.merge(per_layer, on=keys, how="left")
+        frame.loc[frame["site"] == "final", ["cos_attn", "cos_ffn"]] = np.nan
     return frame
 
 
@@ -152,6 +159,54 @@ def test_next_token_extras(tables):
     assert "nats" in kl_ax.get_ylabel()
     with pytest.raises(ValueError, match="--extras"):
         plots.next_token_extras(synthetic_tokens(extras=False))
+
+
+@pytest.mark.parametrize("spread", ["std", "iqr"])
+def test_residual_cosine(tables, spread):
+    tokens = tables[0]
+    fig = plots.residual_cosine(tokens, spread=spread)
+    assert_drawn(fig)
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    zero = [line for line in ax.get_lines() if list(line.get_ydata()) == [0.0, 0.0]]
+    assert len(zero) == 1  # the zero line
+    unique = tokens[tokens.site == "resid_post"]  # one row per (token, layer)
+    for column, (label, _) in plots.COSINE_LABELS.items():
+        expected = unique.groupby("layer")[column].mean()
+        np.testing.assert_allclose(lines[label].get_ydata(), expected.to_numpy())
+        np.testing.assert_array_equal(lines[label].get_xdata(), expected.index)
+    (band_attn, band_ffn) = ax.collections  # the two bands
+    low = band_attn.get_paths()[0].vertices[:, 1].min()
+    assert low == pytest.approx(
+        unique.groupby("layer")["cos_attn"].quantile(0.25).min()
+        if spread == "iqr"
+        else (
+            unique.groupby("layer")["cos_attn"].mean() - unique.groupby("layer")["cos_attn"].std()
+        ).min()
+    )
+    with pytest.raises(ValueError, match="--extras"):
+        plots.residual_cosine(synthetic_tokens(extras=False))
+
+
+def test_compare_cosines_on_relative_depth():
+    from internal_policy_lens.tables import summary_table
+
+    parts = []
+    for name, n_layers in (("model-a", 4), ("model-b", 9)):
+        tokens = synthetic_tokens(n_layers=n_layers, n_positions=8)
+        summary = summary_table(tokens, synthetic_deltas(tokens))
+        parts.append(summary.assign(model=name, n_layers=n_layers))
+    stacked = pd.concat(parts, ignore_index=True)
+    fig = plots.compare_cosines(stacked)
+    assert_drawn(fig)
+    attn_ax, ffn_ax = fig.axes[:2]
+    lines = [line for line in ffn_ax.get_lines() if len(line.get_xdata()) > 2]
+    for line, (name, n_layers) in zip(lines, (("model-a", 4), ("model-b", 9))):
+        assert line.get_xdata()[-1] == pytest.approx(1.0) and len(line.get_xdata()) == n_layers
+        rows = stacked[(stacked.model == name) & (stacked.quantity == "cosine")]
+        np.testing.assert_allclose(line.get_ydata(), rows[rows.name == "ffn"]["mean"])
+    with pytest.raises(ValueError, match="--extras"):
+        plots.compare_cosines(stacked[stacked.quantity != "cosine"])
 
 
 def test_compare_runs_on_relative_depth():

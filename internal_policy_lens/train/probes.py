@@ -1,0 +1,211 @@
+"""Training probes: the internal policies of a fixed probe set, measured while a model trains.
+
+At step 0 a seeded set of probe prompts is drawn and one response per prompt is sampled from
+the starting model; both are kept in ``RUN/probe_set.jsonl`` (a resumed run reuses them). Every
+probe then reads the same (prompt, response) tokens, without gradients, and appends long rows to
+``RUN/probes.parquet`` (:data:`PROBE_COLUMNS`). Every quantity is a mean over the response
+tokens (the positions that predict a response token), pooled over the probe set:
+
+- ``entropy_resid_post``, ``entropy_attn_out``, ``entropy_mlp_out``: entropy (nats) of each
+  layer's policy at that site, through :func:`~internal_policy_lens.tables.entropy_table`;
+- ``delta_layer``, ``delta_attn``, ``delta_ffn``: the entropy change of each layer and module
+  (:func:`~internal_policy_lens.tables.delta_table`);
+- ``cos_hidden``: cos(H^k, H^j) of the ``resid_post`` vectors, k the trained layer, j > k
+  (``layer`` = k, ``other_layer`` = j);
+- ``kl_internal``: KL(pi^k || pi^j) = sum_v pi^k(v) (log pi^k(v) - log pi^j(v)), nats, the
+  policies read through the run's lens (the same :class:`~internal_policy_lens.lens.unembed.Lens`
+  as the tables), reduced in float64;
+- ``perplexity``: exp of the mean negative log-likelihood of the response tokens under the
+  model's own policy pi_theta (``layer`` empty).
+
+A probe's step is the number of optimiser steps taken (the checkpoint ``step-N`` holds the
+weights it read). Torch's random state is restored after each probe, so training is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import BupoConfig, LensSettings, derive_seed
+from ..data.encode import encode_inputs
+from ..data.records import read_records
+from ..lens.capture import capture
+from ..lens.tuned import make_lens
+from ..model.batch import pad
+from ..model.generate import sample
+from ..model.load import PolicyModel
+from ..runs.io import RunFolder
+from ..tables import delta_table, entropy_table, kept_positions
+
+PROBES = "probes.parquet"
+PROBE_SET = "probe_set.jsonl"
+PROBE_COLUMNS: tuple[str, ...] = ("step", "quantity", "layer", "other_layer", "value")
+_PROBE_SEED = -1  # derive_seed index of the probe set (training steps use 0, 1, ...)
+_ENTROPY_SITES = ("resid_post", "attn_out", "mlp_out")
+
+
+class Prober:
+    """The probes of one training run: the probe set, the rows so far, and when to probe."""
+
+    def __init__(self, cfg: BupoConfig, model: PolicyModel, layer: int, out: Path, start: int):
+        self.cfg, self.model, self.layer, self.folder = cfg, model, layer, RunFolder(out)
+        self.settings = LensSettings(lens=cfg.lens)
+        self.records: list[dict] | None = None  # read or sampled by the first probe (timed)
+        rows = None
+        if (self.folder.path / PROBES).is_file():
+            rows = pd.read_parquet(self.folder.path / PROBES)
+            rows = rows[rows["step"] < start]  # later probes are redone, as their steps are
+        self.rows = rows if rows is not None else pd.DataFrame(columns=list(PROBE_COLUMNS))
+
+    def due(self, step: int) -> bool:
+        """Whether a probe runs at ``step`` (0 and every ``probe_every`` steps)."""
+        return step % self.cfg.probe_every == 0
+
+    def __call__(self, step: int) -> float:
+        """Probe the model at ``step``, write ``probes.parquet``; return the seconds it took."""
+        t0 = time.perf_counter()
+        if self.records is None:
+            self.records = probe_set(self.model, self.cfg, self.folder)
+        devices = [self.model.device] if self.model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            rows = probe_rows(self.model, self.records, self.layer, self.settings)
+        rows.insert(0, "step", step)
+        self.rows = pd.concat([self.rows, rows], ignore_index=True) if len(self.rows) else rows
+        self.folder.write_parquet(PROBES, self.rows)
+        return time.perf_counter() - t0
+
+
+def probe_set(model: PolicyModel, cfg: BupoConfig, folder: RunFolder) -> list[dict]:
+    """The run's probe records ``{sample_id, prompt, response}``: read back, or drawn and sampled.
+
+    ``cfg.probe_samples`` records of ``cfg.probe_data`` (default: the training data), drawn with
+    the run's seed; one response each, sampled from ``model`` at the training temperature.
+    """
+    if (folder.path / PROBE_SET).is_file():
+        return folder.read_lines(PROBE_SET)
+    source = cfg.probe_data or cfg.data
+    records = read_records(source)
+    if not records:
+        raise ValueError(f"{source}: no record to probe with")
+    rng = random.Random(derive_seed(cfg.seed, _PROBE_SEED))
+    chosen = rng.sample(records, min(cfg.probe_samples, len(records)))
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        responses = sample(
+            model,
+            [r["prompt"] for r in chosen],
+            samples=1,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=derive_seed(cfg.seed, _PROBE_SEED),
+        )
+    out = [
+        {"sample_id": f"probe-{i}", "prompt": r["prompt"], "response": text[0]}
+        for i, (r, text) in enumerate(zip(chosen, responses))
+    ]
+    folder.write_text(PROBE_SET, "".join(_json_line(r) for r in out))
+    return out
+
+
+def probe_rows(
+    model: PolicyModel, records: list[dict], layer: int, settings: LensSettings
+) -> pd.DataFrame:
+    """One probe: rows ``quantity, layer, other_layer, value`` (see the module docstring)."""
+    was_training = model.bridge.training
+    model.bridge.eval()
+    try:
+        tokens = entropy_table(
+            model, records, response_only=True, extras=True, settings=settings, batch_size=8
+        )
+        pairs = pairwise(model, records, layer, settings)
+    finally:
+        model.bridge.train(was_training)
+    parts = []
+    site = tokens["site"].astype(str)
+    for name in _ENTROPY_SITES:
+        means = tokens[site == name].groupby("layer")["entropy"].mean()
+        parts.append(_long(f"entropy_{name}", means))
+    deltas = delta_table(tokens)
+    for module in ("layer", "attn", "ffn"):
+        rows = deltas[deltas["module"].astype(str) == module]
+        parts.append(_long(f"delta_{module}", rows.groupby("layer")["delta"].mean()))
+    for quantity, values in pairs.items():
+        parts.append(
+            pd.DataFrame(
+                {
+                    "quantity": quantity,
+                    "layer": layer,
+                    "other_layer": list(values),
+                    "value": list(values.values()),
+                }
+            )
+        )
+    logprob = tokens.loc[site == "final", "next_token_logprob"]
+    parts.append(pd.DataFrame({"quantity": ["perplexity"], "value": [np.exp(-logprob.mean())]}))
+    out = pd.concat(parts, ignore_index=True)
+    for column in ("layer", "other_layer"):
+        out[column] = out[column].astype("Int16")
+    return out[list(PROBE_COLUMNS[1:])]
+
+
+@torch.no_grad()
+def pairwise(
+    model: PolicyModel, records: list[dict], layer: int, settings: LensSettings
+) -> dict[str, dict[int, float]]:
+    """``cos_hidden`` and ``kl_internal`` of ``layer`` with every later layer, token means.
+
+    The ``resid_post`` vectors of the response positions are captured in one forward pass per
+    batch and read through the run's lens (float64 reductions).
+    """
+    lens = make_lens(model, settings)
+    later = range(layer + 1, model.n_layers)
+    keys = [("resid_post", j) for j in range(layer, model.n_layers)]
+    sums = {"cos_hidden": dict.fromkeys(later, 0.0), "kl_internal": dict.fromkeys(later, 0.0)}
+    count = 0
+    encoded = encode_inputs(model.tokenizer, records)
+    for start in range(0, len(encoded), 8):
+        batch = encoded[start : start + 8]
+        ids, mask = pad(
+            [e.input_ids for e in batch], model.tokenizer.pad_token_id, model.device, side="right"
+        )
+        rows_b, rows_t = kept_positions(batch, mask, True).nonzero(as_tuple=True)
+        if len(rows_b) == 0:
+            continue
+        with capture(model, keys=keys) as acts:
+            model.forward(ids, mask)
+        hidden = {  # j -> [n, d_model] at the response positions
+            j: acts[key][rows_b.to(acts[key].device), rows_t.to(acts[key].device)]
+            for key, j in ((key, key[1]) for key in keys)
+        }
+        base_logp = _log_policy(lens, hidden[layer], layer)
+        for j in later:
+            cos = torch.nn.functional.cosine_similarity(
+                hidden[layer].double(), hidden[j].double(), dim=-1
+            )
+            kl = (base_logp.exp() * (base_logp - _log_policy(lens, hidden[j], j))).sum(-1)
+            sums["cos_hidden"][j] += float(cos.sum())
+            sums["kl_internal"][j] += float(kl.sum())
+        count += len(rows_b)
+    return {name: {j: v / max(count, 1) for j, v in by.items()} for name, by in sums.items()}
+
+
+def _log_policy(lens, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """Log-probabilities ``[n, vocab]`` (float64) of ``resid_post`` vectors ``x`` of ``layer``."""
+    z = lens.logits(lens.inputs(x.to(lens.weight.device), "resid_post", layer), None)
+    return torch.log_softmax(z.double(), dim=-1)
+
+
+def _long(quantity: str, means: pd.Series) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"quantity": quantity, "layer": means.index.astype(int), "value": means.to_numpy()}
+    )
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"

@@ -1,0 +1,211 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import alternating_reward, tiny_bupo_config
+from reference import hf_model, naive_logits, naive_sites
+
+from internal_policy_lens import entropy_table, load_model
+from internal_policy_lens.data.encode import encode_inputs
+from internal_policy_lens.train import probes
+from internal_policy_lens.train.loop import train_bupo
+from internal_policy_lens.train.probes import PROBE_COLUMNS
+
+TRAINING = dict(steps=4, save_every=2, iterative_steps=2)
+QUANTITIES = {
+    "entropy_resid_post",
+    "entropy_attn_out",
+    "entropy_mlp_out",
+    "delta_layer",
+    "delta_attn",
+    "delta_ffn",
+    "cos_hidden",
+    "kl_internal",
+    "perplexity",
+}
+
+
+def _train(tiny_dirs, data_file, out, **kw):
+    cfg = tiny_bupo_config(tiny_dirs, data_file, out, **{**TRAINING, **kw})
+    return train_bupo(cfg, progress=False, reward=alternating_reward())
+
+
+def _metrics(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def probed(tiny_dirs, tmp_path_factory):
+    from helpers import write_problems
+
+    root = tmp_path_factory.mktemp("probed")
+    data = write_problems(root / "train.jsonl", 12)
+    torch.manual_seed(0)
+    run = _train(tiny_dirs, data, root / "run", probe_every=2, probe_samples=3)
+    return run, data
+
+
+def _independent(folder, records, k):
+    """Every probe quantity at one checkpoint, computed apart from the probe code."""
+    model = load_model(folder, dtype="float32", device="cpu")
+    tokens = entropy_table(model, records, response_only=True, extras=False)
+    site = tokens["site"].astype(str)
+    out = {}
+    for name in ("resid_post", "attn_out", "mlp_out"):
+        for layer, value in tokens[site == name].groupby("layer")["entropy"].mean().items():
+            out["entropy_" + name, layer, None] = value
+    wide = tokens[site != "final"].pivot(
+        index=["sample_id", "position", "layer"], columns="site", values="entropy"
+    )
+    for module, (a, b) in {
+        "layer": ("resid_pre", "resid_post"),
+        "attn": ("attn_in", "attn_out"),
+        "ffn": ("mlp_in", "mlp_out"),
+    }.items():
+        for layer, value in (wide[b] - wide[a]).groupby("layer").mean().items():
+            out["delta_" + module, layer, None] = value
+    # By hand, float64: cosines, KL(pi^k || pi^j) under the raw lens, and perplexity.
+    reference = hf_model(folder, dtype=torch.float32)
+    kept = tokens[(site == "final")].groupby("sample_id")["position"].apply(list)
+    ids = {e.sample_id: e.input_ids for e in encode_inputs(model.tokenizer, records)}
+    cos, kl, nll = {}, {}, []
+    for sample_id, positions in kept.items():
+        acts, logits = naive_sites(reference, ids[sample_id])
+        h = {j: acts["resid_post", j][positions].double() for j in range(model.n_layers)}
+        logp = {
+            j: torch.log_softmax(naive_logits(reference, h[j], "resid_post", "raw"), -1) for j in h
+        }
+        for j in range(k + 1, model.n_layers):
+            cos.setdefault(j, []).append(
+                (h[k] * h[j]).sum(-1) / h[k].norm(dim=-1) / h[j].norm(dim=-1)
+            )
+            kl.setdefault(j, []).append((logp[k].exp() * (logp[k] - logp[j])).sum(-1))
+        final = torch.log_softmax(logits.double(), -1)[positions]
+        nxt = torch.tensor(ids[sample_id])[[p + 1 for p in positions]]
+        nll.append(-final.gather(-1, nxt[:, None])[:, 0])
+    for j in cos:
+        out["cos_hidden", k, j] = torch.cat(cos[j]).mean().item()
+        out["kl_internal", k, j] = torch.cat(kl[j]).mean().item()
+    out["perplexity", None, None] = torch.cat(nll).mean().exp().item()
+    return out
+
+
+def test_probes_equal_independent_computations_on_the_checkpoints(probed, tiny_dirs):
+    run, _ = probed
+    table = pd.read_parquet(run / "probes.parquet")
+    assert list(table.columns) == list(PROBE_COLUMNS)
+    assert sorted(table["step"].unique()) == [0, 2, 4]
+    assert set(table["quantity"]) == QUANTITIES
+    records = [json.loads(x) for x in (run / "probe_set.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["response"] for r in records)
+    k = json.loads((run / "config.json").read_text())["layer"]
+    for step, folder in (
+        (0, tiny_dirs["qwen2"]),
+        (2, run / "checkpoints/step-2"),
+        (4, run / "checkpoints/step-4"),
+    ):
+        rows = table[table["step"] == step]
+        got = {
+            (
+                r.quantity,
+                None if pd.isna(r.layer) else int(r.layer),
+                None if pd.isna(r.other_layer) else int(r.other_layer),
+            ): r.value
+            for r in rows.itertuples()
+        }
+        expected = _independent(folder, records, k)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), (step, key)
+    # The trained weights move the probes (the comparison above is not between constants).
+    first, last = (
+        table[table.step == s].set_index(["quantity", "layer", "other_layer"]) for s in (0, 4)
+    )
+    assert (first["value"] - last["value"]).abs().max() > 1e-4
+
+
+def test_probing_changes_nothing_in_training(probed, tiny_dirs):
+    from safetensors.torch import load_file
+
+    run, data = probed
+    plain = _train(tiny_dirs, data, run.parent / "plain")
+    assert not (plain / "probes.parquet").exists()
+    timing = {"rollout_time", "update_time", "probe_time"}
+    a, b = _metrics(run), _metrics(plain)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3]
+    assert [("probe_time" in m) for m in a] == [True, False, True, False]
+    assert all(m["probe_time"] > 0 for m in a if "probe_time" in m)
+    for x, y in zip(a, b):
+        assert x.keys() - timing == y.keys() - timing
+        for key in x.keys() - timing:
+            if isinstance(x[key], float):
+                assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-6), key
+            else:
+                assert x[key] == y[key], key
+    for step in (2, 4):
+        w1 = load_file(run / f"checkpoints/step-{step}/model.safetensors")
+        w2 = load_file(plain / f"checkpoints/step-{step}/model.safetensors")
+        assert w1.keys() == w2.keys()
+        for name in w1:
+            torch.testing.assert_close(w1[name], w2[name], atol=1e-6, rtol=0)
+
+
+def test_every_probe_reads_the_same_probe_set(tiny_dirs, data_file, tmp_path, monkeypatch):
+    seen, original = [], probes.probe_rows
+
+    def spy(model, records, layer, settings):
+        seen.append(json.dumps(records, sort_keys=True))
+        return original(model, records, layer, settings)
+
+    monkeypatch.setattr(probes, "probe_rows", spy)
+    run = _train(tiny_dirs, data_file, tmp_path / "run", steps=2, probe_every=1, probe_samples=2)
+    assert len(seen) == 3 and len(set(seen)) == 1  # steps 0, 1, 2
+    on_disk = [json.loads(x) for x in (run / "probe_set.jsonl").read_text().splitlines()]
+    assert json.dumps(on_disk, sort_keys=True) == seen[0]
+    assert [r["sample_id"] for r in on_disk] == ["probe-0", "probe-1"]
+
+
+def test_resume_keeps_one_probe_per_step(tiny_dirs, data_file, tmp_path, monkeypatch):
+    from internal_policy_lens.train import loop
+
+    kw = dict(probe_every=1, probe_samples=2)
+    full = _train(tiny_dirs, data_file, tmp_path / "full", **kw)
+    calls, original = {"n": 0}, loop.append_metrics
+
+    def crash(out, metrics):
+        original(out, metrics)
+        calls["n"] += 1
+        if calls["n"] == 3:  # killed after step 2 (0-based), after its probe; last checkpoint: 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "append_metrics", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_dirs, data_file, tmp_path / "cut", **kw)
+    monkeypatch.setattr(loop, "append_metrics", original)
+    cut = pd.read_parquet(tmp_path / "cut" / "probes.parquet")
+    assert sorted(cut["step"].unique()) == [0, 1, 2]
+    resumed = _train(tiny_dirs, data_file, tmp_path / "cut", resume=True, **kw)
+    a, b = (pd.read_parquet(r / "probes.parquet") for r in (full, resumed))
+    per_step = b.groupby("step").size()
+    assert per_step.index.tolist() == [0, 1, 2, 3, 4]
+    assert (per_step == len(a[a.step == 0])).all()  # exactly one row set per probed step
+    keys = ["step", "quantity", "layer", "other_layer"]
+    assert not b.duplicated(keys).any()
+    merged = a.merge(b, on=keys, suffixes=("_full", "_resumed"))
+    assert len(merged) == len(a) == len(b)
+    np.testing.assert_allclose(merged["value_full"], merged["value_resumed"], atol=1e-6, rtol=1e-6)
+    assert [("probe_time" in m) for m in _metrics(resumed)] == [True] * 4
+
+
+def test_probes_refuse_the_trl_engine(tmp_path):
+    from typer.testing import CliRunner
+
+    from internal_policy_lens.cli import app
+
+    result = CliRunner().invoke(
+        app, ["train-bupo", "--engine", "trl", "--probe-every", "2", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "--probe-every" in result.output and "builtin" in result.output
