@@ -35,7 +35,7 @@ from ..config import EntropyConfig, derive_seed
 from ..data.encode import Encoded, encode_inputs, encode_prompt
 from ..data.records import read_records, write_records_jsonl
 from ..lens.sites import parse_layers, resolve_layers, resolve_sites
-from ..lens.unembed import resolve_precision
+from ..lens.unembed import choose_precision
 from ..model.generate import generate_texts
 from ..model.load import PolicyModel, load_model
 from ..tables import delta_table, entropy_table, summary_table
@@ -171,7 +171,9 @@ def describe(run: EntropyRun) -> str:
 
 
 def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
-    precision = resolve_precision(cfg.precision, model.dtype)  # what "auto" means for this model
+    # What the precision runs for this model on its device (the mode, dtypes and why).
+    weight = model.unembed.weight
+    precision = choose_precision(cfg.precision, weight.dtype, weight.device, weight.shape[1])
     identity = {**cfg.identity(), "data_sha256": sha256(cfg.data)}
     previous = out / "run.json"
     if previous.is_file():
@@ -209,7 +211,7 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
             "dtype": str(model.dtype).removeprefix("torch."),
             "device": str(model.device),
         },
-        "precision": precision,
+        "precision": precision.record(),
         "versions": versions(),
     }
     RunFolder(out).write_json("run.json", info)
