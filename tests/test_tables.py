@@ -158,7 +158,7 @@ def test_logits_buffer_follows_the_rows_of_a_small_run(models, monkeypatch):
     tokens = len(table[(table.site == "resid_post") & (table.layer == 0)])
     sites = table.groupby(["site", "layer"]).ngroups
     assert tokens * sites < 100_000  # all logits fit one chunk: chunk_tokens does not bound them
-    assert seen and max(seen) <= 2 * tokens  # the paper's per-site method holds 4 x tokens
+    assert seen and max(seen) <= tokens
 
 
 def test_bfloat16_within_tolerance_of_float32(arch, models):

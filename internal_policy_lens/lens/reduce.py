@@ -60,7 +60,7 @@ def site_stats(
             (:data:`~internal_policy_lens.lens.unembed.EXTRA_COLUMNS`); then ``keys`` must hold the
             ``final`` site, against which ``kl_to_final`` and ``top1_agrees`` are taken.
         chunk_tokens: logits rows formed at once (the final policy's rows included), at most
-            twice the ``n`` rows picked by ``index``.
+            the ``n`` rows picked by ``index``.
         compiled: use the ``torch.compile``d reductions; ``None`` decides from the environment
             variable ``IPL_COMPILE`` (``0`` or ``1``), else from the amount of work. A compile
             failure falls back to the eager reductions (same numbers up to float rounding).
@@ -71,10 +71,8 @@ def site_stats(
     final = _final_key(keys) if next_ids is not None else None
     sites = [key for key in keys if key != final]
     n = len(index[0])
-    # A small call forms at most 2n logits rows at once, so its memory follows its work (the
-    # paper's per-site method holds 4n: logits, p, log p, p log p); fewer than ~256 rows per
-    # product run float32 products up to 1.4x slower per row.
-    rows, group = chunk_plan(n, len(sites), min(chunk_tokens, 2 * max(n, 1)), final is not None)
+    # A small call forms at most n logits rows at once: its memory follows its work.
+    rows, group = chunk_plan(n, len(sites), min(chunk_tokens, max(n, 1)), final is not None)
     reduce = _reducer(compiled, n * len(keys) * lens.vocab_size)
     out = {key: _allocate(lens, n, final is not None) for key in keys}
     with lens.reused_output(rows * group):  # each chunk's logits are reduced before the next
