@@ -1,7 +1,7 @@
 """Benchmark of the entropy engine on a model with Qwen2.5-0.5B's dimensions (random weights).
 
-    nice -n 10 python analyses/bench_entropy.py [--tokens 256] [--layers 24] [--repeats 3] \
-        [--topk 5,20]
+    nice -n 10 python analyses/bench_entropy.py [--tokens 256] [--samples 1] [--layers 24] \\
+        [--repeats 3]
     nice -n 10 python analyses/bench_entropy.py --memory-tokens 4096 [--memory-dtype bfloat16]
 
 d_model 896, vocabulary 151936, 14 heads, 2 KV heads, intermediate 4864, `--layers` decoder
@@ -9,27 +9,34 @@ layers (24 in the real model), built from a Qwen2Config with random weights (no 
 character tokenizer, saved to a temporary folder and loaded with `load_model` in float32. The
 unembedding is scaled so that the policies range from peaked to near uniform (raw lens).
 
-All modes read the same captured site vectors of one `--tokens`-token sequence; each turns every
-(site, layer) of the table (7 sites x L layers + final) into per-token entropies:
+All modes read the same captured site vectors of `--samples` sequences of `--tokens` tokens;
+each turns every (site, layer) of the table (7 sites x L layers + final) into per-token entropies:
 
-  naive  the paper's method, written here: per (site, layer), float32 logits of all tokens,
-         softmax and log-softmax materialised, -sum p log p (resid_pre recomputed)
-  exact  engine.site_stats, precision exact (float32 products, float64 reductions)
-  fast   engine.site_stats, precision fast (bf16 products, float32 reductions)
+  naive       the paper authors' method, written here: per (site, layer), float32 logits of all
+              tokens, softmax and log-softmax materialised, -sum p log p (resid_pre recomputed)
+  exact       engine.site_stats, precision exact (float32 products, float32 reductions)
+  exact64     exact's float32 products with float64 reductions (what float64 reductions cost)
+  fast        engine.site_stats, precision fast for this float32 model (bf16 products where
+              the CPU has native bf16, else float32; float32 reductions)
+  auto        engine.site_stats, precision auto as it resolves for a bf16 checkpoint (the dtype
+              Qwen2.5-0.5B ships in) on this CPU, applied to the same vectors
+  floor-fp32  the bare unembedding products of the same rows, float32, in blocks of 1024 rows
+  floor-bf16  the same in bfloat16 (both into one reused output buffer, as the engine does)
   exact+topK, fast+topK
-         the same with the K most probable tokens of every policy kept in the same pass
-         (``--topk``, default 5 and 20): the cost of ``ipl entropy --topk K``
-  norm   fast with the norm lens (the final RMSNorm before the unembedding)
-  tuned  fast with the tuned lens: a random d x d translator per (site, layer), then as norm
-  floor  the bare unembedding products of the same rows as fast, in bf16, into one reused
-         output buffer as the engine does (a fresh output per product costs ~20% more)
+              exact / fast with the K most probable tokens of every policy kept in the same pass
+              (``--topk``, default 5 and 20): the cost of ``ipl entropy --topk K``
+  norm        fast with the norm lens (the final RMSNorm before the unembedding)
+  tuned       fast with the tuned lens: a random d x d translator per (site, layer), then as norm
 
-Modes alternate within each repeat; times are medians (OMP_WAIT_POLICY=PASSIVE unless set).
-Peak memory: each mode runs once more in a fresh process (allocators such as MKL's keep buffers
-across calls); the peak resident set size (VmHWM, reset through /proc/self/clear_refs after a
-warm-up) during that run, minus the resident set before it. For fast it includes the lens's bf16
-copy of the float32 unembedding (0.27 GB). Errors are against a float64 computation on
-the first `--ref-tokens` tokens.
+The CPU's kernels (torch.backends.cpu.get_cpu_capability(), lowered by ATEN_CPU_CAPABILITY=avx2;
+ONEDNN_MAX_CPU_ISA=AVX2 lowers oneDNN's, which run the bf16 products) and its bf16 flags are
+printed first. Modes alternate within each repeat; times are medians (OMP_WAIT_POLICY=PASSIVE
+unless set); "vs floor" is against the faster floor. Peak memory: each mode runs once more in a
+fresh process (allocators such as MKL's keep buffers across calls); the peak resident set size
+(VmHWM, reset through /proc/self/clear_refs after a warm-up) during that run, minus the resident
+set before it. The lenses (and so fast's and auto's bf16 copy of the float32 unembedding,
+0.27 GB, which a bf16 checkpoint does not need) are made before it. Errors are against a float64
+computation on the first `--ref-tokens` rows.
 `--memory-tokens N` instead measures the peak extra memory of a whole `entropy_table` call (model
 forward pass and captures included) on one N-token sequence, with the model in `--memory-dtype`.
 """
@@ -57,7 +64,13 @@ from internal_policy_lens import entropy_table, load_model  # noqa: E402
 from internal_policy_lens.bundled.tiny import char_tokenizer  # noqa: E402
 from internal_policy_lens.lens.capture import capture, site_keys  # noqa: E402
 from internal_policy_lens.lens.reduce import site_stats  # noqa: E402
-from internal_policy_lens.lens.unembed import Lens  # noqa: E402
+from internal_policy_lens.lens.unembed import (  # noqa: E402
+    Lens,
+    Precision,
+    choose_precision,
+    cpu_capability,
+    cpu_flags,
+)
 
 CHUNK = 1024  # logits rows per product, the entropy_table default
 
@@ -96,11 +109,13 @@ def build_model(folder, layers, dtype="float32"):
     return load_model(folder, dtype=dtype, device="cpu")
 
 
-def capture_sites(model, tokens):
-    ids = torch.randint(5, 100, (1, tokens), generator=torch.Generator().manual_seed(0))
+def capture_sites(model, tokens, samples):
+    """Site vectors of ``samples`` sequences, their rows laid end to end: ``[1, rows, d]``."""
+    shape = (samples, tokens)
+    ids = torch.randint(5, 100, shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), capture(model, keys=site_keys(model)) as acts:
         model.forward(ids, torch.ones_like(ids))
-    return dict(acts)
+    return {key: value.reshape(1, samples * tokens, -1) for key, value in acts.items()}
 
 
 def unique_keys(acts):
@@ -118,10 +133,11 @@ def naive(model, acts, keys, rows):
     return out
 
 
-def engine(model, acts, keys, rows, precision, topk=0, lens="raw", translators=None):
+def engine(lens, acts, keys, rows, topk=0):
     index = (torch.zeros(rows, dtype=torch.long), torch.arange(rows))
-    lens = Lens(model, lens, precision, translators)
-    stats = site_stats(lens, acts, keys, index, topk=topk, chunk_tokens=CHUNK, compiled=True)
+    stats = site_stats(
+        lens, acts, keys, index, topk=topk, chunk_tokens=CHUNK
+    )  # compiled as it decides
     return {key: torch.from_numpy(cols["entropy"]) for key, cols in stats.items()}
 
 
@@ -163,44 +179,60 @@ def errors(got, ref):
     return err.max().item(), err.mean().item()
 
 
+def auto_precision(model):
+    """What ``auto`` runs on this CPU for a bf16 checkpoint of the model's widths."""
+    return choose_precision("auto", torch.bfloat16, "cpu", model.d_model)
+
+
 def make_modes(model, acts, topks=()):
     table_keys, keys = list(acts), unique_keys(acts)
-    bf16_weight = model.unembed.weight.to(torch.bfloat16)
-    stacked = torch.stack([acts[k][0] for k in keys]).to(torch.bfloat16)  # [sites, tokens, d]
-    gen = torch.Generator().manual_seed(0)
     d = model.d_model
+    gen = torch.Generator().manual_seed(0)
     translators = {
         k: (0.01 * torch.randn(d, d, generator=gen), 0.01 * torch.randn(d, generator=gen))
         for k in keys
         if k[0] != "final"
     }
+    lenses = {
+        "exact": Lens(model, "raw", "exact"),
+        "exact64": Lens(model, "raw", Precision("exact", torch.float32, torch.float64, "bench")),
+        "fast": Lens(model, "raw", "fast"),
+        "auto": Lens(model, "raw", auto_precision(model)),
+        "norm": Lens(model, "norm", "fast"),
+        "tuned": Lens(model, "tuned", "fast", translators),
+    }
+    weight = model.unembed.weight
+    stacked = torch.stack([acts[k][0] for k in keys])  # [sites, rows, d]
+    floors = {
+        f"floor-{name}": (weight.to(dtype), stacked.to(dtype))
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
     modes = {"naive": lambda rows: naive(model, acts, table_keys, rows)}
-    for precision in ("exact", "fast"):
-        for k in (0, *topks):
-            name = precision if k == 0 else f"{precision}+top{k}"
-            modes[name] = lambda rows, p=precision, k=k: engine(model, acts, keys, rows, p, k)
-    modes["norm"] = lambda rows: engine(model, acts, keys, rows, "fast", 0, "norm")
-    modes["tuned"] = lambda rows: engine(model, acts, keys, rows, "fast", 0, "tuned", translators)
-    modes["floor"] = lambda rows: floor(bf16_weight, stacked, rows)
+    for name, lens in lenses.items():
+        modes[name] = lambda rows, lens=lens: engine(lens, acts, keys, rows)
+    for name in ("exact", "fast"):
+        for k in topks:
+            modes[f"{name}+top{k}"] = lambda rows, lens=lenses[name], k=k: engine(
+                lens, acts, keys, rows, k
+            )
+    for name, (w, x) in floors.items():
+        modes[name] = lambda rows, w=w, x=x: floor(w, x, rows)
     return modes
-
-
-def topk_list(text):
-    return [int(k) for k in text.split(",") if k.strip()]
 
 
 def child_memory(args):
     """One mode in a fresh process: peak extra memory of one run (allocators cache across modes)."""
     model = load_model(args.folder, dtype="float32", device="cpu")
-    fn = make_modes(model, capture_sites(model, args.tokens), topk_list(args.topk))[args.child]
+    acts = capture_sites(model, args.tokens, args.samples)
+    fn = make_modes(model, acts, topk_list(args.topk))[args.child]
     fn(8)  # compiles, pages the weights in
-    print(json.dumps(measure(lambda: fn(args.tokens))[1]))
+    print(json.dumps(measure(lambda: fn(args.tokens * args.samples))[1]))
 
 
 def benchmark(args):
     with tempfile.TemporaryDirectory(prefix="bench_entropy_") as folder:
         model = build_model(folder, args.layers)
-        acts, T = capture_sites(model, args.tokens), args.tokens
+        acts, T = capture_sites(model, args.tokens, args.samples), args.tokens * args.samples
         modes = make_modes(model, acts, topk_list(args.topk))
         warm = {name: measure(lambda f=fn: f(8))[0] for name, fn in modes.items()}
         times, results = {name: [] for name in modes}, {}
@@ -208,14 +240,25 @@ def benchmark(args):
             for name, fn in modes.items():
                 seconds, _, results[name] = measure(lambda f=fn: f(T))
                 times[name].append(seconds)
-        memory = {name: memory_of(name, folder, T, args.topk) for name in modes}
+        memory = {name: memory_of(name, folder, args) for name in modes}
     keys = unique_keys(acts)
     ref = reference(model, acts, keys, min(args.ref_tokens, T))
     spread = torch.cat(list(ref.values()))
+    bf16_flags = sorted(f for f in cpu_flags() if f.endswith(("_bf16", "_fp16")))
+    print(
+        f"CPU: {cpu_name()}; ATen kernels {cpu_capability()}; flags {bf16_flags or 'no bf16'}; "
+        f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')} "
+        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}"
+    )
+    for name, precision in (("auto (bf16 model)", auto_precision(model)),):
+        print(f"{name}: {precision.record()}")
+    for mode in ("exact", "fast"):
+        print(f"{mode} (this float32 model): {choose_precision(mode, torch.float32).record()}")
     print(
         f"model: Qwen2 d_model 896, vocab 151936, {model.n_layers} layers, float32, random "
-        f"weights; {T} tokens; {len(acts)} (site, layer) per token, {len(keys)} distinct "
-        f"vectors; torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"weights; {args.samples} x {args.tokens} tokens; {len(acts)} (site, layer) per token, "
+        f"{len(keys)} distinct vectors; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
     )
     print(
         f"float64 entropies of the first {len(spread) // len(keys)} tokens: min "
@@ -224,37 +267,74 @@ def benchmark(args):
     report(times, warm, memory, results, ref, T)
 
 
-def memory_of(mode, folder, tokens, topk):
-    command = [sys.executable, __file__, "--child", mode, "--folder", folder, "--topk", topk]
-    done = subprocess.run([*command, "--tokens", str(tokens)], capture_output=True, text=True)
+def cpu_name():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def topk_list(text):
+    return [int(k) for k in text.split(",") if k.strip()]
+
+
+def memory_of(mode, folder, args):
+    command = [sys.executable, __file__, "--child", mode, "--folder", folder]
+    sizes = ["--tokens", str(args.tokens), "--samples", str(args.samples), "--topk", args.topk]
+    done = subprocess.run([*command, *sizes], capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def report(times, warm, memory, results, ref, tokens):
     median = {name: statistics.median(values) for name, values in times.items()}
+    floor_t = min(median["floor-fp32"], median["floor-bf16"])
     print(
-        f"{'mode':11} {'median s':>9} {'tokens/s':>9} {'vs naive':>9} {'vs floor':>9} "
+        f"{'mode':10} {'median s':>9} {'tokens/s':>9} {'vs naive':>9} {'vs floor':>9} "
         f"{'warm-up s':>9} {'peak GB':>8} {'max err':>9} {'mean err':>9}"
     )
     for name, t in median.items():
         raw = results[name] is not None and name not in ("norm", "tuned")  # ref is the raw lens
         err = errors(results[name], ref) if raw else (np.nan, np.nan)
         print(
-            f"{name:11} {t:9.2f} {tokens / t:9.1f} {median['naive'] / t:8.2f}x "
-            f"{t / median['floor']:8.2f}x {warm[name]:9.2f} {memory[name]:8.2f} "
+            f"{name:10} {t:9.2f} {tokens / t:9.1f} {median['naive'] / t:8.2f}x "
+            f"{t / floor_t:8.2f}x {warm[name]:9.2f} {memory[name]:8.2f} "
             f"{err[0]:9.2e} {err[1]:9.2e}"
         )
     print("all times (s):", {name: [round(v, 2) for v in values] for name, values in times.items()})
-    print(
-        f"ratios: fast is {median['naive'] / median['fast']:.1f}x faster than naive and "
-        f"{median['fast'] / median['floor']:.2f}x the floor; exact is "
-        f"{median['naive'] / median['exact']:.1f}x faster than naive; the tuned lens takes "
-        f"{median['tuned'] / median['norm']:.2f}x the norm lens's time"
-    )
-    for name, t in median.items():
-        if "+top" in name:
-            base = name.split("+")[0]
-            print(f"top-k cost: {name} takes {t / median[base]:.2f}x the time of {base}")
+    ratio = median["floor-fp32"] / median["floor-bf16"]
+    fastest = "bf16" if ratio > 1 else "fp32"
+    native = auto_precision_products() == "bfloat16"
+    goal = 6 if native else 2
+    exact_err = errors(results["exact"], ref)[0]
+    checks = [
+        (f"bf16 products are {ratio:.2f}x float32's speed (floor-fp32 / floor-bf16)", None),
+        (
+            f"auto is {median['auto'] / floor_t:.2f}x the floor of the fastest product ({fastest})",
+            median["auto"] / floor_t <= 1.15,
+        ),
+        (
+            f"auto is {median['naive'] / median['auto']:.2f}x faster than naive "
+            f"(target >= {goal}x)",
+            median["naive"] / median["auto"] >= goal,
+        ),
+        (
+            f"peak extra memory: auto {memory['auto']:.2f} GB, exact {memory['exact']:.2f} GB, "
+            f"naive {memory['naive']:.2f} GB",
+            max(memory["auto"], memory["exact"]) <= memory["naive"],
+        ),
+        (f"exact max error {exact_err:.1e} nats (target <= 1e-4)", exact_err <= 1e-4),
+        (
+            f"float64 reductions cost {median['exact64'] / median['exact']:.2f}x float32's "
+            f"(exact64 / exact)",
+            None,
+        ),
+    ]
+    for text, met in checks:
+        print(text + ("" if met is None else (": met" if met else ": NOT met")))
+
+
+def auto_precision_products():
+    return str(choose_precision("auto", torch.bfloat16).products).removeprefix("torch.")
 
 
 def memory_run(args):
@@ -278,6 +358,7 @@ if __name__ == "__main__":
     torch.set_grad_enabled(False)  # the weights are parameters: no autograd graphs here
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ref-tokens", type=int, default=64)

@@ -149,8 +149,9 @@ def entropy(
         _opt(
             EntropyConfig,
             "precision",
-            "exact (float32 products, float64 sums), fast (bf16/model-dtype products, "
-            "float32 sums) or auto (fast for bf16/fp16 models).",
+            "exact (float32 products and sums), fast (bf16/model-dtype products where the "
+            "hardware has them natively, else float32; float32 sums) or auto (fast for "
+            "bf16/fp16 models).",
         ),
     ] = None,
     max_samples: Annotated[int | None, typer.Option(min=1, help="First N records only.")] = None,

@@ -35,10 +35,11 @@ class LensSettings:
     """Folder of the tuned lens (written by ``ipl fit-lens``, or the tuned-lens package's
     ``config.json`` + ``params.pt``); default for a bundled model: the lens shipped with it."""
     precision: str = "auto"
-    """``exact`` (float32 products, float64 reductions; float64 for a float64 model), ``fast``
-    (products in bf16, or the model's fp16, reductions in float32; several times faster on CPUs
-    with bf16 instructions, errors of a few hundredths of a nat) or ``auto`` (``fast`` for a
-    bf16/fp16 model, else ``exact``)."""
+    """``exact`` (float32 products and reductions; float64 for a float64 model), ``fast``
+    (products in bf16, or the model's fp16, where the device runs them natively, else in
+    float32; reductions in float32; several times faster on CPUs with bf16 instructions, errors
+    of a few hundredths of a nat) or ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``).
+    ``run.json`` records the dtypes chosen and why."""
     chunk_tokens: int = 1024
     """Logits rows formed at once (the rows of every site of a chunk of tokens, stacked)."""
     capture_mb: float = 512

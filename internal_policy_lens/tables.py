@@ -92,10 +92,11 @@ def entropy_table(
         batch_size: sequences per forward pass.
         chunk_tokens: logits rows formed at once (all sites of a chunk of tokens are stacked
             into one product); bounds the extra memory. Default 1024.
-        precision: ``exact`` (float32 products, float64 reductions; float64 for a float64
-            model), ``fast`` (products in bf16, or the model's fp16, reductions in float32) or
-            ``auto`` (the default: ``fast`` for a bf16/fp16 model, else ``exact``). See
-            :class:`~internal_policy_lens.lens.unembed.Lens`.
+        precision: ``exact`` (float32 products and reductions; float64 for a float64 model),
+            ``fast`` (products in bf16, or the model's fp16, where the device runs them natively,
+            else float32; reductions in float32) or ``auto`` (the default: ``fast`` for a
+            bf16/fp16 model, else ``exact``). See
+            :func:`~internal_policy_lens.lens.unembed.choose_precision`.
         capture_mb: bound on the captured site vectors held at once (MiB, default 512). When a
             batch's vectors of all sites would exceed it, the layers are taken in groups, one
             forward pass per group, stopped after the group's last layer (same numbers, more

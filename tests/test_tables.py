@@ -142,6 +142,25 @@ def test_logits_never_exceed_chunk_rows(models, monkeypatch):
     assert seen and max(seen) <= 16
 
 
+def test_logits_buffer_follows_the_rows_of_a_small_run(models, monkeypatch):
+    from internal_policy_lens.lens.unembed import Lens
+
+    model = models("qwen3")
+    seen = []
+    original = Lens.reused_output
+
+    def spy(self, rows):
+        seen.append(rows)
+        return original(self, rows)
+
+    monkeypatch.setattr(Lens, "reused_output", spy)
+    table = entropy_table(model, TEXTS[:2], batch_size=2, extras=True, chunk_tokens=100_000)
+    tokens = len(table[(table.site == "resid_post") & (table.layer == 0)])
+    sites = table.groupby(["site", "layer"]).ngroups
+    assert tokens * sites < 100_000  # all logits fit one chunk: chunk_tokens does not bound them
+    assert seen and max(seen) <= tokens
+
+
 def test_bfloat16_within_tolerance_of_float32(arch, models):
     model32, model16 = models(arch), models(arch, "bfloat16")
     a = entropy_table(model32, TEXTS)

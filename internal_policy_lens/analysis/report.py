@@ -194,6 +194,16 @@ def _chart(fig: go.Figure | None, div_id: str) -> str:
     return f'<div class="chart">{body}</div>'
 
 
+def _precision_text(precision) -> str:
+    """run.json's precision: a mode (older runs) or the mode, dtypes and why."""
+    if not isinstance(precision, dict):
+        return str(precision)
+    return (
+        f"{precision.get('mode')}: {precision.get('products')} products, "
+        f"{precision.get('reductions')} reductions ({precision.get('reason')})"
+    )
+
+
 def _provenance_html(info: dict) -> str:
     model, config = info.get("model", {}), info.get("config", {})
     rows = {
@@ -202,7 +212,7 @@ def _provenance_html(info: dict) -> str:
         f"d_model {model.get('d_model')}, vocabulary {model.get('vocab_size')}",
         "weights": f"{model.get('dtype')} on {model.get('device')}",
         "lens": config.get("lens"),
-        "precision": info.get("precision"),
+        "precision": _precision_text(info.get("precision")),
         "data": config.get("data"),
         "data sha256": config.get("data_sha256"),
         "samples, rows": f"{info.get('samples')}, {info.get('rows')}",

@@ -66,7 +66,8 @@ def site_stats(
             ``final`` site, against which ``kl_to_final`` and ``top1_agrees`` are taken.
         topk: K > 0 adds ``topk_id`` and ``topk_prob``, ``[n, K]`` each: the policy's K most
             probable token ids, most probable first, and their probabilities.
-        chunk_tokens: logits rows formed at once (the final policy's rows included).
+        chunk_tokens: logits rows formed at once (the final policy's rows included), at most
+            the ``n`` rows picked by ``index``.
         compiled: use the ``torch.compile``d reductions; ``None`` decides from the environment
             variable ``IPL_COMPILE`` (``0`` or ``1``), else from the amount of work. A compile
             failure falls back to the eager reductions (same numbers up to float rounding).
@@ -77,7 +78,8 @@ def site_stats(
     final = _final_key(keys) if next_ids is not None else None
     sites = [key for key in keys if key != final]
     n = len(index[0])
-    rows, group = chunk_plan(n, len(sites), chunk_tokens, final is not None)
+    # A small call forms at most n logits rows at once: its memory follows its work.
+    rows, group = chunk_plan(n, len(sites), min(chunk_tokens, max(n, 1)), final is not None)
     reduce = _reducer(compiled, n * len(keys) * lens.vocab_size)
     topk = min(topk, lens.vocab_size)
     reduce = partial(reduce, topk=topk)

@@ -6,8 +6,14 @@ The reductions of the logits to entropies and the other per-token statistics liv
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +30,13 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "top1_agrees",
 )
 _HALF = (torch.bfloat16, torch.float16)
+_log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str, dtype: torch.dtype) -> str:
     """Return ``exact`` or ``fast``; ``auto`` is ``fast`` for a bf16/fp16 model, else ``exact``.
+
+    Which dtypes a mode's products and reductions use on a device is :func:`choose_precision`'s.
 
     Raises:
         ValueError: naming the unknown precision and listing the valid ones.
@@ -37,6 +46,127 @@ def resolve_precision(precision: str, dtype: torch.dtype) -> str:
     if precision == "auto":
         return "fast" if dtype in _HALF else "exact"
     return precision
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a precision mode runs on a device: the products' and the reductions' dtypes, and why."""
+
+    mode: str
+    products: torch.dtype
+    reductions: torch.dtype
+    reason: str
+
+    def record(self) -> dict[str, str]:
+        """The JSON form written to ``run.json``."""
+        return {
+            "mode": self.mode,
+            "products": _name(self.products),
+            "reductions": _name(self.reductions),
+            "reason": self.reason,
+        }
+
+
+def choose_precision(
+    precision: str, dtype: torch.dtype, device: torch.device | str = "cpu", d_model: int = 1024
+) -> Precision:
+    """The dtypes that ``precision`` runs for a model of ``dtype`` on ``device``.
+
+    ``exact``: float32 products and float32 reductions (float64 both for a float64 model); a
+    float32 fused reduction of float32 logits is within ~1e-5 nats of float64, the products'
+    own rounding. ``fast``: products in the model's bf16/fp16 (bf16 for other models) where the
+    device runs them natively (see :func:`half_support`), else in float32, since an emulated
+    half product is slower than a float32 one; reductions in float32.
+
+    Raises:
+        ValueError: naming the unknown precision and listing the valid ones.
+    """
+    mode = resolve_precision(precision, dtype)
+    wide = torch.promote_types(dtype, torch.float32)
+    if mode == "exact":
+        return Precision(mode, wide, wide, f"exact: {_name(wide)} products and reductions")
+    half = dtype if dtype in _HALF else torch.bfloat16
+    native, why = half_support(torch.device(device), half, d_model)
+    if native:
+        return Precision(mode, half, torch.float32, f"{why}: {_name(half)} products")
+    if precision == "fast":  # asked for explicitly: say that it runs float32 products instead
+        _warn_once(f"precision fast: {why}; running float32 products (faster here, and exact)")
+    return Precision(mode, torch.float32, torch.float32, f"{why}: float32 products are faster")
+
+
+def half_support(device: torch.device, dtype: torch.dtype, d_model: int = 1024) -> tuple[bool, str]:
+    """Whether ``device`` multiplies ``dtype`` (bf16/fp16) matrices natively, and how it is known.
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` for bf16, always for fp16. CPU: the ATen kernels'
+    capability (``torch.backends.cpu.get_cpu_capability()``, lowered by ``ATEN_CPU_CAPABILITY``)
+    and the ``/proc/cpuinfo`` flags (``avx512_bf16``/``amx_bf16``, ``avx512_fp16``/``amx_fp16``);
+    where these do not decide (another architecture, ``ONEDNN_MAX_CPU_ISA`` set), a one-time
+    micro-benchmark of an unembedding-shaped product, cached per device for the process.
+    """
+    if device.type == "cuda":
+        if dtype == torch.float16 or torch.cuda.is_bf16_supported():
+            return True, f"CUDA runs {_name(dtype)} natively"
+        return False, f"this CUDA device has no native {_name(dtype)}"
+    if device.type != "cpu":
+        return True, f"{device.type} device: {_name(dtype)} products assumed native"
+    capability = cpu_capability()
+    flags = cpu_flags()
+    wanted = {
+        torch.bfloat16: ("avx512_bf16", "amx_bf16"),
+        torch.float16: ("avx512_fp16", "amx_fp16"),
+    }
+    has = sorted(set(wanted[dtype]) & flags)
+    lowered = os.environ.get("ONEDNN_MAX_CPU_ISA")  # oneDNN runs the half products
+    if has and capability.startswith("AVX512") and not lowered:
+        return True, f"CPU {capability} with {'/'.join(has)}"
+    if not has and "avx2" in flags:
+        return False, f"CPU {capability} without {' or '.join(wanted[dtype])}"
+    return _measured_half(str(device), dtype, d_model)  # another architecture, or lowered kernels
+
+
+def cpu_capability() -> str:
+    """The CPU kernels ATen runs (``AVX512``, ``AVX2``, ``DEFAULT``, ...)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@functools.cache
+def _measured_half(device: str, dtype: torch.dtype, d_model: int) -> tuple[bool, str]:
+    # A product of the unembedding's width against a slice of a vocabulary, in both dtypes.
+    times = {}
+    with torch.no_grad():
+        for kind in (torch.float32, dtype):
+            x = torch.randn(64, d_model, device=device).to(kind)
+            w = torch.randn(8192, d_model, device=device).to(kind)
+            torch.mm(x, w.t())  # warm-up
+            start = time.perf_counter()
+            for _ in range(3):
+                torch.mm(x, w.t())
+            times[kind] = time.perf_counter() - start
+    ratio = times[torch.float32] / times[dtype]
+    where = f"{device} ({cpu_capability()})"
+    return ratio > 1.2, f"measured on {where}: {_name(dtype)} products {ratio:.1f}x float32's speed"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    _log.warning(message)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class Lens:
@@ -50,11 +180,14 @@ class Lens:
     logit scaling, Gemma's final soft-capping). The ``final`` site is the final norm's output
     already, so it is projected as it is under every lens and gives the model's own logits.
 
-    Precision ``exact``: products in float32 (float64 for a float64 model) and reductions in
-    float64. ``fast``: products in the model's dtype if it is bf16/fp16, else in bfloat16 (4-10x
-    faster than float32 on CPUs with bf16 instructions), reductions in float32.
+    Precision (see :func:`choose_precision`): ``exact`` runs float32 products and reductions
+    (float64 for a float64 model); ``fast`` runs bf16 (or the model's fp16) products where the
+    device multiplies them natively (4-10x faster than float32 on CPUs with bf16 instructions),
+    float32 products elsewhere, and float32 reductions. ``precision`` is a mode name or an
+    already chosen :class:`Precision`.
 
     Attributes:
+        chosen: the :class:`Precision` it runs.
         dtype: dtype of the products and of the logits.
         reduce_dtype: dtype in which logits are reduced to statistics.
         out_dtype: dtype of the statistics (float64 for a float64 model, else float32).
@@ -64,7 +197,7 @@ class Lens:
         self,
         model: PolicyModel,
         lens: str = "raw",
-        precision: str = "exact",
+        precision: str | Precision = "exact",
         translators: dict[SiteKey, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         if lens not in LENSES:
@@ -75,17 +208,17 @@ class Lens:
         self.norm = model.final_norm
         unembed = model.unembed
         model_dtype = unembed.weight.dtype
-        self.precision = resolve_precision(precision, model_dtype)
-        wide = torch.promote_types(model_dtype, torch.float32)
-        if self.precision == "exact":
-            self.dtype, self.reduce_dtype = wide, torch.float64
-        else:
-            self.dtype = model_dtype if model_dtype in _HALF else torch.bfloat16
-            self.reduce_dtype = torch.float32
-        self.out_dtype = wide
+        if not isinstance(precision, Precision):
+            device = unembed.weight.device
+            precision = choose_precision(precision, model_dtype, device, unembed.weight.shape[1])
+        self.chosen = precision
+        self.precision = precision.mode
+        self.dtype, self.reduce_dtype = precision.products, precision.reductions
+        self.out_dtype = torch.promote_types(model_dtype, torch.float32)
         # The translators run in the wide dtype (a d x d product: cheap next to the unembedding).
         self.translators = {
-            key: (a.to(wide), b.to(wide)) for key, (a, b) in (translators or {}).items()
+            key: (a.to(self.out_dtype), b.to(self.out_dtype))
+            for key, (a, b) in (translators or {}).items()
         }
         self.weight = unembed.weight.to(self.dtype)  # [vocab, d_model]
         bias = getattr(unembed, "bias", None)

@@ -38,7 +38,7 @@ from ..data.records import read_records, write_records_jsonl
 from ..lens.capture import site_keys
 from ..lens.sites import parse_layers, resolve_sites
 from ..lens.tuned import default_lens_path, folder_hash, make_lens
-from ..lens.unembed import resolve_precision
+from ..lens.unembed import choose_precision
 from ..model.generate import generate_texts
 from ..model.load import PolicyModel, load_model
 from ..tables import delta_table, entropy_table, summary_table, token_text
@@ -197,7 +197,9 @@ def describe(run: EntropyRun) -> str:
 
 
 def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
-    precision = resolve_precision(cfg.precision, model.dtype)  # what "auto" means for this model
+    # What the precision runs for this model on its device (the mode, dtypes and why).
+    weight = model.unembed.weight
+    precision = choose_precision(cfg.precision, weight.dtype, weight.device, weight.shape[1])
     identity = {**cfg.identity(), "data_sha256": sha256(cfg.data)}
     previous = out / "run.json"
     if previous.is_file():
@@ -235,7 +237,7 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
             "dtype": str(model.dtype).removeprefix("torch."),
             "device": str(model.device),
         },
-        "precision": precision,
+        "precision": precision.record(),
         "lens": _lens_facts(cfg, model),
         "versions": versions(),
     }

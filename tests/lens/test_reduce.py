@@ -1,4 +1,5 @@
 import json
+import logging
 import secrets
 
 import numpy as np
@@ -10,15 +11,18 @@ from reference import entropy
 from internal_policy_lens import entropy_table
 from internal_policy_lens.config import EntropyConfig
 from internal_policy_lens.lens import reduce as engine
+from internal_policy_lens.lens import unembed
 from internal_policy_lens.lens.capture import capture
 from internal_policy_lens.lens.reduce import chunk_plan, site_stats
-from internal_policy_lens.lens.unembed import Lens, resolve_precision
+from internal_policy_lens.lens.unembed import Lens, Precision, choose_precision, resolve_precision
 from internal_policy_lens.runs.entropy import run_entropy
 
 # Stated tolerances against float64 (nats), for the tiny models' vectors and vocabularies:
-# exact = float32 products and float64 reductions; fast = bf16 products, float32 reductions.
+# exact = float32 products and reductions; fast = bf16 products (where the CPU has them natively,
+# else float32), float32 reductions.
 EXACT_ATOL = 3e-5
 FAST_MAX, FAST_MEAN = 0.15, 0.02
+F32 = torch.float32
 
 
 def _random_acts(model, generator, n_sites=5, batch=2, pos=9):
@@ -205,8 +209,67 @@ def test_precision_auto_follows_model_dtype(models):
     with pytest.raises(ValueError, match="unknown precision"):
         resolve_precision("medium", torch.float32)
     assert Lens(models("qwen2", "float64"), precision="exact").dtype == torch.float64
-    assert Lens(models("qwen2"), precision="fast").dtype == torch.bfloat16
+    assert Lens(models("qwen2", "float64"), precision="exact").reduce_dtype == torch.float64
     assert Lens(models("qwen2", "bfloat16"), precision="exact").dtype == torch.float32
+    assert Lens(models("qwen2", "bfloat16"), precision="exact").reduce_dtype == torch.float32
+
+
+def _fake_cpu(monkeypatch, capability, flags):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(unembed, "cpu_capability", lambda: capability)
+    monkeypatch.setattr(unembed, "cpu_flags", lambda: frozenset(flags))
+
+
+def test_auto_runs_bf16_products_only_where_the_cpu_has_them(models, monkeypatch, caplog):
+    _fake_cpu(monkeypatch, "AVX512", {"avx2", "avx512f", "avx512_bf16"})
+    native = choose_precision("auto", torch.bfloat16, "cpu")
+    assert (native.mode, native.products, native.reductions) == ("fast", torch.bfloat16, F32)
+    assert "avx512_bf16" in native.reason
+    assert Lens(models("qwen2"), precision="fast").dtype == torch.bfloat16
+    assert choose_precision("auto", torch.float32, "cpu").products == F32  # exact
+
+    _fake_cpu(monkeypatch, "AVX2", {"avx2", "fma"})
+    emulated = choose_precision("auto", torch.bfloat16, "cpu")
+    assert (emulated.mode, emulated.products, emulated.reductions) == ("fast", F32, F32)
+    assert "without avx512_bf16" in emulated.reason
+    unembed._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        asked = choose_precision("fast", torch.bfloat16, "cpu", d_model=77)
+    assert asked.products == F32 and "float32 products" in caplog.text  # said, not silent
+    lens = Lens(models("qwen2", "bfloat16"), precision="fast")
+    assert (lens.dtype, lens.reduce_dtype, lens.precision) == (F32, F32, "fast")
+    # Kernels lowered to AVX2 on a CPU that has the flag: no native bf16 either.
+    _fake_cpu(monkeypatch, "AVX2", {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(unembed, "_measured_half", lambda *a: (False, "measured: slower"))
+    assert choose_precision("auto", torch.bfloat16, "cpu").products == F32
+
+
+def test_ambiguous_cpu_is_measured_once(monkeypatch):
+    _fake_cpu(monkeypatch, "DEFAULT", set())  # another architecture: no x86 flags
+    unembed._measured_half.cache_clear()
+    first = choose_precision("fast", torch.bfloat16, "cpu", d_model=32)
+    assert first.reason.startswith("measured on cpu") and first.products in (torch.bfloat16, F32)
+    assert unembed._measured_half.cache_info().misses == 1
+    assert choose_precision("fast", torch.bfloat16, "cpu", d_model=32) == first
+    assert unembed._measured_half.cache_info().hits == 1
+
+
+def test_float32_reductions_equal_float64(arch, models):
+    """exact's float32 reductions against float64 reductions of the very same float32 logits."""
+    model = models(arch)
+    generator = torch.Generator().manual_seed(4)
+    acts = _random_acts(model, generator)
+    next_ids = torch.randint(-1, model.vocab_size, (18,), generator=generator)
+    args = (acts, list(acts), _index(2, 9))
+    lens32 = Lens(model, "norm", "exact")
+    assert lens32.reduce_dtype == F32
+    wide = Precision("exact", F32, torch.float64, "reference")
+    got = site_stats(lens32, *args, next_ids=next_ids)
+    want = site_stats(Lens(model, "norm", wide), *args, next_ids=next_ids)
+    for key, columns in want.items():
+        assert np.ptp(columns["entropy"]) > 0.5  # policies from peaked to flat
+        for column, value in columns.items():
+            np.testing.assert_allclose(got[key][column], value, atol=1e-5, rtol=1e-6)
 
 
 def test_run_records_precision(tiny_dirs, tmp_path):
@@ -220,7 +283,11 @@ def test_run_records_precision(tiny_dirs, tmp_path):
         run_entropy(cfg, progress=False)
         info = json.loads((out / "run.json").read_text())
         assert info["config"]["precision"] == precision
-        assert info["precision"] == resolved  # what auto became for a float32 model
+        chosen = info["precision"]
+        assert chosen["mode"] == resolved  # what auto became for a float32 model
+        want = choose_precision(precision, torch.float32, "cpu")
+        assert chosen["products"] == str(want.products).removeprefix("torch.")
+        assert chosen["reductions"] == "float32" and chosen["reason"] == want.reason
 
 
 def test_reused_output_buffer_gives_the_same_logits_and_keeps_autograd(models):
@@ -247,7 +314,7 @@ def test_cli_precision_option(tiny_dirs, tmp_path):
     common = ["entropy", "--model", str(tiny_dirs["qwen2"]), "--data", str(data), "--quiet"]
     result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "a"), "--precision", "fast"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "a" / "run.json").read_text())["precision"] == "fast"
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["precision"]["mode"] == "fast"
     bad = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b"), "--precision", "half"])
     assert bad.exit_code == 2 and "unknown precision 'half'" in bad.output
     assert not (tmp_path / "b").exists()
