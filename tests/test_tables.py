@@ -403,7 +403,10 @@ def test_residual_cosines_only_some_layers(models):
     whole = entropy_table(model, TEXTS[:2], extras=True)
     part = entropy_table(model, TEXTS[:2], extras=True, sites=["mlp_out"], layers=[1])
     expected = whole[(whole.site == "mlp_out") & (whole.layer == 1)].reset_index(drop=True)
-    pd.testing.assert_frame_equal(part, expected, check_exact=False, atol=1e-6, rtol=0)
+    cosines = ["cos_attn", "cos_ffn"]  # float64 from the vectors: the same to 1e-6
+    pd.testing.assert_frame_equal(part[cosines], expected[cosines], atol=1e-6, rtol=0)
+    # exact reduces in float32: other rows per product round the other columns differently
+    pd.testing.assert_frame_equal(part, expected, check_exact=False, atol=1e-5, rtol=0)
 
 
 def test_summary_has_cosine_rows_once_per_token_and_layer(models):
