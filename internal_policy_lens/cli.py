@@ -692,15 +692,31 @@ def plot_train(
     runs: Annotated[list[Path], typer.Argument(help="Run folders of ipl train-bupo.")],
     out: Annotated[Path, typer.Option(help="Where to write training.png/.pdf.")] = Path("figures"),
 ) -> None:
-    """Reward, accuracy, entropy and response length against step, for one or several runs."""
+    """Reward, accuracy, entropy and response length against step, for one or several runs.
+
+    Runs trained with --probe-every also get probes.png/.pdf: cos(H^k, H^j), the FFN entropy
+    change of layer k, the perplexity and KL(pi^k || pi^j) over steps, and a layer x step map of
+    the internal entropy.
+    """
     from .analysis.figures import save_figure
-    from .analysis.plots import training_curves
-    from .train.folder import read_metrics
+    from .analysis.plots import probe_panels, training_curves
+    from .train.folder import read_metrics, read_probes
 
     with _user_errors():
         frames = {str(r): read_metrics(r) for r in runs}
+        probes = {str(r): read_probes(r) for r in runs}
+        probes = {name: found for name, found in probes.items() if found is not None}
+        figure = None
+        if probes:
+            tables = {name: table for name, (table, _) in probes.items()}
+            figure = probe_panels(tables, {name: k for name, (_, k) in probes.items()})
     save_figure(training_curves(frames), out / "training")
     typer.echo(f"wrote {out}/training.png and training.pdf")
+    if figure is None:
+        typer.echo("no probes.png: no run has probes (train with --probe-every N)")
+        return
+    save_figure(figure, out / "probes")
+    typer.echo(f"wrote {out}/probes.png and probes.pdf ({len(probes)} of {len(runs)} runs probed)")
 
 
 @app.command()

@@ -438,6 +438,66 @@ def training_curves(runs: dict[str, pd.DataFrame]) -> Figure:
     return fig
 
 
+PROBE_PANELS = (
+    ("cos_hidden", "cos(H^k, H^j)"),
+    ("delta_ffn", "ΔH of layer k's FFN (nats)"),
+    ("perplexity", "perplexity of π_θ"),
+    ("kl_internal", "KL(π^k ‖ π^j) (nats)"),
+)
+"""Panels of :func:`probe_panels`: a probe quantity and its axis label (the paper's Figs. 4-5)."""
+
+
+@_styled
+def probe_panels(runs: dict[str, pd.DataFrame], layers: dict[str, int]) -> Figure:
+    """Training probes over steps, one row per run (``probes.parquet`` of ``ipl train-bupo``).
+
+    Columns: (a) cos(H^k, H^j) and (d) KL(π^k ‖ π^j), one line per later layer j; (b) the FFN
+    entropy change of layer k; (c) the perplexity of π_θ on the probe responses (log scale); (e)
+    the entropy of every layer's ``resid_post`` policy, layer x step. ``layers`` gives each run's
+    k.
+
+    Raises:
+        ValueError: a run without the probe quantities.
+    """
+    fig = Figure(figsize=(TEXT_WIDTH, 1.9 * len(runs) + 0.4), layout="constrained")
+    fig.set_facecolor("white")
+    grid = fig.subplots(len(runs), len(PROBE_PANELS) + 1, squeeze=False)
+    for row, (name, probes) in zip(grid, runs.items()):
+        k = layers[name]
+        missing = {q for q, _ in PROBE_PANELS} - set(probes["quantity"])
+        if missing:
+            raise ValueError(f"{name}: the probes have no {', '.join(sorted(missing))}")
+        for ax, (quantity, label) in zip(row, PROBE_PANELS):
+            rows = probes[probes["quantity"] == quantity]
+            if quantity == "delta_ffn":
+                rows = rows[rows["layer"] == k]
+            if rows["other_layer"].notna().any():
+                others = sorted(rows["other_layer"].dropna().unique())
+                palette = sns.color_palette("crest", n_colors=len(others))
+                for j, colour in zip(others, palette):
+                    line = rows[rows["other_layer"] == j].sort_values("step")
+                    ax.plot(line["step"], line["value"], color=colour, label=f"j={int(j)}")
+                ax.legend(fontsize=6, ncols=2)
+            else:
+                line = rows.sort_values("step")
+                ax.plot(line["step"], line["value"], color=SITE_COLOURS["mlp_out"], marker="o")
+            if quantity == "perplexity":
+                ax.set_yscale("log")  # it can grow by orders of magnitude when IPA lasts too long
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(label)
+        heat = probes[probes["quantity"] == "entropy_resid_post"]
+        wide = heat.pivot_table(index="layer", columns="step", values="value")
+        ax = row[-1]
+        image = ax.imshow(wide.to_numpy(), aspect="auto", origin="lower", cmap="viridis")
+        ax.set_xticks(range(len(wide.columns)), [str(int(c)) for c in wide.columns], fontsize=6)
+        ax.set_xlabel("step")
+        ax.set_ylabel("layer")
+        fig.colorbar(image, ax=ax, label="H(resid_post) (nats)")
+        row[0].set_title(f"{name} (k = {k})", loc="left")
+    return fig
+
+
 @_styled
 def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
     """KL(final || lens) per layer of ``site``, one line per lens, log scale (``ipl eval-lens``).

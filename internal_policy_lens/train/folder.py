@@ -91,3 +91,11 @@ def _step(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError):
         return None
+
+
+def read_probes(run: str | Path) -> tuple[pd.DataFrame, int] | None:
+    """A run folder's ``probes.parquet`` and its trained layer k, or None without probes."""
+    path = Path(run) / "probes.parquet"
+    if not path.is_file():
+        return None
+    return pd.read_parquet(path), int(RunFolder(run).read_json("config.json")["layer"])

@@ -209,3 +209,35 @@ def test_probes_refuse_the_trl_engine(tmp_path):
     )
     assert result.exit_code == 2
     assert "--probe-every" in result.output and "builtin" in result.output
+
+
+def test_plot_train_draws_the_probes(probed, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from typer.testing import CliRunner
+
+    from internal_policy_lens.analysis.plots import probe_panels
+    from internal_policy_lens.cli import app
+    from internal_policy_lens.train.folder import read_probes
+
+    run, _ = probed
+    table, k = read_probes(run)
+    assert k == 1
+    fig = probe_panels({"a": table, "b": table}, {"a": k, "b": k})
+    FigureCanvasAgg(fig).draw()
+    cos_ax, ffn_ax, _, kl_ax, heat_ax = fig.axes[:5]
+    # panel (a): one line per later layer j, its values the probes'
+    cos = table[table.quantity == "cos_hidden"]
+    assert len(cos_ax.lines) == cos["other_layer"].nunique() == 1  # 3 layers, k = 1: j = 2
+    line = cos.sort_values("step")
+    assert list(cos_ax.lines[0].get_ydata()) == pytest.approx(line["value"].tolist())
+    ffn = table[(table.quantity == "delta_ffn") & (table.layer == k)].sort_values("step")
+    assert list(ffn_ax.lines[0].get_ydata()) == pytest.approx(ffn["value"].tolist())
+    assert len(kl_ax.lines) == 1
+    heat = table[table.quantity == "entropy_resid_post"]
+    assert heat_ax.images[0].get_array().shape == (heat.layer.nunique(), heat.step.nunique())
+    with pytest.raises(ValueError, match="the probes have no perplexity"):
+        probe_panels({"c": table[table.quantity != "perplexity"]}, {"c": k})
+    result = CliRunner().invoke(app, ["plot-train", str(run), "--out", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "f/probes.png").stat().st_size > 10_000
+    assert "1 of 1 runs probed" in result.output
