@@ -68,8 +68,12 @@ def _opt(cls, name: str, help: str, *decls: str, **kw):
 
 
 def _config(cls, given: dict, **fixed):
-    """``cls`` with its defaults, replaced by the options the user gave (those not None)."""
-    return cls(**fixed, **{k: v for k, v in given.items() if v is not None})
+    """``cls`` with its defaults, replaced by the options the user gave (those not None).
+
+    Paths become strings, as the configs (and run.json) hold them.
+    """
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
+    return cls(**fixed, **given)
 
 
 @contextlib.contextmanager
@@ -234,8 +238,6 @@ def entropy(
     generation["batch_size"] = given.pop("gen_batch_size")
     given.pop("quiet")
     given.update(
-        data=None if data is None else str(data),
-        out=None if out is None else str(out),
         sites=sites.split(",") if sites else None,
         generation=_config(GenerationConfig, generation),
     )
@@ -676,7 +678,6 @@ def eval_cmd(
     given = dict(locals())  # first line: only the options
     from .train.evaluate import evaluate
 
-    given.update(data=None if data is None else str(data), out=None if out is None else str(out))
     cfg = _config(EvalConfig, given)
     with _user_errors():
         table, metrics = evaluate(cfg)

@@ -47,6 +47,13 @@ def naive_table(folder, tokenizer, texts, lens):
     return out
 
 
+def write_questions(path, n):
+    """``n`` records ``{"question": "What is i+3i?"}`` without responses (generation needed)."""
+    rows = [{"question": f"What is {i}+{i * 3}?"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def write_problems(path, n):
     """``n`` records ``{"question": "What is i+i?", "answer": "2i"}`` as JSON Lines at ``path``."""
     rows = [{"question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(n)]

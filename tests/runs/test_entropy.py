@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import ipl_command
+from helpers import ipl_command, write_questions
 from typer.testing import CliRunner
 
 from internal_policy_lens import entropy_table
@@ -259,8 +259,7 @@ def _cli(*args):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tiny_dirs, tmp_path):
-    rows = [{"question": f"What is {i}+{i * 3}?"} for i in range(40)]
-    data = _write(rows, tmp_path / "q.jsonl")
+    data = write_questions(tmp_path / "q.jsonl", 40)
     common = [
         "--model",
         tiny_dirs["qwen3"],

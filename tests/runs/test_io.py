@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import ipl_command, one_thread_env, write_problems
+from helpers import ipl_command, one_thread_env, write_problems, write_questions
 from typer.testing import CliRunner
 
 from internal_policy_lens.cli import app
@@ -189,9 +189,7 @@ def _wait_for(condition, seconds=120):
 def test_two_concurrent_runs_one_writer(tiny_dirs, tmp_path):
     # Enough generation batches (one response each) that the first run outlasts the second's
     # start-up by several seconds.
-    rows = [{"question": f"What is {i}+{i * 3}?"} for i in range(40)]
-    data = tmp_path / "q.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_questions(tmp_path / "q.jsonl", 40)
     common = ["--model", tiny_dirs["qwen3"], "--data", data, "--max-new-tokens", 64]
     common += ["--batch-size", 4, "--gen-batch-size", 1, "--seed", 7, "--quiet"]
     out = tmp_path / "run"

@@ -13,7 +13,7 @@ from dataclasses import asdict
 import pandas as pd
 import pytest
 import torch
-from helpers import ipl_command, one_thread_env, tiny_bupo_config
+from helpers import ipl_command, one_thread_env, tiny_bupo_config, write_questions
 from safetensors.torch import load_file
 
 TABLES = ("tokens.parquet", "deltas.parquet", "summary.csv", "responses.jsonl")
@@ -78,9 +78,7 @@ def _killed_at_random(command, seconds, rng):
 
 @pytest.mark.slow
 def test_entropy_killed_anywhere_then_rerun_equals_uninterrupted(tiny_dirs, tmp_path):
-    rows = [{"question": f"What is {i}+{i * 3}?"} for i in range(6)]
-    data = tmp_path / "q.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_questions(tmp_path / "q.jsonl", 6)
     common = ["--model", tiny_dirs["qwen3"], "--data", data, "--max-new-tokens", 24]
     common += ["--batch-size", 2, "--gen-batch-size", 2, "--seed", 3, "--quiet"]
     started = time.time()
