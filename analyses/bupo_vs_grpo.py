@@ -1,9 +1,21 @@
-"""GRPO vs BuPO on the bundled models: same budget, several seeds, evaluated before and after.
+"""GRPO vs BuPO vs IPA only on the bundled models: same budget, two learning rates, several seeds.
 
-    OMP_WAIT_POLICY=PASSIVE python analyses/bupo_vs_grpo.py --out runs/bupo_vs_grpo
+    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python analyses/bupo_vs_grpo.py \\
+        --models ipl-tiny-qwen2 --out runs/bupo_vs_grpo      # one process per model, in parallel
+    python analyses/bupo_vs_grpo.py --summary-only --out runs/bupo_vs_grpo
 
-Writes OUT/results.csv and OUT/results.md (held-out greedy accuracy and Avg@K before and after each
-run), every run folder under OUT/, and `ipl plot-train` draws the runs' curves.
+Per model and seed, GRPO (``--iterative-steps 0``) and BuPO (``--iterative-steps`` steps of IPA on
+the suggested layer, then GRPO) are trained at every learning rate of ``--lrs``, with the
+training probes on (``probes.parquet``). The held-out problems are split: the first
+``--test-problems`` are the test set, the rest the validation set. Each method's learning rate is
+the one with the best mean validation greedy accuracy over seeds; the test set is scored once per
+run (greedy, and ``--eval-samples`` samples at T=1). Then "IPA only" (internal training for all
+steps, the paper's Fig. 4) runs at BuPO's chosen learning rate.
+
+Writes OUT/<model>/runs.csv (every run), and from whatever runs exist: OUT/results.csv and
+OUT/results.md (chosen learning rates, test mean and sd over seeds), and into --figures:
+bupo_vs_grpo.csv, bupo_vs_grpo.md, bupo_vs_grpo_probes.png/.pdf (probes and reward over steps,
+mean and min-max band over seeds). Rerunning reuses finished runs and evaluations.
 """
 
 import argparse
@@ -12,36 +24,62 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
 
+from internal_policy_lens.bundled import bundled_data
 from internal_policy_lens.config import BupoConfig, EvalConfig
-from internal_policy_lens.train.evaluate import evaluate
-from internal_policy_lens.train.loop import train_bupo
+from internal_policy_lens.data.records import read_records
+from internal_policy_lens.train.folder import read_metrics, read_probes
+
+FIGURES = Path(__file__).resolve().parents[1] / "figures"
+METHODS = ("GRPO", "BuPO", "IPA only")
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, default=Path("runs/bupo_vs_grpo"))
+parser.add_argument("--figures", type=Path, default=FIGURES)
 parser.add_argument("--models", nargs="+", default=["ipl-tiny-qwen2", "ipl-tiny-llama"])
-parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-5])
+parser.add_argument("--steps", type=int, default=32)
 parser.add_argument("--iterative-steps", type=int, default=4)
-parser.add_argument(
-    "--layer",
-    nargs="+",
-    default=["auto"],
-    help="BuPO layer: auto, K, or MODEL=K per model (auto declines for a model without an FFN "
-    "exploration stage)",
-)
-parser.add_argument("--eval-problems", type=int, default=200)
+parser.add_argument("--layer", default="auto", help="BuPO layer: auto or K")
+parser.add_argument("--prompts-per-step", type=int, default=8)
+parser.add_argument("--group-size", type=int, default=8)
+parser.add_argument("--probe-every", type=int, default=4)
+parser.add_argument("--probe-samples", type=int, default=8)
+parser.add_argument("--test-problems", type=int, default=200)
+parser.add_argument("--val-problems", type=int, default=None, help="default: all the rest")
 parser.add_argument("--eval-samples", type=int, default=4)
+parser.add_argument("--no-ipa-only", action="store_true", help="skip the IPA-only runs")
+parser.add_argument("--summary-only", action="store_true", help="train nothing; summarise")
 args = parser.parse_args()
+K = args.eval_samples
 
 
-def layer_of(model: str) -> str:
-    given = dict(x.split("=", 1) if "=" in x else ("*", x) for x in args.layer)
-    return given.get(model, given.get("*", "auto"))
+def splits() -> dict[str, str]:
+    """Test and validation files of the held-out problems, written once into OUT/data."""
+    folder = args.out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    records = read_records(str(bundled_data("arith_heldout.jsonl")))
+    parts = {
+        "test": records[: args.test_problems],
+        "val": records[args.test_problems :][: args.val_problems],
+    }
+    paths = {}
+    for name, rows in parts.items():
+        path = folder / f"{name}.jsonl"
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+        paths[name] = str(path)
+    return paths
 
 
 def evaluated(cfg: EvalConfig) -> dict:
     """The metrics of an evaluation, read back when the same evaluation already ran."""
+    from internal_policy_lens.train.evaluate import evaluate
+
     done = Path(cfg.out) / "metrics.json"
     if done.exists():
         saved = json.loads(done.read_text())
@@ -50,64 +88,168 @@ def evaluated(cfg: EvalConfig) -> dict:
     return evaluate(cfg)[1]
 
 
-def score(model: str, out: Path) -> dict:
-    greedy = evaluated(
-        EvalConfig(
-            model=model,
-            out=str(out / "greedy"),
-            samples=1,
-            temperature=0,
-            max_samples=args.eval_problems,
-        )
-    )
-    sampled = evaluated(
-        EvalConfig(
-            model=model,
-            out=str(out / "sampled"),
-            max_samples=args.eval_problems,
-            samples=args.eval_samples,
-            temperature=1.0,
-        )
-    )
+def score(model: str, out: Path, data: dict[str, str]) -> dict:
+    def run(split, name, samples, temperature):
+        cfg = EvalConfig(model=model, data=data[split], out=str(out / name), samples=samples)
+        return evaluated(replace(cfg, temperature=temperature))
+
+    sampled = run("test", "sampled", K, 1.0)
     return {
-        "greedy": greedy["avg@1"],
-        f"avg@{args.eval_samples}": sampled[f"avg@{args.eval_samples}"],
-        f"pass@{args.eval_samples}": sampled[f"pass@{args.eval_samples}"],
+        "val_greedy": run("val", "val-greedy", 1, 0)["avg@1"],
+        "greedy": run("test", "greedy", 1, 0)["avg@1"],
+        f"avg@{K}": sampled[f"avg@{K}"],
+        f"pass@{K}": sampled[f"pass@{K}"],
     }
 
 
-rows = []
-for model in args.models:
-    base = score(model, args.out / model / "base")
-    rows.append({"model": model, "method": "base", "seed": None, **base})
-    for seed in args.seeds:
-        for method, s_inter in (("GRPO", 0), ("BuPO", args.iterative_steps)):
-            run = args.out / model / f"{method.lower()}-seed{seed}"
-            cfg = BupoConfig(
-                model=model,
-                out=str(run),
-                iterative_steps=s_inter,
-                layer=layer_of(model),
-                steps=args.steps,
-                seed=seed,
-                save_every=args.steps,
-            )
-            if not (run / "checkpoints" / f"step-{args.steps}").is_dir():
-                train_bupo(replace(cfg, resume=(run / "metrics.jsonl").exists()))
-            after = score(str(run / "checkpoints" / f"step-{args.steps}"), run / "eval")
-            rows.append({"model": model, "method": method, "seed": seed, **after})
-            print(rows[-1], flush=True)
+def train(model: str, method: str, lr: float, seed: int, data: dict[str, str]) -> dict:
+    from internal_policy_lens.train.loop import train_bupo
 
-table = pd.DataFrame(rows)
-table.to_csv(args.out / "results.csv", index=False)
-summary = (
-    table.groupby(["model", "method"], sort=False).mean(numeric_only=True).drop(columns="seed")
+    inter = {"GRPO": 0, "BuPO": args.iterative_steps, "IPA only": args.steps}[method]
+    run = args.out / model / f"{method.lower().replace(' ', '-')}-lr{lr:g}-seed{seed}"
+    cfg = BupoConfig(
+        model=model,
+        out=str(run),
+        iterative_steps=inter,
+        layer=args.layer,
+        steps=args.steps,
+        seed=seed,
+        lr=lr,
+        prompts_per_step=args.prompts_per_step,
+        group_size=args.group_size,
+        probe_every=args.probe_every,
+        probe_samples=args.probe_samples,
+        save_every=args.steps,
+    )
+    if not (run / "checkpoints" / f"step-{args.steps}").is_dir():
+        train_bupo(replace(cfg, resume=(run / "metrics.jsonl").exists()), progress=False)
+    after = score(str(run / "checkpoints" / f"step-{args.steps}"), run / "eval", data)
+    row = {"model": model, "method": method, "lr": lr, "seed": seed, "run": str(run), **after}
+    print(row, flush=True)
+    return row
+
+
+def chosen_lrs(rows: pd.DataFrame) -> pd.Series:
+    """Per (model, method): the learning rate with the best mean validation greedy accuracy."""
+    trained = rows[rows["method"] != "base"]
+    means = trained.groupby(["model", "method", "lr"])["val_greedy"].mean().reset_index()
+    best = means.loc[means.groupby(["model", "method"])["val_greedy"].idxmax()]
+    return best.set_index(["model", "method"])["lr"]
+
+
+def train_model(model: str, data: dict[str, str]) -> None:
+    path = args.out / model / "runs.csv"
+    rows = [{"model": model, "method": "base", **score(model, args.out / model / "base", data)}]
+    for seed in args.seeds:
+        for lr in args.lrs:
+            for method in ("GRPO", "BuPO"):
+                rows.append(train(model, method, lr, seed, data))
+                pd.DataFrame(rows).to_csv(path, index=False)
+    if not args.no_ipa_only:
+        lr = chosen_lrs(pd.DataFrame(rows))[(model, "BuPO")]
+        for seed in args.seeds:
+            rows.append(train(model, "IPA only", lr, seed, data))
+            pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def summarise() -> pd.DataFrame:
+    frames = [pd.read_csv(p) for p in sorted(args.out.glob("*/runs.csv"))]
+    if not frames:
+        raise SystemExit(f"{args.out}: no runs.csv yet")
+    rows = pd.concat(frames, ignore_index=True)
+    rows.to_csv(args.out / "results.csv", index=False)
+    lrs = chosen_lrs(rows)
+    keep = [r.method == "base" or lrs.get((r.model, r.method)) == r.lr for r in rows.itertuples()]
+    chosen = rows[keep]
+    columns = ["greedy", f"avg@{K}", f"pass@{K}"]
+    grouped = chosen.groupby(["model", "method"], sort=False)
+    table = grouped[columns].agg(["mean", "std"])
+    table[("seeds", "n")] = grouped.size()
+    lines = [
+        "| model | method | lr | seeds | " + " | ".join(columns) + " |",
+        "| --- " * (len(columns) + 4) + "|",
+    ]
+    for (model, method), row in table.iterrows():
+        lr = "" if method == "base" else f"{lrs[(model, method)]:g}"
+        cells = [
+            f"{row[(c, 'mean')]:.3f}"
+            + ("" if pd.isna(row[(c, "std")]) else f" ± {row[(c, 'std')]:.3f}")
+            for c in columns
+        ]
+        seeds = int(row[("seeds", "n")]) if method != "base" else ""
+        lines.append(f"| {model} | {method} | {lr} | {seeds} | " + " | ".join(cells) + " |")
+    means = rows[rows["method"] != "base"].groupby(["model", "method", "lr"])
+    lines += [
+        "",
+        "Validation greedy accuracy (mean over seeds) per learning rate, which chose the lr:",
+        "",
+        "| model | method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |",
+        "| --- " * (len(args.lrs) + 2) + "|",
+    ]
+    by_lr = means["val_greedy"].mean().unstack("lr")
+    for (model, method), row in by_lr.iterrows():
+        cells = [f"{row.get(lr, float('nan')):.3f}" for lr in args.lrs]
+        lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (args.out / "results.md").write_text(text)
+    args.figures.mkdir(parents=True, exist_ok=True)
+    (args.figures / "bupo_vs_grpo.md").write_text(text)
+    rows.drop(columns="run").to_csv(args.figures / "bupo_vs_grpo.csv", index=False)
+    print(text)
+    probe_figure(chosen[chosen["method"] != "base"])
+    return rows
+
+
+PANELS = (
+    ("reward", "mean reward (training rollouts)"),
+    ("cos_hidden", "cos(H^k, H^L-1)"),
+    ("delta_ffn", "ΔH of layer k's FFN (nats)"),
+    ("kl_internal", "KL(π^k ‖ π^L-1) (nats)"),
+    ("perplexity", "perplexity of π_θ (probe set)"),
 )
-header = "| model | method | " + " | ".join(summary.columns) + " |"
-lines = [header, "| --- " * (len(summary.columns) + 2) + "|"]
-lines += [
-    f"| {m} | {k} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
-    for (m, k), row in summary.iterrows()
-]
-(args.out / "results.md").write_text("\n".join(lines) + "\n")
-print(summary.to_string(float_format=lambda x: f"{x:.3f}"))
+
+
+def probe_figure(runs: pd.DataFrame) -> None:
+    """One row per model: reward and probes over steps, one colour per method, seed band."""
+    models = list(dict.fromkeys(runs["model"]))
+    colours = dict(zip(METHODS, sns.color_palette("colorblind", len(METHODS))))
+    fig = Figure(figsize=(11, 2.3 * len(models) + 0.5), layout="constrained")
+    fig.set_facecolor("white")
+    grid = fig.subplots(len(models), len(PANELS), squeeze=False)
+    for row, model in zip(grid, models):
+        for method, group in runs[runs["model"] == model].groupby("method", sort=False):
+            curves = {name: [] for name, _ in PANELS}
+            for run in group["run"]:
+                metrics = read_metrics(run).set_index("step")["reward_mean"]
+                curves["reward"].append(metrics)
+                probes, k = read_probes(run)
+                last = probes["other_layer"].max()
+                for name, _ in PANELS[1:]:
+                    rows = probes[probes["quantity"] == name]
+                    if name == "delta_ffn":
+                        rows = rows[rows["layer"] == k]
+                    elif name != "perplexity":
+                        rows = rows[rows["other_layer"] == last]
+                    curves[name].append(rows.set_index("step")["value"])
+            for ax, (name, label) in zip(row, PANELS):
+                frame = pd.concat(curves[name], axis=1)
+                colour = colours[method]
+                ax.plot(frame.index, frame.mean(axis=1), color=colour, label=method)
+                ax.fill_between(
+                    frame.index, frame.min(axis=1), frame.max(axis=1), color=colour, alpha=0.2
+                )
+                ax.set_xlabel("step")
+                ax.set_ylabel(label, fontsize=7)
+        row[0].set_title(model, loc="left", fontsize=8)
+    grid[0][0].legend(fontsize=7, title="mean, min-max over seeds", title_fontsize=6)
+    for suffix in ("png", "pdf"):
+        fig.savefig(args.figures / f"bupo_vs_grpo_probes.{suffix}", dpi=150)
+
+
+if args.summary_only:
+    summarise()
+else:
+    data = splits()
+    for model in args.models:
+        train_model(model, data)
+    summarise()
