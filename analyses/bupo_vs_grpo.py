@@ -8,9 +8,10 @@ Per model and seed, GRPO (``--iterative-steps 0``) and BuPO (``--iterative-steps
 the suggested layer, then GRPO) are trained at every learning rate of ``--lrs``, with the
 training probes on (``probes.parquet``). The held-out problems are split: the first
 ``--test-problems`` are the test set, the rest the validation set. Each method's learning rate is
-the one with the best mean validation greedy accuracy over seeds; the test set is scored once per
-run (greedy, and ``--eval-samples`` samples at T=1). Then "IPA only" (internal training for all
-steps, the paper's Fig. 4) runs at BuPO's chosen learning rate.
+the one with the best mean validation greedy accuracy over seeds; only the runs at the chosen
+learning rates are scored on the test set (greedy, and ``--eval-samples`` samples at T=1). Then
+"IPA only" (internal training for all steps, the paper's Fig. 4) runs at BuPO's chosen learning
+rate.
 
 Writes OUT/<model>/runs.csv (every run), and from whatever runs exist: OUT/results.csv and
 OUT/results.md (chosen learning rates, test mean and sd over seeds), and into --figures:
@@ -88,21 +89,26 @@ def evaluated(cfg: EvalConfig) -> dict:
     return evaluate(cfg)[1]
 
 
-def score(model: str, out: Path, data: dict[str, str]) -> dict:
+def score(model: str, out: Path, data: dict[str, str], test: bool = True) -> dict:
+    """Validation greedy accuracy, and with ``test`` the test set's greedy, Avg@K and Pass@K."""
+
     def run(split, name, samples, temperature):
         cfg = EvalConfig(model=model, data=data[split], out=str(out / name), samples=samples)
         return evaluated(replace(cfg, temperature=temperature))
 
-    sampled = run("test", "sampled", K, 1.0)
-    return {
-        "val_greedy": run("val", "val-greedy", 1, 0)["avg@1"],
-        "greedy": run("test", "greedy", 1, 0)["avg@1"],
-        f"avg@{K}": sampled[f"avg@{K}"],
-        f"pass@{K}": sampled[f"pass@{K}"],
-    }
+    scores = {"val_greedy": run("val", "val-greedy", 1, 0)["avg@1"]}
+    if test:
+        sampled = run("test", "sampled", K, 1.0)
+        scores["greedy"] = run("test", "greedy", 1, 0)["avg@1"]
+        scores[f"avg@{K}"] = sampled[f"avg@{K}"]
+        scores[f"pass@{K}"] = sampled[f"pass@{K}"]
+    return scores
 
 
-def train(model: str, method: str, lr: float, seed: int, data: dict[str, str]) -> dict:
+def train(
+    model: str, method: str, lr: float, seed: int, data: dict[str, str], test: bool = False
+) -> dict:
+    """Train one run (or reuse it) and score it: validation only, unless ``test``."""
     from internal_policy_lens.train.loop import train_bupo
 
     inter = {"GRPO": 0, "BuPO": args.iterative_steps, "IPA only": args.steps}[method]
@@ -123,7 +129,7 @@ def train(model: str, method: str, lr: float, seed: int, data: dict[str, str]) -
     )
     if not (run / "checkpoints" / f"step-{args.steps}").is_dir():
         train_bupo(replace(cfg, resume=(run / "metrics.jsonl").exists()), progress=False)
-    after = score(str(run / "checkpoints" / f"step-{args.steps}"), run / "eval", data)
+    after = score(str(run / "checkpoints" / f"step-{args.steps}"), run / "eval", data, test)
     row = {"model": model, "method": method, "lr": lr, "seed": seed, "run": str(run), **after}
     print(row, flush=True)
     return row
@@ -138,18 +144,27 @@ def chosen_lrs(rows: pd.DataFrame) -> pd.Series:
 
 
 def train_model(model: str, data: dict[str, str]) -> None:
+    """Every run of one model; the test set only scores the chosen learning rates."""
     path = args.out / model / "runs.csv"
-    rows = [{"model": model, "method": "base", **score(model, args.out / model / "base", data)}]
+    base = {"model": model, "method": "base", **score(model, args.out / model / "base", data)}
+    rows = []
     for seed in args.seeds:
         for lr in args.lrs:
             for method in ("GRPO", "BuPO"):
                 rows.append(train(model, method, lr, seed, data))
-                pd.DataFrame(rows).to_csv(path, index=False)
+                pd.DataFrame([base, *rows]).to_csv(path, index=False)
+    lrs = chosen_lrs(pd.DataFrame(rows))
+    rows = [
+        train(model, r["method"], r["lr"], r["seed"], data, test=True)
+        if lrs[(model, r["method"])] == r["lr"]
+        else r
+        for r in rows
+    ]
+    pd.DataFrame([base, *rows]).to_csv(path, index=False)
     if not args.no_ipa_only:
-        lr = chosen_lrs(pd.DataFrame(rows))[(model, "BuPO")]
         for seed in args.seeds:
-            rows.append(train(model, "IPA only", lr, seed, data))
-            pd.DataFrame(rows).to_csv(path, index=False)
+            rows.append(train(model, "IPA only", lrs[(model, "BuPO")], seed, data, test=True))
+            pd.DataFrame([base, *rows]).to_csv(path, index=False)
 
 
 def summarise() -> pd.DataFrame:
