@@ -16,6 +16,7 @@ from helpers import (
     tiny_bupo_config,
     trl_rewards,
 )
+from transformers import TrainerCallback
 
 from internal_policy_lens.integrations.trl import InternalPolicyCallback
 from internal_policy_lens.integrations.trl.run import train_bupo_trl
@@ -118,7 +119,13 @@ def _train_plain(plain, cfg, callbacks):
 def test_plain_grpo_trainer_probes_the_trained_weights(plain, tiny_dirs, data_file, tmp_path):
     cfg = _cfg(tiny_dirs, data_file, tmp_path / "probed")
     probes = InternalPolicyCallback(probe_every=1, probe_data=cfg.data, probe_samples=2, layer=K)
-    trainer = _train_plain(plain, cfg, [probes])
+    reporter = _Reporter()  # stands for report_to's reporters, which come before given callbacks
+    trainer = plain[0].plain_trainer(cfg, [reporter], trl_rewards())
+    probes.attach(trainer)
+    assert trainer.callback_handler.callbacks.index(
+        probes
+    ) < trainer.callback_handler.callbacks.index(reporter)
+    trainer.train()
     out = tmp_path / "probed"
     table = pd.read_parquet(out / "probes.parquet")
     assert list(table.columns) == list(PROBE_COLUMNS)
@@ -131,6 +138,7 @@ def test_plain_grpo_trainer_probes_the_trained_weights(plain, tiny_dirs, data_fi
     assert sorted(logged) == [0, 1, 2]
     assert all(HEADLINE <= e.keys() for e in logged.values())
     assert all("loss" in logged[s] for s in (1, 2))  # merged into the trainer's own line
+    assert [e for e in reporter.logs if "ipl/perplexity" in e] == [logged[1], logged[2]]
     rows = table[(table.step == 2) & (table.quantity == "kl_internal")]
     assert logged[2]["ipl/kl_internal/1->2"] == rows["value"].item()
     # Each probe equals an independent computation on the weights of its step.
@@ -196,12 +204,9 @@ def test_engine_trl_probes_and_resumes_with_one_probe_per_step(tiny_dirs, data_f
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all(m["probe_time"] > 0 and not any(k.startswith("ipl/") for k in m) for m in metrics)
     # Killed after step 2's probe, before its checkpoint: the resumed run redoes steps 2 and 3.
-    out = tmp_path / "cut"
-    shutil.copytree(full, out)
-    shutil.rmtree(out / "checkpoint-6")
-    shutil.rmtree(out / "final")
+    shutil.rmtree(full / "checkpoint-6")
     resumed = train_bupo_trl(
-        tiny_bupo_config(tiny_dirs, data_file, out, resume=True, **kw),
+        tiny_bupo_config(tiny_dirs, data_file, full, resume=True, **kw),
         progress=False,
         reward_funcs=trl_rewards(),
     )
@@ -214,6 +219,16 @@ def test_engine_trl_probes_and_resumes_with_one_probe_per_step(tiny_dirs, data_f
     merged = a.merge(b, on=keys, suffixes=("_full", "_resumed"))
     assert len(merged) == len(a) == len(b)
     np.testing.assert_allclose(merged["value_full"], merged["value_resumed"], atol=1e-6, rtol=1e-6)
+    metrics = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["probe_time"] > 0) for m in metrics] == [(0, True), (1, True), (2, True)]
+
+
+class _Reporter(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append({**logs, "step": state.global_step})
 
 
 def _timing(key: str) -> bool:
@@ -225,3 +240,45 @@ def test_callback_refuses_bad_settings():
         InternalPolicyCallback(probe_every=0)
     with pytest.raises(ValueError, match="lens 'tuned'"):
         InternalPolicyCallback(lens="tuned")
+
+
+def _begin(callback, folder, out):
+    """``on_train_begin`` of a fresh run on the model in ``folder`` (what a trainer calls)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    model, tokenizer = load_causal_lm(folder)
+    args = SimpleNamespace(output_dir=str(out), seed=0, temperature=1.0, max_completion_length=8)
+    state = TrainerState()
+    callback.on_train_begin(args, state, TrainerControl(), model=model, processing_class=tokenizer)
+    return state
+
+
+@pytest.mark.parametrize(
+    "model", [pytest.param("ipl-tiny-qwen2", marks=pytest.mark.slow), "random"]
+)
+def test_default_layer_is_the_suggested_layer(model, tiny_dirs, data_file, tmp_path):
+    from internal_policy_lens import load_model
+    from internal_policy_lens.train.layer import suggested_layer
+
+    folder = model if model != "random" else tiny_dirs["qwen2"]
+    probes = InternalPolicyCallback(probe_data=str(data_file), probe_samples=3)
+    policy = load_model(folder, dtype="float32", device="cpu")
+    if model == "random":  # a random model's entropies suggest no layer: a one-line error
+        with pytest.raises(ValueError, match=r"no layer can be suggested \(.*\); pass layer=K"):
+            _begin(probes, folder, tmp_path)
+        records = [json.loads(x) for x in (tmp_path / "probe_set.jsonl").read_text().splitlines()]
+        with pytest.raises(ValueError):
+            suggested_layer(policy, records, max_new_tokens=8, lens="raw")
+        return
+    state = _begin(probes, folder, tmp_path)
+    records = [json.loads(x) for x in (tmp_path / "probe_set.jsonl").read_text().splitlines()]
+    assert probes.layer == suggested_layer(policy, records, max_new_tokens=8, lens="raw")
+    k, last = probes.layer, policy.n_layers - 1
+    entry = state.log_history[0]  # the step-0 probe's own entry
+    assert entry["step"] == 0 and entry[f"ipl/kl_internal/{k}->{last}"] > 0
+    table = pd.read_parquet(tmp_path / "probes.parquet")
+    assert set(table["step"]) == {0} and set(
+        table.loc[table.quantity == "cos_hidden", "layer"]
+    ) == {k}

@@ -48,7 +48,10 @@ class InternalPolicyCallback(TrainerCallback):
             ``metrics.jsonl``; 1 (the default) records optimiser steps.
 
     After a probe at step s >= 1 the trainer logs at that step (``control.should_log``), with
-    :data:`HEADLINE` keys added; the step-0 probe gets its own ``state.log_history`` entry.
+    :data:`HEADLINE` keys added to the step's ``state.log_history`` entry and to the ``logs`` the
+    callbacks after this one receive; the step-0 probe gets its own ``state.log_history``
+    entry. Transformers puts the ``report_to`` reporters (wandb, tensorboard...) before the
+    callbacks a trainer is given: :meth:`attach` adds the callback ahead of them instead.
     ``times`` maps each step this process probed to the probe's seconds.
     """
 
@@ -77,6 +80,15 @@ class InternalPolicyCallback(TrainerCallback):
         self.pending: dict[str, float] | None = None  # headline values of a probe not logged yet
         self.times: dict[int, float] = {}
         self._view: tuple[frozenset[int], PolicyModel] | None = None
+
+    def attach(self, trainer) -> InternalPolicyCallback:
+        """Add this callback to ``trainer`` ahead of its reporters, so they log the keys too."""
+        from transformers.trainer_callback import DefaultFlowCallback
+
+        callbacks = trainer.callback_handler.callbacks
+        flow = [i for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)]
+        callbacks.insert(flow[-1] + 1 if flow else 0, self)  # after the flow, which logs
+        return self
 
     def due(self, global_step: int) -> bool:
         """Whether the trainer's ``global_step`` is a probe step (the same on every process)."""
