@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -242,17 +243,45 @@ def test_callback_refuses_bad_settings():
         InternalPolicyCallback(lens="tuned")
 
 
-def _begin(callback, folder, out):
+def _begin(callback, folder, out, dataset=None):
     """``on_train_begin`` of a fresh run on the model in ``folder`` (what a trainer calls)."""
-    from types import SimpleNamespace
-
     from transformers import TrainerControl, TrainerState
 
     model, tokenizer = load_causal_lm(folder)
     args = SimpleNamespace(output_dir=str(out), seed=0, temperature=1.0, max_completion_length=8)
     state = TrainerState()
-    callback.on_train_begin(args, state, TrainerControl(), model=model, processing_class=tokenizer)
+    callback.on_train_begin(
+        args,
+        state,
+        TrainerControl(),
+        model=model,
+        processing_class=tokenizer,
+        train_dataloader=SimpleNamespace(dataset=dataset(tokenizer) if dataset else None),
+    )
     return state
+
+
+def test_probe_data_defaults_to_the_training_prompts(tiny_dirs, data_file, tmp_path):
+    from datasets import Dataset
+
+    from internal_policy_lens.integrations.trl.trainer import prompt_dataset
+
+    records = [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(5)]
+    probes = InternalPolicyCallback(probe_samples=2, layer=K)
+    _begin(probes, tiny_dirs["qwen2"], tmp_path, lambda tok: prompt_dataset(records, tok))
+    drawn = [
+        json.loads(x)["prompt"] for x in (tmp_path / "probe_set.jsonl").read_text().splitlines()
+    ]
+    assert len(drawn) == 2
+    trl_prompts = [r["prompt"] for r in prompt_dataset(records, probes.prober.model.tokenizer)]
+    assert all(p in trl_prompts for p in drawn)
+    with pytest.raises(ValueError, match="no 'prompt' column.*pass probe_data="):
+        _begin(
+            InternalPolicyCallback(layer=K),
+            tiny_dirs["qwen2"],
+            tmp_path / "other",
+            lambda tok: Dataset.from_list([{"text": "1+1?"}]),
+        )
 
 
 @pytest.mark.parametrize(

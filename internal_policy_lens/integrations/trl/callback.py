@@ -70,12 +70,13 @@ class InternalPolicyCallback(TrainerCallback):
             raise ValueError("probe_every, probe_samples and step_unit must be at least 1")
         if lens not in MODEL_LENSES:
             raise ValueError(f"lens '{lens}': the callback probes with {' or '.join(MODEL_LENSES)}")
-        self.probe_every, self.probe_data, self.probe_samples = (
-            probe_every,
+        self.probe_every, self.probe_samples, self.step_unit = probe_every, probe_samples, step_unit
+        self.probe_data, self.layer, self.lens, self.output_dir = (
             probe_data,
-            probe_samples,
+            layer,
+            lens,
+            output_dir,
         )
-        self.layer, self.lens, self.output_dir, self.step_unit = layer, lens, output_dir, step_unit
         self.prober: Prober | None = None
         self.pending: dict[str, float] | None = None  # headline values of a probe not logged yet
         self.times: dict[int, float] = {}
@@ -94,7 +95,7 @@ class InternalPolicyCallback(TrainerCallback):
         """Whether the trainer's ``global_step`` is a probe step (the same on every process)."""
         return (
             global_step % self.step_unit == 0
-            and (global_step // self.step_unit) % (self.probe_every) == 0
+            and (global_step // self.step_unit) % self.probe_every == 0
         )
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
