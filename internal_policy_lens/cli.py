@@ -622,8 +622,6 @@ def train_bupo(
         given["layer"] = int(layer) if layer.lstrip("-").isdigit() else layer
     with _user_errors():
         cfg = _bupo_config(config, given)
-        if engine != "builtin" and cfg.probe_every > 0:
-            raise ValueError("--probe-every: the probes run in the builtin engine only")
         run = _trainer(engine, trl_option or [])
     hint = f"checkpoints are kept in {cfg.out}/checkpoints/: rerun with --resume to continue"
     with _user_errors(hint):

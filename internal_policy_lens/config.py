@@ -369,6 +369,22 @@ class BupoConfig:
 
 
 @dataclass
+class ProbeSettings:
+    """The defaults of the TRL callback's training probes (any GRPOTrainer).
+
+    ``ipl train-bupo`` takes its probes from :class:`BupoConfig`; these serve
+    :class:`~internal_policy_lens.integrations.trl.InternalPolicyCallback`.
+    """
+
+    probe_every: int = 50
+    """Probe at step 0 and every N steps (optimiser steps of the trainer)."""
+    probe_samples: int = 16
+    """Probe prompts (one response each, sampled at the first probe and kept)."""
+    lens: str = LensSettings.lens
+    """Lens of the internal policies of ``kl_internal`` and of the entropies."""
+
+
+@dataclass
 class EvalConfig:
     """One ``ipl eval`` run: K samples per problem, Avg@K and unbiased Pass@k."""
 

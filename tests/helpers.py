@@ -187,3 +187,70 @@ def assert_trl_logprobs_are_ours(trainer, policy, batch, layer_k: int, lens: str
             torch.testing.assert_close(
                 entropy[target], ours_h[:, p - 1 :][target], atol=2e-5, rtol=0
             )
+
+
+def independent_probes(folder, records, k):
+    """Every training-probe quantity of the model in ``folder`` on the probe ``records``, as
+    ``{(quantity, layer, other_layer): value}``, computed apart from the probe code."""
+    from internal_policy_lens import entropy_table, load_model
+    from internal_policy_lens.data.encode import encode_inputs
+
+    model = load_model(folder, dtype="float32", device="cpu")
+    tokens = entropy_table(model, records, response_only=True, extras=False)
+    site = tokens["site"].astype(str)
+    out = {}
+    for name in ("resid_post", "attn_out", "mlp_out"):
+        for layer, value in tokens[site == name].groupby("layer")["entropy"].mean().items():
+            out["entropy_" + name, layer, None] = value
+    wide = tokens[site != "final"].pivot(
+        index=["sample_id", "position", "layer"], columns="site", values="entropy"
+    )
+    for module, (a, b) in {
+        "layer": ("resid_pre", "resid_post"),
+        "attn": ("attn_in", "attn_out"),
+        "ffn": ("mlp_in", "mlp_out"),
+    }.items():
+        for layer, value in (wide[b] - wide[a]).groupby("layer").mean().items():
+            out["delta_" + module, layer, None] = value
+    # By hand, float64: cosines, KL(pi^k || pi^j) under the raw lens, and perplexity.
+    reference = hf_model(folder, dtype=torch.float32)
+    kept = tokens[(site == "final")].groupby("sample_id")["position"].apply(list)
+    ids = {e.sample_id: e.input_ids for e in encode_inputs(model.tokenizer, records)}
+    cos, kl, nll = {}, {}, []
+    for sample_id, positions in kept.items():
+        acts, logits = naive_sites(reference, ids[sample_id])
+        h = {j: acts["resid_post", j][positions].double() for j in range(model.n_layers)}
+        logp = {
+            j: torch.log_softmax(naive_logits(reference, h[j], "resid_post", "raw"), -1) for j in h
+        }
+        for j in range(k + 1, model.n_layers):
+            cos.setdefault(j, []).append(
+                (h[k] * h[j]).sum(-1) / h[k].norm(dim=-1) / h[j].norm(dim=-1)
+            )
+            kl.setdefault(j, []).append((logp[k].exp() * (logp[k] - logp[j])).sum(-1))
+        final = torch.log_softmax(logits.double(), -1)[positions]
+        nxt = torch.tensor(ids[sample_id])[[p + 1 for p in positions]]
+        nll.append(-final.gather(-1, nxt[:, None])[:, 0])
+    for j in cos:
+        out["cos_hidden", k, j] = torch.cat(cos[j]).mean().item()
+        out["kl_internal", k, j] = torch.cat(kl[j]).mean().item()
+    out["perplexity", None, None] = torch.cat(nll).mean().exp().item()
+    return out
+
+
+def assert_probes_match(rows, expected: dict, step) -> None:
+    """One probe's rows of ``probes.parquet`` hold exactly ``expected``'s keys and values (1e-5)."""
+    import pandas as pd
+    import pytest
+
+    got = {
+        (
+            r.quantity,
+            None if pd.isna(r.layer) else int(r.layer),
+            None if pd.isna(r.other_layer) else int(r.other_layer),
+        ): r.value
+        for r in rows.itertuples()
+    }
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), (step, key)

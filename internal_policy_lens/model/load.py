@@ -8,6 +8,8 @@ point.
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import json
 import logging
 import os
@@ -263,6 +265,36 @@ def load_model(
     return PolicyModel(
         bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision
     )
+
+
+def policy_view(hf_model: nn.Module, tokenizer, name: str = "trained") -> PolicyModel:
+    """A :class:`PolicyModel` over a transformers model's own parameters, for reading it live.
+
+    The bridge inserts its wrappers into the module tree it is given, so it gets a copy of
+    ``hf_model``'s modules whose parameters and buffers *are* ``hf_model``'s (the same tensors,
+    no copy of the weights): the view reads every later update of ``hf_model``, while
+    ``hf_model`` itself (its module names, state dict, attention implementation and training
+    mode) is left as it was. The view computes what the plain architecture computes: forwards
+    that a trainer set on the instances are dropped from the copy. Pass the plain model (unwrap
+    DDP's ``module`` first); parameters that a trainer shards or replaces (FSDP, DeepSpeed
+    ZeRO-3) are not read through it.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    shared = {id(t): t for t in itertools.chain(hf_model.parameters(), hf_model.buffers())}
+    tree = copy.deepcopy(hf_model, memo=shared)  # new modules around the same tensors
+    for module in tree.modules():
+        # Forwards a trainer set on the instances (TRL's fused LM head, accelerate's autocast)
+        # close over the original modules: the view runs each class's own forward.
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("_original_forward", None)
+    prepare(tree)
+    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=tree, tokenizer=tokenizer, dtype=next(tree.parameters()).dtype
+    )
+    bridge.eval()
+    return PolicyModel(bridge=bridge, tokenizer=tokenizer, name=name)
 
 
 @contextlib.contextmanager

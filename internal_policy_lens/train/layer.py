@@ -23,23 +23,31 @@ def resolve_layer(cfg: BupoConfig, model: PolicyModel) -> int:
 def auto_layer(cfg: BupoConfig, model: PolicyModel, n: int = 16) -> int:
     """The paper's layer rule on a quick entropy pass over the first ``n`` training prompts.
 
-    Greedy responses to the prompts, then the mean FFN entropy change per layer: the last layer
-    of the FFN exploration stage (see
-    :func:`~internal_policy_lens.analysis.convergence.suggest_layer`).
+    See :func:`suggested_layer`; raises ValueError naming ``--layer`` when no layer is found.
     """
     records = read_records(cfg.data, max_samples=n)
-    responses = sample(
-        model,
-        [r["prompt"] for r in records],
-        samples=1,
-        temperature=0.0,
-        max_new_tokens=cfg.max_new_tokens,
-    )
+    try:
+        return suggested_layer(model, records, max_new_tokens=cfg.max_new_tokens, lens=cfg.lens)
+    except ValueError as err:
+        raise ValueError(f"--layer auto: {err}; pass --layer K instead") from None
+
+
+def suggested_layer(
+    model: PolicyModel, records: list[dict], *, max_new_tokens: int, lens: str
+) -> int:
+    """The paper's layer rule on greedy responses to the ``records``' prompts.
+
+    The mean FFN entropy change per layer picks the last layer of the FFN exploration stage (see
+    :func:`~internal_policy_lens.analysis.convergence.suggest_layer`).
+
+    Raises:
+        ValueError: with the reason when the entropies suggest no layer.
+    """
+    prompts = [r["prompt"] for r in records]
+    responses = sample(model, prompts, samples=1, temperature=0.0, max_new_tokens=max_new_tokens)
     inputs = [{**r, "response": text[0]} for r, text in zip(records, responses)]
-    table = entropy_table(
-        model, inputs, lens=cfg.lens, sites=["mlp_in", "mlp_out"], response_only=True
-    )
+    table = entropy_table(model, inputs, lens=lens, sites=["mlp_in", "mlp_out"], response_only=True)
     suggestion = suggest_layer(summary_table(table))
     if suggestion.layer is None:
-        raise ValueError(f"--layer auto: {suggestion.reason}; pass --layer K instead")
+        raise ValueError(suggestion.reason)
     return suggestion.layer

@@ -27,7 +27,7 @@ from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, sav
 from .folder import append_metrics, start_training
 from .layer import resolve_layer
 from .loss import policy_loss
-from .probes import Prober
+from .probes import ProbePlan, Prober
 from .rewards import math_reward
 from .rollout import collect, token_logprobs
 
@@ -67,7 +67,7 @@ def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
     start = _start(cfg, out, model, opt, sched, layer)
     ref = _reference_model(cfg)
-    prober = Prober(cfg, model, layer, out, start) if cfg.probe_every > 0 else None
+    prober = Prober(ProbePlan.of(cfg), model, layer, out, start) if cfg.probe_every > 0 else None
     bar = tqdm(
         range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="bupo"
     )

@@ -20,6 +20,9 @@ tokens (the positions that predict a response token), pooled over the probe set:
 
 A probe's step is the number of optimiser steps taken (the checkpoint ``step-N`` holds the
 weights it read). Torch's random state is restored after each probe, so training is unchanged.
+The built-in loop probes through :class:`Prober`; so does the TRL callback
+(:class:`~internal_policy_lens.integrations.trl.InternalPolicyCallback`), over a
+:func:`~internal_policy_lens.model.load.policy_view` of the trainer's live weights.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +55,49 @@ _PROBE_SEED = -1  # derive_seed index of the probe set (training steps use 0, 1,
 _ENTROPY_SITES = ("resid_post", "attn_out", "mlp_out")
 
 
-class Prober:
-    """The probes of one training run: the probe set, the rows so far, and when to probe."""
+@dataclass(frozen=True)
+class ProbePlan:
+    """What a run probes and how its probe set is drawn."""
 
-    def __init__(self, cfg: BupoConfig, model: PolicyModel, layer: int, out: Path, start: int):
-        self.cfg, self.model, self.layer, self.folder = cfg, model, layer, RunFolder(out)
-        self.settings = LensSettings(lens=cfg.lens)
+    every: int
+    """Probe at step 0 and every ``every`` steps."""
+    data: str | list[dict]
+    """A records file, or records (dicts with a ``prompt``), the probe prompts are drawn from."""
+    samples: int
+    """Probe prompts drawn."""
+    seed: int
+    """The run's seed (the draw and the sampling use :func:`derive_seed` of it)."""
+    temperature: float
+    """Sampling temperature of the probe responses."""
+    max_new_tokens: int
+    """Longest probe response."""
+    lens: str
+    """Lens of the internal policies."""
+
+    @classmethod
+    def of(cls, cfg: BupoConfig) -> ProbePlan:
+        """The probes of an ``ipl train-bupo`` run (the training data by default)."""
+        return cls(
+            every=cfg.probe_every,
+            data=cfg.probe_data or cfg.data,
+            samples=cfg.probe_samples,
+            seed=cfg.seed,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            lens=cfg.lens,
+        )
+
+
+class Prober:
+    """The probes of one training run: the probe set, the rows so far, and when to probe.
+
+    ``model`` may be replaced between probes (the TRL callback sets a fresh view when the
+    trainer's parameters change); rows of steps at or after ``start`` are dropped (redone).
+    """
+
+    def __init__(self, plan: ProbePlan, model: PolicyModel, layer: int, out: Path, start: int):
+        self.plan, self.model, self.layer, self.folder = plan, model, layer, RunFolder(out)
+        self.settings = LensSettings(lens=plan.lens)
         self.records: list[dict] | None = None  # read or sampled by the first probe (timed)
         rows = None
         if (self.folder.path / PROBES).is_file():
@@ -65,51 +106,53 @@ class Prober:
         self.rows = rows if rows is not None else pd.DataFrame(columns=list(PROBE_COLUMNS))
 
     def due(self, step: int) -> bool:
-        """Whether a probe runs at ``step`` (0 and every ``probe_every`` steps)."""
-        return step % self.cfg.probe_every == 0
+        """Whether a probe runs at ``step`` (0 and every ``plan.every`` steps)."""
+        return step % self.plan.every == 0
 
     def __call__(self, step: int) -> float:
         """Probe the model at ``step``, write ``probes.parquet``; return the seconds it took."""
         t0 = time.perf_counter()
         if self.records is None:
-            self.records = probe_set(self.model, self.cfg, self.folder)
+            self.records = probe_set(self.model, self.plan, self.folder)
         devices = [self.model.device] if self.model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             rows = probe_rows(self.model, self.records, self.layer, self.settings)
         rows.insert(0, "step", step)
         self.rows = pd.concat([self.rows, rows], ignore_index=True) if len(self.rows) else rows
-        self.folder.write_parquet(PROBES, self.rows)
+        self.folder.create().write_parquet(PROBES, self.rows)
         return time.perf_counter() - t0
 
 
-def probe_set(model: PolicyModel, cfg: BupoConfig, folder: RunFolder) -> list[dict]:
+def probe_set(model: PolicyModel, plan: ProbePlan, folder: RunFolder) -> list[dict]:
     """The run's probe records ``{sample_id, prompt, response}``: read back, or drawn and sampled.
 
-    ``cfg.probe_samples`` records of ``cfg.probe_data`` (default: the training data), drawn with
-    the run's seed; one response each, sampled from ``model`` at the training temperature.
+    ``plan.samples`` records of ``plan.data``, drawn with the run's seed; one response each,
+    sampled from ``model`` at the plan's temperature.
     """
     if (folder.path / PROBE_SET).is_file():
         return folder.read_lines(PROBE_SET)
-    source = cfg.probe_data or cfg.data
-    records = read_records(source)
+    source = plan.data
+    records = read_records(source) if isinstance(source, (str, Path)) else list(source)
     if not records:
-        raise ValueError(f"{source}: no record to probe with")
-    rng = random.Random(derive_seed(cfg.seed, _PROBE_SEED))
-    chosen = rng.sample(records, min(cfg.probe_samples, len(records)))
+        raise ValueError(f"{_name(source)}: no record to probe with")
+    if not all(isinstance(r, dict) and "prompt" in r for r in records):
+        raise ValueError(f"{_name(source)}: every probe record needs a 'prompt'")
+    rng = random.Random(derive_seed(plan.seed, _PROBE_SEED))
+    chosen = rng.sample(records, min(plan.samples, len(records)))
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         responses = sample(
             model,
             [r["prompt"] for r in chosen],
             samples=1,
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=derive_seed(cfg.seed, _PROBE_SEED),
+            temperature=plan.temperature,
+            max_new_tokens=plan.max_new_tokens,
+            seed=derive_seed(plan.seed, _PROBE_SEED),
         )
     out = [
         {"sample_id": f"probe-{i}", "prompt": r["prompt"], "response": text[0]}
         for i, (r, text) in enumerate(zip(chosen, responses))
     ]
-    folder.write_text(PROBE_SET, "".join(_json_line(r) for r in out))
+    folder.create().write_text(PROBE_SET, "".join(_json_line(r) for r in out))
     return out
 
 
@@ -205,6 +248,10 @@ def _long(quantity: str, means: pd.Series) -> pd.DataFrame:
     return pd.DataFrame(
         {"quantity": quantity, "layer": means.index.astype(int), "value": means.to_numpy()}
     )
+
+
+def _name(source) -> str:
+    return str(source) if isinstance(source, (str, Path)) else "probe_data"
 
 
 def _json_line(record: dict) -> str:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import pandas as pd
 import pytest
 import torch
 from helpers import (
@@ -216,12 +217,15 @@ def test_cli_engine_trl(tiny_dirs, data_file, tmp_path):
     args += ["--data", str(data_file), "--out", str(out), "--layer", "1", "--steps", "2"]
     args += ["--iterative-steps", "1", "--group-size", "4", "--prompts-per-step", "2"]
     args += ["--mini-batch-size", "8", "--max-new-tokens", "6", "--quiet"]
-    args += ["--trl-option", "log_completions=false"]
+    args += ["--trl-option", "log_completions=false", "--probe-every", "1", "--probe-samples", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["phase"] for m in metrics] == ["ipa", "grpo"]
     assert (out / "final" / "model.safetensors").is_file()
+    probes = pd.read_parquet(out / "probes.parquet")  # the same probes as the built-in engine
+    assert sorted(probes["step"].unique()) == [0, 1, 2]
+    assert set(probes.loc[probes.quantity == "kl_internal", "layer"]) == {1}
     config = json.loads((out / "config.json").read_text())
     assert config["engine"] == "trl" and config["trl_options"] == {"log_completions": False}
 

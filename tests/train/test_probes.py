@@ -4,11 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import alternating_reward, tiny_bupo_config
-from reference import hf_model, naive_logits, naive_sites
+from helpers import (
+    alternating_reward,
+    assert_probes_match,
+    independent_probes,
+    tiny_bupo_config,
+)
 
-from internal_policy_lens import entropy_table, load_model
-from internal_policy_lens.data.encode import encode_inputs
 from internal_policy_lens.train import probes
 from internal_policy_lens.train.loop import train_bupo
 from internal_policy_lens.train.probes import PROBE_COLUMNS
@@ -47,51 +49,6 @@ def probed(tiny_dirs, tmp_path_factory):
     return run, data
 
 
-def _independent(folder, records, k):
-    """Every probe quantity at one checkpoint, computed apart from the probe code."""
-    model = load_model(folder, dtype="float32", device="cpu")
-    tokens = entropy_table(model, records, response_only=True, extras=False)
-    site = tokens["site"].astype(str)
-    out = {}
-    for name in ("resid_post", "attn_out", "mlp_out"):
-        for layer, value in tokens[site == name].groupby("layer")["entropy"].mean().items():
-            out["entropy_" + name, layer, None] = value
-    wide = tokens[site != "final"].pivot(
-        index=["sample_id", "position", "layer"], columns="site", values="entropy"
-    )
-    for module, (a, b) in {
-        "layer": ("resid_pre", "resid_post"),
-        "attn": ("attn_in", "attn_out"),
-        "ffn": ("mlp_in", "mlp_out"),
-    }.items():
-        for layer, value in (wide[b] - wide[a]).groupby("layer").mean().items():
-            out["delta_" + module, layer, None] = value
-    # By hand, float64: cosines, KL(pi^k || pi^j) under the raw lens, and perplexity.
-    reference = hf_model(folder, dtype=torch.float32)
-    kept = tokens[(site == "final")].groupby("sample_id")["position"].apply(list)
-    ids = {e.sample_id: e.input_ids for e in encode_inputs(model.tokenizer, records)}
-    cos, kl, nll = {}, {}, []
-    for sample_id, positions in kept.items():
-        acts, logits = naive_sites(reference, ids[sample_id])
-        h = {j: acts["resid_post", j][positions].double() for j in range(model.n_layers)}
-        logp = {
-            j: torch.log_softmax(naive_logits(reference, h[j], "resid_post", "raw"), -1) for j in h
-        }
-        for j in range(k + 1, model.n_layers):
-            cos.setdefault(j, []).append(
-                (h[k] * h[j]).sum(-1) / h[k].norm(dim=-1) / h[j].norm(dim=-1)
-            )
-            kl.setdefault(j, []).append((logp[k].exp() * (logp[k] - logp[j])).sum(-1))
-        final = torch.log_softmax(logits.double(), -1)[positions]
-        nxt = torch.tensor(ids[sample_id])[[p + 1 for p in positions]]
-        nll.append(-final.gather(-1, nxt[:, None])[:, 0])
-    for j in cos:
-        out["cos_hidden", k, j] = torch.cat(cos[j]).mean().item()
-        out["kl_internal", k, j] = torch.cat(kl[j]).mean().item()
-    out["perplexity", None, None] = torch.cat(nll).mean().exp().item()
-    return out
-
-
 def test_probes_equal_independent_computations_on_the_checkpoints(probed, tiny_dirs):
     run, _ = probed
     table = pd.read_parquet(run / "probes.parquet")
@@ -107,18 +64,7 @@ def test_probes_equal_independent_computations_on_the_checkpoints(probed, tiny_d
         (4, run / "checkpoints/step-4"),
     ):
         rows = table[table["step"] == step]
-        got = {
-            (
-                r.quantity,
-                None if pd.isna(r.layer) else int(r.layer),
-                None if pd.isna(r.other_layer) else int(r.other_layer),
-            ): r.value
-            for r in rows.itertuples()
-        }
-        expected = _independent(folder, records, k)
-        assert got.keys() == expected.keys()
-        for key, value in expected.items():
-            assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), (step, key)
+        assert_probes_match(rows, independent_probes(folder, records, k), step)
     # The trained weights move the probes (the comparison above is not between constants).
     first, last = (
         table[table.step == s].set_index(["quantity", "layer", "other_layer"]) for s in (0, 4)
@@ -197,18 +143,6 @@ def test_resume_keeps_one_probe_per_step(tiny_dirs, data_file, tmp_path, monkeyp
     assert len(merged) == len(a) == len(b)
     np.testing.assert_allclose(merged["value_full"], merged["value_resumed"], atol=1e-6, rtol=1e-6)
     assert [("probe_time" in m) for m in _metrics(resumed)] == [True] * 4
-
-
-def test_probes_refuse_the_trl_engine(tmp_path):
-    from typer.testing import CliRunner
-
-    from internal_policy_lens.cli import app
-
-    result = CliRunner().invoke(
-        app, ["train-bupo", "--engine", "trl", "--probe-every", "2", "--out", str(tmp_path / "r")]
-    )
-    assert result.exit_code == 2
-    assert "--probe-every" in result.output and "builtin" in result.output
 
 
 def test_plot_train_draws_the_probes(probed, tmp_path):

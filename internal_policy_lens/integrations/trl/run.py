@@ -2,7 +2,9 @@
 
 A run folder holds TRL's ``checkpoint-N/`` (N in optimiser steps), ``final/``, ``config.json``
 and ``metrics.jsonl`` with one line per rollout step in the built-in loop's column names (plus
-TRL's own metrics), so ``ipl plot-train`` reads both kinds of run.
+TRL's own metrics), so ``ipl plot-train`` reads both kinds of run. With ``--probe-every N`` the
+:class:`~internal_policy_lens.integrations.trl.callback.InternalPolicyCallback` writes
+``probes.parquet`` as the built-in loop does (steps in rollout steps, k the run's layer).
 """
 
 from __future__ import annotations
@@ -23,14 +25,23 @@ from ...train.checkpoint import checkpoint_step
 from ...train.folder import append_metrics, start_training
 from ...train.layer import resolve_layer
 from ...train.loop import training_records
+from .callback import InternalPolicyCallback
 from .trainer import BupoGRPOTrainer, grpo_config, math_reward_func, prompt_dataset
 
 
 class _Metrics(TrainerCallback):
     """One ``metrics.jsonl`` line per rollout step, with the built-in loop's column names."""
 
-    def __init__(self, out: Path, per_rollout: int, layer: int, iterative_steps: int):
+    def __init__(
+        self,
+        out: Path,
+        per_rollout: int,
+        layer: int,
+        iterative_steps: int,
+        probes: InternalPolicyCallback | None = None,
+    ):
         self.out, self.per_rollout, self.layer, self.s = out, per_rollout, layer, iterative_steps
+        self.probes = probes  # its probe of step s (before s's update) goes on step s's line
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "reward" not in logs:
@@ -47,8 +58,10 @@ class _Metrics(TrainerCallback):
             "response_length": logs.get("completions/mean_length"),
             "entropy_internal": entropy if ipa else None,
             "entropy_policy": None if ipa else entropy,
-            **logs,
+            **{k: v for k, v in logs.items() if not k.startswith("ipl/")},  # probes.parquet's
         }
+        if self.probes is not None and step in self.probes.times:
+            line["probe_time"] = self.probes.times[step]
         append_metrics(self.out, line)
 
 
@@ -80,13 +93,25 @@ def _train(cfg, out: Path, records, layer: int, progress, reward_funcs, override
     per_rollout = args.steps_per_generation * args.num_iterations
     resume = _start(cfg, out, layer, per_rollout, overrides)
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype)
+    probes = None
+    if cfg.probe_every > 0:
+        probes = InternalPolicyCallback(
+            cfg.probe_every,
+            cfg.probe_data or cfg.data,
+            cfg.probe_samples,
+            layer,
+            cfg.lens,
+            output_dir=out,
+            step_unit=per_rollout,
+        )
     trainer = BupoGRPOTrainer(
         model=model,
         args=args,
         reward_funcs=reward_funcs or [math_reward_func],
         train_dataset=prompt_dataset(records, tokenizer),
         processing_class=tokenizer,
-        callbacks=[_Metrics(out, per_rollout, layer, cfg.iterative_steps)],
+        callbacks=[_Metrics(out, per_rollout, layer, cfg.iterative_steps, probes)]
+        + ([probes] if probes is not None else []),
         layer=layer,
         iterative_steps=cfg.iterative_steps,
         lens=cfg.lens,
