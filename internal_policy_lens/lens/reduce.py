@@ -19,7 +19,7 @@ product's logits. The engine keeps both small:
   top-k, and the tiles combined exactly (:func:`tiled_stats`). Neither the logits nor the
   reductions' temporaries are vocabulary-sized, and the reductions read cached data instead of
   streaming each chunk's logits through memory twice. The extras (next token, KL to the final
-  policy) take whole logits rows, as below.
+  policy) and a top-k above :data:`TILED_MAX_TOPK` take whole logits rows, as below.
 - **Top-k.** With ``topk`` K, the same pass keeps each row's K largest logits and their ids,
   as probabilities ``exp(z - m - log S)``: ``[rows, K]`` per chunk, never a ``[rows, vocab]``
   array beyond the chunk's logits, no second product.
@@ -56,6 +56,10 @@ _EAGER_ELEMENTS = 1 << 22
 # core's L2 cache; tiles narrower than MIN_TILE_COLUMNS make the per-call overhead show.
 TILE_ELEMENTS = 1 << 19
 MIN_TILE_COLUMNS = 256
+# The largest top-k taken tile by tile: torch.topk on a tile's few hundred columns costs far more
+# per element than on whole rows, and from some K more than the tiles save (measured on the
+# bench model: tiles cheaper at K = 5, 1.6x slower at K = 20); a larger K reduces whole rows.
+TILED_MAX_TOPK = 5
 _log = logging.getLogger(__name__)
 
 
@@ -97,7 +101,7 @@ def site_stats(
     n = len(index[0])
     topk = min(topk, lens.vocab_size)
     work = n * len(keys) * lens.vocab_size
-    if final is None:
+    if final is None and topk <= TILED_MAX_TOPK:
         compiled = _use_compiled(compiled, work, TILED_COMPILE_MIN_ELEMENTS)
         return _tiled_site_stats(lens, acts, sites, index, topk, chunk_tokens, compiled)
     # A small call forms at most n logits rows at once: its memory follows its work.
@@ -258,10 +262,10 @@ def tiled_stats(
     rows, vocab, dtype = len(x), lens.vocab_size, lens.reduce_dtype
     columns = columns or tile_columns(rows, vocab)
     starts = range(0, vocab, columns)
-    tiles, k = len(starts), min(topk, columns)
-    top, log_total, mean = (torch.empty(tiles, rows, dtype=dtype) for _ in range(3))
-    best = torch.empty(tiles, rows, k, dtype=lens.dtype)
-    ids = torch.empty(tiles, rows, k, dtype=torch.long)
+    tiles, k, device = len(starts), min(topk, columns), x.device
+    top, log_total, mean = (torch.empty(tiles, rows, dtype=dtype, device=device) for _ in range(3))
+    best = torch.empty(tiles, rows, k, dtype=lens.dtype, device=device)
+    ids = torch.empty(tiles, rows, k, dtype=torch.long, device=device)
     work = probs = None  # float32 copies of a tile (half products) and its softmax, reused
     for i, start in enumerate(starts):
         z = lens.logits(x, None, slice(start, start + columns))  # [rows, tile]
@@ -270,7 +274,7 @@ def tiled_stats(
             torch.topk(z, k, dim=-1, sorted=False, out=(best[i], ids[i]))
         elif k:  # a last tile narrower than K: all of it, and -inf for the rest
             best[i].fill_(-torch.inf)
-            best[i, :, : shape[1]], ids[i, :, : shape[1]] = z, torch.arange(shape[1])
+            best[i, :, : shape[1]], ids[i, :, : shape[1]] = z, torch.arange(shape[1], device=device)
         if work is None:
             size = rows * columns
             work = z.new_empty(size, dtype=dtype) if z.dtype != dtype else None
@@ -289,7 +293,7 @@ def tiled_stats(
     mass = (lse_t - lse).exp_()
     out = {"entropy": (mass * (log_total - mean + (lse - lse_t))).sum(0)}
     if k:
-        offsets = torch.tensor(list(starts), device=ids.device)[:, None, None]
+        offsets = torch.tensor(list(starts), device=device)[:, None, None]
         merged = best.to(dtype).permute(1, 0, 2).reshape(rows, tiles * k)
         value, where = merged.topk(min(topk, tiles * k), dim=-1, sorted=True)
         pool = (ids + offsets).permute(1, 0, 2).reshape(rows, tiles * k)
@@ -330,9 +334,9 @@ def _tile_sums(z: torch.Tensor, dtype: torch.dtype, out: tuple[torch.Tensor, ...
 
 
 def _tiled_site_stats(lens, acts, sites, index, topk, chunk_tokens, compiled):
-    # Without extras, on the eager path: up to chunk_tokens stacked rows per product, reduced
-    # tile by tile, so that neither the logits nor the reductions' temporaries are vocabulary-
-    # sized; memory follows the tile, not the rows.
+    # Without extras: up to chunk_tokens stacked rows per product, reduced tile by tile, so
+    # that neither the logits nor the reductions' temporaries are vocabulary-sized; memory
+    # follows the tile, not the rows.
     n = len(index[0])
     rows, group = chunk_plan(n, len(sites), chunk_tokens, False)
     columns = tile_columns(rows * group, lens.vocab_size)

@@ -187,11 +187,15 @@ def test_tiled_site_stats_match_float64(models, monkeypatch, precision):
     # extras (the tiled path), against float64 written out from the definitions.
     monkeypatch.setattr(engine, "TILE_ELEMENTS", 1)
     monkeypatch.setattr(engine, "MIN_TILE_COLUMNS", 7)
+    tiled = engine.tiled_stats
     model = models("llama")
     seed = secrets.randbits(31)
     acts = _random_acts(model, torch.Generator().manual_seed(seed))
     keys, index = list(acts), _index(2, 9)
+    seen = []
+    monkeypatch.setattr(engine, "tiled_stats", lambda *a: seen.append(1) or tiled(*a))
     got = site_stats(Lens(model, "raw", precision), acts, keys, index, topk=4, chunk_tokens=40)
+    assert seen  # the tiled path ran
     W = model.unembed.weight.detach().double()
     b = model.unembed.bias
     atol = EXACT_ATOL if precision == "exact" else FAST_MAX
