@@ -225,6 +225,25 @@ def test_compiled_tiles_equal_eager_tiles(models, monkeypatch, precision):
             np.testing.assert_allclose(compiled[key][column], value, atol=1e-5, rtol=0)
 
 
+def test_wrong_compiled_tiles_are_caught_and_replaced_by_eager(models, monkeypatch, caplog):
+    # A compiled tile reduction whose numbers differ from the eager code's is never used.
+    def wrong(z, dtype):
+        top, log_total, mean = engine._tile_math(z, dtype)
+        return top, log_total + 1.0, mean
+
+    monkeypatch.setattr(engine, "_compiled_tile", wrong)
+    monkeypatch.setattr(engine, "_checked_tiles", set())
+    model = models("qwen2")
+    acts = _random_acts(model, torch.Generator().manual_seed(6))
+    args = (Lens(model), acts, list(acts), _index(2, 9))
+    with caplog.at_level(logging.WARNING):
+        compiled = site_stats(*args, compiled=True)
+    assert engine._compiled_tile is False and "compiled tile reductions unusable" in caplog.text
+    eager = site_stats(*args, compiled=False)
+    for key in eager:
+        np.testing.assert_array_equal(compiled[key]["entropy"], eager[key]["entropy"])
+
+
 def test_chunk_plan_bounds_logits_rows():
     for n_rows in (1, 5, 40):
         for n_sites in (1, 3, 20):
