@@ -52,13 +52,14 @@ COMPILE_MIN_ELEMENTS = 1 << 30
 TILED_COMPILE_MIN_ELEMENTS = 1 << 33
 # Elements of a row slice reduced at once on the eager path (its temporaries are a few of these).
 _EAGER_ELEMENTS = 1 << 22
-# Logits per vocabulary tile of the tiled eager path: a float32 tile and its softmax stay in a
-# core's L2 cache; tiles narrower than MIN_TILE_COLUMNS make the per-call overhead show.
+# Logits per vocabulary tile of the tiled path: a float32 tile and its softmax (4 MB) fit two
+# cores' L2 caches; tiles narrower than MIN_TILE_COLUMNS make the per-call overhead show.
 TILE_ELEMENTS = 1 << 19
 MIN_TILE_COLUMNS = 256
 # The largest top-k taken tile by tile: torch.topk on a tile's few hundred columns costs far more
-# per element than on whole rows, and from some K more than the tiles save (measured on the
-# bench model: tiles cheaper at K = 5, 1.6x slower at K = 20); a larger K reduces whole rows.
+# per element than on whole rows (bench model, bf16 products: tiles with K = 5 took 1.27x the
+# time without top-k, with K = 20 2.33x; whole rows had taken 1.33x for both); a larger K
+# reduces whole rows.
 TILED_MAX_TOPK = 5
 _log = logging.getLogger(__name__)
 
