@@ -20,7 +20,13 @@ each turns every (site, layer) of the table (7 sites x L layers + final) into pe
               the CPU has native bf16, else float32; float32 reductions)
   auto        engine.site_stats, precision auto as it resolves for a bf16 checkpoint (the dtype
               Qwen2.5-0.5B ships in) on this CPU, applied to the same vectors
-  floor-fp32  the bare unembedding products of the same rows, float32, in blocks of 1024 rows
+  auto+compile
+              auto with the tiles' reductions compiled by torch.compile (what a run of more than
+              TILED_COMPILE_MIN_ELEMENTS logits does; here after the one-time compile, which the
+              warm-up takes, about 5 s)
+  floor-fp32  the bare unembedding products of the rows the engine projects (resid_pre[l > 0]
+              is resid_post[l - 1]: 7L + 1 - (L - 1) distinct vectors of the 7L + 1 pairs that
+              naive projects), float32, in blocks of 1024 rows
   floor-bf16  the same in bfloat16 (both into one reused output buffer, as the engine does)
   exact+topK, fast+topK
               exact / fast with the K most probable tokens of every policy kept in the same pass
@@ -133,11 +139,11 @@ def naive(model, acts, keys, rows):
     return out
 
 
-def engine(lens, acts, keys, rows, topk=0):
+def engine(lens, acts, keys, rows, topk=0, compiled=None):
     index = (torch.zeros(rows, dtype=torch.long), torch.arange(rows))
     stats = site_stats(
-        lens, acts, keys, index, topk=topk, chunk_tokens=CHUNK
-    )  # compiled as it decides
+        lens, acts, keys, index, topk=topk, chunk_tokens=CHUNK, compiled=compiled
+    )  # compiled=None: as it decides
     return {key: torch.from_numpy(cols["entropy"]) for key, cols in stats.items()}
 
 
@@ -210,6 +216,7 @@ def make_modes(model, acts, topks=()):
     modes = {"naive": lambda rows: naive(model, acts, table_keys, rows)}
     for name, lens in lenses.items():
         modes[name] = lambda rows, lens=lens: engine(lens, acts, keys, rows)
+    modes["auto+compile"] = lambda rows: engine(lenses["auto"], acts, keys, rows, compiled=True)
     for name in ("exact", "fast"):
         for k in topks:
             modes[f"{name}+top{k}"] = lambda rows, lens=lenses[name], k=k: engine(
@@ -311,6 +318,11 @@ def report(times, warm, memory, results, ref, tokens):
         (
             f"auto is {median['auto'] / floor_t:.2f}x the floor of the fastest product ({fastest})",
             median["auto"] / floor_t <= 1.15,
+        ),
+        (
+            f"auto+compile is {median['auto+compile'] / floor_t:.2f}x the floor of the fastest "
+            f"product ({fastest})",
+            None,
         ),
         (
             f"auto is {median['naive'] / median['auto']:.2f}x faster than naive "

@@ -258,34 +258,41 @@ class Lens:
             x = self.norm(x)
         return x.to(self.dtype)
 
-    def logits(self, x: torch.Tensor, site: str | None) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, site: str | None, vocab: slice | None = None) -> torch.Tensor:
         """Project ``x`` ``[rows, d_model]`` of ``site`` to logits ``[rows, vocab]``.
 
         ``site=None`` means that ``x`` is already :meth:`inputs`' output (rows of several sites
-        stacked into one product). Inside :meth:`reused_output`, without gradients, the logits
-        are written into the block's buffer and overwritten by the next call.
+        stacked into one product). ``vocab`` (a slice of token ids) forms only those columns,
+        ``[rows, len(vocab)]``. Inside :meth:`reused_output`, without gradients, the logits are
+        written into the block's buffer and overwritten by the next call.
         """
         if site is not None:
             x = self.inputs(x, site)
-        out = self._out
-        if out is None or len(x) > len(out) or torch.is_grad_enabled():
-            logits = F.linear(x, self.weight, self.bias)
-        elif self.bias is None:
-            logits = torch.mm(x, self.weight.t(), out=out[: len(x)])
+        weight, bias = self.weight, self.bias
+        if vocab is not None:
+            weight, bias = weight[vocab], None if bias is None else bias[vocab]
+        out, shape = self._out, (len(x), len(weight))
+        if out is None or shape[0] * shape[1] > len(out) or torch.is_grad_enabled():
+            logits = F.linear(x, weight, bias)
+        elif bias is None:
+            logits = torch.mm(x, weight.t(), out=out[: shape[0] * shape[1]].view(shape))
         else:
-            logits = torch.addmm(self.bias, x, self.weight.t(), out=out[: len(x)])
+            logits = torch.addmm(bias, x, weight.t(), out=out[: shape[0] * shape[1]].view(shape))
         if self.config is None:
             return logits
         return head_transform(self.config, logits, inplace=not torch.is_grad_enabled())
 
     @contextmanager
-    def reused_output(self, rows: int) -> Iterator[None]:
+    def reused_output(self, rows: int, columns: int | None = None) -> Iterator[None]:
         """Write the logits of up to ``rows`` rows into one buffer, allocated once.
 
-        A fresh vocabulary-sized output costs its page faults on every product (about a fifth of
-        a bf16 product's time on a CPU); reusing one buffer avoids them.
+        ``columns`` (default: the vocabulary) is the width of the widest product; a product of
+        fewer rows may be wider, up to the buffer's ``rows * columns`` elements. A fresh
+        vocabulary-sized output costs its page faults on every product (about a fifth of a bf16
+        product's time on a CPU); reusing one buffer avoids them.
         """
-        self._out = torch.empty(rows, self.vocab_size, dtype=self.dtype, device=self.weight.device)
+        size = rows * (columns or self.vocab_size)
+        self._out = torch.empty(size, dtype=self.dtype, device=self.weight.device)
         try:
             yield
         finally:

@@ -136,6 +136,114 @@ def test_chunk_sizes_from_one_row_to_all_rows_agree(models, precision):
                 np.testing.assert_allclose(other[key][column], value, atol=atol, rtol=0)
 
 
+@torch.no_grad()
+def _tiled_and_whole(model, precision, columns, topk, rows=24, loudest=1.3):
+    lens = Lens(model, "raw", precision)
+    generator = torch.Generator().manual_seed(5)
+    scale = torch.logspace(-1, loudest, rows)[:, None]  # flat to peaked policies
+    x = (scale * torch.randn(rows, model.d_model, generator=generator)).to(lens.dtype)
+    whole = engine.reduce_logits(lens.logits(x, None)[None], lens.reduce_dtype, topk=topk)
+    tiled = engine.tiled_stats(lens, x, topk, columns)
+    return {name: v[0] for name, v in whole.items()}, tiled
+
+
+@pytest.mark.parametrize("columns", [1, 7, 16, 10_000])
+def test_tiled_reductions_equal_whole_rows(arch, models, columns):
+    # Tiles of one column, widths that do not divide the vocabulary, a top-k wider than a tile
+    # (K=10 > 7) and one tile wider than the vocabulary: the same numbers as whole logits rows.
+    model = models(arch)
+    for precision in ("exact", "fast"):
+        whole, tiled = _tiled_and_whole(model, precision, columns, topk=10)
+        np.testing.assert_allclose(tiled["entropy"], whole["entropy"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(tiled["topk_prob"], whole["topk_prob"], atol=1e-6, rtol=1e-5)
+        if precision == "exact":  # bf16 logits tie often, and ties may come in either order
+            np.testing.assert_array_equal(tiled["topk_id"], whole["topk_id"])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_tiled_reductions_apply_the_output_head_per_tile(family_models, family):
+    # Soft-capping (Gemma) and logit scaling (Granite) are applied to every tile (vectors small
+    # enough that no two logits tie at Gemma's cap).
+    model = family_models(family)
+    whole, tiled = _tiled_and_whole(model, "exact", 5, topk=3, loudest=0.5)
+    np.testing.assert_allclose(tiled["entropy"], whole["entropy"], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(tiled["topk_id"], whole["topk_id"])
+
+
+def test_tiled_reductions_tiny_vocabulary_and_full_topk(models):
+    model = models("qwen2")
+    vocab = model.vocab_size
+    whole, tiled = _tiled_and_whole(model, "exact", 3, topk=vocab, rows=4)  # K = vocabulary
+    np.testing.assert_array_equal(tiled["topk_id"], whole["topk_id"])
+    np.testing.assert_allclose(tiled["topk_prob"].sum(-1), 1.0, atol=1e-5)
+    assert engine.tile_columns(1, vocab) == vocab  # a tiny vocabulary: one tile
+    assert engine.tile_columns(10**9, 151936) == engine.MIN_TILE_COLUMNS
+    assert engine.tile_columns(1024, 151936, 1 << 19) == 512
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_tiled_site_stats_match_float64(models, monkeypatch, precision):
+    # Narrow tiles (7 columns, not a divisor of the vocabulary) through site_stats, without
+    # extras (the tiled path), against float64 written out from the definitions.
+    monkeypatch.setattr(engine, "TILE_ELEMENTS", 1)
+    monkeypatch.setattr(engine, "MIN_TILE_COLUMNS", 7)
+    tiled = engine.tiled_stats
+    model = models("llama")
+    seed = secrets.randbits(31)
+    acts = _random_acts(model, torch.Generator().manual_seed(seed))
+    keys, index = list(acts), _index(2, 9)
+    seen = []
+    monkeypatch.setattr(engine, "tiled_stats", lambda *a: seen.append(1) or tiled(*a))
+    got = site_stats(Lens(model, "raw", precision), acts, keys, index, topk=4, chunk_tokens=40)
+    assert seen  # the tiled path ran
+    W = model.unembed.weight.detach().double()
+    b = model.unembed.bias
+    atol = EXACT_ATOL if precision == "exact" else FAST_MAX
+    for key in keys:
+        z = acts[key][index].double() @ W.T + (0 if b is None else b.detach().double())
+        err = np.abs(got[key]["entropy"] - entropy(z).numpy())
+        assert err.max() < atol, (seed, key, err.max())
+        top = torch.softmax(z, -1).topk(4, -1).values.numpy()
+        np.testing.assert_allclose(got[key]["topk_prob"], top, atol=atol, err_msg=str(seed))
+        if precision == "exact":
+            assert (got[key]["topk_id"][:, 0] == z.argmax(-1).numpy()).all(), seed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_compiled_tiles_equal_eager_tiles(models, monkeypatch, precision):
+    monkeypatch.setattr(engine, "TILE_ELEMENTS", 1)
+    monkeypatch.setattr(engine, "MIN_TILE_COLUMNS", 13)
+    model = models("qwen3")
+    acts = _random_acts(model, torch.Generator().manual_seed(4))
+    args = (Lens(model, "raw", precision), acts, list(acts), _index(2, 9))
+    eager = site_stats(*args, topk=4, chunk_tokens=30, compiled=False)
+    compiled = site_stats(*args, topk=4, chunk_tokens=30, compiled=True)
+    assert engine._compiled_tile not in (None, False), "torch.compile did not run"
+    for key, columns in eager.items():
+        for column, value in columns.items():
+            np.testing.assert_allclose(compiled[key][column], value, atol=1e-5, rtol=0)
+
+
+def test_wrong_compiled_tiles_are_caught_and_replaced_by_eager(models, monkeypatch, caplog):
+    # A compiled tile reduction whose numbers differ from the eager code's is never used.
+    def wrong(z, dtype):
+        top, log_total, mean = engine._tile_math(z, dtype)
+        return top, log_total + 1.0, mean
+
+    monkeypatch.setattr(engine, "_compiled_tile", wrong)
+    monkeypatch.setattr(engine, "_checked_tiles", set())
+    model = models("qwen2")
+    acts = _random_acts(model, torch.Generator().manual_seed(6))
+    args = (Lens(model), acts, list(acts), _index(2, 9))
+    with caplog.at_level(logging.WARNING):
+        compiled = site_stats(*args, compiled=True)
+    assert engine._compiled_tile is False and "compiled tile reductions unusable" in caplog.text
+    eager = site_stats(*args, compiled=False)
+    for key in eager:
+        np.testing.assert_array_equal(compiled[key]["entropy"], eager[key]["entropy"])
+
+
 def test_chunk_plan_bounds_logits_rows():
     for n_rows in (1, 5, 40):
         for n_sites in (1, 3, 20):
@@ -180,8 +288,9 @@ def test_compile_failure_falls_back_to_eager(models, monkeypatch):
     model = models("qwen2")
     acts = _random_acts(model, torch.Generator().manual_seed(3))
     args = (Lens(model), acts, list(acts), _index(2, 9))
-    fallback = site_stats(*args, compiled=True)
-    eager = site_stats(*args, compiled=False)
+    next_ids = torch.arange(18)  # with extras the eager path reduces whole logits rows, as here
+    fallback = site_stats(*args, next_ids=next_ids, compiled=True)
+    eager = site_stats(*args, next_ids=next_ids, compiled=False)
     assert engine._compiled_fused is False
     for key in eager:
         np.testing.assert_array_equal(fallback[key]["entropy"], eager[key]["entropy"])
