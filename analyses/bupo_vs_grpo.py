@@ -15,8 +15,9 @@ rate.
 
 Writes OUT/<model>/runs.csv (every run), and from whatever runs exist: OUT/results.csv and
 OUT/results.md (chosen learning rates, test mean and sd over seeds), and into --figures:
-bupo_vs_grpo.csv, bupo_vs_grpo.md, bupo_vs_grpo_probes.png/.pdf (probes and reward over steps,
-mean and min-max band over seeds). Rerunning reuses finished runs and evaluations.
+bupo_vs_grpo.csv, bupo_vs_grpo.md, bupo_vs_grpo_probes.png/.pdf (reward over steps and each
+probe's change since step 0, mean and min-max band over seeds). Rerunning reuses finished runs
+and evaluations.
 """
 
 import argparse
@@ -216,16 +217,20 @@ def summarise() -> pd.DataFrame:
 
 
 PANELS = (
-    ("reward", "mean reward (training rollouts)"),
-    ("cos_hidden", "cos(H^k, H^L-1)"),
-    ("delta_ffn", "ΔH of layer k's FFN (nats)"),
-    ("kl_internal", "KL(π^k ‖ π^L-1) (nats)"),
-    ("perplexity", "perplexity of π_θ (probe set)"),
+    ("reward", "reward (rollouts, mean of 4 steps)"),
+    ("cos_hidden", "Δ cos(H^k, H^L-1)"),
+    ("delta_ffn", "Δ (ΔH of layer k's FFN) (nats)"),
+    ("kl_internal", "Δ KL(π^k ‖ π^L-1) (nats)"),
+    ("perplexity", "Δ perplexity of π_θ (probe set)"),
 )
 
 
 def probe_figure(runs: pd.DataFrame) -> None:
-    """One row per model: reward and probes over steps, one colour per method, seed band."""
+    """One row per model: reward and probes over steps, one colour per method, seed band.
+
+    Each probe is drawn as its change since the run's step 0: every seed has its own probe set,
+    whose starting values differ far more than training moves them.
+    """
     models = list(dict.fromkeys(runs["model"]))
     colours = dict(zip(METHODS, sns.color_palette("colorblind", len(METHODS))))
     fig = Figure(figsize=(11, 2.3 * len(models) + 0.5), layout="constrained")
@@ -235,8 +240,8 @@ def probe_figure(runs: pd.DataFrame) -> None:
         for method, group in runs[runs["model"] == model].groupby("method", sort=False):
             curves = {name: [] for name, _ in PANELS}
             for run in group["run"]:
-                metrics = read_metrics(run).set_index("step")["reward_mean"]
-                curves["reward"].append(metrics)
+                reward = read_metrics(run).set_index("step")["reward_mean"]
+                curves["reward"].append(reward.rolling(4, min_periods=1).mean())
                 probes, k = read_probes(run)
                 last = probes["other_layer"].max()
                 for name, _ in PANELS[1:]:
@@ -245,7 +250,8 @@ def probe_figure(runs: pd.DataFrame) -> None:
                         rows = rows[rows["layer"] == k]
                     elif name != "perplexity":
                         rows = rows[rows["other_layer"] == last]
-                    curves[name].append(rows.set_index("step")["value"])
+                    values = rows.set_index("step")["value"].sort_index()
+                    curves[name].append(values - values.iloc[0])  # change since step 0
             for ax, (name, label) in zip(row, PANELS):
                 frame = pd.concat(curves[name], axis=1)
                 colour = colours[method]

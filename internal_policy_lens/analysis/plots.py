@@ -481,16 +481,21 @@ def probe_panels(runs: dict[str, pd.DataFrame], layers: dict[str, int]) -> Figur
             else:
                 line = rows.sort_values("step")
                 ax.plot(line["step"], line["value"], color=SITE_COLOURS["mlp_out"], marker="o")
-            if quantity == "perplexity":
+            values = rows["value"]
+            if quantity == "perplexity" and values.max() > 10 * values.min():
                 ax.set_yscale("log")  # it can grow by orders of magnitude when IPA lasts too long
+            else:
+                ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
             ax.set_xlabel("step")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
             ax.set_ylabel(label)
         heat = probes[probes["quantity"] == "entropy_resid_post"]
         wide = heat.pivot_table(index="layer", columns="step", values="value")
         ax = row[-1]
         image = ax.imshow(wide.to_numpy(), aspect="auto", origin="lower", cmap="viridis")
-        ax.set_xticks(range(len(wide.columns)), [str(int(c)) for c in wide.columns], fontsize=6)
+        every = max(1, -(-len(wide.columns) // 3))  # at most 3 step labels
+        shown = range(0, len(wide.columns), every)
+        ax.set_xticks(list(shown), [str(int(wide.columns[i])) for i in shown], fontsize=6)
         ax.set_xlabel("step")
         ax.set_ylabel("layer")
         fig.colorbar(image, ax=ax, label="H(resid_post) (nats)")
