@@ -254,3 +254,16 @@ def assert_probes_match(rows, expected: dict, step) -> None:
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), (step, key)
+
+
+PROBE_QUANTITIES = {  # the quantities every probe writes (the training-probe specification)
+    "entropy_resid_post",
+    "entropy_attn_out",
+    "entropy_mlp_out",
+    "delta_layer",
+    "delta_attn",
+    "delta_ffn",
+    "cos_hidden",
+    "kl_internal",
+    "perplexity",
+}

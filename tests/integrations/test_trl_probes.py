@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers import (
+    PROBE_QUANTITIES,
     assert_probes_match,
     independent_probes,
     tiny_bupo_config,
@@ -25,17 +26,6 @@ from internal_policy_lens.model.load import load_causal_lm
 from internal_policy_lens.train.probes import PROBE_COLUMNS
 
 K = 1  # probed layer of the 3-layer tiny models
-QUANTITIES = {
-    "entropy_resid_post",
-    "entropy_attn_out",
-    "entropy_mlp_out",
-    "delta_layer",
-    "delta_attn",
-    "delta_ffn",
-    "cos_hidden",
-    "kl_internal",
-    "perplexity",
-}
 HEADLINE = {
     "ipl/entropy_resid_post/L1",
     "ipl/entropy_resid_post/L2",
@@ -131,7 +121,7 @@ def test_plain_grpo_trainer_probes_the_trained_weights(plain, tiny_dirs, data_fi
     table = pd.read_parquet(out / "probes.parquet")
     assert list(table.columns) == list(PROBE_COLUMNS)
     assert sorted(table["step"].unique()) == [0, 1, 2]  # optimiser steps taken
-    assert set(table["quantity"]) == QUANTITIES
+    assert set(table["quantity"]) == PROBE_QUANTITIES
     assert sorted(probes.times) == [0, 1, 2] and all(t > 0 for t in probes.times.values())
     # The headline numbers are in the trainer's log history, at the step they were measured.
     history = trainer.state.log_history

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import (
+    PROBE_QUANTITIES,
     alternating_reward,
     assert_probes_match,
     independent_probes,
@@ -16,17 +17,6 @@ from internal_policy_lens.train.loop import train_bupo
 from internal_policy_lens.train.probes import PROBE_COLUMNS
 
 TRAINING = dict(steps=4, save_every=2, iterative_steps=2)
-QUANTITIES = {
-    "entropy_resid_post",
-    "entropy_attn_out",
-    "entropy_mlp_out",
-    "delta_layer",
-    "delta_attn",
-    "delta_ffn",
-    "cos_hidden",
-    "kl_internal",
-    "perplexity",
-}
 
 
 def _train(tiny_dirs, data_file, out, **kw):
@@ -54,7 +44,7 @@ def test_probes_equal_independent_computations_on_the_checkpoints(probed, tiny_d
     table = pd.read_parquet(run / "probes.parquet")
     assert list(table.columns) == list(PROBE_COLUMNS)
     assert sorted(table["step"].unique()) == [0, 2, 4]
-    assert set(table["quantity"]) == QUANTITIES
+    assert set(table["quantity"]) == PROBE_QUANTITIES
     records = [json.loads(x) for x in (run / "probe_set.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(r["response"] for r in records)
     k = json.loads((run / "config.json").read_text())["layer"]
