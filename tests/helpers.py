@@ -267,3 +267,17 @@ PROBE_QUANTITIES = {  # the quantities every probe writes (the training-probe sp
     "kl_internal",
     "perplexity",
 }
+
+
+def assert_probes_follow_the_weights(table, probed: dict, records, k) -> None:
+    """Each probe step's rows equal an independent computation on the weights of that step
+    (``probed``: step -> model folder), and the first and last probes differ (so the
+    comparison is not between constants)."""
+    for step, folder in probed.items():
+        rows = table[table["step"] == step]
+        assert_probes_match(rows, independent_probes(folder, records, k), step)
+    first, last = (
+        table[table.step == s].set_index(["quantity", "layer", "other_layer"])
+        for s in (min(probed), max(probed))
+    )
+    assert (first["value"] - last["value"]).abs().max() > 1e-4

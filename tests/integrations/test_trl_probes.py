@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 from helpers import (
     PROBE_QUANTITIES,
-    assert_probes_match,
-    independent_probes,
+    assert_probes_follow_the_weights,
     tiny_bupo_config,
     trl_rewards,
 )
@@ -135,17 +134,8 @@ def test_plain_grpo_trainer_probes_the_trained_weights(plain, tiny_dirs, data_fi
     # Each probe equals an independent computation on the weights of its step.
     records = [json.loads(x) for x in (out / "probe_set.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["response"] for r in records)
-    for step, folder in (
-        (0, tiny_dirs["qwen2"]),
-        (1, out / "checkpoint-1"),
-        (2, out / "checkpoint-2"),
-    ):
-        rows = table[table["step"] == step]
-        assert_probes_match(rows, independent_probes(folder, records, K), step)
-    first, last = (
-        table[table.step == s].set_index(["quantity", "layer", "other_layer"]) for s in (0, 2)
-    )
-    assert (first["value"] - last["value"]).abs().max() > 1e-4  # the probes see the updates
+    probed = {0: tiny_dirs["qwen2"], 1: out / "checkpoint-1", 2: out / "checkpoint-2"}
+    assert_probes_follow_the_weights(table, probed, records, K)
     # The trainer's model is left as it was: its own module names and attention.
     assert list(trainer.model.state_dict()) == list(load_causal_lm(cfg.model)[0].state_dict())
     # Probing changes nothing in training: the same logged training numbers without it.
