@@ -281,3 +281,18 @@ def assert_probes_follow_the_weights(table, probed: dict, records, k) -> None:
         for s in (min(probed), max(probed))
     )
     assert (first["value"] - last["value"]).abs().max() > 1e-4
+
+
+def assert_resumed_probes_match(full, resumed, steps) -> None:
+    """A resumed run's probe table has exactly one row set per probed step (``steps``), no
+    duplicate row, and the uninterrupted run's values (1e-6)."""
+    import numpy as np
+
+    per_step = resumed.groupby("step").size()
+    assert per_step.index.tolist() == steps
+    assert (per_step == len(full[full.step == 0])).all()  # exactly one row set per probed step
+    keys = ["step", "quantity", "layer", "other_layer"]
+    assert not resumed.duplicated(keys).any()
+    merged = full.merge(resumed, on=keys, suffixes=("_full", "_resumed"))
+    assert len(merged) == len(full) == len(resumed)
+    np.testing.assert_allclose(merged["value_full"], merged["value_resumed"], atol=1e-6, rtol=1e-6)

@@ -8,12 +8,12 @@ import sys
 from dataclasses import asdict
 from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
 import pytest
 from helpers import (
     PROBE_QUANTITIES,
     assert_probes_follow_the_weights,
+    assert_resumed_probes_match,
     tiny_bupo_config,
     trl_rewards,
 )
@@ -192,14 +192,7 @@ def test_engine_trl_probes_and_resumes_with_one_probe_per_step(tiny_dirs, data_f
         reward_funcs=trl_rewards(),
     )
     b = pd.read_parquet(resumed / "probes.parquet")
-    per_step = b.groupby("step").size()
-    assert per_step.index.tolist() == [0, 1, 2, 3]
-    assert (per_step == len(a[a.step == 0])).all()  # exactly one row set per probed step
-    keys = ["step", "quantity", "layer", "other_layer"]
-    assert not b.duplicated(keys).any()
-    merged = a.merge(b, on=keys, suffixes=("_full", "_resumed"))
-    assert len(merged) == len(a) == len(b)
-    np.testing.assert_allclose(merged["value_full"], merged["value_resumed"], atol=1e-6, rtol=1e-6)
+    assert_resumed_probes_match(a, b, [0, 1, 2, 3])
     metrics = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["probe_time"] > 0) for m in metrics] == [(0, True), (1, True), (2, True)]
 

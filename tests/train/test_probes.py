@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -8,6 +7,7 @@ from helpers import (
     PROBE_QUANTITIES,
     alternating_reward,
     assert_probes_follow_the_weights,
+    assert_resumed_probes_match,
     tiny_bupo_config,
 )
 
@@ -113,14 +113,7 @@ def test_resume_keeps_one_probe_per_step(tiny_dirs, data_file, tmp_path, monkeyp
     assert sorted(cut["step"].unique()) == [0, 1, 2]
     resumed = _train(tiny_dirs, data_file, tmp_path / "cut", resume=True, **kw)
     a, b = (pd.read_parquet(r / "probes.parquet") for r in (full, resumed))
-    per_step = b.groupby("step").size()
-    assert per_step.index.tolist() == [0, 1, 2, 3, 4]
-    assert (per_step == len(a[a.step == 0])).all()  # exactly one row set per probed step
-    keys = ["step", "quantity", "layer", "other_layer"]
-    assert not b.duplicated(keys).any()
-    merged = a.merge(b, on=keys, suffixes=("_full", "_resumed"))
-    assert len(merged) == len(a) == len(b)
-    np.testing.assert_allclose(merged["value_full"], merged["value_resumed"], atol=1e-6, rtol=1e-6)
+    assert_resumed_probes_match(a, b, [0, 1, 2, 3, 4])
     assert [("probe_time" in m) for m in _metrics(resumed)] == [True] * 4
 
 
