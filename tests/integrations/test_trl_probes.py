@@ -216,6 +216,13 @@ def test_callback_refuses_bad_settings():
         InternalPolicyCallback(lens="tuned")
 
 
+def test_callback_refuses_a_layer_the_model_lacks(tiny_dirs, data_file, tmp_path):
+    probes = InternalPolicyCallback(probe_data=str(data_file), probe_samples=1, layer=3)
+    with pytest.raises(ValueError, match=r"layer 3 is out of range \(0\.\.2\)"):
+        _begin(probes, tiny_dirs["qwen2"], tmp_path)
+    assert not (tmp_path / "probes.parquet").exists()
+
+
 def _begin(callback, folder, out, dataset=None):
     """``on_train_begin`` of a fresh run on the model in ``folder`` (what a trainer calls)."""
     from transformers import TrainerControl, TrainerState
