@@ -14,6 +14,20 @@ from internal_policy_lens.bundled.tiny import make_tiny_model  # noqa: E402
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, saying why, where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    reason = (
+        "no CUDA GPU: torch " + torch.__version__ + " sees none (a CPU build, or no device); "
+        "run analyses/device_check.sh on a GPU machine"
+    )
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test starts from the same random state."""
