@@ -96,6 +96,14 @@ def _user_errors(resume_hint: str | None = None):
         raise typer.Exit(130) from None
 
 
+def _check_device(device: str) -> None:
+    """Stop with one line, before anything is read or loaded, if this machine lacks ``device``."""
+    from .model.device import check_device
+
+    with _user_errors():
+        check_device(device)
+
+
 @app.command()
 def entropy(
     model: Annotated[
@@ -242,6 +250,7 @@ def entropy(
         generation=_config(GenerationConfig, generation),
     )
     cfg = _config(EntropyConfig, given)
+    _check_device(cfg.device)
     hint = f"finished batches are kept in {cfg.out}/: rerun the same command to resume"
     with _user_errors(hint):
         result = run_entropy(cfg, progress=not quiet)
@@ -317,6 +326,7 @@ def fit_lens(
     given["sites"] = sites.split(",") if sites else None
     given["generation"] = _config(GenerationConfig, {"max_new_tokens": given.pop("max_new_tokens")})
     cfg = _config(FitLensConfig, given)
+    _check_device(cfg.device)
     with _user_errors():
         meta = run_fit_lens(cfg, progress=not quiet)
     evaluation = meta["heldout"]["evaluation"]
@@ -345,13 +355,18 @@ def eval_lens(
         str | None, typer.Option(help="Folder for lens_eval.csv and lens_eval.png/.pdf.")
     ] = None,
     max_samples: Annotated[int | None, typer.Option(min=1, help="First N records.")] = None,
+    device: Annotated[
+        str | None, _opt(EvalLensConfig, "device", "auto, cpu, cuda, cuda:N.")
+    ] = None,
 ) -> None:
     """KL to the final policy, next-token cross-entropy and top-1 agreement of raw, norm, tuned."""
     given = dict(locals())  # first line: only the options
     from .runs.lens import run_eval_lens
 
+    cfg = _config(EvalLensConfig, given)
+    _check_device(cfg.device)
     with _user_errors():
-        table = run_eval_lens(_config(EvalLensConfig, given))
+        table = run_eval_lens(cfg)
     wide = table.pivot_table(index=["site", "layer"], columns="lens", values="kl_to_final")
     typer.echo("KL(final || lens), nats, per site and layer:")
     typer.echo(wide.to_string(float_format=lambda v: f"{v:.4f}"))
@@ -623,6 +638,7 @@ def train_bupo(
     with _user_errors():
         cfg = _bupo_config(config, given)
         run = _trainer(engine, trl_option or [])
+    _check_device(cfg.device)
     hint = f"checkpoints are kept in {cfg.out}/checkpoints/: rerun with --resume to continue"
     with _user_errors(hint):
         folder = run(cfg, progress=not quiet)
@@ -677,6 +693,7 @@ def eval_cmd(
     from .train.evaluate import evaluate
 
     cfg = _config(EvalConfig, given)
+    _check_device(cfg.device)
     with _user_errors():
         table, metrics = evaluate(cfg)
     typer.echo(

@@ -22,6 +22,7 @@ from .lens.sites import MODULES, SITES, SiteKey, source_key
 from .lens.tuned import make_lens
 from .lens.unembed import EXTRA_COLUMNS, Lens
 from .model.batch import pad
+from .model.device import exact_kernels
 from .model.load import PolicyModel
 
 TABLE_COLUMNS: tuple[str, ...] = (
@@ -138,9 +139,10 @@ def entropy_table(
     bar = tqdm(total=len(encoded), unit="sample", disable=not progress)
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        table, top = _batch_table(
-            model, projector, batch, keys, settings, response_only, extras, topk
-        )
+        with exact_kernels(projector.precision == "exact" and model.device.type == "cuda"):
+            table, top = _batch_table(
+                model, projector, batch, keys, settings, response_only, extras, topk
+            )
         parts.append(table)
         tops.append(top)
         bar.update(len(batch))

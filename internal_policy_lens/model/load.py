@@ -22,6 +22,7 @@ from torch import nn
 from ..bundled import BUNDLED_MODELS, bundled_model_path
 from ..data.encode import encode_inputs
 from .batch import pad, position_ids
+from .device import check_device
 from .families import FAMILIES, SUPPORTED_ARCHITECTURES, Family, family_of, prepare
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -244,11 +245,12 @@ def load_model(
 
     Raises:
         ModelLoadError: with what happened and what to do.
+        DeviceError: for a ``device`` this machine cannot run (before anything is loaded).
     """
+    device = check_device(device)
     name, config = _resolve(name_or_path, revision)
-    device = _resolve_device(device)
     tokenizer = _load_tokenizer(name, revision)
-    torch_dtype = _resolve_dtype(dtype, config, _resolve_device("auto") if device_map else device)
+    torch_dtype = _resolve_dtype(dtype, config, check_device("auto") if device_map else device)
     from transformer_lens.model_bridge import TransformerBridge
 
     logging.getLogger("transformer_lens").setLevel(logging.ERROR)
@@ -456,12 +458,6 @@ def _hub_message(name: str, err: Exception) -> str:
         f"it ({type(err).__name__}). Pass a local folder saved by transformers, e.g. "
         "--model /path/to/Qwen2.5-7B, or download it first where the network allows."
     )
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _resolve_dtype(dtype: str | torch.dtype, config, device: str) -> torch.dtype:

@@ -27,6 +27,8 @@ def save_checkpoint(folder: Path, model: PolicyModel, opt, sched, step: int) -> 
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                # Dropout on a GPU draws from the CUDA generators, not the CPU's.
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
                 "python_rng": random.getstate(),
             },
             tmp / STATE,
@@ -73,9 +75,13 @@ def load_checkpoint(folder: Path, model: PolicyModel, opt, sched) -> int:
                 used.add(name)
     if used != set(weights):
         raise ValueError(f"{folder}: weights {sorted(set(weights) - used)} match no parameter")
-    state = torch.load(folder / STATE, weights_only=False)
+    # On the host: RNG states must be CPU tensors; the optimiser moves its state to the weights.
+    state = torch.load(folder / STATE, weights_only=False, map_location="cpu")
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    cuda_rng = state.get("cuda_rng", [])
+    if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
     random.setstate(state["python_rng"])
     return int(state["step"])

@@ -106,11 +106,7 @@ def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress
             "step": step,
             "phase": phase,
             "layer": k,
-            "reward_mean": batch.rewards.mean().item(),
-            "accuracy": (batch.rewards == 1).float().mean().item(),
-            "response_length": batch.response_lengths.float().mean().item(),
-            "entropy_internal": _masked_mean(entropy_k, batch.response_mask),
-            "entropy_policy": _masked_mean(entropy_full, batch.response_mask),
+            **_rollout_stats(batch, entropy_k, entropy_full),
             **stats,
             "lr": sched.get_last_lr()[0],
             "rollout_time": rollout_time,
@@ -134,7 +130,7 @@ def warn_if_no_signal(rewards: torch.Tensor, group_size: int, step: int) -> None
     """Warn when every group's rewards are equal: all advantages are 0, nothing is learned."""
     groups = rewards.view(-1, group_size)  # [prompts, G]
     if bool((groups == groups[:, :1]).all()):
-        values = sorted({float(v) for v in groups[:, 0]})
+        values = sorted(set(groups[:, 0].tolist()))
         warnings.warn(
             f"step {step}: every group's rewards are identical (rewards {values}), so every "
             "advantage is 0 and the policy-gradient update is zero; use prompts the model solves "
@@ -153,13 +149,14 @@ def training_records(cfg: BupoConfig) -> list[dict]:
 
 def update_policy(model, opt, sched, batch, old_logp, ref_logp, k, cfg, seed: int) -> dict:
     """PPO-clip updates on a step's rollouts; ratio on pi^k when ``k`` is a layer. Mean stats."""
-    n = batch.input_ids.shape[0]
-    gen = torch.Generator().manual_seed(seed)  # mini-batch order
-    totals: dict[str, float] = {}
+    n, device = batch.input_ids.shape[0], batch.input_ids.device
+    gen = torch.Generator().manual_seed(seed)  # mini-batch order, the same on every device
+    totals: dict[str, torch.Tensor] = {}
     count = 0
     for _ in range(cfg.updates_per_step):
-        for index in torch.randperm(n, generator=gen).split(cfg.mini_batch_size):
+        for index in torch.randperm(n, generator=gen, device="cpu").split(cfg.mini_batch_size):
             mb = batch.select(index)
+            index = index.to(device)
             logp, _ = token_logprobs(
                 model,
                 mb.input_ids,
@@ -187,9 +184,10 @@ def update_policy(model, opt, sched, batch, old_logp, ref_logp, k, cfg, seed: in
             opt.step()
             sched.step()
             for name, value in {"loss": loss.detach(), "grad_norm": norm, **stats}.items():
-                totals[name] = totals.get(name, 0.0) + value.item()
+                totals[name] = totals.get(name, 0.0) + value.double()
             count += 1
-    return {name: value / count for name, value in totals.items()}
+    means = (torch.stack(list(totals.values())) / count).tolist()  # the one copy to the host
+    return dict(zip(totals, means))
 
 
 def _logprobs(model, batch, layer, cfg):
@@ -203,8 +201,20 @@ def _logprobs(model, batch, layer, cfg):
     )
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((values * mask).sum() / mask.sum().clamp(min=1))
+def _rollout_stats(batch, entropy_k: torch.Tensor, entropy_full: torch.Tensor) -> dict:
+    """A step's rollout metrics, computed where the batch lives and copied to the host once."""
+    tokens = batch.response_mask.sum().clamp(min=1)
+    values = torch.stack(
+        [
+            batch.rewards.mean(),
+            (batch.rewards == 1).float().mean(),
+            batch.response_lengths.float().mean(),
+            (entropy_k * batch.response_mask).sum() / tokens,
+            (entropy_full * batch.response_mask).sum() / tokens,
+        ]
+    ).tolist()
+    names = ("reward_mean", "accuracy", "response_length", "entropy_internal", "entropy_policy")
+    return dict(zip(names, values))
 
 
 def _reference_model(cfg: BupoConfig) -> PolicyModel | None:

@@ -33,6 +33,7 @@ class RolloutBatch:
     def select(self, index: torch.Tensor) -> RolloutBatch:
         """The sub-batch of the given rows (a mini-batch)."""
         rows = index.tolist()
+        index = index.to(self.input_ids.device)
         return RolloutBatch(
             self.input_ids[index],
             self.attention_mask[index],
@@ -71,15 +72,14 @@ def collect(
     )
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     answers = [r["answer"] for r in records for _ in range(group_size)]
-    rewards = torch.tensor([float(reward(t, a)) for t, a in zip(texts, answers)])
+    device = model.device  # every tensor of the batch lives with the model that reads it
+    rewards = torch.tensor([float(reward(t, a)) for t, a in zip(texts, answers)], device=device)
     advantages = group_advantages(rewards.view(len(records), group_size)).view(-1)
-    ids, mask = pad(
-        [p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id, model.device
-    )
-    lengths = torch.tensor([len(r) for r in responses])
+    ids, mask = pad([p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id, device)
+    lengths = torch.tensor([len(r) for r in responses], device=device)
     # Target t+1 is a response token iff it lies in the last len(response) real positions.
-    positions = torch.arange(ids.shape[1] - 1, 0, -1)  # distance to the end for targets 1..T-1
-    response_mask = (positions.unsqueeze(0) <= lengths.unsqueeze(1)).to(model.device)
+    positions = torch.arange(ids.shape[1] - 1, 0, -1, device=device)  # distance to the end
+    response_mask = positions.unsqueeze(0) <= lengths.unsqueeze(1)  # [N, T-1]
     return RolloutBatch(ids, mask, response_mask.long(), rewards, advantages, lengths, texts)
 
 
