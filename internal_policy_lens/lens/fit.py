@@ -93,15 +93,17 @@ def lens_metrics(lens: Lens, rows: Rows, chunk: int = 4096) -> pd.DataFrame:
     """Per (layer, site): mean KL(final || lens), next-token cross-entropy, top-1 agreement."""
     out = []
     for key, x in rows.acts.items():
-        kl = ce = agree = 0.0
+        sums = torch.zeros(3, dtype=torch.float64, device=lens.weight.device)  # kl, ce, agree
         for start in range(0, len(rows), chunk):
             part = slice(start, start + chunk)
-            target = final_logp(lens, rows.final[part])
-            logits = lens.logits(lens.inputs(x[part], *key), None).float()
+            target = final_logp(lens, rows.final[part].to(lens.weight.device))
+            logits = lens.logits(lens.inputs(x[part].to(lens.weight.device), *key), None).float()
             logp = torch.log_softmax(logits, -1)
-            kl += float((target.exp() * (target - logp)).sum())
-            ce -= float(logp.gather(-1, rows.next_ids[part, None]).sum())
-            agree += float((logits.argmax(-1) == target.argmax(-1)).sum())
+            nxt = rows.next_ids[part, None].to(lens.weight.device)
+            kl = (target.exp() * (target - logp)).sum()
+            agree = (logits.argmax(-1) == target.argmax(-1)).sum()
+            sums += torch.stack([kl.double(), -logp.gather(-1, nxt).sum().double(), agree.double()])
+        kl, ce, agree = sums.tolist()  # one copy to the host per (layer, site)
         n = max(len(rows), 1)
         site, layer = key
         out.append(
@@ -213,7 +215,7 @@ def fit_lens(
 
 def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: RunFolder, progress, on_step):
     """SGD with Nesterov momentum over ``cfg.steps`` steps; checkpoints every ``save_every``."""
-    translators = zero_translators(keys, model.d_model)
+    translators = zero_translators(keys, model.d_model, device=model.device)
     params = [t for key in keys for t in translators[key]]
     for p in params:
         p.requires_grad_(True)
@@ -229,9 +231,12 @@ def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: RunFolder, progress
         # One batch of token rows, the same for every translator; seeded by the step.
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step))
         batch = torch.randperm(len(rows), generator=gen)[: cfg.batch_tokens]
-        with torch.no_grad():
-            target = final_logp(lens, rows.final[batch])
-        loss = sum(kl_to_final(lens, rows.acts[key][batch], key, target).mean() for key in keys)
+        with torch.no_grad():  # the rows wait on the host; a batch of them goes to the model
+            target = final_logp(lens, rows.final[batch].to(model.device))
+        loss = sum(
+            kl_to_final(lens, rows.acts[key][batch].to(model.device), key, target).mean()
+            for key in keys
+        )
         for group in opt.param_groups:  # linear decay to zero, no warm-up
             group["lr"] = base_lr * (1 - step / cfg.steps)
         opt.zero_grad(set_to_none=True)
@@ -293,7 +298,8 @@ def _resume(out: RunFolder, cfg, keys, translators, opt) -> int:
         for key in keys:
             for name, param in zip(("weight", "bias"), translators[key]):
                 param.copy_(tensors[f"{key[0]}.{key[1]}.{name}"])
-                opt.state[param]["momentum_buffer"] = tensors[f"{key[0]}.{key[1]}.{name}.momentum"]
+                momentum = tensors[f"{key[0]}.{key[1]}.{name}.momentum"]
+                opt.state[param]["momentum_buffer"] = momentum.to(param.device)
     return int(saved["step"])
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -75,12 +76,12 @@ def model_facts(model: PolicyModel) -> dict:
     }
 
 
-def zero_translators(keys, d_model: int, dtype=torch.float32) -> dict[SiteKey, tuple]:
+def zero_translators(
+    keys, d_model: int, dtype=torch.float32, device: torch.device | str = "cpu"
+) -> dict[SiteKey, tuple]:
     """Identity translators ``key -> (A, b)`` (zeros): the tuned lens equals the norm lens."""
-    return {
-        key: (torch.zeros(d_model, d_model, dtype=dtype), torch.zeros(d_model, dtype=dtype))
-        for key in keys
-    }
+    zeros = partial(torch.zeros, dtype=dtype, device=device)
+    return {key: (zeros(d_model, d_model), zeros(d_model)) for key in keys}
 
 
 def default_lens_path(model: PolicyModel) -> Path | None:
@@ -250,7 +251,7 @@ def _read_tuned_lens(path: Path, model: PolicyModel, meta: dict | None):
         if weight is None:
             raise LensFolderError(f"{params}: no translator {i} ('{i}.weight'); {FIT_HINT}")
         if bias is None:
-            bias = torch.zeros(model.d_model)
+            bias = torch.zeros(model.d_model, device="cpu")  # as the file's tensors
         out[key] = _checked(params, f"{i}.weight", weight, bias, model)
     out.update(zero_translators([("resid_post", n - 1)], model.d_model))  # the package's identity
     if meta is None:

@@ -215,9 +215,11 @@ class Lens:
         self.precision = precision.mode
         self.dtype, self.reduce_dtype = precision.products, precision.reductions
         self.out_dtype = torch.promote_types(model_dtype, torch.float32)
-        # The translators run in the wide dtype (a d x d product: cheap next to the unembedding).
+        # The translators run in the wide dtype (a d x d product: cheap next to the unembedding),
+        # beside the unembedding (a lens read from a file arrives on the CPU).
+        place = {"dtype": self.out_dtype, "device": unembed.weight.device}
         self.translators = {
-            key: (a.to(self.out_dtype), b.to(self.out_dtype))
+            key: (a.to(**place), b.to(**place))
             for key, (a, b) in (translators or {}).items()
         }
         self.weight = unembed.weight.to(self.dtype)  # [vocab, d_model]

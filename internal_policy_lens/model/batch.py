@@ -17,11 +17,12 @@ def pad(
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', not {side!r}")
     length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    # Filled on the host, row by row, then copied to ``device`` once.
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(seqs), length), dtype=torch.long, device="cpu")
     for row, seq in enumerate(seqs):
         span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        ids[row, span] = torch.tensor(seq, dtype=torch.long, device="cpu")
         mask[row, span] = 1
     return ids.to(device), mask.to(device)
 
