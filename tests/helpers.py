@@ -9,7 +9,7 @@ import random
 import sys
 
 import torch
-from reference import entropy, hf_model, naive_logits, naive_sites
+from reference import entropy, hf_model, naive_logits, naive_sites, naive_tuned_logits
 
 from internal_policy_lens.bundled.tiny import ARCHITECTURES
 
@@ -34,17 +34,45 @@ TEXTS = [
 ]
 
 
-def naive_table(folder, tokenizer, texts, lens):
-    """Reference entropies {(sample, position, layer, site): nats} in float64."""
+def naive_table(folder, tokenizer, texts, lens, translators=None):
+    """Reference entropies {(sample, position, layer, site): nats} in float64.
+
+    ``lens="tuned"`` applies ``translators`` ``{(site, layer): (A, b)}`` by hand (``resid_pre``
+    of layer l > 0 reads the translator of ``resid_post`` l - 1, as the lens folders store it).
+    """
     model = hf_model(folder)
     out = {}
     for sample, text in enumerate(texts):
         acts, _ = naive_sites(model, tokenizer(text)["input_ids"])
         for (site, layer), x in acts.items():
-            h = entropy(naive_logits(model, x, site, lens))
+            if lens == "tuned" and site != "final":
+                shared = site == "resid_pre" and layer > 0
+                a, b = translators[("resid_post", layer - 1) if shared else (site, layer)]
+                h = entropy(naive_tuned_logits(model, x, a, b))
+            else:
+                h = entropy(naive_logits(model, x, site, lens))
             for pos, value in enumerate(h.tolist()):
                 out[sample, pos, layer, site] = value
     return out
+
+
+def lens_folder(model, folder, translators, fmt="ipl"):
+    """``translators`` written as a lens folder for ``model`` (``ipl`` or ``tuned-lens`` format)."""
+    from internal_policy_lens.lens.tuned import model_facts, write_lens
+
+    meta = {"model": model_facts(model), "sites": sorted({s for s, _ in translators})}
+    write_lens(folder, translators, meta, fmt)
+    return folder
+
+
+def random_translators(model, keys, scale=0.05, seed=0):
+    """Small random translators ``(A, b)`` for ``keys``: a tuned lens unlike the norm lens."""
+    gen = torch.Generator().manual_seed(seed)
+    d = model.d_model
+    return {
+        key: (scale * torch.randn(d, d, generator=gen), scale * torch.randn(d, generator=gen))
+        for key in keys
+    }
 
 
 def write_questions(path, n):

@@ -12,6 +12,8 @@ from device_guard import MIXED, stray_tensors_elsewhere
 from helpers import (
     TEXTS,
     alternating_reward,
+    lens_folder,
+    random_translators,
     tiny_bupo_config,
     trl_trainer,
 )
@@ -19,7 +21,7 @@ from helpers import (
 from internal_policy_lens import entropy_table, load_model, run_with_cache
 from internal_policy_lens.config import FitLensConfig
 from internal_policy_lens.lens.fit import fit_lens
-from internal_policy_lens.lens.tuned import fitted_keys, model_facts, write_lens
+from internal_policy_lens.lens.tuned import fitted_keys
 from internal_policy_lens.train import loop
 from internal_policy_lens.train.loss import group_advantages, policy_loss
 
@@ -76,15 +78,7 @@ def test_entropy_table_is_device_clean(models, tmp_path, lens):
     path = None
     if lens == "tuned":
         keys = fitted_keys(["resid_pre", "resid_post", "mlp_out"], model.n_layers)
-        gen = torch.Generator().manual_seed(0)
-        d = model.d_model
-        translators = {
-            k: (0.05 * torch.randn(d, d, generator=gen), 0.05 * torch.randn(d, generator=gen))
-            for k in keys
-        }
-        meta = {"model": model_facts(model), "sites": ["resid_pre", "resid_post", "mlp_out"]}
-        path = tmp_path / "lens"
-        write_lens(path, translators, meta, "ipl")
+        path = lens_folder(model, tmp_path / "lens", random_translators(model, keys))
     sites = ["resid_pre", "resid_post", "mlp_out", "final"] if lens == "tuned" else None
     kw = dict(lens=lens, lens_path=path, sites=sites, extras=True, topk=3, chunk_tokens=7)
     tokens, top = entropy_table(model, TEXTS, **kw)

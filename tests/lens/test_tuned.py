@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import TEXTS
+from helpers import TEXTS, lens_folder, random_translators
 from reference import entropy, hf_model, naive_sites, naive_tuned_logits
 from typer.testing import CliRunner
 
@@ -20,9 +20,7 @@ from internal_policy_lens.lens.sites import SITES
 from internal_policy_lens.lens.tuned import (
     LensFolderError,
     fitted_keys,
-    model_facts,
     read_lens,
-    write_lens,
     zero_translators,
 )
 
@@ -30,25 +28,10 @@ runner = CliRunner()
 NON_FINAL = [s for s in SITES if s != "final"]
 
 
-def _lens(model, folder, translators, fmt="ipl"):
-    meta = {"model": model_facts(model), "sites": sorted({s for s, _ in translators})}
-    write_lens(folder, translators, meta, fmt)
-    return folder
-
-
-def _random_translators(model, keys, scale=0.05, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    d = model.d_model
-    return {
-        key: (scale * torch.randn(d, d, generator=gen), scale * torch.randn(d, generator=gen))
-        for key in keys
-    }
-
-
 def test_zero_translators_give_the_norm_lens_table(arch, models, tmp_path):
     model = models(arch)
     keys = fitted_keys(NON_FINAL, model.n_layers)
-    folder = _lens(model, tmp_path / "lens", zero_translators(keys, model.d_model))
+    folder = lens_folder(model, tmp_path / "lens", zero_translators(keys, model.d_model))
     tuned = entropy_table(model, TEXTS, lens="tuned", lens_path=folder, extras=True)
     norm = entropy_table(model, TEXTS, lens="norm", extras=True)
     pd.testing.assert_frame_equal(tuned, norm, check_exact=False, atol=1e-6, rtol=0)
@@ -57,8 +40,8 @@ def test_zero_translators_give_the_norm_lens_table(arch, models, tmp_path):
 def test_tuned_entropies_match_float64_by_hand(arch, models, tiny_dirs, tmp_path):
     model = models(arch, "float64")
     keys = fitted_keys(NON_FINAL, model.n_layers)
-    translators = _random_translators(model, keys)
-    folder = _lens(model, tmp_path / "lens", translators)
+    translators = random_translators(model, keys)
+    folder = lens_folder(model, tmp_path / "lens", translators)
     table = entropy_table(model, TEXTS, lens="tuned", lens_path=folder, chunk_tokens=7)
     reference = hf_model(tiny_dirs[arch])
     errors = []
@@ -81,7 +64,7 @@ def test_tuned_entropies_match_float64_by_hand(arch, models, tiny_dirs, tmp_path
 def test_missing_translator_is_named(models, tmp_path):
     model = models("qwen2")
     keys = fitted_keys(["resid_pre", "resid_post"], model.n_layers)
-    folder = _lens(model, tmp_path / "lens", zero_translators(keys, model.d_model))
+    folder = lens_folder(model, tmp_path / "lens", zero_translators(keys, model.d_model))
     with pytest.raises(ValueError, match="no translator for attn_in at layer 0"):
         entropy_table(model, TEXTS, lens="tuned", lens_path=folder)
     table = entropy_table(model, TEXTS, lens="tuned", lens_path=folder, sites="resid_pre,final")
@@ -91,10 +74,10 @@ def test_missing_translator_is_named(models, tmp_path):
 def test_tuned_lens_format_round_trips(models, tmp_path):
     model = models("qwen2")
     keys = fitted_keys(["resid_pre", "resid_post"], model.n_layers)
-    translators = _random_translators(model, keys)
+    translators = random_translators(model, keys)
     last = ("resid_post", model.n_layers - 1)
     translators[last] = zero_translators([last], model.d_model)[last]  # the package's identity
-    folder = _lens(model, tmp_path / "tl", translators, fmt="tuned-lens")
+    folder = lens_folder(model, tmp_path / "tl", translators, fmt="tuned-lens")
     assert {p.name for p in folder.iterdir()} == {"config.json", "params.pt", "lens.json"}
     state = torch.load(folder / "params.pt", weights_only=True)
     assert sorted(state) == sorted(
@@ -144,13 +127,13 @@ def test_a_folder_written_by_the_tuned_lens_package_loads(models, tmp_path):
 def test_a_lens_for_another_model_is_refused_naming_both(models, tiny_dirs, tmp_path):
     qwen2, qwen3 = models("qwen2"), models("qwen3")
     keys = fitted_keys(["resid_post"], qwen2.n_layers)
-    folder = _lens(qwen2, tmp_path / "lens", zero_translators(keys, qwen2.d_model))
+    folder = lens_folder(qwen2, tmp_path / "lens", zero_translators(keys, qwen2.d_model))
     with pytest.raises(LensFolderError) as err:
         read_lens(folder, qwen3)
     assert str(tiny_dirs["qwen2"]) in str(err.value) and str(tiny_dirs["qwen3"]) in str(err.value)
     narrow = models("llama_tied")  # another d_model: the tuned-lens format names both too
     keys = fitted_keys(["resid_pre", "resid_post"], qwen2.n_layers)
-    tl = _lens(qwen2, tmp_path / "tl", zero_translators(keys, qwen2.d_model), "tuned-lens")
+    tl = lens_folder(qwen2, tmp_path / "tl", zero_translators(keys, qwen2.d_model), "tuned-lens")
     (tl / "lens.json").unlink()
     with pytest.raises(LensFolderError, match=f"{tiny_dirs['qwen2']}.*{tiny_dirs['llama_tied']}"):
         read_lens(tl, narrow)
@@ -163,11 +146,11 @@ def _cli(*args):
 
 def _bad_folders(model, root):
     keys = fitted_keys(["resid_pre", "resid_post"], model.n_layers)
-    good = _lens(model, root / "good", zero_translators(keys, model.d_model))
-    missing = _lens(model, root / "missing", zero_translators(keys, model.d_model))
+    good = lens_folder(model, root / "good", zero_translators(keys, model.d_model))
+    missing = lens_folder(model, root / "missing", zero_translators(keys, model.d_model))
     (missing / "translators.safetensors").unlink()
     wide = {k: (torch.zeros(5, 5), torch.zeros(5)) for k in keys}
-    shapes = _lens(model, root / "shapes", wide)
+    shapes = lens_folder(model, root / "shapes", wide)
     return [
         (root / "nowhere", [], "no such lens folder"),
         (missing, [], "translators.safetensors: missing"),

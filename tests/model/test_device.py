@@ -101,3 +101,15 @@ def test_auto_is_the_cpu_without_a_gpu(monkeypatch):
 def test_load_model_checks_the_device_before_reading_the_model(tmp_path):
     with pytest.raises(DeviceError, match="'bogus' is not a device"):
         load_model(tmp_path / "no-such-model", device="bogus")
+
+
+def test_trl_engine_names_how_to_pick_another_gpu(tmp_path, monkeypatch, two_gpus):
+    monkeypatch.chdir(tmp_path)
+    args = ["train-bupo", "--engine", "trl", "--device", "cuda:1", "--out", str(tmp_path / "o")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        "error: --engine trl runs on the GPU that accelerate picks, not --device cuda:1; "
+        "choose it with CUDA_VISIBLE_DEVICES=1 and --device cuda"
+    )
+    assert not (tmp_path / "o").exists()

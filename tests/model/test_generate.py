@@ -2,11 +2,12 @@ import pytest
 import torch
 from helpers import TEXTS
 
+from internal_policy_lens import load_model
 from internal_policy_lens.model.generate import generate
 
 
 def _greedy_no_cache(model, prompt, steps):
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     eos = model.tokenizer.eos_token_id
     out = []
     for _ in range(steps):
@@ -16,13 +17,19 @@ def _greedy_no_cache(model, prompt, steps):
         out.append(token)
         if token == eos:
             break
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        ids = torch.cat([ids, torch.tensor([[token]], device=model.device)], dim=1)
     return out
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama"])
-def test_cached_greedy_equals_uncached_and_batching_changes_nothing(models, name):
-    model = models(name)
+def test_cached_greedy_equals_uncached_and_batching_changes_nothing(
+    models, tiny_dirs, name, device
+):
+    if device == "cpu":
+        model = models(name)
+    else:
+        model = load_model(tiny_dirs[name], dtype="float32", device=device)
     prompts = [model.tokenizer(t)["input_ids"] for t in TEXTS]
     batched = generate(model, prompts, max_new_tokens=12, temperature=0)
     for prompt, got in zip(prompts, batched, strict=True):

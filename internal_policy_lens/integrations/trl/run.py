@@ -75,6 +75,11 @@ def train_bupo_trl(
     ``final/``. ``reward_funcs`` default to :func:`math_reward_func`; ``overrides`` are
     GRPOConfig fields (e.g. ``use_vllm=True``), recorded in ``config.json``.
     """
+    if cfg.device.startswith("cuda:") and cfg.device != "cuda:0":
+        raise ValueError(
+            f"--engine trl runs on the GPU that accelerate picks, not --device {cfg.device}; "
+            f"choose it with CUDA_VISIBLE_DEVICES={cfg.device[5:]} and --device cuda"
+        )
     out = Path(cfg.out)
     folder = RunFolder(out).check_writable()  # before any work
     records = training_records(cfg)

@@ -202,7 +202,7 @@ def grpo_config(cfg: BupoConfig, *, world_size: int | None = None, **overrides) 
     if cfg.aggregation not in LOSS_TYPES:
         raise ValueError(f"unknown aggregation '{cfg.aggregation}'; use token or sequence")
     per_rollout = responses // cfg.mini_batch_size * cfg.updates_per_step
-    cuda = torch.cuda.is_available()
+    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     values = dict(
         output_dir=cfg.out,
         max_steps=cfg.steps * per_rollout,
@@ -229,8 +229,8 @@ def grpo_config(cfg: BupoConfig, *, world_size: int | None = None, **overrides) 
         save_strategy="steps",
         save_steps=cfg.save_every * per_rollout,
         report_to="none",
-        use_cpu=cfg.device == "cpu" or not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=use_cpu,
+        bf16=not use_cpu and torch.cuda.is_bf16_supported(),  # autocast on the GPU only
         # IPA leaves layers above k out of the forward: DDP must look for unused parameters.
         ddp_find_unused_parameters=True if cfg.iterative_steps > 0 else None,
     )
