@@ -30,7 +30,7 @@ finally:
 MODELS = ("ipl-tiny-qwen2", "ipl-tiny-llama")
 # (pytest arguments, entropy samples, training steps) on a GPU and, smaller, on the CPU
 SIZES = {
-    "cuda": (["-m", "cuda", "-n", "4"], 16, 3),
+    "cuda": (["-m", "cuda", "-n", "4"], 8, 3),
     "cpu": (
         ["tests/test_devices.py", "tests/train/test_train_devices.py"]
         + ["-k", "qwen2-cpu or builtin-cpu"],
@@ -114,6 +114,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=list(SIZES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/ipl-device-check"))
     parser.add_argument("--bench", type=Path, default=ROOT / "analyses" / "bench_gpu.py")
+    parser.add_argument("--only", help="Comma-separated step names to run (default: all).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     device, work = args.device, args.work
@@ -124,6 +125,8 @@ def main() -> int:
     ]
     if args.bench.is_file():
         steps.append((args.bench.name, lambda: bench(work, args.bench)))
+    if args.only:
+        steps = [(name, step) for name, step in steps if name in args.only.split(",")]
     rows = []
     for name, step in steps:
         start = time.perf_counter()
