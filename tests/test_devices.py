@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from helpers import ARCHS, FAMILY_ARCHS, TEXTS, lens_folder, naive_table, random_translators
 
-from internal_policy_lens import entropy_table, load_model
+from internal_policy_lens import entropy_table, load_model, tables
 from internal_policy_lens.lens import unembed
 from internal_policy_lens.lens.sites import SITES
 from internal_policy_lens.lens.tuned import fitted_keys
@@ -123,3 +123,18 @@ def _worst_per_lens(errors) -> str:
         if value >= worst.get(lens, (None, -1.0))[1]:
             worst[lens] = column, value
     return " ".join(f"{lens}:{column}={value:.2e}" for lens, (column, value) in worst.items())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_exact_precision_runs_exact_kernels_on_cuda_only(device, tiny_dirs, monkeypatch):
+    entered, original = [], tables.exact_kernels
+
+    def spy(enabled=True):
+        entered.append(enabled)
+        return original(enabled)
+
+    monkeypatch.setattr(tables, "exact_kernels", spy)
+    model = load_model(tiny_dirs["qwen2"], dtype="float32", device=device)
+    entropy_table(model, TEXTS[:1], precision="exact")
+    entropy_table(model, TEXTS[:1], precision="fast")
+    assert entered == [device == "cuda", False]

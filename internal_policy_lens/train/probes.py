@@ -209,7 +209,8 @@ def pairwise(
     lens = make_lens(model, settings)
     later = range(layer + 1, model.n_layers)
     keys = [("resid_post", j) for j in range(layer, model.n_layers)]
-    sums = {"cos_hidden": dict.fromkeys(later, 0.0), "kl_internal": dict.fromkeys(later, 0.0)}
+    # [2, later layers]: cos and KL sums, kept on the device and copied to the host once
+    sums = torch.zeros(2, len(later), dtype=torch.float64, device=lens.weight.device)
     count = 0
     encoded = encode_inputs(model.tokenizer, records)
     for start in range(0, len(encoded), 8):
@@ -227,15 +228,15 @@ def pairwise(
             for key, j in ((key, key[1]) for key in keys)
         }
         base_logp = _log_policy(lens, hidden[layer], layer)
-        for j in later:
-            cos = torch.nn.functional.cosine_similarity(
-                hidden[layer].double(), hidden[j].double(), dim=-1
-            )
+        base = hidden[layer].to(sums.device).double()
+        for i, j in enumerate(later):
+            cos = torch.nn.functional.cosine_similarity(base, hidden[j].to(sums.device).double())
             kl = (base_logp.exp() * (base_logp - _log_policy(lens, hidden[j], j))).sum(-1)
-            sums["cos_hidden"][j] += float(cos.sum())
-            sums["kl_internal"][j] += float(kl.sum())
+            sums[0, i] += cos.sum()
+            sums[1, i] += kl.sum()
         count += len(rows_b)
-    return {name: {j: v / max(count, 1) for j, v in by.items()} for name, by in sums.items()}
+    means = (sums / max(count, 1)).tolist()
+    return {name: dict(zip(later, row)) for name, row in zip(("cos_hidden", "kl_internal"), means)}
 
 
 def _log_policy(lens, x: torch.Tensor, layer: int) -> torch.Tensor:

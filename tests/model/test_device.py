@@ -6,7 +6,12 @@ from typer.testing import CliRunner
 
 from internal_policy_lens import load_model
 from internal_policy_lens.cli import app
-from internal_policy_lens.model.device import DeviceError, available_devices, check_device
+from internal_policy_lens.model.device import (
+    DeviceError,
+    available_devices,
+    check_device,
+    exact_kernels,
+)
 
 runner = CliRunner()
 # Every command that takes --device; paths that do not exist, so that an error about them
@@ -113,3 +118,27 @@ def test_trl_engine_names_how_to_pick_another_gpu(tmp_path, monkeypatch, two_gpu
         "choose it with CUDA_VISIBLE_DEVICES=1 and --device cuda"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_exact_kernels_restore_what_they_change():
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, name)
+    setattr(matmul, name, "tf32" if name == "fp32_precision" else True)
+    try:
+        with exact_kernels():
+            assert getattr(matmul, name) == ("ieee" if name == "fp32_precision" else False)
+            assert torch.backends.cuda.math_sdp_enabled()
+            assert not torch.backends.cuda.flash_sdp_enabled()
+            assert not torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert getattr(matmul, name) == ("tf32" if name == "fp32_precision" else True)
+        assert torch.backends.cuda.flash_sdp_enabled()
+        with pytest.raises(KeyError), exact_kernels():
+            raise KeyError("the block failed")
+        assert getattr(matmul, name) == ("tf32" if name == "fp32_precision" else True)
+        assert torch.backends.cuda.flash_sdp_enabled()
+        with exact_kernels(False):
+            assert getattr(matmul, name) == ("tf32" if name == "fp32_precision" else True)
+            assert torch.backends.cuda.flash_sdp_enabled()
+    finally:
+        setattr(matmul, name, before)
