@@ -32,18 +32,24 @@ KERNEL_MAX_TOPK = 64
 
 
 def choose_backend(
-    device: torch.device, extras: bool, topk: int, backend: str | None = None
+    device: torch.device,
+    extras: bool,
+    topk: int,
+    backend: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> str:
     """The backend for a call on ``device`` (``backend`` forces one, if it can run the call).
 
-    CUDA with Triton: ``triton`` up to K = :data:`KERNEL_MAX_TOPK`. Elsewhere ``tiles`` without
-    extras and K <= :data:`~.tiles.TILED_MAX_TOPK`, else ``rows``.
+    CUDA with Triton, float32 reductions (``dtype``): ``triton`` up to K =
+    :data:`KERNEL_MAX_TOPK`. Elsewhere (and for a float64 model) ``tiles`` without extras and
+    K <= :data:`~.tiles.TILED_MAX_TOPK`, else ``rows``.
 
     Raises:
         ValueError: for an unknown backend, one that cannot run here or cannot run the call.
     """
     if backend is None:
-        if triton_support(device)[0] and device.type == "cuda" and topk <= KERNEL_MAX_TOPK:
+        kernel = device.type == "cuda" and dtype == torch.float32 and topk <= KERNEL_MAX_TOPK
+        if kernel and triton_support(device)[0]:
             return "triton"
         return "tiles" if not extras and topk <= TILED_MAX_TOPK else "rows"
     if backend not in BACKENDS:
@@ -100,7 +106,8 @@ def site_stats(
     n = len(index[0])
     topk = min(topk, lens.vocab_size)
     work = n * len(keys) * lens.vocab_size
-    chosen = choose_backend(lens.weight.device, final is not None, topk, backend)
+    device, extras = lens.weight.device, final is not None
+    chosen = choose_backend(device, extras, topk, backend, lens.reduce_dtype)
     if chosen == "triton":
         from .gpu import fused_site_stats  # imports triton: only where it runs
 
