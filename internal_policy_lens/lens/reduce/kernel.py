@@ -27,9 +27,6 @@ from .common import Stats
 
 # Columns per tile on a GPU (a tile of float32 logits per program); tests pass narrower tiles.
 BLOCK = 2048
-# A start for the running max that is below every logit yet finite: exp(m0 - m) is 0, and
-# (m0 - m) * S with S = 0 is 0 (with -inf it would be NaN).
-_LOW = -1.0e30
 
 
 @triton.jit
@@ -54,7 +51,9 @@ def _row_stats(
     z_row = Z + row.to(tl.int64) * stride_z
     cols = tl.arange(0, BLOCK)
     slots = tl.arange(0, KP)
-    m = tl.full((), _LOW, tl.float32)
+    # The running max starts below every logit yet finite: exp(m0 - m) is 0, and (m0 - m) * S
+    # with S = 0 is 0 (with -inf it would be NaN). A literal: kernels read no Python globals.
+    m = tl.full((), -1.0e30, tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
     u = tl.zeros((), tl.float32)
