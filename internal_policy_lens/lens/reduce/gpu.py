@@ -1,13 +1,13 @@
 """The ``triton`` backend: float32 products into one reused buffer, reduced by the kernel.
 
-For each chunk of token rows, the stacked rows of a group of sites are multiplied by the
-unembedding with float32 results (``torch.mm(..., out_dtype=torch.float32)``: bf16/fp16
-operands, float32 accumulation and output, on CUDA with torch >= 2.8) into one buffer of at most
-``chunk_tokens`` rows allocated once per call; :func:`~.kernel.row_stats` then reads each logit
-once, adding the lens's bias and the head transformation itself. The logits are never rounded to
-bf16 (at 7B widths that alone cost up to 0.65 nats). With extras, the final policy's rows come
-first: their log-probabilities ``[rows, vocab]`` (float32) and argmax are formed once per chunk
-and read by every site's pass.
+For each chunk of token rows (as many as fit in ``chunk_tokens``, see :func:`gpu_plan`), the
+rows of a group of sites are multiplied by the unembedding with float32 results
+(``torch.mm(..., out_dtype=torch.float32)``: bf16/fp16 operands, float32 accumulation and
+output, on CUDA with torch >= 2.8) into one buffer of at most ``chunk_tokens`` rows allocated
+once per call; :func:`~.kernel.row_stats` then reads each logit once, adding the lens's bias and
+the head transformation itself. The logits are never rounded to bf16 (at 7B widths that alone
+cost up to 0.65 nats). With extras, the final policy's rows come first: their log-probabilities
+``[rows, vocab]`` (float32) and argmax are formed once per chunk and read by every site's pass.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from ...model.families import head_transform
 from ..sites import SiteKey
 from ..unembed import Lens
-from .common import allocate, chunk_plan, chunks, rows_of, stacked_inputs, store, to_numpy
+from .common import allocate, chunks, rows_of, stacked_inputs, store, to_numpy
 from .kernel import row_stats
 
 
@@ -37,7 +37,7 @@ def fused_site_stats(
 ) -> dict[SiteKey, dict[str, np.ndarray]]:
     """:func:`~.dispatch.site_stats` through the Triton kernel (``block``: its tile width)."""
     n, extras = len(index[0]), final is not None
-    rows, group = chunk_plan(n, len(sites), min(chunk_tokens, max(n, 1)), extras)
+    rows, group = gpu_plan(n, len(sites), chunk_tokens, extras)
     device = lens.weight.device
     keys = [*sites, *([final] if extras else [])]
     out = {key: allocate(lens, n, extras, topk) for key in keys}
@@ -61,6 +61,18 @@ def fused_site_stats(
             stats = {k: v.unflatten(0, (len(block_keys), size)) for k, v in stats.items()}
             store(out, block_keys, part, stats)
     return to_numpy(out)
+
+
+def gpu_plan(n_rows: int, n_sites: int, chunk_tokens: int, extras: bool) -> tuple[int, int]:
+    """Token rows per chunk and sites per product: as many token rows of one site as fit.
+
+    A GPU runs a product of ``chunk_tokens`` rows of one site as fast as one of all sites'
+    rows of a few tokens, and gathering one site's rows is one indexing op instead of one per
+    site (each a kernel launch). With extras the final policy's rows take half the chunk.
+    """
+    rows = max(1, min(n_rows, chunk_tokens // (2 if extras else 1)))
+    sites = max(1, min(n_sites, (chunk_tokens - int(extras) * rows) // rows))
+    return rows, sites
 
 
 def float_product(x: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:

@@ -96,16 +96,17 @@ def _row_stats(
         m = new_m
         if K > 0:
             kth = tl.min(top_v, 0)
-            cand = tl.where(z > kth, z, float("-inf"))
-            best = tl.max(cand, 0)
-            while best > kth:  # hand over the tile's candidates, largest first
-                j = tl.argmax(cand, 0)
-                slot = tl.argmin(top_v, 0)
-                top_v = tl.where(slots == slot, best, top_v)
-                top_i = tl.where(slots == slot, (start + j).to(tl.int64), top_i)
-                cand = tl.where(cols == j, float("-inf"), cand)
-                kth = tl.min(top_v, 0)
+            if tile_max > kth:  # after the first tiles, rarely: most tiles end here
+                cand = tl.where(z > kth, z, float("-inf"))
                 best = tl.max(cand, 0)
+                while best > kth:  # hand over the tile's candidates, largest first
+                    j = tl.argmax(cand, 0)
+                    slot = tl.argmin(top_v, 0)
+                    top_v = tl.where(slots == slot, best, top_v)
+                    top_i = tl.where(slots == slot, (start + j).to(tl.int64), top_i)
+                    cand = tl.where(cols == j, float("-inf"), cand)
+                    kth = tl.min(top_v, 0)
+                    best = tl.max(cand, 0)
     log_s = tl.log(s)
     tl.store(ENT + row, log_s - t / s)
     if EXTRAS:
