@@ -12,6 +12,7 @@ cost up to 0.65 nats). With extras, the final policy's rows come first: their lo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,16 +79,27 @@ def gpu_plan(n_rows: int, n_sites: int, chunk_tokens: int, extras: bool) -> tupl
 def float_product(x: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T`` ``[rows, vocab]`` with float32 results, written into ``buffer``.
 
-    Half operands keep their speed and accumulate in float32 (``out_dtype``, CUDA); elsewhere
-    (the CPU, under the interpreter) they are widened first, which gives the same numbers up to
-    the order of the float32 sums.
+    Half operands keep their speed and accumulate in float32 where ``torch.mm`` takes
+    ``out_dtype`` (CUDA, torch >= 2.8); elsewhere (the CPU under the interpreter, an older
+    torch) they are widened first: the same numbers up to the order of the float32 sums.
     """
     out = buffer[: len(x) * len(weight)].view(len(x), len(weight))
     if x.dtype == torch.float32:
         return torch.mm(x, weight.t(), out=out)
-    if x.device.type == "cuda":
+    if float_results(str(x.device), x.dtype):
         return torch.mm(x, weight.t(), out_dtype=torch.float32, out=out)
     return torch.mm(x.float(), weight.float().t(), out=out)
+
+
+@functools.cache
+def float_results(device: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm`` of ``dtype`` operands on ``device`` writes float32 results."""
+    try:
+        ones = torch.ones(2, 2, dtype=dtype, device=device)
+        torch.mm(ones, ones, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):  # no such argument, or no kernel for this device
+        return False
+    return True
 
 
 def _final_logits(lens: Lens, x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:

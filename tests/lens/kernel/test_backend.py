@@ -8,7 +8,13 @@ from reference import hf_model, naive_logits
 
 pytest.importorskip("triton", reason="triton is not installed (Linux x86-64 dev extra)")
 
-from internal_policy_lens.lens.reduce import choose_backend, dispatch, kernel, site_stats  # noqa: E402
+from internal_policy_lens.lens.reduce import (  # noqa: E402
+    choose_backend,
+    dispatch,
+    gpu,
+    kernel,
+    site_stats,
+)
 from internal_policy_lens.lens.unembed import Lens, Precision  # noqa: E402
 
 EXACT_ATOL = 3e-5  # float32 products and reductions against float64 (nats)
@@ -114,6 +120,17 @@ def test_triton_backend_narrow_tiles_and_bf16_products(device, model_on, monkeyp
         err = np.abs(got[key]["entropy"] - want[key]["entropy"].numpy())
         assert err.max() < FAST_MAX, (key, err.max())
     assert ("topk_id" in got[key]) == bool(topk)
+
+
+def test_float32_results_of_half_products(device):
+    # CUDA (torch >= 2.8) writes float32 results of bf16 operands; the CPU widens them first.
+    x = torch.randn(5, 8, dtype=torch.bfloat16, device=device)
+    w = torch.randn(11, 8, dtype=torch.bfloat16, device=device)
+    buffer = torch.empty(100, device=device)
+    got = gpu.float_product(x, w, buffer)
+    assert got.dtype == torch.float32 and got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(got, x.float() @ w.float().T, rtol=1e-5, atol=1e-5)
+    assert gpu.float_results(device, torch.bfloat16) == (device == "cuda")
 
 
 def test_dispatcher_chooses_from_device_extras_and_topk(monkeypatch):
