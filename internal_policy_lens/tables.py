@@ -1,8 +1,8 @@
 """Tidy pandas tables: one row per (sample, position, layer, site), and what derives from them.
 
 :func:`entropy_table` is the pipeline in one call: records -> token ids (``data.encode``) ->
-captured sites (``lens.capture``) -> logits (``lens.unembed``) -> statistics (``lens.reduce``)
--> rows.
+per-row statistics of every internal policy (``lens.stats``: captured sites, logits and their
+reductions) -> rows. No tensors are computed here.
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from .config import LensSettings
 from .data.encode import Encoded, encode_inputs
-from .lens.capture import captured_blocks, site_keys
-from .lens.reduce import COSINE_COLUMNS, cosine_keys, residual_cosines, site_stats
+from .lens.capture import site_keys
+from .lens.reduce import COSINE_COLUMNS
 from .lens.sites import MODULES, SITES, SiteKey, source_key
+from .lens.stats import batch_stats
 from .lens.tuned import make_lens
 from .lens.unembed import EXTRA_COLUMNS, Lens
-from .model.batch import pad
 from .model.device import exact_kernels
 from .model.load import PolicyModel
 
@@ -162,7 +161,6 @@ def token_text(tokenizer, token_ids: pd.Series) -> pd.Series:
     return token_ids.map(text).astype(str)
 
 
-@torch.no_grad()
 def _batch_table(
     model: PolicyModel,
     projector: Lens,
@@ -173,62 +171,20 @@ def _batch_table(
     extras: bool,
     topk: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    ids, mask = pad(
-        [e.input_ids for e in batch], model.tokenizer.pad_token_id, model.device, side="right"
-    )
-    sources = {key: source_key(*key) for key in keys}  # resid_pre[l] is resid_post[l-1]
-    distinct = list(dict.fromkeys(sources.values()))  # each distinct vector once
-    keep = kept_positions(batch, mask, response_only)  # [batch, pos]
-    rows_b, rows_t = keep.nonzero(as_tuple=True)
-    if len(rows_b) == 0:
+    found = batch_stats(model, projector, batch, keys, settings, response_only, extras, topk)
+    if len(found.rows_b) == 0:
         columns = [c for c in TABLE_COLUMNS if c != "token"]  # added by entropy_table
         empty = pd.DataFrame(columns=[*columns, *(_extra_columns() if extras else ())])
         return empty, pd.DataFrame(columns=list(TOPK_COLUMNS))
-    next_ids = torch.full_like(ids, -1)
-    next_ids[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
-    next_ids = next_ids[rows_b, rows_t] if extras else None
-    # With extras the final policy is needed for every site: it joins every layer group.
-    shared = ("final", model.n_layers - 1) if extras else None
-    length = int(rows_t.max()) + 1  # later positions cannot change the kept ones (causal)
-    stats: dict[SiteKey, dict[str, np.ndarray]] = {}
-    # The residual cosines' vectors, keyed by their own layer so that a layer group holds them.
-    cos_layers = sorted({layer for site, layer in keys if site != "final"}) if extras else []
-    cos_keys = cosine_keys(cos_layers, model.parallel)
-    captured = list(dict.fromkeys(distinct + cos_keys))
-    cosines: dict[int, dict[str, np.ndarray]] = {}
-    blocks = captured_blocks(model, ids, mask, captured, settings, length=length, shared=shared)
-    for group, acts, start in blocks:
-        end = start + next(iter(acts.values())).shape[1]
-        sel = ((rows_t >= start) & (rows_t < end)).nonzero().squeeze(1)
-        if len(sel) == 0:
-            continue
-        index = (rows_b[sel], rows_t[sel] - start)
-        at = sel.numpy()
-        for layer in sorted({lay for site, lay in group if site != "final" and lay in cos_layers}):
-            for name, values in residual_cosines(acts, layer, index, model.parallel).items():
-                cosines.setdefault(layer, {}).setdefault(name, np.empty(len(rows_b)))[at] = values
-        part = site_stats(
-            projector,
-            acts,
-            [key for key in group if key in distinct or key == shared],
-            index,
-            next_ids=None if next_ids is None else next_ids[sel],
-            topk=topk,
-            chunk_tokens=settings.chunk_tokens,
-        )
-        del acts
-        for key, columns in part.items():
-            into = stats.setdefault(key, {})
-            for name, values in columns.items():
-                shape = (len(rows_b), *values.shape[1:])  # [n] or [n, K]
-                into.setdefault(name, np.empty(shape, values.dtype))[at] = values
-    n, k = len(rows_b), len(keys)
+    sources = {key: source_key(*key) for key in keys}  # resid_pre[l] is resid_post[l-1]
+    stats, cosines = found.stats, found.cosines
+    n, k = len(found.rows_b), len(keys)
     frame = {
         "sample_id": np.repeat(
-            np.array([batch[b].sample_id for b in rows_b.tolist()], dtype=object), k
+            np.array([batch[b].sample_id for b in found.rows_b.tolist()], dtype=object), k
         ),
-        "position": np.repeat(rows_t.numpy().astype(np.int32), k),
-        "token_id": np.repeat(ids[rows_b, rows_t].cpu().numpy().astype(np.int64), k),
+        "position": np.repeat(found.rows_t.numpy().astype(np.int32), k),
+        "token_id": np.repeat(found.token_ids, k),
         "layer": np.tile(np.array([layer for _, layer in keys], dtype=np.int16), n),
         "site": pd.Categorical(np.tile([site for site, _ in keys], n), categories=SITES),
     }
@@ -265,17 +221,6 @@ def _topk_frame(tokens: pd.DataFrame, per_key: list[dict[str, np.ndarray]], k: i
     out = pd.DataFrame(frame)
     out["sample_id"] = out["sample_id"].infer_objects()
     return out
-
-
-def kept_positions(batch: list[Encoded], mask: torch.Tensor, response_only: bool) -> torch.Tensor:
-    """``[batch, pos]``: True at the positions kept (response only: those predicting a response)."""
-    keep = mask.bool().cpu().clone()
-    if response_only:
-        for row, e in enumerate(batch):
-            # Position t predicts t+1: keep prompt's last position .. the second-to-last token.
-            keep[row, : max(e.response_start - 1, 0)] = False
-            keep[row, len(e.input_ids) - 1 :] = False
-    return keep
 
 
 def delta_table(table: pd.DataFrame) -> pd.DataFrame:

@@ -29,9 +29,9 @@ from ..data.encode import encode_inputs
 from ..model.batch import pad
 from ..model.load import PolicyModel
 from ..runs.io import RunFolder, now, versions
-from ..tables import kept_positions
 from .capture import capture
 from .sites import SiteKey, resolve_sites
+from .stats import kept_positions
 from .tuned import LENS_FORMATS, META, fitted_keys, model_facts, write_lens, zero_translators
 from .unembed import Lens
 

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +18,7 @@ import torch.nn.functional as F
 from ..config import LENSES, PRECISIONS
 from ..model.families import has_head_transform, head_transform
 from ..model.load import PolicyModel
+from .hardware import half_support
 from .sites import SiteKey, source_key
 
 EXTRA_COLUMNS: tuple[str, ...] = (
@@ -92,72 +90,6 @@ def choose_precision(
     if precision == "fast":  # asked for explicitly: say that it runs float32 products instead
         _warn_once(f"precision fast: {why}; running float32 products (faster here, and exact)")
     return Precision(mode, torch.float32, torch.float32, f"{why}: float32 products are faster")
-
-
-def half_support(device: torch.device, dtype: torch.dtype, d_model: int = 1024) -> tuple[bool, str]:
-    """Whether ``device`` multiplies ``dtype`` (bf16/fp16) matrices natively, and how it is known.
-
-    CUDA: ``torch.cuda.is_bf16_supported()`` for bf16, always for fp16. CPU: the ATen kernels'
-    capability (``torch.backends.cpu.get_cpu_capability()``, lowered by ``ATEN_CPU_CAPABILITY``)
-    and the ``/proc/cpuinfo`` flags (``avx512_bf16``/``amx_bf16``, ``avx512_fp16``/``amx_fp16``);
-    where these do not decide (another architecture, ``ONEDNN_MAX_CPU_ISA`` set), a one-time
-    micro-benchmark of an unembedding-shaped product, cached per device for the process.
-    """
-    if device.type == "cuda":
-        if dtype == torch.float16 or torch.cuda.is_bf16_supported():
-            return True, f"CUDA runs {_name(dtype)} natively"
-        return False, f"this CUDA device has no native {_name(dtype)}"
-    if device.type != "cpu":
-        return True, f"{device.type} device: {_name(dtype)} products assumed native"
-    capability = cpu_capability()
-    flags = cpu_flags()
-    wanted = {
-        torch.bfloat16: ("avx512_bf16", "amx_bf16"),
-        torch.float16: ("avx512_fp16", "amx_fp16"),
-    }
-    has = sorted(set(wanted[dtype]) & flags)
-    lowered = os.environ.get("ONEDNN_MAX_CPU_ISA")  # oneDNN runs the half products
-    if has and capability.startswith("AVX512") and not lowered:
-        return True, f"CPU {capability} with {'/'.join(has)}"
-    if not has and "avx2" in flags:
-        return False, f"CPU {capability} without {' or '.join(wanted[dtype])}"
-    return _measured_half(str(device), dtype, d_model)  # another architecture, or lowered kernels
-
-
-def cpu_capability() -> str:
-    """The CPU kernels ATen runs (``AVX512``, ``AVX2``, ``DEFAULT``, ...)."""
-    return torch.backends.cpu.get_cpu_capability()
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-@functools.cache
-def _measured_half(device: str, dtype: torch.dtype, d_model: int) -> tuple[bool, str]:
-    # A product of the unembedding's width against a slice of a vocabulary, in both dtypes.
-    times = {}
-    with torch.no_grad():
-        for kind in (torch.float32, dtype):
-            x = torch.randn(64, d_model, device=device).to(kind)
-            w = torch.randn(8192, d_model, device=device).to(kind)
-            torch.mm(x, w.t())  # warm-up
-            start = time.perf_counter()
-            for _ in range(3):
-                torch.mm(x, w.t())
-            times[kind] = time.perf_counter() - start
-    ratio = times[torch.float32] / times[dtype]
-    where = f"{device} ({cpu_capability()})"
-    return ratio > 1.2, f"measured on {where}: {_name(dtype)} products {ratio:.1f}x float32's speed"
 
 
 @functools.cache

@@ -41,12 +41,13 @@ from ..config import BupoConfig, LensSettings, derive_seed
 from ..data.encode import encode_inputs
 from ..data.records import read_records
 from ..lens.capture import capture
+from ..lens.stats import kept_positions
 from ..lens.tuned import make_lens
 from ..model.batch import pad
 from ..model.generate import sample
 from ..model.load import PolicyModel
 from ..runs.io import RunFolder
-from ..tables import delta_table, entropy_table, kept_positions
+from ..tables import delta_table, entropy_table
 
 PROBES = "probes.parquet"
 PROBE_SET = "probe_set.jsonl"

@@ -10,10 +10,11 @@ from reference import entropy
 
 from internal_policy_lens import entropy_table
 from internal_policy_lens.config import EntropyConfig
-from internal_policy_lens.lens import reduce as engine
-from internal_policy_lens.lens import unembed
+from internal_policy_lens.lens import hardware, unembed
 from internal_policy_lens.lens.capture import capture
-from internal_policy_lens.lens.reduce import chunk_plan, site_stats
+from internal_policy_lens.lens.reduce import chunk_plan, site_stats, tiles
+from internal_policy_lens.lens.reduce import compiled as compiling
+from internal_policy_lens.lens.reduce import rows as whole_rows
 from internal_policy_lens.lens.unembed import Lens, Precision, choose_precision, resolve_precision
 from internal_policy_lens.runs.entropy import run_entropy
 
@@ -142,8 +143,8 @@ def _tiled_and_whole(model, precision, columns, topk, rows=24, loudest=1.3):
     generator = torch.Generator().manual_seed(5)
     scale = torch.logspace(-1, loudest, rows)[:, None]  # flat to peaked policies
     x = (scale * torch.randn(rows, model.d_model, generator=generator)).to(lens.dtype)
-    whole = engine.reduce_logits(lens.logits(x, None)[None], lens.reduce_dtype, topk=topk)
-    tiled = engine.tiled_stats(lens, x, topk, columns)
+    whole = whole_rows.reduce_logits(lens.logits(x, None)[None], lens.reduce_dtype, topk=topk)
+    tiled = tiles.tiled_stats(lens, x, topk, columns)
     return {name: v[0] for name, v in whole.items()}, tiled
 
 
@@ -176,24 +177,24 @@ def test_tiled_reductions_tiny_vocabulary_and_full_topk(models):
     whole, tiled = _tiled_and_whole(model, "exact", 3, topk=vocab, rows=4)  # K = vocabulary
     np.testing.assert_array_equal(tiled["topk_id"], whole["topk_id"])
     np.testing.assert_allclose(tiled["topk_prob"].sum(-1), 1.0, atol=1e-5)
-    assert engine.tile_columns(1, vocab) == vocab  # a tiny vocabulary: one tile
-    assert engine.tile_columns(10**9, 151936) == engine.MIN_TILE_COLUMNS
-    assert engine.tile_columns(1024, 151936, 1 << 19) == 512
+    assert tiles.tile_columns(1, vocab) == vocab  # a tiny vocabulary: one tile
+    assert tiles.tile_columns(10**9, 151936) == tiles.MIN_TILE_COLUMNS
+    assert tiles.tile_columns(1024, 151936, 1 << 19) == 512
 
 
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 def test_tiled_site_stats_match_float64(models, monkeypatch, precision):
     # Narrow tiles (7 columns, not a divisor of the vocabulary) through site_stats, without
     # extras (the tiled path), against float64 written out from the definitions.
-    monkeypatch.setattr(engine, "TILE_ELEMENTS", 1)
-    monkeypatch.setattr(engine, "MIN_TILE_COLUMNS", 7)
-    tiled = engine.tiled_stats
+    monkeypatch.setattr(tiles, "TILE_ELEMENTS", 1)
+    monkeypatch.setattr(tiles, "MIN_TILE_COLUMNS", 7)
+    tiled = tiles.tiled_stats
     model = models("llama")
     seed = secrets.randbits(31)
     acts = _random_acts(model, torch.Generator().manual_seed(seed))
     keys, index = list(acts), _index(2, 9)
     seen = []
-    monkeypatch.setattr(engine, "tiled_stats", lambda *a: seen.append(1) or tiled(*a))
+    monkeypatch.setattr(tiles, "tiled_stats", lambda *a: seen.append(1) or tiled(*a))
     got = site_stats(Lens(model, "raw", precision), acts, keys, index, topk=4, chunk_tokens=40)
     assert seen  # the tiled path ran
     W = model.unembed.weight.detach().double()
@@ -212,14 +213,14 @@ def test_tiled_site_stats_match_float64(models, monkeypatch, precision):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 def test_compiled_tiles_equal_eager_tiles(models, monkeypatch, precision):
-    monkeypatch.setattr(engine, "TILE_ELEMENTS", 1)
-    monkeypatch.setattr(engine, "MIN_TILE_COLUMNS", 13)
+    monkeypatch.setattr(tiles, "TILE_ELEMENTS", 1)
+    monkeypatch.setattr(tiles, "MIN_TILE_COLUMNS", 13)
     model = models("qwen3")
     acts = _random_acts(model, torch.Generator().manual_seed(4))
     args = (Lens(model, "raw", precision), acts, list(acts), _index(2, 9))
     eager = site_stats(*args, topk=4, chunk_tokens=30, compiled=False)
     compiled = site_stats(*args, topk=4, chunk_tokens=30, compiled=True)
-    assert engine._compiled_tile not in (None, False), "torch.compile did not run"
+    assert compiling._compiled_tile not in (None, False), "torch.compile did not run"
     for key, columns in eager.items():
         for column, value in columns.items():
             np.testing.assert_allclose(compiled[key][column], value, atol=1e-5, rtol=0)
@@ -228,17 +229,17 @@ def test_compiled_tiles_equal_eager_tiles(models, monkeypatch, precision):
 def test_wrong_compiled_tiles_are_caught_and_replaced_by_eager(models, monkeypatch, caplog):
     # A compiled tile reduction whose numbers differ from the eager code's is never used.
     def wrong(z, dtype):
-        top, log_total, mean = engine._tile_math(z, dtype)
+        top, log_total, mean = compiling._tile_math(z, dtype)
         return top, log_total + 1.0, mean
 
-    monkeypatch.setattr(engine, "_compiled_tile", wrong)
-    monkeypatch.setattr(engine, "_checked_tiles", set())
+    monkeypatch.setattr(compiling, "_compiled_tile", wrong)
+    monkeypatch.setattr(compiling, "_checked_tiles", set())
     model = models("qwen2")
     acts = _random_acts(model, torch.Generator().manual_seed(6))
     args = (Lens(model), acts, list(acts), _index(2, 9))
     with caplog.at_level(logging.WARNING):
         compiled = site_stats(*args, compiled=True)
-    assert engine._compiled_tile is False and "compiled tile reductions unusable" in caplog.text
+    assert compiling._compiled_tile is False and "compiled tile reductions unusable" in caplog.text
     eager = site_stats(*args, compiled=False)
     for key in eager:
         np.testing.assert_array_equal(compiled[key]["entropy"], eager[key]["entropy"])
@@ -269,7 +270,7 @@ def test_compiled_equals_eager(models, precision):
     args = (lens, acts, list(acts), _index(2, 9))
     eager = site_stats(*args, next_ids=next_ids, topk=4, chunk_tokens=30, compiled=False)
     compiled = site_stats(*args, next_ids=next_ids, topk=4, chunk_tokens=30, compiled=True)
-    assert engine._compiled_fused not in (None, False), "torch.compile did not run"
+    assert compiling._compiled_fused not in (None, False), "torch.compile did not run"
     for key, columns in eager.items():
         assert {"topk_id", "topk_prob"} <= set(columns) and columns["topk_id"].shape == (18, 4)
         for column, value in columns.items():
@@ -284,14 +285,14 @@ def test_compile_failure_falls_back_to_eager(models, monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(engine, "_compiled_fused", None)
+    monkeypatch.setattr(compiling, "_compiled_fused", None)
     model = models("qwen2")
     acts = _random_acts(model, torch.Generator().manual_seed(3))
     args = (Lens(model), acts, list(acts), _index(2, 9))
     next_ids = torch.arange(18)  # with extras the eager path reduces whole logits rows, as here
     fallback = site_stats(*args, next_ids=next_ids, compiled=True)
     eager = site_stats(*args, next_ids=next_ids, compiled=False)
-    assert engine._compiled_fused is False
+    assert compiling._compiled_fused is False
     for key in eager:
         np.testing.assert_array_equal(fallback[key]["entropy"], eager[key]["entropy"])
 
@@ -325,8 +326,8 @@ def test_precision_auto_follows_model_dtype(models):
 
 def _fake_cpu(monkeypatch, capability, flags):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.setattr(unembed, "cpu_capability", lambda: capability)
-    monkeypatch.setattr(unembed, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware, "cpu_capability", lambda: capability)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
 
 
 def test_auto_runs_bf16_products_only_where_the_cpu_has_them(models, monkeypatch, caplog):
@@ -349,18 +350,18 @@ def test_auto_runs_bf16_products_only_where_the_cpu_has_them(models, monkeypatch
     assert (lens.dtype, lens.reduce_dtype, lens.precision) == (F32, F32, "fast")
     # Kernels lowered to AVX2 on a CPU that has the flag: no native bf16 either.
     _fake_cpu(monkeypatch, "AVX2", {"avx2", "avx512_bf16"})
-    monkeypatch.setattr(unembed, "_measured_half", lambda *a: (False, "measured: slower"))
+    monkeypatch.setattr(hardware, "_measured_half", lambda *a: (False, "measured: slower"))
     assert choose_precision("auto", torch.bfloat16, "cpu").products == F32
 
 
 def test_ambiguous_cpu_is_measured_once(monkeypatch):
     _fake_cpu(monkeypatch, "DEFAULT", set())  # another architecture: no x86 flags
-    unembed._measured_half.cache_clear()
+    hardware._measured_half.cache_clear()
     first = choose_precision("fast", torch.bfloat16, "cpu", d_model=32)
     assert first.reason.startswith("measured on cpu") and first.products in (torch.bfloat16, F32)
-    assert unembed._measured_half.cache_info().misses == 1
+    assert hardware._measured_half.cache_info().misses == 1
     assert choose_precision("fast", torch.bfloat16, "cpu", d_model=32) == first
-    assert unembed._measured_half.cache_info().hits == 1
+    assert hardware._measured_half.cache_info().hits == 1
 
 
 def test_float32_reductions_equal_float64(arch, models):

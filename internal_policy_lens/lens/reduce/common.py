@@ -1,0 +1,78 @@
+"""What every backend shares: the chunk plan, the output columns, the rows of a chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..sites import SiteKey
+from ..unembed import EXTRA_COLUMNS, Lens
+
+Stats = dict[str, torch.Tensor]
+
+
+def chunk_plan(n_rows: int, n_sites: int, chunk_tokens: int, extras: bool) -> tuple[int, int]:
+    """Token rows per chunk and sites per product, so that a chunk forms ``chunk_tokens`` rows.
+
+    With extras the final policy's rows count too. At least one row of one site is formed.
+    """
+    per_row = n_sites + int(extras)
+    rows = max(1, min(n_rows, chunk_tokens // max(per_row, 1)))
+    sites = max(1, min(n_sites, (chunk_tokens - int(extras) * rows) // rows))
+    return rows, sites
+
+
+def final_key(keys: Iterable[SiteKey]) -> SiteKey:
+    """The ``final`` site among ``keys``, against which the extras are taken."""
+    found = [key for key in keys if key[0] == "final"]
+    if not found:
+        raise ValueError("the extras need the 'final' site among the keys")
+    return found[0]
+
+
+def allocate(lens: Lens, n: int, extras: bool, topk: int) -> Stats:
+    """The output columns of one site for ``n`` rows, on the lens's device."""
+    device = lens.weight.device
+    out = {"entropy": torch.empty(n, dtype=lens.out_dtype, device=device)}
+    if extras:
+        out[EXTRA_COLUMNS[0]] = torch.empty(n, dtype=lens.out_dtype, device=device)
+        out[EXTRA_COLUMNS[1]] = torch.empty(n, dtype=torch.long, device=device)
+        out[EXTRA_COLUMNS[2]] = torch.empty(n, dtype=lens.out_dtype, device=device)
+        out[EXTRA_COLUMNS[3]] = torch.empty(n, dtype=torch.bool, device=device)
+    if topk:
+        out["topk_id"] = torch.empty(n, topk, dtype=torch.long, device=device)
+        out["topk_prob"] = torch.empty(n, topk, dtype=lens.out_dtype, device=device)
+    return out
+
+
+def store(out: dict[SiteKey, Stats], keys: Sequence[SiteKey], part: slice, stats: Stats) -> None:
+    """Write ``stats`` ``[sites, rows]`` (or ``[sites, rows, K]``) of ``keys`` into ``out``."""
+    for name, value in stats.items():
+        for i, key in enumerate(keys):
+            out[key][name][part] = value[i]
+
+
+def to_numpy(out: dict[SiteKey, Stats]) -> dict[SiteKey, dict[str, np.ndarray]]:
+    """The columns as numpy arrays on the host."""
+    return {key: {name: v.cpu().numpy() for name, v in cols.items()} for key, cols in out.items()}
+
+
+def chunks(n: int, size: int) -> Iterable[slice]:
+    """Consecutive slices of at most ``size`` of ``range(n)``."""
+    return (slice(i, min(i + size, n)) for i in range(0, n, max(size, 1)))
+
+
+def rows_of(acts, key: SiteKey, index, part: slice, lens: Lens) -> torch.Tensor:
+    """The rows ``[rows, d_model]`` of ``key`` picked by ``index[part]``, on the lens's device."""
+    x = acts[key]  # [batch, pos, d_model], on its layer's device (device_map may split layers)
+    rows_b, rows_t = index
+    rows = x[rows_b[part].to(x.device), rows_t[part].to(x.device)]  # [rows, d_model]
+    return rows.to(lens.weight.device)
+
+
+def stacked_inputs(lens: Lens, acts, block: Sequence[SiteKey], index, part: slice) -> torch.Tensor:
+    """The unembedding's inputs of ``block``'s rows, ``[sites * rows, d_model]``."""
+    stacked = torch.stack([lens.inputs(rows_of(acts, k, index, part, lens), *k) for k in block])
+    return stacked.flatten(0, 1)
