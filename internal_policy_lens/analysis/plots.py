@@ -357,8 +357,20 @@ def compare_cosines(summaries: pd.DataFrame) -> Figure:
     models = list(dict.fromkeys(summaries["model"]))
     palette = sns.color_palette("colorblind", n_colors=max(len(models), 1))
     fig, axes = _figure(TEXT_WIDTH, 2.6, ncols=2)
+    lacking = [m for m in models if m not in set(cosines["model"])]
+    if lacking:  # named, not drawn as empty legend entries
+        fig.text(
+            0.5,
+            0.0,
+            f"no residual cosines (run without --extras): {', '.join(lacking)}",
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
     for ax, (name, label) in zip(axes, (("attn", "cos_attn"), ("ffn", "cos_ffn"))):
         for model, colour in zip(models, palette):
+            if model in lacking:
+                continue
             frame = cosines[(cosines["model"] == model) & (cosines["name"].astype(str) == name)]
             depth = (frame["layer"] + 1) / frame["n_layers"]
             legend = model if ax is axes[0] else None
