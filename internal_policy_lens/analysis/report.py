@@ -31,11 +31,12 @@ ASSETS = Path(__file__).with_name("templates")
 
 RAW_LENS_NOTE = (
     "Raw lens (the paper's definition): each site vector is unembedded as it is, without the "
-    "final norm, so a policy's sharpness follows the vector's norm as much as its direction. "
-    "Layer 0's input is the token embedding, whose norm is small: its policy is near uniform "
-    "(high entropy, the next token ranked far down, large KL to the final policy). The stream's "
-    "norm grows as soon as layer 0 writes to it, so entropy and KL drop there whether or not the "
-    "top token is the final one; the rank and top-1 agreement say how close the policies are."
+    "final norm, so a policy's sharpness follows the vector's norm as much as its direction: a "
+    "short vector gives a near-uniform policy, a long one a sharp policy. Layer 0's input is the "
+    "token embedding; where its norm is small its policy is near uniform (high entropy, the next "
+    "token ranked far down, large KL to the final policy), and these curves drop where the "
+    "stream's norm grows (often as soon as layer 0 writes to it), whether or not the top token "
+    "is the final one. The top-1 agreement and the rank say how close the policies are."
 )
 """Shown under the extras charts of a raw-lens run."""
 
