@@ -90,6 +90,8 @@ class EntropyRun:
     """The figures written (and skipped, with why) at the end of the run."""
     topk: pd.DataFrame | None = None
     """``topk.parquet`` (None when the run has no top-k)."""
+    reused: bool = False
+    """The folder already held this run, complete: nothing was computed or written."""
 
 
 def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | None:
@@ -107,6 +109,9 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     shard = resolve_shard(cfg.shard)
     folder = RunFolder(cfg.out).check_writable()
     records = read_records(cfg.data, max_samples=cfg.max_samples)
+    done = _complete_run(cfg)
+    if done is not None and not cfg.force:
+        return done
     model = load_model(
         cfg.model,
         dtype=cfg.dtype,
@@ -175,6 +180,11 @@ def finish_run(
 
 def describe(run: EntropyRun) -> str:
     """The one-paragraph summary printed at the end of a run."""
+    if run.reused:
+        return (
+            f"Nothing to do: {run.out}/ holds this run, complete (same configuration and data, "
+            f"finished {run.info.get('finished')}); nothing was changed. Pass --force to redo it."
+        )
     summary = run.summary
     final = summary[(summary.quantity == "entropy") & (summary.name == "final")]["mean"]
     ffn = summary[(summary.quantity == "delta") & (summary.name == "ffn")]
@@ -196,6 +206,21 @@ def describe(run: EntropyRun) -> str:
     return text
 
 
+def _complete_run(cfg: EntropyConfig) -> EntropyRun | None:
+    """The folder's run when it is complete with this configuration (read, not recomputed)."""
+    path = Path(cfg.out) / "run.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    identity = {**cfg.identity(), "data_sha256": sha256(cfg.data)}
+    if info.get("status") != "complete" or info.get("config") != identity:
+        return None
+    run = RunFolder(cfg.out)
+    return EntropyRun(
+        run.tokens(), run.deltas(), run.summary(), Path(cfg.out), info, topk=run.topk(), reused=True
+    )
+
+
 def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
     # What the precision runs for this model on its device (the mode, dtypes and why).
     weight = model.unembed.weight
@@ -204,15 +229,16 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
     previous = out / "run.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
-        if old.get("config") == identity and old.get("status") == "running":
+        same = old.get("config") == identity
+        if same and old.get("status") == "running" and not cfg.force:
             _log.info("resuming the unfinished run in %s/ (finished batches are kept)", out)
-        if old.get("config") != identity:
-            if not cfg.overwrite:
-                changed = sorted(k for k in identity if old.get("config", {}).get(k) != identity[k])
-                raise RunConfigError(
-                    f"{previous}: the folder holds a run with another configuration (differs in "
-                    f"{', '.join(changed)}); pass --overwrite to start over or choose another --out"
-                )
+        if not same and not cfg.overwrite:
+            changed = sorted(k for k in identity if old.get("config", {}).get(k) != identity[k])
+            raise RunConfigError(
+                f"{previous}: the folder holds a run with another configuration (differs in "
+                f"{', '.join(changed)}); pass --overwrite to start over or choose another --out"
+            )
+        if not same or cfg.force:
             for name in OUTPUTS:
                 (out / name).unlink(missing_ok=True)
             for name in WORK_DIRS:

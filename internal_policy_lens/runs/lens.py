@@ -24,15 +24,16 @@ def run_fit_lens(cfg: FitLensConfig, *, progress: bool = True) -> dict:
     """Read the data, generate missing responses (OUT/responses.jsonl), fit, write the lens.
 
     Rerunning a killed fit continues from its last saved translators; rerunning a finished
-    one returns its lens.json.
+    one returns its lens.json with ``"reused": True`` and changes nothing (``cfg.force``: fit
+    again).
     """
     check_fit_config(cfg)
     out = Path(cfg.out)
     folder = RunFolder(out).check_writable()  # before any work
-    if (out / META).is_file():
+    if (out / META).is_file() and not cfg.force:
         old = RunFolder(out).read_json(META)
         if old.get("config") == cfg.identity():
-            return old
+            return {**old, "reused": True}
     records = read_records(cfg.data, max_samples=cfg.max_samples)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     with folder.lock():  # one writer per lens folder
