@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
 from .config import (
     BupoConfig,
@@ -26,7 +27,23 @@ from .config import (
     ReportConfig,
 )
 
+
+class _Commands(typer.core.TyperGroup):
+    """The command group: option values that fail their checks give one line, not a usage block."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as err:
+            command = f"ipl {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "ipl"
+            message = err.format_message().rstrip(".")
+            message = message[:1].lower() + message[1:]  # "error: invalid value for ..."
+            typer.echo(f"error: {message}; see `{command} --help`", err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Internal policies of LLMs: per-layer and per-module entropy of the residual stream.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -36,9 +36,10 @@ from ..config import EntropyConfig, derive_seed
 from ..data.encode import Encoded, encode_inputs, encode_prompt
 from ..data.records import read_records, write_records_jsonl
 from ..lens.capture import site_keys
-from ..lens.sites import parse_layers, resolve_sites
-from ..lens.tuned import default_lens_path, folder_hash, make_lens
+from ..lens.sites import parse_layers, resolve_layers, resolve_sites
+from ..lens.tuned import check_lens_path, default_lens_path, folder_hash, make_lens
 from ..lens.unembed import choose_precision
+from ..model.files import config_layers
 from ..model.generate import generate_texts
 from ..model.load import PolicyModel, load_model
 from ..tables import delta_table, entropy_table, summary_table, token_text
@@ -101,10 +102,15 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     batches are analysed (see :mod:`~internal_policy_lens.runs.shard`); the shard that completes the
     last part merges and returns the tables, the others return None.
     """
-    # Every option is checked before anything is written (the layer range needs the model).
+    # Every option is checked before anything is written or loaded (the layer range against
+    # the model's config.json alone, when it is at hand without the network).
     cfg.settings.check()
     resolve_sites(cfg.sites)
-    if isinstance(cfg.layers, str):
+    check_lens_path(cfg.settings)
+    n_layers = config_layers(cfg.model, cfg.revision)
+    if n_layers is not None:
+        resolve_layers(cfg.layers, n_layers)
+    elif isinstance(cfg.layers, str):
         parse_layers(cfg.layers)
     shard = resolve_shard(cfg.shard)
     folder = RunFolder(cfg.out).check_writable()

@@ -11,7 +11,7 @@ from ..config import EvalLensConfig, FitLensConfig
 from ..data.records import read_records
 from ..lens.fit import check_fit_config, collect_rows, fit_lens, lens_metrics
 from ..lens.sites import SITES
-from ..lens.tuned import META, default_lens_path, read_lens
+from ..lens.tuned import FIT_HINT, META, LensFolderError, default_lens_path, read_lens
 from ..lens.unembed import Lens
 from ..model.load import load_model
 from .entropy import ensure_responses
@@ -49,6 +49,8 @@ def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
     Writes ``lens_eval.csv`` and ``lens_eval.png``/``.pdf`` to ``cfg.out`` when it is given.
     """
     folder = None if cfg.out is None else RunFolder(cfg.out).check_writable()  # before any work
+    if cfg.lens_path is not None and not Path(cfg.lens_path).is_dir():
+        raise LensFolderError(f"{cfg.lens_path}: no such lens folder; {FIT_HINT}")
     model = load_model(cfg.model, dtype="float32", device=cfg.device)
     lens_path = Path(cfg.lens_path) if cfg.lens_path else default_lens_path(model)
     translators, meta = read_lens(lens_path, model)

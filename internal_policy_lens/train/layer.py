@@ -5,9 +5,17 @@ from __future__ import annotations
 from ..analysis.convergence import suggest_layer
 from ..config import BupoConfig
 from ..data.records import read_records
+from ..model.files import config_layers
 from ..model.generate import sample
 from ..model.load import PolicyModel
 from ..tables import entropy_table, summary_table
+
+
+def check_layer(cfg: BupoConfig) -> None:
+    """``--layer K`` against the model's config.json alone, before the model loads."""
+    n_layers = config_layers(cfg.model)
+    if isinstance(cfg.layer, int) and n_layers is not None and not 0 <= cfg.layer < n_layers:
+        raise ValueError(f"--layer {cfg.layer} is out of range (0..{n_layers - 1})")
 
 
 def resolve_layer(cfg: BupoConfig, model: PolicyModel) -> int:

@@ -25,7 +25,7 @@ from ..model.load import PolicyModel, load_model
 from ..runs.io import RunFolder
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .folder import append_metrics, start_training
-from .layer import resolve_layer
+from .layer import check_layer, resolve_layer
 from .loss import policy_loss
 from .probes import ProbePlan, Prober
 from .rewards import math_reward
@@ -52,6 +52,7 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
             f"model); use --lens {' or --lens '.join(MODEL_LENSES)}"
         )
     folder = RunFolder(cfg.out).check_writable()  # before any work
+    check_layer(cfg)
     records = training_records(cfg)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=progress)
     layer = resolve_layer(cfg, model)
