@@ -58,8 +58,23 @@ class _Stderr(logging.Handler):
         print(record.getMessage(), file=sys.stderr)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"ipl (internal-policy-lens) {version('internal-policy-lens')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _messages() -> None:
+def _messages(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """Show the package's notes and warnings as plain lines on stderr (no source lines)."""
     log = logging.getLogger("internal_policy_lens")
     log.handlers = [_Stderr()]
@@ -401,13 +416,12 @@ def eval_lens(
 ) -> None:
     """KL to the final policy, next-token cross-entropy and top-1 agreement of raw, norm, tuned."""
     given = dict(locals())  # first line: only the options
-    from .runs.lens import run_eval_lens
+    from .runs.lens import kl_text, run_eval_lens
 
     with _user_errors():
         table = run_eval_lens(_config(EvalLensConfig, given))
-    wide = table.pivot_table(index=["site", "layer"], columns="lens", values="kl_to_final")
     typer.echo("KL(final || lens), nats, per site and layer:")
-    typer.echo(wide.to_string(float_format=lambda v: f"{v:.4f}"))
+    typer.echo(kl_text(table))
     if out is not None:
         typer.echo(f"wrote {out}/lens_eval.csv and lens_eval.png/.pdf")
 

@@ -61,6 +61,7 @@ def change_chart(deltas: pd.DataFrame, stages, tau: float, counts: str = "") -> 
     module = deltas["module"].astype(str)
     fig = go.Figure()
     shades = (("exploration", "#e0e0e0", "ΔH > "), ("convergence", "#bdbdbd", "ΔH < −"))
+    threshold = f"tau = {tau:g} nats"
     for stage, pattern, rule in shades:
         span = (stages or {}).get(stage)
         if span is not None:
@@ -71,7 +72,7 @@ def change_chart(deltas: pd.DataFrame, stages, tau: float, counts: str = "") -> 
                 opacity=0.35,
                 line_width=0,
                 layer="below",
-                annotation_text=f"FFN {stage} ({rule}{tau:g})",
+                annotation_text=f"FFN {stage} ({rule}{threshold})",
                 annotation_position="top left",
             )
     fig.add_hline(y=0, line_dash="dash", line_color="#444444")

@@ -180,7 +180,7 @@ def entropy_change(
     modules = _present(deltas, "module", MODULE_LABELS, "modules")
     fig, (ax,) = _figure(COLUMN_WIDTH, 3.2)
     module = deltas["module"].astype(str)
-    threshold = "τ" if tau is None else f"τ = {tau:g} nats"
+    threshold = "tau" if tau is None else f"tau = {tau:g} nats"
     for stage, (label, hatch) in _STAGE_SHADES.items():
         span = (stages or {}).get(stage)
         if span is not None:
@@ -444,6 +444,7 @@ def training_curves(runs: dict[str, pd.DataFrame]) -> Figure:
                 ax.axvline(switch.iloc[0] - 0.5, color=colours[name], linestyle=":", linewidth=1)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axes[-1].axis("off")
     handles, labels = axes[0].get_legend_handles_labels()
     axes[-1].legend(handles, labels, loc="center", title="run (dotted: IPA → GRPO switch)")

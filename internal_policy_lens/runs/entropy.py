@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import EntropyConfig, derive_seed
+from ..config import ConvergenceConfig, EntropyConfig, derive_seed
 from ..data.encode import Encoded, encode_inputs, encode_prompt
 from ..data.records import read_records, write_records_jsonl
 from ..lens.capture import site_keys
@@ -194,14 +194,15 @@ def describe(run: EntropyRun) -> str:
     summary = run.summary
     final = summary[(summary.quantity == "entropy") & (summary.name == "final")]["mean"]
     ffn = summary[(summary.quantity == "delta") & (summary.name == "ffn")]
-    widening = ffn[ffn["mean"] > 0]["layer"].tolist()
+    tau = ConvergenceConfig().tau  # the stages' and ipl suggest-layer's threshold
+    widening = ffn[ffn["mean"] > tau]["layer"].tolist()
     final_text = f"{final.iloc[0]:.3f} nats" if len(final) else "n/a (site not analysed)"
     text = (
         f"Wrote {len(run.tokens):,} rows for {run.info['samples']} samples to {run.out}/ "
         f"({'topk.parquet, ' if run.topk is not None else ''}tokens.parquet, deltas.parquet, "
         f"summary.csv, responses.jsonl, run.json, report.html). "
         f"Lens: {run.info['config']['lens']}. Mean final entropy: {final_text}. "
-        f"Layers with mean FFN entropy change > 0 (exploration): "
+        f"Layers with mean FFN entropy change > tau = {tau:g} nats (exploration): "
         f"{widening if len(ffn) else 'n/a'}."
     )
     if run.figures is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import EvalLensConfig, FitLensConfig
+from ..config import LENSES, EvalLensConfig, FitLensConfig
 from ..data.records import read_records
 from ..lens.fit import check_fit_config, collect_rows, fit_lens, lens_metrics
 from ..lens.sites import SITES
@@ -41,6 +41,16 @@ def run_fit_lens(cfg: FitLensConfig, *, progress: bool = True) -> dict:
         meta = fit_lens(model, records, cfg, data_sha256=sha256(cfg.data), progress=progress)
         shutil.rmtree(out / "generation", ignore_errors=True)
     return meta
+
+
+def kl_text(table: pd.DataFrame) -> str:
+    """``ipl eval-lens``'s table: KL to the final policy per (site, layer), lenses raw, norm, tuned.
+
+    Rounding error just below zero prints as 0.0000, not -0.0000.
+    """
+    wide = table.pivot_table(index=["site", "layer"], columns="lens", values="kl_to_final")
+    wide = wide[[lens for lens in LENSES if lens in wide.columns]]
+    return wide.to_string(float_format=lambda v: f"{v:.4f}".replace("-0.0000", "0.0000"))
 
 
 def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
