@@ -81,6 +81,11 @@ def entropy_table(
         sites: subset of :data:`SITES` (default all).
         layers: 0-based layers (default all); ``final`` is always stored at layer L-1.
         response_only: keep the positions whose next token is a response token (records only).
+            Default False here, True in ``ipl entropy`` (``EntropyConfig.response_only``): this
+            function also takes text and token ids, which have no response to select, so by
+            default it keeps every position; ``ipl entropy`` always has records with responses
+            and averages over the response tokens as the paper does. Pass
+            ``response_only=True`` for the rows of an ``ipl entropy`` run's ``tokens.parquet``.
         extras: add ``next_token_logprob``, ``next_token_rank`` (1 = top), ``kl_to_final``
             (KL(internal || final), nats) and ``top1_agrees``; and the residual cosines of the
             row's layer, ``cos_attn`` = cos(attn_out, resid_pre) and ``cos_ffn`` =

@@ -1,5 +1,6 @@
 """What the commands print and the figures say agrees with the numbers behind them."""
 
+import inspect
 import re
 from pathlib import Path
 
@@ -11,11 +12,12 @@ from typer.testing import CliRunner
 import internal_policy_lens
 from internal_policy_lens.analysis import charts, plots
 from internal_policy_lens.cli import app
-from internal_policy_lens.config import BupoConfig, ConvergenceConfig
+from internal_policy_lens.config import BupoConfig, ConvergenceConfig, EntropyConfig
 from internal_policy_lens.data.records import DataError, read_records
 from internal_policy_lens.model.load import load_model
 from internal_policy_lens.runs.entropy import EntropyRun, describe
 from internal_policy_lens.runs.lens import kl_text
+from internal_policy_lens.tables import entropy_table
 from internal_policy_lens.train.layer import auto_layer
 from internal_policy_lens.train.loop import warn_if_no_signal
 
@@ -106,3 +108,11 @@ def test_layer_auto_says_which_layer_and_why(caplog):
     said = [r.getMessage() for r in caplog.records if "--layer auto" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"--layer auto: layer {layer} (0-based)")
     assert "FFN entropy change > tau" in said[0] and "first 4 training prompts" in said[0]
+
+
+def test_position_defaults_of_entropy_table_and_ipl_entropy_are_explained():
+    default = inspect.signature(entropy_table).parameters["response_only"].default
+    assert default is False and EntropyConfig().response_only is True  # they differ...
+    doc = " ".join(entropy_table.__doc__.split())
+    assert "Default False here, True in ``ipl entropy``" in doc  # ...and the docstring says why
+    assert "Pass ``response_only=True`` for the rows of an ``ipl entropy`` run's" in doc
