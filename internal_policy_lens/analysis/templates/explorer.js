@@ -40,6 +40,8 @@
   function visible(s) {
     return s.replace(/\n/g, "\u21b5\n").replace(/\t/g, "\u2192") || "\u2205";
   }
+  // A grid cell of spaces alone would look empty: show them as open boxes.
+  function cell(s) { return /^ +$/.test(s) ? s.replace(/ /g, "\u2423") : visible(s); }
   // Probabilities of peaked policies span many decades: 3 decimals, else 2 significant digits.
   function prob(p) { return p >= 0.001 ? p.toFixed(3) : p.toExponential(1); }
   function option(select, value, label) {
@@ -172,7 +174,7 @@
     inputs.appendChild(el("th", {}, "input token"));
     s.positions.forEach((p, i) => {
       head.appendChild(el("th", {}, String(p)));
-      inputs.appendChild(el("th", { class: "tokstr" }, visible(tokenText(s.token_ids[i]))));
+      inputs.appendChild(el("th", { class: "tokstr" }, cell(tokenText(s.token_ids[i]))));
     });
     lensGrid.append(head, inputs);
     rows.forEach(([site, l]) => {
@@ -185,7 +187,7 @@
         const td = el("td", { class: "tokstr" + (hit ? " hit" : ""), "data-layer": String(l),
           "data-site": site, "data-position": String(p), "data-token-id": String(id),
           title: site + " layer " + l + ", position " + p + ": H = " + s.entropy[i][k].toFixed(3) +
-            " nats\n" + topkTitle(s, i, k) }, visible(tokenText(id)));
+            " nats\n" + topkTitle(s, i, k) }, cell(tokenText(id)));
         paint(td, s.entropy[i][k] / hi);
         td.addEventListener("click", () => show(i));
         tr.appendChild(td);
@@ -196,7 +198,7 @@
     actual.appendChild(el("th", {}, "actual next"));
     s.positions.forEach((p, i) => {
       const next = nextToken(s, i);
-      actual.appendChild(el("th", { class: "tokstr" }, next === null ? "" : visible(nextText(next))));
+      actual.appendChild(el("th", { class: "tokstr" }, next === null ? "" : cell(nextText(next))));
     });
     lensGrid.appendChild(actual);
   }
