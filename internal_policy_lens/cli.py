@@ -678,8 +678,10 @@ def train_bupo(
 ) -> None:
     """Bottom-up Policy Optimization: IPA on layer k for S steps, then GRPO (paper Eq. 10).
 
-    With --engine trl the same fields drive TRL's GRPOTrainer; run it under `accelerate launch
-    -m internal_policy_lens.cli train-bupo --engine trl ...` for several processes or GPUs.
+    The same command on a complete run (its last step's checkpoint written) says so and changes
+    nothing. With --engine trl the same fields drive TRL's GRPOTrainer; run it under
+    `accelerate launch -m internal_policy_lens.cli train-bupo --engine trl ...` for several
+    processes or GPUs.
     """
     given = dict(locals())  # first line: only the options
     for name in ("config", "quiet", "engine", "trl_option"):
@@ -693,7 +695,7 @@ def train_bupo(
     hint = f"checkpoints are kept in {cfg.out}/checkpoints/: rerun with --resume to continue"
     with _user_errors(hint):
         folder = run(cfg, progress=not quiet)
-    typer.echo(f"training run written to {folder}/ (metrics.jsonl, checkpoints/)")
+    typer.echo(f"training run in {folder}/ (metrics.jsonl, checkpoints/)")
 
 
 def _trainer(engine: str, trl_options: list[str]):
@@ -738,8 +740,19 @@ def eval_cmd(
         str | None, _opt(EvalConfig, "dtype", "auto, float32, bfloat16, float16.")
     ] = None,
     device: Annotated[str | None, _opt(EvalConfig, "device", "auto, cpu, cuda, cuda:N.")] = None,
+    force: Annotated[
+        bool | None,
+        _opt(
+            EvalConfig,
+            "force",
+            "Evaluate again (without it a rerun on a complete evaluation changes nothing).",
+        ),
+    ] = None,
 ) -> None:
-    """Sample K responses per problem; print Avg@K and unbiased Pass@k for k = 1, 2, 4, ..., K."""
+    """Sample K responses per problem; print Avg@K and unbiased Pass@k for k = 1, 2, 4, ..., K.
+
+    The same command on a complete evaluation says so and prints its results unchanged.
+    """
     given = dict(locals())  # first line: only the options
     from .train.evaluate import evaluate
 

@@ -418,6 +418,14 @@ class EvalConfig:
     """Model dtype: auto, float32, bfloat16, float16."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
+    force: bool = False
+    """Evaluate again when ``out`` holds this evaluation, complete (else: nothing to do)."""
+
+    def identity(self) -> dict:
+        """The fields that define the results (``metrics.json``'s ``config``)."""
+        out = asdict(self)
+        out.pop("force")
+        return out
 
 
 STEPS = {"qwen2": 1600, "llama": 1000}

@@ -9,6 +9,7 @@ with the optimiser, scheduler and RNG state beside them.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import warnings
@@ -30,6 +31,8 @@ from .loss import policy_loss
 from .probes import ProbePlan, Prober
 from .rewards import math_reward
 from .rollout import collect, token_logprobs
+
+_log = logging.getLogger(__name__)
 
 Reward = Callable[[str, str], float]
 """A reward function: (response text, reference answer) -> reward in [0, 1]."""
@@ -53,6 +56,14 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
         )
     folder = RunFolder(cfg.out).check_writable()  # before any work
     check_layer(cfg)
+    if training_complete(cfg):
+        _log.info(
+            "nothing to do: %s/ holds this training run, complete (%d steps, same "
+            "configuration); nothing was changed",
+            cfg.out,
+            cfg.steps,
+        )
+        return Path(cfg.out)
     records = training_records(cfg)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=progress)
     layer = resolve_layer(cfg, model)
@@ -216,6 +227,23 @@ def _reference_model(cfg: BupoConfig) -> PolicyModel | None:
     ref = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=False)
     ref.bridge.requires_grad_(False)
     return ref
+
+
+def training_complete(cfg: BupoConfig) -> bool:
+    """Whether ``cfg.out`` holds this run (its config.json) with the checkpoint of its last step.
+
+    With ``layer="auto"`` the layer the run chose is accepted.
+    """
+    out = Path(cfg.out)
+    if not (out / "config.json").is_file():
+        return False
+    saved = RunFolder(out).read_json("config.json")
+    config = asdict(cfg)
+    config.pop("resume")
+    if cfg.layer == "auto":
+        config["layer"] = saved.get("layer")
+    last = latest_checkpoint(out)
+    return saved == config and last is not None and checkpoint_step(last) == cfg.steps
 
 
 def _start(cfg, out, model, opt, sched, layer) -> int:

@@ -4,6 +4,7 @@ import hashlib
 import json
 
 import pytest
+from helpers import write_problems
 from typer.testing import CliRunner
 
 from internal_policy_lens.cli import app
@@ -73,3 +74,45 @@ def test_fit_lens_rerun_of_a_complete_fit(tiny_dirs, tmp_path):
     forced = _cli(*common, "--force")
     assert forced.exit_code == 0 and "wrote " in forced.output, forced.output
     assert _state(lens)["lens.json"][0] > before["lens.json"][0]
+
+
+def test_eval_rerun_of_a_complete_evaluation(tiny_dirs, tmp_path):
+    data = write_problems(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "eval"
+    common = ["eval", "--model", tiny_dirs["qwen2"], "--data", data, "--out", out]
+    common += ["--samples", "2", "--max-new-tokens", "4"]
+    result = _cli(*common)
+    assert result.exit_code == 0 and "avg@2" in result.output, result.output
+    before = _state(out)
+    again = _cli(*common)
+    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
+    metrics = [
+        line for line in result.output.splitlines() if line.strip().startswith(("avg", "pass"))
+    ]
+    assert metrics and metrics == [
+        line for line in again.output.splitlines() if line.strip().startswith(("avg", "pass"))
+    ]  # the same results, printed again
+    assert _state(out) == before
+    forced = _cli(*common, "--force")
+    assert forced.exit_code == 0 and "nothing to do" not in forced.output, forced.output
+    assert _state(out)["metrics.json"][0] > before["metrics.json"][0]
+    # Another data file under the same name is another evaluation.
+    write_problems(data, 2)
+    changed = _cli(*common)
+    assert changed.exit_code == 0 and "nothing to do" not in changed.output
+
+
+def test_train_bupo_rerun_of_a_complete_run(tiny_dirs, tmp_path):
+    data = write_problems(tmp_path / "p.jsonl", 4)
+    out = tmp_path / "run"
+    common = ["train-bupo", "--model", tiny_dirs["llama"], "--data", data, "--out", out, "--quiet"]
+    common += ["--layer", "0", "--iterative-steps", "1", "--steps", "1", "--group-size", "2"]
+    common += ["--prompts-per-step", "1", "--mini-batch-size", "2", "--max-new-tokens", "4"]
+    result = _cli(*common)
+    assert result.exit_code == 0, result.output
+    before = _state(out)
+    for extra in ([], ["--resume"]):
+        again = _cli(*common, *extra)
+        assert again.exit_code == 0 and "nothing to do" in again.output, again.output
+        assert "complete (1 steps" in again.output
+        assert _state(out) == before
