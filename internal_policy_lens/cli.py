@@ -413,6 +413,14 @@ def eval_lens(
         str | None, typer.Option(help="Folder for lens_eval.csv and lens_eval.png/.pdf.")
     ] = None,
     max_samples: Annotated[int | None, typer.Option(min=1, help="First N records.")] = None,
+    force: Annotated[
+        bool | None,
+        _opt(
+            EvalLensConfig,
+            "force",
+            "Evaluate again (without it a rerun into a complete --out changes nothing).",
+        ),
+    ] = None,
 ) -> None:
     """KL to the final policy, next-token cross-entropy and top-1 agreement of raw, norm, tuned."""
     given = dict(locals())  # first line: only the options
@@ -423,7 +431,7 @@ def eval_lens(
     typer.echo("KL(final || lens), nats, per site and layer:")
     typer.echo(kl_text(table))
     if out is not None:
-        typer.echo(f"wrote {out}/lens_eval.csv and lens_eval.png/.pdf")
+        typer.echo(f"results in {out}/: lens_eval.csv and lens_eval.png/.pdf")
 
 
 @app.command("make-tiny")

@@ -240,6 +240,8 @@ class EvalLensConfig:
     """Sequences per forward pass."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
+    force: bool = False
+    """Evaluate again when ``out`` holds this evaluation, complete (else: nothing to do)."""
 
 
 @dataclass

@@ -116,3 +116,22 @@ def test_train_bupo_rerun_of_a_complete_run(tiny_dirs, tmp_path):
         assert again.exit_code == 0 and "nothing to do" in again.output, again.output
         assert "complete (1 steps" in again.output
         assert _state(out) == before
+
+
+@pytest.mark.slow
+def test_eval_lens_rerun_of_a_complete_evaluation(tmp_path):
+    out = tmp_path / "eval"
+    common = ["eval-lens", "--model", "ipl-tiny-qwen2", "--max-samples", "20", "--out", out]
+    result = _cli(*common)
+    assert result.exit_code == 0 and "nothing to do" not in result.output, result.output
+    before = _state(out)
+    again = _cli(*common)
+    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
+    said = [line for line in again.output.splitlines() if "nothing to do" not in line]
+    assert said == result.output.splitlines()  # the same numbers
+    assert _state(out) == before
+    forced = _cli(*common, "--force")
+    assert forced.exit_code == 0 and "nothing to do" not in forced.output, forced.output
+    assert _state(out)["lens_eval.csv"][0] > before["lens_eval.csv"][0]
+    other = _cli(*common[:-4], "--max-samples", "30", "--out", out)
+    assert other.exit_code == 0 and "nothing to do" not in other.output
