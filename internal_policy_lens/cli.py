@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 import typer.core
 
+from .bundled import TINY_ARCHITECTURES
 from .config import (
     BupoConfig,
     CompareConfig,
@@ -440,8 +441,7 @@ def make_tiny(
     arch: Annotated[
         str,
         typer.Option(
-            help="qwen2, qwen3, llama, mistral, mixtral, qwen2_moe, qwen3_moe, gemma2, gemma3, "
-            "olmo2, phi3, granite, gpt2 or gpt_neox."
+            help=f"{', '.join(TINY_ARCHITECTURES)}: one per family that `ipl models` lists."
         ),
     ] = "qwen2",
     layers: Annotated[int, typer.Option(min=1, help="Decoder layers.")] = 8,
@@ -810,6 +810,7 @@ def plot_train(
 def models() -> None:
     """List the bundled models (usable as --model NAME offline) and the supported families."""
     from .bundled import BUNDLED_MODELS
+    from .bundled.tiny import tiny_class
     from .model.families import FAMILIES
     from .model.load import bundled_path
 
@@ -817,9 +818,10 @@ def models() -> None:
     for name in BUNDLED_MODELS:
         with _user_errors():
             typer.echo(f"  {name}\t{bundled_path(name)}")
-    typer.echo("supported families (transformers class):")
+    typer.echo("supported families (transformers class, ipl make-tiny --arch):")
+    tiny = {tiny_class(arch): arch for arch in TINY_ARCHITECTURES}
     for family in FAMILIES:
-        typer.echo(f"  {family.name}\t{family.hf_class}")
+        typer.echo(f"  {family.name}\t{family.hf_class}\t{tiny[family.hf_class]}")
         typer.echo(f"      attn_out: {family.attn_out}; mlp_out: {family.mlp_out}")
         typer.echo(f"      lens {family.lens}")
 

@@ -11,9 +11,11 @@ from typer.testing import CliRunner
 
 import internal_policy_lens
 from internal_policy_lens.analysis import charts, plots
+from internal_policy_lens.bundled import TINY_ARCHITECTURES
 from internal_policy_lens.cli import app
 from internal_policy_lens.config import BupoConfig, ConvergenceConfig, EntropyConfig
 from internal_policy_lens.data.records import DataError, read_records
+from internal_policy_lens.model.families import FAMILIES
 from internal_policy_lens.model.load import load_model
 from internal_policy_lens.runs.entropy import EntropyRun, describe
 from internal_policy_lens.runs.lens import kl_text
@@ -116,3 +118,14 @@ def test_position_defaults_of_entropy_table_and_ipl_entropy_are_explained():
     doc = " ".join(entropy_table.__doc__.split())
     assert "Default False here, True in ``ipl entropy``" in doc  # ...and the docstring says why
     assert "Pass ``response_only=True`` for the rows of an ``ipl entropy`` run's" in doc
+
+
+def test_make_tiny_lists_exactly_the_families_of_ipl_models():
+    help_text = " ".join(runner.invoke(app, ["make-tiny", "--help"]).output.split())
+    listed = re.search(r"--arch <str> (.*?): one per family", help_text).group(1).split(", ")
+    assert listed == list(TINY_ARCHITECTURES)
+    models = runner.invoke(app, ["models"]).output.splitlines()
+    rows = [line.split("\t") for line in models if line.startswith("  ") and "\t" in line]
+    families = [row for row in rows if len(row) == 3]
+    assert [row[0].strip() for row in families] == [f.name for f in FAMILIES]
+    assert sorted(row[2] for row in families) == sorted(listed)  # one each, none left over
