@@ -49,16 +49,7 @@ def explorer_data(
         if room <= 0 or (samples and room < len(wide)):
             break
         wide = wide[[(s, layer) for s, layer in keys]]  # [positions, keys]
-        first = rows.drop_duplicates("position").set_index("position").loc[wide.index]
-        entry = {
-            "id": _jsonable(sample),
-            "default_key": _most_varied(wide, keys, cfg.site),
-            "positions": wide.index[:room].tolist(),
-            "token_ids": first["token_id"].astype(int).tolist()[:room],
-            "entropy": wide.iloc[:room].to_numpy().round(3).tolist(),
-        }
-        if "token" in first:
-            vocab.update(zip(entry["token_ids"], first["token"].astype(str)))
+        entry = _sample_entry(rows, wide, room, keys, cfg.site, vocab)
         if k:
             entry.update(_sample_topk(topk, sample, wide.index[:room], keys, k, vocab))
         record = contexts.get(str(entry["id"]))
@@ -83,6 +74,21 @@ def explorer_data(
             "positions_total": int(total_positions),
         },
     }
+
+
+def _sample_entry(rows, wide: pd.DataFrame, room: int, keys, site, vocab: dict) -> dict:
+    """One sample's positions (its first ``room``), input tokens and entropies; fills ``vocab``."""
+    first = rows.drop_duplicates("position").set_index("position").loc[wide.index]
+    entry = {
+        "id": _jsonable(rows["sample_id"].iloc[0]),
+        "default_key": _most_varied(wide, keys, site),
+        "positions": wide.index[:room].tolist(),
+        "token_ids": first["token_id"].astype(int).tolist()[:room],
+        "entropy": wide.iloc[:room].to_numpy().round(3).tolist(),
+    }
+    if "token" in first:
+        vocab.update(zip(entry["token_ids"], first["token"].astype(str)))
+    return entry
 
 
 def sample_context(record: dict, rows: pd.DataFrame, *, complete: bool) -> dict:
@@ -118,14 +124,13 @@ def _tail(response: str | None, rows: pd.DataFrame) -> str | None:
     if not response or "token" not in rows:
         return None
     text = rows.drop_duplicates("position").sort_values("position")["token"].astype(str)
-    shown = "".join(text)
     # The first analysed position is the prompt's last token (or earlier with --all-tokens):
     # find where the response starts inside the shown text, then what is left of the response.
     for start in range(len(text)):
         spelled = "".join(text.iloc[start:])
         if response.startswith(spelled):
             return response[len(spelled) :] or None
-    return None if shown else response
+    return None
 
 
 def _most_varied(wide: pd.DataFrame, keys: list, site: str | None) -> int:
