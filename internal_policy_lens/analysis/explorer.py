@@ -126,10 +126,11 @@ def _tail(response: str | None, rows: pd.DataFrame) -> str | None:
     text = rows.drop_duplicates("position").sort_values("position")["token"].astype(str)
     # The first analysed position is the prompt's last token (or earlier with --all-tokens):
     # find where the response starts inside the shown text, then what is left of the response.
-    for start in range(len(text)):
-        spelled = "".join(text.iloc[start:])
-        if response.startswith(spelled):
-            return response[len(spelled) :] or None
+    spelled = "".join(text)
+    for start in np.cumsum([0, *text.str.len()])[:-1]:
+        # The tail is what the response has beyond the shown text from this position on.
+        if len(spelled) - start <= len(response) and response.startswith(spelled[start:]):
+            return response[len(spelled) - start :] or None
     return None
 
 
