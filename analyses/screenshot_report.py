@@ -1,11 +1,13 @@
-"""Screenshots of a run's report.html in headless Chromium: the charts and the token explorer.
+"""Screenshots of a run's report.html in headless Chromium: the charts and the explorer.
 
     python analyses/screenshot_report.py RUN [--out figures/report] [--sample 0] [--token 6] \
-        [--site resid_post] [--layer 2]
+        [--site SITE --layer L] [--lens-site resid_post]
 
-Writes OUT_charts.png and OUT_explorer.png (the explorer after clicking the sample's token
-number --token). Uses Debian's chromium (apt-get install chromium) through Playwright, with
-the network blocked: the page must not need it.
+Writes OUT_charts.png and OUT_explorer.png: the sample in context, its tokens, the logit-lens
+grid (of --lens-site) and the details of the sample's token number --token, clicked. The tokens
+are coloured as the page chooses (the most varied site and layer) unless --site and --layer are
+given. Uses Debian's chromium (apt-get install chromium) through Playwright, with the network
+blocked: the page must not need it.
 """
 
 import argparse
@@ -37,8 +39,10 @@ def main(args):
         page.goto(page_path.resolve().as_uri())
         page.locator("#charts").screenshot(path=f"{out}_charts.png")
         page.select_option("#sample-select", index=args.sample)
-        page.select_option("#site-select", args.site)
-        page.select_option("#layer-select", str(args.layer))
+        if args.site is not None:
+            page.select_option("#site-select", args.site)
+            page.select_option("#layer-select", str(args.layer))
+        page.select_option("#lens-site-select", args.lens_site)
         page.locator("#token-text .tok").nth(args.token).click()
         page.locator("#explorer").screenshot(path=f"{out}_explorer.png")
         browser.close()
@@ -51,7 +55,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="figures/report")
     parser.add_argument("--sample", type=int, default=0, help="index in the sample menu")
     parser.add_argument("--token", type=int, default=6, help="index of the token to click")
-    parser.add_argument("--site", default="resid_post", help="site colouring the tokens")
-    parser.add_argument("--layer", type=int, default=2, help="its layer")
+    parser.add_argument("--site", help="site colouring the tokens [default: the page's choice]")
+    parser.add_argument("--layer", type=int, default=2, help="its layer (with --site)")
+    parser.add_argument("--lens-site", default="resid_post", help="site of the logit-lens grid")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     main(parser.parse_args())

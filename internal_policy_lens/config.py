@@ -135,6 +135,9 @@ class EntropyConfig:
     """Settings for records without a response."""
     overwrite: bool = False
     """Start over in a run folder that holds a run with a different configuration."""
+    force: bool = False
+    """Redo a run that is complete with the same configuration (a rerun without it says that
+    the run is complete and changes nothing)."""
     device_map: str | None = None
     """Split a model larger than one device over the visible devices ('auto', 'balanced')."""
     shard: str | None = None
@@ -149,7 +152,7 @@ class EntropyConfig:
     def identity(self) -> dict:
         """The fields that define the results; a resumed run must match them."""
         out = asdict(self)
-        for name in ("overwrite", "out", "device_map", "shard"):
+        for name in ("overwrite", "force", "out", "device_map", "shard"):
             out.pop(name)
         return out
 
@@ -206,11 +209,14 @@ class FitLensConfig:
     """Settings for records without a response."""
     overwrite: bool = False
     """Start over in a folder that holds a lens fitted with another configuration."""
+    force: bool = False
+    """Refit a lens that is complete with the same configuration (a rerun without it says that
+    the lens is complete and changes nothing)."""
 
     def identity(self) -> dict:
         """The fields that define the lens; a resumed fit must match them."""
         out = asdict(self)
-        for name in ("overwrite", "out", "device", "save_every"):
+        for name in ("overwrite", "force", "out", "device", "save_every"):
             out.pop(name)
         return out
 
@@ -234,6 +240,8 @@ class EvalLensConfig:
     """Sequences per forward pass."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
+    force: bool = False
+    """Evaluate again when ``out`` holds this evaluation, complete (else: nothing to do)."""
 
 
 @dataclass
@@ -412,6 +420,14 @@ class EvalConfig:
     """Model dtype: auto, float32, bfloat16, float16."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
+    force: bool = False
+    """Evaluate again when ``out`` holds this evaluation, complete (else: nothing to do)."""
+
+    def identity(self) -> dict:
+        """The fields that define the results (``metrics.json``'s ``config``)."""
+        out = asdict(self)
+        out.pop("force")
+        return out
 
 
 STEPS = {"qwen2": 1600, "llama": 1000}

@@ -35,6 +35,8 @@ TABLE_COLUMNS: tuple[str, ...] = (
 )
 DELTA_COLUMNS: tuple[str, ...] = ("sample_id", "position", "layer", "module", "delta")
 SUMMARY_COLUMNS: tuple[str, ...] = ("quantity", "layer", "name", "mean", "std", "count")
+SUMMARY_EXTRAS: tuple[str, ...] = ("next_token_rank", "kl_to_final", "top1_agrees")
+"""The extras columns that summary_table averages per (layer, site)."""
 TOPK_COLUMNS: tuple[str, ...] = (
     "sample_id",
     "position",
@@ -79,6 +81,11 @@ def entropy_table(
         sites: subset of :data:`SITES` (default all).
         layers: 0-based layers (default all); ``final`` is always stored at layer L-1.
         response_only: keep the positions whose next token is a response token (records only).
+            Default False here, True in ``ipl entropy`` (``EntropyConfig.response_only``): this
+            function also takes text and token ids, which have no response to select, so by
+            default it keeps every position; ``ipl entropy`` always has records with responses
+            and averages over the response tokens as the paper does. Pass
+            ``response_only=True`` for the rows of an ``ipl entropy`` run's ``tokens.parquet``.
         extras: add ``next_token_logprob``, ``next_token_rank`` (1 = top), ``kl_to_final``
             (KL(internal || final), nats) and ``top1_agrees``; and the residual cosines of the
             row's layer, ``cos_attn`` = cos(attn_out, resid_pre) and ``cos_ffn`` =
@@ -248,14 +255,21 @@ def delta_table(table: pd.DataFrame) -> pd.DataFrame:
 def summary_table(table: pd.DataFrame, deltas: pd.DataFrame | None = None) -> pd.DataFrame:
     """Mean, std and count of entropy, delta and (with the extras) residual cosine per layer.
 
-    Entropy per (layer, site), delta per (layer, module), cosine per layer and module.
+    Entropy per (layer, site), delta per (layer, module), cosine per layer and module; with the
+    extras also ``next_token_rank``, ``kl_to_final`` and ``top1_agrees`` (the share of tokens
+    whose top-1 is the final policy's) per (layer, site).
 
-    Returns columns ``quantity`` (``entropy``, ``delta`` or ``cosine``), ``layer``, ``name``
-    (the site, the module, or ``attn``/``ffn`` for ``cos_attn``/``cos_ffn``), ``mean``, ``std``,
-    ``count``. A cosine counts each (token, layer) once, not once per site.
+    Returns columns ``quantity`` (``entropy``, ``delta``, ``cosine`` or an extra), ``layer``,
+    ``name`` (the site, the module, or ``attn``/``ffn`` for ``cos_attn``/``cos_ffn``), ``mean``,
+    ``std``, ``count``. A cosine counts each (token, layer) once, not once per site.
     """
     deltas = delta_table(table) if deltas is None else deltas
     sources = [("entropy", table, "site", "entropy"), ("delta", deltas, "module", "delta")]
+    for column in SUMMARY_EXTRAS:
+        if column in table.columns:
+            # next_token_rank is -1 (next_token_logprob NaN) where no next token is analysed.
+            frame = table[table[column] >= 1] if column == "next_token_rank" else table
+            sources.append((column, frame.astype({column: float}), "site", column))
     if set(COSINE_COLUMNS) <= set(table.columns):
         per_layer = table[table["site"] != "final"].drop_duplicates(
             ["sample_id", "position", "layer"]

@@ -3,6 +3,7 @@
 Imported by name from the test files (``from helpers import ...``); fixtures live in conftest.py.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -324,3 +325,52 @@ def assert_resumed_probes_match(full, resumed, steps) -> None:
     merged = full.merge(resumed, on=keys, suffixes=("_full", "_resumed"))
     assert len(merged) == len(full) == len(resumed)
     np.testing.assert_allclose(merged["value_full"], merged["value_resumed"], atol=1e-6, rtol=1e-6)
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@contextlib.contextmanager
+def browser_page(path, width: int = 1300, height: int = 900):
+    """``path`` (an HTML file) open in headless Chromium, every other request blocked.
+
+    Yields ``(page, errors, requests)``: console errors and page errors, and the URLs asked for
+    that were not the file itself. Skips loudly without Playwright or Debian's chromium.
+    """
+    import shutil
+
+    import pytest
+
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="SKIPPED BROWSER TEST: playwright is not installed"
+    )
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("SKIPPED BROWSER TEST: no chromium; install it with apt-get install chromium")
+    errors, requests = [], []
+
+    def route(r):
+        if r.request.url.startswith("file://"):
+            return r.continue_()
+        requests.append(r.request.url)
+        return r.abort()
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.route("**/*", route)
+            page.goto(path.resolve().as_uri())
+            yield page, errors, requests
+        finally:
+            browser.close()

@@ -29,8 +29,11 @@ _HEX = {
 }
 
 
-def flow_chart(tokens: pd.DataFrame) -> go.Figure | None:
-    """Mean entropy per layer of the flow sites with their quartile band; None without them."""
+def flow_chart(tokens: pd.DataFrame, counts: str = "") -> go.Figure | None:
+    """Mean entropy per layer of the flow sites with their quartile band; None without them.
+
+    ``counts`` (e.g. ``"4 samples, 96 tokens"``) goes into the title.
+    """
     site = tokens["site"].astype(str)
     fig = go.Figure()
     for name in [s for s in plots.FLOW_SITES if (site == s).any()]:
@@ -47,21 +50,18 @@ def flow_chart(tokens: pd.DataFrame) -> go.Figure | None:
         )
     if not fig.data:
         return None
-    return _layout(
-        fig,
-        "Entropy flow: mean per layer; band: 25th–75th percentile over tokens",
-        "layer (0-based)",
-        "entropy (nats)",
-    )
+    title = "Entropy flow: mean per layer; band: 25th–75th percentile over tokens"
+    return _layout(fig, _titled(title, counts), "layer (0-based)", "entropy (nats)")
 
 
-def change_chart(deltas: pd.DataFrame, stages, tau: float) -> go.Figure | None:
+def change_chart(deltas: pd.DataFrame, stages, tau: float, counts: str = "") -> go.Figure | None:
     """Mean entropy change per layer and module, quartile band, FFN stages shaded."""
     if deltas.empty:
         return None
     module = deltas["module"].astype(str)
     fig = go.Figure()
     shades = (("exploration", "#e0e0e0", "ΔH > "), ("convergence", "#bdbdbd", "ΔH < −"))
+    threshold = f"tau = {tau:g} nats"
     for stage, pattern, rule in shades:
         span = (stages or {}).get(stage)
         if span is not None:
@@ -72,7 +72,7 @@ def change_chart(deltas: pd.DataFrame, stages, tau: float) -> go.Figure | None:
                 opacity=0.35,
                 line_width=0,
                 layer="below",
-                annotation_text=f"FFN {stage} ({rule}{tau:g})",
+                annotation_text=f"FFN {stage} ({rule}{threshold})",
                 annotation_position="top left",
             )
     fig.add_hline(y=0, line_dash="dash", line_color="#444444")
@@ -80,47 +80,101 @@ def change_chart(deltas: pd.DataFrame, stages, tau: float) -> go.Figure | None:
         if (module == name).any():
             mid, lo, hi = plots.band(deltas[module == name], "layer", "delta", "iqr")
             _band_traces(fig, mid, lo, hi, label, _HEX[name])
-    return _layout(
-        fig,
-        "Entropy change per layer (mean; band: 25th–75th percentile); FFN stages shaded",
-        "layer (0-based)",
-        "entropy change ΔH (nats)",
-    )
+    title = "Entropy change per layer (mean; band: 25th–75th percentile); FFN stages shaded"
+    return _layout(fig, _titled(title, counts), "layer (0-based)", "entropy change ΔH (nats)")
 
 
-def compare_charts(stacked: pd.DataFrame) -> list[go.Figure]:
-    """Stacked summaries (``model``, ``n_layers`` added) on relative depth, three panels."""
-    panels = (
+EXTRA_CHARTS = (
+    ("next_token_rank", "Rank of the actual next token (mean; 1 = top)", "rank (log axis)"),
+    ("kl_to_final", "KL(internal ‖ final) (mean)", "KL (nats)"),
+    ("top1_agrees", "Top-1 agreement with the final policy", "share of tokens"),
+    ("cosine", "Residual cosine: module write vs the stream it is added to (mean)", "cosine"),
+)
+"""The extras charts: a ``summary.csv`` quantity, the title and the y axis."""
+
+
+def extras_charts(summary: pd.DataFrame, counts: str = "") -> dict[str, go.Figure]:
+    """One chart per extras quantity the summary holds, its points the summary's means."""
+    charts = {}
+    for quantity, title, axis in EXTRA_CHARTS:
+        rows = summary[summary["quantity"] == quantity]
+        if rows.empty:
+            continue
+        fig = go.Figure()
+        names = ("attn", "ffn") if quantity == "cosine" else (*plots.FLOW_SITES, "final")
+        for name in [n for n in names if (rows["name"].astype(str) == n).any()]:
+            part = rows[rows["name"].astype(str) == name].sort_values("layer")
+            colour = _HEX["attn_out" if name == "attn" else "mlp_out" if name == "ffn" else name]
+            fig.add_scatter(
+                x=part["layer"].astype(int).tolist(),
+                y=part["mean"].tolist(),
+                mode="lines+markers",
+                name=name,
+                line=dict(color=colour),
+                customdata=part["count"].astype(int).tolist(),
+                hovertemplate="layer %{x}<br>mean %{y:.4g}<br>%{customdata} tokens",
+            )
+        _layout(fig, _titled(title, counts), "layer (0-based)", axis)
+        if quantity == "next_token_rank":
+            fig.update_yaxes(type="log")
+        charts[quantity] = fig
+    return charts
+
+
+def compare_charts(stacked: pd.DataFrame, missing_cosines: list[str] = ()) -> list[go.Figure]:
+    """Stacked summaries (``model``, ``n_layers`` added) on relative depth, mean over tokens.
+
+    The panels of ``comparison.png`` (layer 0's input at depth 0 in the layer-output panel), and
+    the residual cosines when a run has them; ``missing_cosines`` names the runs without them.
+    """
+    panels = [
         ("entropy", "resid_post", "Layer output H(resid_post)", "entropy (nats)"),
         ("delta", "ffn", "FFN ΔH", "ΔH (nats)"),
         ("delta", "attn", "Attention ΔH", "ΔH (nats)"),
-    )
-    figures = []
+    ]
+    if (stacked["quantity"] == "cosine").any():
+        lacking = f" (no cosines: {', '.join(missing_cosines)})" if missing_cosines else ""
+        panels += [
+            ("cosine", "attn", "Attention cos(attn_out, resid_pre)" + lacking, "cosine"),
+            ("cosine", "ffn", "FFN cos(mlp_out, resid_mid)" + lacking, "cosine"),
+        ]
     palette = sns.color_palette("colorblind", n_colors=max(stacked["model"].nunique(), 1))
+    figures = []
     for quantity, which, title, unit in panels:
         fig = go.Figure()
         for model, rgb in zip(dict.fromkeys(stacked["model"]), palette):
-            frame = stacked[(stacked["model"] == model) & (stacked["quantity"] == quantity)]
-            frame = frame[frame["name"].astype(str) == which]
-            colour = hex_colour(rgb)
+            frame = stacked[stacked["model"] == model]
+            x, y, layer = _depth_curve(frame, quantity, which)
+            if len(x) == 0:
+                continue  # named in the title, not drawn as an empty legend entry
             fig.add_scatter(
-                x=(frame["layer"] + 1) / frame["n_layers"],
-                y=frame["mean"],
+                x=x,
+                y=y,
                 mode="lines+markers",
                 name=model,
-                line=dict(color=colour),
-                customdata=frame["layer"],
+                line=dict(color=hex_colour(rgb)),
+                customdata=layer,
                 hovertemplate="layer %{customdata}<br>depth %{x:.2f}<br>%{y:.3f}",
             )
-        figures.append(
-            _layout(
-                fig,
-                f"{title} (mean over tokens) on relative depth",
-                "relative depth (l + 1) / L",
-                unit,
-            )
-        )
+        fig = _layout(fig, f"{title} (mean over tokens)", "relative depth (l + 1) / L", unit)
+        figures.append(fig.update_xaxes(range=[-0.02, 1.02]))
     return figures
+
+
+def _depth_curve(frame: pd.DataFrame, quantity: str, which: str):
+    """Points at depth (layer + 1) / L; the layer-output curve starts at layer 0's input (0)."""
+    name = frame["name"].astype(str)
+    rows = frame[(frame["quantity"] == quantity) & (name == which)].sort_values("layer")
+    x = ((rows["layer"] + 1) / rows["n_layers"]).tolist()
+    y, layer = rows["mean"].tolist(), rows["layer"].astype(int).astype(str).tolist()
+    start = frame[(frame["quantity"] == "entropy") & (name == "resid_pre") & (frame["layer"] == 0)]
+    if which == "resid_post" and quantity == "entropy" and len(start) and len(rows):
+        x, y, layer = [0.0, *x], [float(start["mean"].iloc[0]), *y], ["0 (input)", *layer]
+    return x, y, layer
+
+
+def _titled(title: str, counts: str) -> str:
+    return f"{title}<br><sup>{counts}</sup>" if counts else title
 
 
 def _band_traces(fig: go.Figure, mid, lo, hi, name: str, colour: str) -> None:

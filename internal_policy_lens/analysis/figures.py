@@ -200,11 +200,42 @@ def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, p
         rows.append(row)
     table = pd.DataFrame(rows)
     report.written.append(RunFolder(out).write_csv("convergence.csv", table))
+    differences = run_differences(runs, names)
+    for difference in differences:
+        warnings.warn(difference, stacklevel=2)
     if cfg.report:
         from .report import write_compare_report  # plotly loads only when a page is written
 
-        report.written.append(write_compare_report(cfg, runs, names))
+        report.written.append(write_compare_report(cfg, runs, names, differences))
     return report, table
+
+
+def run_differences(runs: list[RunFolder], names: list[str]) -> list[str]:
+    """What makes the runs' curves not like for like: lens, samples, sites, extras."""
+    facts = {
+        "lens": [run.lens for run in runs],
+        "samples": [f"{run.info.get('samples')} samples of {_data_name(run)}" for run in runs],
+        "sites": [", ".join(sorted(_sites(run.summary()))) for run in runs],
+        "extras": [
+            "extras" if (run.summary()["quantity"] == "cosine").any() else "no extras"
+            for run in runs
+        ],
+    }
+    return [
+        f"the runs differ in {what}: "
+        + "; ".join(f"{name}: {value}" for name, value in zip(names, values))
+        for what, values in facts.items()
+        if len(set(values)) > 1
+    ]
+
+
+def _sites(summary: pd.DataFrame) -> set[str]:
+    return set(summary[summary["quantity"] == "entropy"]["name"].astype(str))
+
+
+def _data_name(run: RunFolder) -> str:
+    config = run.info.get("config", {})
+    return f"{Path(str(config.get('data'))).name} (sha256 {str(config.get('data_sha256'))[:8]})"
 
 
 def suggest_run_layer(

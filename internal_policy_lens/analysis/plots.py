@@ -180,7 +180,7 @@ def entropy_change(
     modules = _present(deltas, "module", MODULE_LABELS, "modules")
     fig, (ax,) = _figure(COLUMN_WIDTH, 3.2)
     module = deltas["module"].astype(str)
-    threshold = "τ" if tau is None else f"τ = {tau:g} nats"
+    threshold = "tau" if tau is None else f"tau = {tau:g} nats"
     for stage, (label, hatch) in _STAGE_SHADES.items():
         span = (stages or {}).get(stage)
         if span is not None:
@@ -357,8 +357,20 @@ def compare_cosines(summaries: pd.DataFrame) -> Figure:
     models = list(dict.fromkeys(summaries["model"]))
     palette = sns.color_palette("colorblind", n_colors=max(len(models), 1))
     fig, axes = _figure(TEXT_WIDTH, 2.6, ncols=2)
+    lacking = [m for m in models if m not in set(cosines["model"])]
+    if lacking:  # named, not drawn as empty legend entries
+        fig.text(
+            0.5,
+            0.0,
+            f"no residual cosines (run without --extras): {', '.join(lacking)}",
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
     for ax, (name, label) in zip(axes, (("attn", "cos_attn"), ("ffn", "cos_ffn"))):
         for model, colour in zip(models, palette):
+            if model in lacking:
+                continue
             frame = cosines[(cosines["model"] == model) & (cosines["name"].astype(str) == name)]
             depth = (frame["layer"] + 1) / frame["n_layers"]
             legend = model if ax is axes[0] else None
@@ -432,6 +444,7 @@ def training_curves(runs: dict[str, pd.DataFrame]) -> Figure:
                 ax.axvline(switch.iloc[0] - 0.5, color=colours[name], linestyle=":", linewidth=1)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axes[-1].axis("off")
     handles, labels = axes[0].get_legend_handles_labels()
     axes[-1].legend(handles, labels, loc="center", title="run (dotted: IPA → GRPO switch)")

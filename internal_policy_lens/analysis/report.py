@@ -15,18 +15,30 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from ..config import CompareConfig, ReportConfig
 from ..runs.io import RunFolder, model_name, open_run
-from .charts import change_chart, compare_charts, flow_chart
-from .convergence import convergence_summary, suggest_layer
+from .charts import change_chart, compare_charts, extras_charts, flow_chart
+from .convergence import convergence_summary
+from .explorer import explorer_data
 
 ASSETS = Path(__file__).with_name("templates")
 """The page template, its styles and the token explorer's script."""
+
+
+RAW_LENS_NOTE = (
+    "Raw lens (the paper's definition): each site vector is unembedded as it is, without the "
+    "final norm, so a policy's sharpness follows the vector's norm as much as its direction: a "
+    "short vector gives a near-uniform policy, a long one a sharp policy. Layer 0's input is the "
+    "token embedding; where its norm is small its policy is near uniform (high entropy, the next "
+    "token ranked far down, large KL to the final policy), and these curves drop where the "
+    "stream's norm grows (often as soon as layer 0 writes to it), whether or not the top token "
+    "is the final one. The top-1 agreement and the rank say how close the policies are."
+)
+"""Shown under the extras charts of a raw-lens run."""
 
 
 def report_run(cfg: ReportConfig) -> Path:
@@ -53,39 +65,47 @@ def write_run_report(
     info: dict,
     cfg: ReportConfig | None = None,
 ) -> Path:
-    """Write ``out/report.html`` for one run's tables; return its path."""
+    """Write ``out/report.html`` for one run's tables (and its ``responses.jsonl``)."""
     cfg = cfg or ReportConfig(run=str(out))
-    name = model_name(info)
-    conv_cfg = cfg.convergence
-    stages = None
-    try:
-        conv = convergence_summary(summary, int(info["model"]["n_layers"]), conv_cfg)
-        stages = conv.stages
-        convergence = _table_html(pd.DataFrame([conv.row()]))
-        convergence += f"<pre>{html.escape(str(suggest_layer(summary, conv_cfg)))}</pre>"
-    except ValueError as err:  # e.g. the run has no FFN sites
-        convergence = f"<p>No convergence summary: {html.escape(str(err))}</p>"
+    stages, convergence = _convergence_html(summary, int(info["model"]["n_layers"]), cfg)
+    counts = token_counts(tokens)
     charts = [
-        _chart(flow_chart(tokens), "chart-flow"),
-        _chart(change_chart(deltas, stages, conv_cfg.tau), "chart-change"),
+        _chart(flow_chart(tokens, counts), "chart-flow"),
+        _chart(change_chart(deltas, stages, cfg.convergence.tau, counts), "chart-change"),
     ]
-    data = explorer_data(tokens, topk, cfg)
+    extras = extras_charts(summary, counts)
+    charts += [_chart(fig, f"chart-{name.replace('_', '-')}") for name, fig in extras.items()]
+    lens = info["config"]["lens"]
+    if extras and lens == "raw":
+        charts.append(f'<p class="note" id="raw-lens-note">{html.escape(RAW_LENS_NOTE)}</p>')
+    data = explorer_data(tokens, topk, cfg, _records(Path(out) / "responses.jsonl"))
+    data["lens"] = lens
     return _write_page(
         Path(out) / "report.html",
-        title=f"{name} ({info['config']['lens']} lens): internal policies",
+        title=f"{model_name(info)} ({lens} lens): internal policies",
         provenance=_provenance_html(info),
-        charts="".join(c for c in charts if c),
+        charts="".join(charts),
+        chart_note="Bands are the 25th–75th percentile over tokens.",
         convergence=convergence,
         data=data,
     )
 
 
-def write_compare_report(cfg: CompareConfig, runs: list[RunFolder], names: list[str]) -> Path:
-    """``OUT/report.html`` for several runs: relative-depth charts, provenance, convergence."""
-    frames, rows, provenance = [], [], []
+def write_compare_report(
+    cfg: CompareConfig, runs: list[RunFolder], names: list[str], differences: list[str] = ()
+) -> Path:
+    """``OUT/report.html`` for several runs: relative-depth charts, provenance, convergence.
+
+    ``differences`` (:func:`~internal_policy_lens.analysis.figures.run_differences`) are
+    stated at the top of the page.
+    """
+    frames, rows, provenance, no_cosines = [], [], [], []
     for run, name in zip(runs, names):
         summary = run.summary()
-        frames.append(summary.assign(model=name, n_layers=run.n_layers))
+        counts = token_counts(summary=summary, samples=run.info.get("samples"))
+        frames.append(summary.assign(model=f"{name} ({counts})", n_layers=run.n_layers))
+        if not (summary["quantity"] == "cosine").any():
+            no_cosines.append(name)
         row = {"model": name, "run": str(run.path)}
         try:
             row.update(convergence_summary(summary, run.n_layers, cfg.convergence).row())
@@ -93,93 +113,59 @@ def write_compare_report(cfg: CompareConfig, runs: list[RunFolder], names: list[
             row["note"] = str(err)
         rows.append(row)
         provenance.append(f"<h3>{html.escape(name)}</h3>{_provenance_html(run.info)}")
-    charts = compare_charts(pd.concat(frames, ignore_index=True))
-    note = "The token explorer is in each run's own report.html (ipl report RUN)."
+    charts = compare_charts(pd.concat(frames, ignore_index=True), no_cosines)
+    warning = "".join(f'<p class="warning">warning: {html.escape(d)}</p>' for d in differences)
     return _write_page(
         Path(cfg.out) / "report.html",
         title=f"{len(runs)} runs on relative depth",
         provenance="".join(provenance),
-        charts="".join(_chart(fig, f"chart-compare-{i}") for i, fig in enumerate(charts)),
+        charts=warning + "".join(_chart(fig, f"chart-compare-{i}") for i, fig in enumerate(charts)),
+        chart_note="Each point is a layer's mean over the run's tokens (no bands); the token "
+        "explorer is in each run's own report.html (ipl report RUN).",
         convergence=_table_html(pd.DataFrame(rows)),
-        data={"samples": [], "note": note},
+        data=None,
     )
 
 
-def explorer_data(tokens: pd.DataFrame, topk: pd.DataFrame | None, cfg: ReportConfig) -> dict:
-    """The token explorer's JSON: per embedded sample, its tokens, entropies and top-k.
-
-    Entropies are ``[positions][keys]`` (nats, 3 decimals), top-k ids and probabilities
-    ``[positions][keys][K]`` (probabilities to 5 decimals); ``keys`` lists the (site, layer)
-    columns. ``cap`` says what was left out.
-    """
-    keys = tokens[["site", "layer"]].drop_duplicates().astype({"site": str})
-    keys = [(s, int(layer)) for s, layer in keys.itertuples(index=False)]
-    k = 0 if topk is None else int(topk["rank"].max())
-    sites = list(dict.fromkeys(site for site, _ in keys))
-    if cfg.site is not None and cfg.site not in sites:
-        raise ValueError(f"site {cfg.site!r} is not in the run; it has {', '.join(sites)}")
-    default_site = cfg.site or ("resid_post" if "resid_post" in sites else sites[0])
-    samples, used, vocab = [], 0, {}
-    ids = sorted(tokens["sample_id"].unique(), key=lambda v: (str(type(v)), v))
-    per_position = len(keys) * (1 + 2 * k)
-    for sample in ids[: cfg.max_samples]:
-        rows = tokens[tokens["sample_id"] == sample]
-        wide = rows.pivot(index="position", columns=["site", "layer"], values="entropy")
-        room = (cfg.max_values - used) // per_position
-        if room <= 0 or (samples and room < len(wide)):
-            break
-        wide = wide.iloc[:room]
-        first = rows.drop_duplicates("position").set_index("position").loc[wide.index]
-        entry = {
-            "id": _jsonable(sample),
-            "positions": wide.index.tolist(),
-            "token_ids": first["token_id"].astype(int).tolist(),
-            "entropy": wide[[(s, layer) for s, layer in keys]].to_numpy().round(3).tolist(),
-        }
-        if "token" in first:
-            vocab.update(zip(entry["token_ids"], first["token"].astype(str)))
-        if k:
-            entry.update(_sample_topk(topk, sample, wide.index, keys, k, vocab))
-        samples.append(entry)
-        used += len(wide) * per_position
-    shown_positions = sum(len(s["positions"]) for s in samples)
-    total_positions = tokens.drop_duplicates(["sample_id", "position"]).shape[0]
-    return {
-        "keys": keys,
-        "sites": sites,
-        "default_site": default_site,
-        "topk": k,
-        "vocab": {str(i): t for i, t in vocab.items()},
-        "samples": samples,
-        "cap": {
-            "max_samples": cfg.max_samples,
-            "max_values": cfg.max_values,
-            "samples_shown": len(samples),
-            "samples_total": len(ids),
-            "positions_shown": shown_positions,
-            "positions_total": int(total_positions),
-        },
-    }
+def token_counts(
+    tokens: pd.DataFrame | None = None, *, summary: pd.DataFrame | None = None, samples=None
+) -> str:
+    """``"N samples, M tokens"`` of a token table, or of a summary and run.json's samples."""
+    if tokens is not None:
+        samples = tokens["sample_id"].nunique()
+        n = len(tokens.drop_duplicates(["sample_id", "position"]))
+    else:  # every analysed token has one entropy row per (site, layer)
+        n = int(summary[summary["quantity"] == "entropy"]["count"].max())
+    return f"{samples} samples, {n:,} tokens"
 
 
-def _sample_topk(topk, sample, positions, keys, k, vocab) -> dict:
-    rows = topk[(topk["sample_id"] == sample) & topk["position"].isin(positions)]
-    rows = rows.astype({"site": str}).set_index(["position", "site", "layer", "rank"])
-    index = pd.MultiIndex.from_tuples(
-        [(p, s, layer, r) for p in positions for s, layer in keys for r in range(1, k + 1)]
+def _records(path: Path) -> list[dict] | None:
+    """The run's ``responses.jsonl`` records (the sample in context), or None without it."""
+    if not path.is_file():
+        return None
+    from ..data.records import read_records
+
+    return read_records(path)
+
+
+def _convergence_html(summary: pd.DataFrame, n_layers: int, cfg: ReportConfig):
+    """The FFN stages (for the change chart) and the convergence section's tables."""
+    try:
+        conv = convergence_summary(summary, n_layers, cfg.convergence)
+    except ValueError as err:  # e.g. the run has no FFN sites
+        return None, f"<p>No convergence summary: {html.escape(str(err))}</p>"
+    suggestion = conv.suggestion
+    head = (
+        f"suggested BuPO layer: {suggestion.layer} (0-based)"
+        if suggestion.layer is not None
+        else "no layer suggested"
     )
-    rows = rows.reindex(index)  # [positions * keys * K], NaN where a policy has fewer
-    if "token" in rows:
-        known = rows.dropna(subset=["token_id"])
-        vocab.update(zip(known["token_id"].astype(int), known["token"].astype(str)))
-    shape = (len(positions), len(keys), k)
-    ids = rows["token_id"].fillna(-1).astype(int).to_numpy().reshape(shape)
-    probs = rows["prob"].fillna(0.0).to_numpy(dtype=float).reshape(shape).round(5)
-    return {"topk_ids": ids.tolist(), "topk_probs": probs.tolist()}
-
-
-def _jsonable(value):
-    return value.item() if isinstance(value, np.generic) else value
+    text = (
+        _table_html(pd.DataFrame([conv.row()]))
+        + f'<p id="layer-rule">{html.escape(head)}: {html.escape(suggestion.reason)}</p>'
+        + _table_html(suggestion.evidence)
+    )
+    return conv.stages, text
 
 
 def _chart(fig: go.Figure | None, div_id: str) -> str:
@@ -228,19 +214,33 @@ def _table_html(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, na_rep="", classes="facts", border=0, escape=True)
 
 
-def _write_page(path: Path, *, title, provenance, charts, convergence, data) -> Path:
-    page = (ASSETS / "report.html").read_text(encoding="utf-8")
-    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    parts = {
-        "title": html.escape(title),
-        "style": (ASSETS / "report.css").read_text(encoding="utf-8"),
-        "plotly": get_plotlyjs(),
-        "provenance": provenance,
-        "charts": charts or "<p>No charts: the run lacks their sites.</p>",
-        "convergence": convergence,
-        "data": payload.replace("</", "<\\/"),  # never closes the script element early
-        "explorer": (ASSETS / "explorer.js").read_text(encoding="utf-8"),
-    }
-    # One pass over the template: text put in (plotly.js, data) is never scanned for markers.
-    page = re.sub(r"\{\{ (\w+) \}\}", lambda m: parts[m.group(1)], page)
+def _write_page(path: Path, *, title, provenance, charts, chart_note, convergence, data) -> Path:
+    """Fill the template; ``data`` None: a page without the token explorer (``ipl compare``)."""
+    explorer, nav = "", ""
+    if data is not None:
+        payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        explorer = _fill(
+            "explorer.html",
+            data=payload.replace("</", "<\\/"),  # never closes the script element early
+            script=(ASSETS / "explorer.js").read_text(encoding="utf-8"),
+        )
+        nav = ' · <a href="#explorer">Logit lens and token explorer</a>'
+    page = _fill(
+        "report.html",
+        title=html.escape(title),
+        style=(ASSETS / "report.css").read_text(encoding="utf-8"),
+        plotly=get_plotlyjs(),
+        nav=nav,
+        provenance=provenance,
+        charts=charts or "<p>No charts: the run lacks their sites.</p>",
+        chart_note=html.escape(chart_note),
+        convergence=convergence,
+        explorer=explorer,
+    )
     return RunFolder(path.parent).create().write_text(path.name, page)
+
+
+def _fill(template: str, **parts: str) -> str:
+    """One pass over a template: text put in (plotly.js, data) is never scanned for markers."""
+    text = (ASSETS / template).read_text(encoding="utf-8")
+    return re.sub(r"\{\{ (\w+) \}\}", lambda m: parts[m.group(1)], text)

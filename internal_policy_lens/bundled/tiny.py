@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from . import TINY_ARCHITECTURES
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -20,26 +22,7 @@ CHAT_TEMPLATE = (
 # (1 + w) RMSNorm or a LayerNorm bias is exercised.
 _PLAIN_NORMS = ("qwen2", "qwen3", "llama")
 SPECIAL_TOKENS = ("<|pad|>", "<|unk|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
-ARCHITECTURES = (
-    "qwen2",
-    "qwen3",
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "gemma2",
-    "gemma3",
-    "olmo2",
-    "phi3",
-    "granite",
-    "gpt2",
-    "gpt_neox",
-    "olmo3",
-    "smollm3",
-    "deepseek_v3",
-    "gpt_oss",
-)
+ARCHITECTURES = TINY_ARCHITECTURES
 
 
 def char_tokenizer():
@@ -240,3 +223,10 @@ def _perturb_norms(model, *, init_scale: float) -> None:
         module = name.rsplit(".", 1)[0]
         if "norm" in module or module.rsplit(".", 1)[-1].startswith(("ln", "ln_")):
             param.add_(torch.randn_like(param) * 3 * init_scale)
+
+
+def tiny_class(arch: str) -> str:
+    """The transformers class of ``arch``'s tiny model (its family's ``hf_class``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[tiny_config(arch, vocab_size=64).model_type]

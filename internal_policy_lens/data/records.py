@@ -85,6 +85,10 @@ def read_records(path: str | os.PathLike, *, max_samples: int | None = None) -> 
     if max_samples is not None and max_samples < 0:
         raise ValueError(f"max_samples must be >= 0 or None, got {max_samples}")
     name, path = os.fspath(path), Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SUPPORTED_EXTENSIONS)
+        hint = f", e.g. {path / found[0]}" if found else ""
+        raise DataError(f"{name}: is a directory, not a data file; pass one of its files{hint}")
     ext = path.suffix.lower()
     if ext not in _READERS:
         raise DataError(

@@ -254,15 +254,19 @@ def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: RunFolder, progress
 
 
 def _start_folder(out: RunFolder, cfg: FitLensConfig) -> dict | None:
-    """The finished lens's lens.json if this fit is done already; refuse another fit's folder."""
+    """The finished lens's lens.json if this fit is done already; refuse another fit's folder.
+
+    With ``cfg.force`` a fit of the same configuration starts over, finished or not.
+    """
     for name in (META, CHECKPOINT_META):
         path = out.path / name
         if not path.is_file():
             continue
         old = out.read_json(name)
-        if old.get("config") == cfg.identity():
+        same = old.get("config") == cfg.identity()
+        if same and not cfg.force:
             return old if name == META else None
-        if not cfg.overwrite:
+        if not same and not cfg.overwrite:
             changed = sorted(
                 k for k, v in cfg.identity().items() if old.get("config", {}).get(k) != v
             )

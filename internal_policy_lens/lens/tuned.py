@@ -148,13 +148,25 @@ def read_lens(
     return translators, meta
 
 
-def make_lens(model: PolicyModel, settings: LensSettings) -> Lens:
-    """The :class:`Lens` of ``settings``; for ``tuned``, its translators read from the folder."""
-    if settings.lens_path is not None and settings.lens != "tuned":
+def check_lens_path(settings: LensSettings) -> None:
+    """Refuse a ``--lens-path`` without the tuned lens, or one that is not a folder.
+
+    Needs no model, so commands call it before loading one.
+    """
+    if settings.lens_path is None:
+        return
+    if settings.lens != "tuned":
         raise ValueError(
             f"a lens folder ({settings.lens_path}) goes with the tuned lens; "
             "pass --lens tuned, or leave out --lens-path"
         )
+    if not Path(settings.lens_path).is_dir():
+        raise LensFolderError(f"{settings.lens_path}: no such lens folder; {FIT_HINT}")
+
+
+def make_lens(model: PolicyModel, settings: LensSettings) -> Lens:
+    """The :class:`Lens` of ``settings``; for ``tuned``, its translators read from the folder."""
+    check_lens_path(settings)
     translators = None
     if settings.lens == "tuned":
         translators, _ = read_lens(settings.lens_path, model)

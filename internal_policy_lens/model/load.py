@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from ..data.encode import encode_inputs
 from .batch import pad, position_ids
 from .device import check_device
 from .families import FAMILIES, SUPPORTED_ARCHITECTURES, Family, family_of, prepare
+from .files import check_weights, read_config
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _DTYPES = {
@@ -398,10 +398,9 @@ def _check_local_folder(folder: Path) -> None:
             "tokenizer next to the weights with tokenizer.save_pretrained('"
             f"{folder}')."
         )
-    with open(folder / "config.json") as fh:
-        config = json.load(fh)
-    if "architectures" not in config:
-        raise ModelLoadError(f"'{folder / 'config.json'}' does not name its architectures.")
+    # A damaged download or copy fails here in one line, not in a safetensors traceback.
+    read_config(folder / "config.json")
+    check_weights(folder)
 
 
 def _load_tokenizer(name: str, revision: str | None):

@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import EntropyConfig, derive_seed
+from ..config import ConvergenceConfig, EntropyConfig, derive_seed
 from ..data.encode import Encoded, encode_inputs, encode_prompt
 from ..data.records import read_records, write_records_jsonl
 from ..lens.capture import site_keys
-from ..lens.sites import parse_layers, resolve_sites
-from ..lens.tuned import default_lens_path, folder_hash, make_lens
+from ..lens.sites import parse_layers, resolve_layers, resolve_sites
+from ..lens.tuned import check_lens_path, default_lens_path, folder_hash, make_lens
 from ..lens.unembed import choose_precision
+from ..model.files import config_layers
 from ..model.generate import generate_texts
 from ..model.load import PolicyModel, load_model
 from ..tables import delta_table, entropy_table, summary_table, token_text
@@ -90,6 +91,8 @@ class EntropyRun:
     """The figures written (and skipped, with why) at the end of the run."""
     topk: pd.DataFrame | None = None
     """``topk.parquet`` (None when the run has no top-k)."""
+    reused: bool = False
+    """The folder already held this run, complete: nothing was computed or written."""
 
 
 def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | None:
@@ -99,14 +102,22 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     batches are analysed (see :mod:`~internal_policy_lens.runs.shard`); the shard that completes the
     last part merges and returns the tables, the others return None.
     """
-    # Every option is checked before anything is written (the layer range needs the model).
+    # Every option is checked before anything is written or loaded (the layer range against
+    # the model's config.json alone, when it is at hand without the network).
     cfg.settings.check()
     resolve_sites(cfg.sites)
-    if isinstance(cfg.layers, str):
+    check_lens_path(cfg.settings)
+    n_layers = config_layers(cfg.model, cfg.revision)
+    if n_layers is not None:
+        resolve_layers(cfg.layers, n_layers)
+    elif isinstance(cfg.layers, str):
         parse_layers(cfg.layers)
     shard = resolve_shard(cfg.shard)
     folder = RunFolder(cfg.out).check_writable()
     records = read_records(cfg.data, max_samples=cfg.max_samples)
+    done = _complete_run(cfg)
+    if done is not None and not cfg.force:
+        return done
     model = load_model(
         cfg.model,
         dtype=cfg.dtype,
@@ -175,17 +186,23 @@ def finish_run(
 
 def describe(run: EntropyRun) -> str:
     """The one-paragraph summary printed at the end of a run."""
+    if run.reused:
+        return (
+            f"Nothing to do: {run.out}/ holds this run, complete (same configuration and data, "
+            f"finished {run.info.get('finished')}); nothing was changed. Pass --force to redo it."
+        )
     summary = run.summary
     final = summary[(summary.quantity == "entropy") & (summary.name == "final")]["mean"]
     ffn = summary[(summary.quantity == "delta") & (summary.name == "ffn")]
-    widening = ffn[ffn["mean"] > 0]["layer"].tolist()
+    tau = ConvergenceConfig().tau  # the stages' and ipl suggest-layer's threshold
+    widening = ffn[ffn["mean"] > tau]["layer"].tolist()
     final_text = f"{final.iloc[0]:.3f} nats" if len(final) else "n/a (site not analysed)"
     text = (
         f"Wrote {len(run.tokens):,} rows for {run.info['samples']} samples to {run.out}/ "
         f"({'topk.parquet, ' if run.topk is not None else ''}tokens.parquet, deltas.parquet, "
         f"summary.csv, responses.jsonl, run.json, report.html). "
         f"Lens: {run.info['config']['lens']}. Mean final entropy: {final_text}. "
-        f"Layers with mean FFN entropy change > 0 (exploration): "
+        f"Layers with mean FFN entropy change > tau = {tau:g} nats (exploration): "
         f"{widening if len(ffn) else 'n/a'}."
     )
     if run.figures is not None:
@@ -196,6 +213,21 @@ def describe(run: EntropyRun) -> str:
     return text
 
 
+def _complete_run(cfg: EntropyConfig) -> EntropyRun | None:
+    """The folder's run when it is complete with this configuration (read, not recomputed)."""
+    path = Path(cfg.out) / "run.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    identity = {**cfg.identity(), "data_sha256": sha256(cfg.data)}
+    if info.get("status") != "complete" or info.get("config") != identity:
+        return None
+    run = RunFolder(cfg.out)
+    return EntropyRun(
+        run.tokens(), run.deltas(), run.summary(), Path(cfg.out), info, topk=run.topk(), reused=True
+    )
+
+
 def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
     # What the precision runs for this model on its device (the mode, dtypes and why).
     weight = model.unembed.weight
@@ -204,15 +236,16 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
     previous = out / "run.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
-        if old.get("config") == identity and old.get("status") == "running":
+        same = old.get("config") == identity
+        if same and old.get("status") == "running" and not cfg.force:
             _log.info("resuming the unfinished run in %s/ (finished batches are kept)", out)
-        if old.get("config") != identity:
-            if not cfg.overwrite:
-                changed = sorted(k for k in identity if old.get("config", {}).get(k) != identity[k])
-                raise RunConfigError(
-                    f"{previous}: the folder holds a run with another configuration (differs in "
-                    f"{', '.join(changed)}); pass --overwrite to start over or choose another --out"
-                )
+        if not same and not cfg.overwrite:
+            changed = sorted(k for k in identity if old.get("config", {}).get(k) != identity[k])
+            raise RunConfigError(
+                f"{previous}: the folder holds a run with another configuration (differs in "
+                f"{', '.join(changed)}); pass --overwrite to start over or choose another --out"
+            )
+        if not same or cfg.force:
             for name in OUTPUTS:
                 (out / name).unlink(missing_ok=True)
             for name in WORK_DIRS:

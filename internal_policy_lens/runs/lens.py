@@ -2,37 +2,44 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
-from ..config import EvalLensConfig, FitLensConfig
+from ..bundled import BUNDLED_MODELS, bundled_model_path
+from ..config import LENSES, EvalLensConfig, FitLensConfig
 from ..data.records import read_records
 from ..lens.fit import check_fit_config, collect_rows, fit_lens, lens_metrics
 from ..lens.sites import SITES
-from ..lens.tuned import META, default_lens_path, read_lens
+from ..lens.tuned import FIT_HINT, META, LensFolderError, default_lens_path, folder_hash, read_lens
 from ..lens.unembed import Lens
 from ..model.load import load_model
 from .entropy import ensure_responses
 from .io import RunFolder, sha256
 
 EVAL_COLUMNS = ("layer", "site", "lens", "kl_to_final", "next_token_ce", "top1_agrees")
+EVAL_META = "lens_eval.json"
+"""Beside lens_eval.csv: the settings and hashes it was computed from."""
+_log = logging.getLogger(__name__)
 
 
 def run_fit_lens(cfg: FitLensConfig, *, progress: bool = True) -> dict:
     """Read the data, generate missing responses (OUT/responses.jsonl), fit, write the lens.
 
     Rerunning a killed fit continues from its last saved translators; rerunning a finished
-    one returns its lens.json.
+    one returns its lens.json with ``"reused": True`` and changes nothing (``cfg.force``: fit
+    again).
     """
     check_fit_config(cfg)
     out = Path(cfg.out)
     folder = RunFolder(out).check_writable()  # before any work
-    if (out / META).is_file():
+    if (out / META).is_file() and not cfg.force:
         old = RunFolder(out).read_json(META)
         if old.get("config") == cfg.identity():
-            return old
+            return {**old, "reused": True}
     records = read_records(cfg.data, max_samples=cfg.max_samples)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     with folder.lock():  # one writer per lens folder
@@ -42,12 +49,32 @@ def run_fit_lens(cfg: FitLensConfig, *, progress: bool = True) -> dict:
     return meta
 
 
+def kl_text(table: pd.DataFrame) -> str:
+    """``ipl eval-lens``'s table: KL to the final policy per (site, layer), lenses raw, norm, tuned.
+
+    Rounding error just below zero prints as 0.0000, not -0.0000.
+    """
+    wide = table.pivot_table(index=["site", "layer"], columns="lens", values="kl_to_final")
+    wide = wide[[lens for lens in LENSES if lens in wide.columns]]
+    return wide.to_string(float_format=lambda v: f"{v:.4f}".replace("-0.0000", "0.0000"))
+
+
 def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
     """Raw, norm and tuned lens on the same held-out tokens, per (layer, site); ``EVAL_COLUMNS``.
 
     Writes ``lens_eval.csv`` and ``lens_eval.png``/``.pdf`` to ``cfg.out`` when it is given.
     """
     folder = None if cfg.out is None else RunFolder(cfg.out).check_writable()  # before any work
+    if cfg.lens_path is not None and not Path(cfg.lens_path).is_dir():
+        raise LensFolderError(f"{cfg.lens_path}: no such lens folder; {FIT_HINT}")
+    identity = None if folder is None else _eval_identity(cfg)
+    if identity is not None and not cfg.force and _holds(folder, identity):
+        _log.info(
+            "nothing to do: %s/ holds this evaluation, complete (same model, lens and data); "
+            "nothing was changed, pass --force to evaluate again",
+            cfg.out,
+        )
+        return pd.read_csv(folder.path / "lens_eval.csv")
     model = load_model(cfg.model, dtype="float32", device=cfg.device)
     lens_path = Path(cfg.lens_path) if cfg.lens_path else default_lens_path(model)
     translators, meta = read_lens(lens_path, model)
@@ -81,4 +108,31 @@ def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
         with folder.lock():  # one writer per output folder
             folder.write_csv("lens_eval.csv", table)
             save_figure(lens_quality(table), folder.path / "lens_eval")
+            if identity is not None:
+                folder.write_json(EVAL_META, identity)
     return table
+
+
+def _holds(folder: RunFolder, identity: dict) -> bool:
+    """Whether ``folder`` holds a finished evaluation of ``identity``."""
+    files = (folder.path / "lens_eval.csv", folder.path / EVAL_META)
+    return all(f.is_file() for f in files) and folder.read_json(EVAL_META) == identity
+
+
+def _eval_identity(cfg: EvalLensConfig) -> dict | None:
+    """What defines an evaluation: its settings and the hashes of the lens folder and data.
+
+    None where the lens folder is not known before the model loads (a hub model's default).
+    """
+    lens_path = cfg.lens_path
+    if lens_path is None and cfg.model in BUNDLED_MODELS:
+        lens_path = bundled_model_path(cfg.model) / "tuned-lens"
+    if lens_path is None:
+        return None
+    data = Path(cfg.data) if cfg.data else Path(lens_path) / "responses.jsonl"
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "force")}
+    return {
+        "config": settings,
+        "lens_sha256": folder_hash(lens_path),
+        "data_sha256": sha256(data) if data.is_file() else None,
+    }

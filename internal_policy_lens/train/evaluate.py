@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
-from dataclasses import asdict
 from math import comb
 
 import pandas as pd
@@ -13,8 +13,10 @@ from ..config import EvalConfig
 from ..data.records import read_records
 from ..model.generate import sample
 from ..model.load import load_model
-from ..runs.io import RunFolder
+from ..runs.io import RunFolder, sha256
 from .rewards import math_reward
+
+_log = logging.getLogger(__name__)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -51,6 +53,14 @@ def evaluate(
     missing = [r["line"] for r in records if r["answer"] is None]
     if missing:
         raise ValueError(f"{cfg.data}:{missing[0]}: record has no answer; ipl eval needs answers")
+    done = None if cfg.force else _complete(cfg, out)
+    if done is not None:
+        _log.info(
+            "nothing to do: %s/ holds this evaluation, complete (same configuration and data); "
+            "nothing was changed, pass --force to evaluate again",
+            cfg.out,
+        )
+        return done
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     with out.lock():  # one writer per results folder
         return _evaluate(cfg, model, records, reward, out)
@@ -89,7 +99,16 @@ def _evaluate(cfg: EvalConfig, model, records: list[dict], reward, out: RunFolde
     metrics = {c: float(table[c].mean()) for c in table.columns if "@" in c}
     out.write_csv("results.csv", table)
     out.write_text("samples.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
-    out.write_json(
-        "metrics.json", {"metrics": metrics, "problems": len(table), "config": asdict(cfg)}
-    )
+    info = {"metrics": metrics, "problems": len(table), "config": cfg.identity()}
+    out.write_json("metrics.json", {**info, "data_sha256": sha256(cfg.data)})
     return table, metrics
+
+
+def _complete(cfg: EvalConfig, out: RunFolder) -> tuple[pd.DataFrame, dict] | None:
+    """The folder's results when it holds this evaluation (configuration and data), else None."""
+    if not (out.path / "metrics.json").is_file() or not (out.path / "results.csv").is_file():
+        return None
+    info = out.read_json("metrics.json")
+    if info.get("config") != cfg.identity() or info.get("data_sha256") != sha256(cfg.data):
+        return None
+    return pd.read_csv(out.path / "results.csv"), info["metrics"]

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from ..analysis.convergence import suggest_layer
+import logging
+
+from ..analysis.convergence import LayerSuggestion, suggest_layer
 from ..config import BupoConfig
 from ..data.records import read_records
+from ..model.files import config_layers
 from ..model.generate import sample
 from ..model.load import PolicyModel
 from ..tables import entropy_table, summary_table
+
+_log = logging.getLogger(__name__)
+
+
+def check_layer(cfg: BupoConfig) -> None:
+    """``--layer K`` against the model's config.json alone, before the model loads."""
+    n_layers = config_layers(cfg.model)
+    if isinstance(cfg.layer, int) and n_layers is not None and not 0 <= cfg.layer < n_layers:
+        raise ValueError(f"--layer {cfg.layer} is out of range (0..{n_layers - 1})")
 
 
 def resolve_layer(cfg: BupoConfig, model: PolicyModel) -> int:
@@ -26,10 +38,18 @@ def auto_layer(cfg: BupoConfig, model: PolicyModel, n: int = 16) -> int:
     See :func:`suggested_layer`; raises ValueError naming ``--layer`` when no layer is found.
     """
     records = read_records(cfg.data, max_samples=n)
-    try:
-        return suggested_layer(model, records, max_new_tokens=cfg.max_new_tokens, lens=cfg.lens)
-    except ValueError as err:
-        raise ValueError(f"--layer auto: {err}; pass --layer K instead") from None
+    suggestion = layer_suggestion(model, records, max_new_tokens=cfg.max_new_tokens, lens=cfg.lens)
+    if suggestion.layer is None:
+        raise ValueError(f"--layer auto: {suggestion.reason}; pass --layer K instead")
+    _log.info(
+        "--layer auto: layer %d (0-based), the %s lens's %s, on greedy responses to the first "
+        "%d training prompts",
+        suggestion.layer,
+        cfg.lens,
+        suggestion.reason,
+        len(records),
+    )
+    return suggestion.layer
 
 
 def suggested_layer(
@@ -43,11 +63,18 @@ def suggested_layer(
     Raises:
         ValueError: with the reason when the entropies suggest no layer.
     """
+    suggestion = layer_suggestion(model, records, max_new_tokens=max_new_tokens, lens=lens)
+    if suggestion.layer is None:
+        raise ValueError(suggestion.reason)
+    return suggestion.layer
+
+
+def layer_suggestion(
+    model: PolicyModel, records: list[dict], *, max_new_tokens: int, lens: str
+) -> LayerSuggestion:
+    """The layer rule's answer on greedy responses to the ``records``' prompts, with why."""
     prompts = [r["prompt"] for r in records]
     responses = sample(model, prompts, samples=1, temperature=0.0, max_new_tokens=max_new_tokens)
     inputs = [{**r, "response": text[0]} for r, text in zip(records, responses)]
     table = entropy_table(model, inputs, lens=lens, sites=["mlp_in", "mlp_out"], response_only=True)
-    suggestion = suggest_layer(summary_table(table))
-    if suggestion.layer is None:
-        raise ValueError(suggestion.reason)
-    return suggestion.layer
+    return suggest_layer(summary_table(table))

@@ -9,6 +9,7 @@ with the optimiser, scheduler and RNG state beside them.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import warnings
@@ -25,11 +26,13 @@ from ..model.load import PolicyModel, load_model
 from ..runs.io import RunFolder
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .folder import append_metrics, start_training
-from .layer import resolve_layer
+from .layer import check_layer, resolve_layer
 from .loss import policy_loss
 from .probes import ProbePlan, Prober
 from .rewards import math_reward
 from .rollout import collect, token_logprobs
+
+_log = logging.getLogger(__name__)
 
 Reward = Callable[[str, str], float]
 """A reward function: (response text, reference answer) -> reward in [0, 1]."""
@@ -52,6 +55,15 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
             f"model); use --lens {' or --lens '.join(MODEL_LENSES)}"
         )
     folder = RunFolder(cfg.out).check_writable()  # before any work
+    check_layer(cfg)
+    if training_complete(cfg):
+        _log.info(
+            "nothing to do: %s/ holds this training run, complete (%d steps, same "
+            "configuration); nothing was changed",
+            cfg.out,
+            cfg.steps,
+        )
+        return Path(cfg.out)
     records = training_records(cfg)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=progress)
     layer = resolve_layer(cfg, model)
@@ -129,11 +141,13 @@ def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress
 def warn_if_no_signal(rewards: torch.Tensor, group_size: int, step: int) -> None:
     """Warn when every group's rewards are equal: all advantages are 0, nothing is learned."""
     groups = rewards.view(-1, group_size)  # [prompts, G]
-    if bool((groups == groups[:, :1]).all()):
-        values = sorted(set(groups[:, 0].tolist()))
+    flat = (groups == groups[:, :1]).all(dim=1)  # [prompts]: every response scored alike
+    if bool(flat.all()):
+        values = " or all ".join(str(v) for v in sorted(set(groups[:, 0].tolist())))
         warnings.warn(
-            f"step {step}: every group's rewards are identical (rewards {values}), so every "
-            "advantage is 0 and the policy-gradient update is zero; use prompts the model solves "
+            f"step {step}: every group's rewards are identical ({int(flat.sum())} of "
+            f"{len(flat)} groups have identical rewards, each all {values}), so every advantage "
+            "is 0 and the policy-gradient update is zero; use prompts the model solves "
             "sometimes, or a larger --group-size",
             stacklevel=2,
         )
@@ -223,6 +237,23 @@ def _reference_model(cfg: BupoConfig) -> PolicyModel | None:
     ref = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=False)
     ref.bridge.requires_grad_(False)
     return ref
+
+
+def training_complete(cfg: BupoConfig) -> bool:
+    """Whether ``cfg.out`` holds this run (its config.json) with the checkpoint of its last step.
+
+    With ``layer="auto"`` the layer the run chose is accepted.
+    """
+    out = Path(cfg.out)
+    if not (out / "config.json").is_file():
+        return False
+    saved = RunFolder(out).read_json("config.json")
+    config = asdict(cfg)
+    config.pop("resume")
+    if cfg.layer == "auto":
+        config["layer"] = saved.get("layer")
+    last = latest_checkpoint(out)
+    return saved == config and last is not None and checkpoint_step(last) == cfg.steps
 
 
 def _start(cfg, out, model, opt, sched, layer) -> int:

@@ -5,6 +5,7 @@ import shutil
 
 import pandas as pd
 import pytest
+from helpers import browser_page
 from typer.testing import CliRunner
 
 from internal_policy_lens.analysis.report import explorer_data
@@ -13,15 +14,6 @@ from internal_policy_lens.config import EntropyConfig, ReportConfig
 from internal_policy_lens.runs.entropy import run_entropy
 
 runner = CliRunner()
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="module")
@@ -124,37 +116,11 @@ def test_compare_writes_one_report_for_several_runs(run_dir, tmp_path):
     assert page.count("ipl-tiny") == 0 and page.count("qwen2") >= 2  # both runs' provenance
 
 
-def _browser():
-    """Playwright driving Debian's chromium; skip loudly when neither can be had."""
-    playwright = pytest.importorskip(
-        "playwright.sync_api", reason="SKIPPED BROWSER TEST: playwright is not installed"
-    )
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.skip("SKIPPED BROWSER TEST: no chromium; install it with apt-get install chromium")
-    return playwright.sync_playwright, path
-
-
 @pytest.mark.slow
 def test_report_in_headless_chromium(run_dir, tmp_path):
-    sync_playwright, chromium = _browser()
     tokens = pd.read_parquet(run_dir / "tokens.parquet")
     topk = pd.read_parquet(run_dir / "topk.parquet")
-    errors, requests = [], []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1300, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda err: errors.append(str(err)))
-
-        def route(r):
-            if r.request.url.startswith("file://"):
-                return r.continue_()
-            requests.append(r.request.url)
-            return r.abort()
-
-        page.route("**/*", route)
-        page.goto((run_dir / "report.html").resolve().as_uri())
+    with browser_page(run_dir / "report.html") as (page, errors, requests):
         # The explorer renders the first sample's tokens, one element per position.
         sample = tokens[tokens.sample_id == tokens.sample_id.min()]
         spans = page.locator('#token-text .tok[data-sample="0"]')
@@ -198,6 +164,5 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
             assert page.locator(f"#{chart} svg.main-svg").count() > 0
             assert page.locator(f"#{chart} .scatterlayer .trace").count() > 0
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        browser.close()
     assert errors == [] and requests == []
     assert (tmp_path / "report.png").stat().st_size > 10_000

@@ -23,7 +23,7 @@ from ...model.load import load_causal_lm, load_model
 from ...runs.io import RunFolder
 from ...train.checkpoint import checkpoint_step
 from ...train.folder import append_metrics, start_training
-from ...train.layer import resolve_layer
+from ...train.layer import check_layer, resolve_layer
 from ...train.loop import training_records
 from .callback import InternalPolicyCallback
 from .trainer import BupoGRPOTrainer, grpo_config, math_reward_func, prompt_dataset
@@ -82,6 +82,7 @@ def train_bupo_trl(
         )
     out = Path(cfg.out)
     folder = RunFolder(out).check_writable()  # before any work
+    check_layer(cfg)
     records = training_records(cfg)
     layer = resolve_layer(cfg, load_model(cfg.model, dtype="float32", device="cpu"))
     # One writer per run folder: the process of rank 0 (the one that writes the run's files).
