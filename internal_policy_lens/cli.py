@@ -100,7 +100,7 @@ def _user_errors(resume_hint: str | None = None):
 def entropy(
     model: Annotated[
         str | None,
-        _opt(EntropyConfig, "model", "Hub name, local folder, .gguf file or bundled model (ipl models)."),
+        _opt(EntropyConfig, "model", "Hub name, folder, .gguf file or bundled model (ipl models)."),
     ] = None,
     data: Annotated[
         Path | None,

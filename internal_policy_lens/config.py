@@ -110,7 +110,7 @@ class EntropyConfig:
     revision: str | None = None
     """Hub revision of the model."""
     gguf_file: str | None = None
-    """Name of a GGUF file inside the ``model`` folder (a ``.gguf`` path as ``model`` needs none)."""
+    """Name of a GGUF file inside the ``model`` folder (not needed when ``model`` is the file)."""
     batch_size: int = 4
     """Sequences per forward pass of the analysis."""
     chunk_tokens: int = LensSettings.chunk_tokens
