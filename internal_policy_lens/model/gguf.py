@@ -9,6 +9,7 @@ run.json, because the dequantized weights are the rounded ones, not the original
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -62,13 +63,21 @@ def _reader(source: GgufSource):
     try:
         from gguf import GGUFReader
     except ImportError as err:
-        raise GgufError(
-            f"reading '{source.path}' needs the gguf package: {INSTALL_HINT}"
-        ) from err
+        raise GgufError(f"reading '{source.path}' needs the gguf package: {INSTALL_HINT}") from err
     try:
         return GGUFReader(source.path)
     except (ValueError, OSError) as err:
         raise GgufError(f"'{source.path}' is not a readable GGUF file ({err})") from err
+
+
+def transformers_architectures() -> set[str]:
+    """The GGUF architectures (``general.architecture``) this transformers release loads."""
+    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    # The legacy loader's config mapping also holds the "general" and "tokenizer" key groups.
+    legacy = set(GGUF_TO_TRANSFORMERS_MAPPING["config"]) - {"general", "tokenizer"}
+    return legacy | set(GGUF_CONFIG_ARCHS)
 
 
 def inspect_gguf(source: GgufSource) -> dict:
@@ -78,16 +87,16 @@ def inspect_gguf(source: GgufSource) -> dict:
     type, by the same ``gguf`` routine transformers uses, so an unsupported type is one message
     here rather than a traceback halfway through loading.
     """
+    reader = _reader(source)  # first: it names the extra when the gguf package is missing
     from gguf import dequantize
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    reader = _reader(source)
     field = reader.get_field("general.architecture")
     architecture = field.contents() if field is not None else "<none>"
-    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+    readable = transformers_architectures()
+    if architecture not in readable:
         raise GgufError(
             f"'{source.path}': GGUF architecture '{architecture}' is not one transformers can "
-            f"load; it reads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}"
+            f"load; it reads: {', '.join(sorted(readable))}"
         )
     first = {}
     for tensor in reader.tensors:
@@ -135,18 +144,37 @@ def load_gguf_tokenizer(source: GgufSource):
     return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.file)
 
 
-def load_gguf_model(source: GgufSource, dtype):
+def load_gguf_model(source: GgufSource, dtype, progress: bool = True):
     """The file's weights dequantized to ``dtype``, as a plain transformers model on the CPU.
 
     transformers marks a GGUF-loaded model as quantized (``quantization_config``) although its
     weights are ordinary float tensors; the marks are dropped so that the model saves, casts and
-    trains like any other.
+    trains like any other. transformers' dequantization bar is a plain tqdm bar, switched off
+    through tqdm's environment default when ``progress`` is False.
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.file, dtype=dtype)
+    with _tqdm_disabled(not progress):
+        model = AutoModelForCausalLM.from_pretrained(
+            source.folder, gguf_file=source.file, dtype=dtype
+        )
     model.config.architectures = [type(model).__name__]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
     return model
+
+
+@contextlib.contextmanager
+def _tqdm_disabled(disabled: bool):
+    """Bars that tqdm creates in the block are off when ``disabled``; the environment restored."""
+    was = os.environ.get("TQDM_DISABLE")
+    if disabled:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = was

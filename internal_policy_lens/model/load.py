@@ -301,7 +301,7 @@ def _load_gguf(source, dtype, device: str, device_map, progress: bool) -> Policy
         tokenizer = _checked_tokenizer(str(source.path), load_gguf_tokenizer(source))
         torch_dtype = _resolve_dtype(dtype, config, device)
         with _loading_bar(progress):
-            hf_model = load_gguf_model(source, torch_dtype).to(device)
+            hf_model = load_gguf_model(source, torch_dtype, progress).to(device)
     except GgufError as err:
         raise ModelLoadError(str(err)) from err
     prepare(hf_model)
