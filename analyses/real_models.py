@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -99,8 +100,21 @@ def fetch(checkpoint: Checkpoint, cache: Path) -> Path:
     return target
 
 
+def finished(out: Path) -> bool:
+    """Whether ``out`` holds a finished ipl entropy run (kept: delete the folder to redo it)."""
+    run = out / "run.json"
+    return run.is_file() and json.loads(run.read_text()).get("status") == "complete"
+
+
 def ipl(*args: str, log: Path | None = None) -> str:
-    """Run one ipl command (printed first), return its standard output."""
+    """Run one ipl command (printed first), return its standard output.
+
+    An ``ipl entropy`` whose --out folder holds a finished run is skipped: rerunning it would
+    analyse everything again.
+    """
+    if args[0] == "entropy" and finished(Path(args[args.index("--out") + 1])):
+        print("kept the finished run in", args[args.index("--out") + 1], flush=True)
+        return ""
     command = [str(Path(sys.executable).parent / "ipl"), *args]
     print("$", " ".join(command), flush=True)
     result = subprocess.run(command, capture_output=True, text=True)
@@ -117,23 +131,80 @@ def entropy_runs(path: Path, key: str, args) -> None:
     common = ["--model", str(path), "--sites", SITES, "--extras", "--topk", "0", "--quiet"]
     size = ["--max-samples", str(args.problems), "--max-new-tokens", str(args.tokens)]
     greedy = args.out / f"{key}-greedy-raw"
-    ipl("entropy", *common, *size, "--data", str(args.data), "--temperature", "0",
-        "--lens", "raw", "--out", str(greedy))
-    ipl("entropy", *common, "--data", str(greedy / "responses.jsonl"), "--lens", "norm",
-        "--out", str(args.out / f"{key}-greedy-norm"))
-    ipl("entropy", *common, *size, "--data", str(args.data), "--temperature", "1", "--seed", "0",
-        "--lens", "raw", "--out", str(args.out / f"{key}-sampled-raw"))
+    ipl(
+        "entropy",
+        *common,
+        *size,
+        "--data",
+        str(args.data),
+        "--temperature",
+        "0",
+        "--lens",
+        "raw",
+        "--out",
+        str(greedy),
+    )
+    ipl(
+        "entropy",
+        *common,
+        "--data",
+        str(greedy / "responses.jsonl"),
+        "--lens",
+        "norm",
+        "--out",
+        str(args.out / f"{key}-greedy-norm"),
+    )
+    ipl(
+        "entropy",
+        *common,
+        *size,
+        "--data",
+        str(args.data),
+        "--temperature",
+        "1",
+        "--seed",
+        "0",
+        "--lens",
+        "raw",
+        "--out",
+        str(args.out / f"{key}-sampled-raw"),
+    )
 
 
 def lens_runs(path: Path, key: str, args) -> None:
     """A tuned lens fitted on the sampled responses, applied to the greedy ones."""
     lens = args.out / f"{key}-tuned-lens"
-    ipl("fit-lens", "--model", str(path), "--data",
-        str(args.out / f"{key}-sampled-raw" / "responses.jsonl"), "--out", str(lens),
-        "--steps", str(args.lens_steps), "--quiet")
-    ipl("entropy", "--model", str(path), "--sites", SITES, "--extras", "--topk", "0", "--quiet",
-        "--data", str(args.out / f"{key}-greedy-raw" / "responses.jsonl"), "--lens", "tuned",
-        "--lens-path", str(lens), "--out", str(args.out / f"{key}-greedy-tuned"))
+    ipl(
+        "fit-lens",
+        "--model",
+        str(path),
+        "--data",
+        str(args.out / f"{key}-sampled-raw" / "responses.jsonl"),
+        "--out",
+        str(lens),
+        "--steps",
+        str(args.lens_steps),
+        "--quiet",
+    )
+    ipl(
+        "entropy",
+        "--model",
+        str(path),
+        "--sites",
+        SITES,
+        "--extras",
+        "--topk",
+        "0",
+        "--quiet",
+        "--data",
+        str(args.out / f"{key}-greedy-raw" / "responses.jsonl"),
+        "--lens",
+        "tuned",
+        "--lens-path",
+        str(lens),
+        "--out",
+        str(args.out / f"{key}-greedy-tuned"),
+    )
 
 
 def compare_runs(args) -> None:
@@ -158,7 +229,8 @@ def main() -> None:
     parser.add_argument("--lens-steps", type=int, default=100, help="tuned-lens fit steps")
     parser.add_argument("--models", default="qwen,smollm2")
     parser.add_argument(
-        "--stages", default="fetch,identities,entropy,lens,compare,figures",
+        "--stages",
+        default="fetch,identities,entropy,lens,compare,figures",
         help="comma-separated subset of the stages in the module docstring",
     )
     args = parser.parse_args()
@@ -173,7 +245,7 @@ def main() -> None:
         from real_models_checks import print_identities
 
         for m in chosen:
-            print_identities(paths[m.key], m.key)
+            print_identities(paths[m.key], m.key, args.out / f"identities-{m.key}.json")
     for m in chosen:
         if "entropy" in stages:
             entropy_runs(paths[m.key], m.key, args)
