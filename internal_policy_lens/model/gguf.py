@@ -10,6 +10,7 @@ run.json, because the dequantized weights are the rounded ones, not the original
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -149,12 +150,11 @@ def load_gguf_model(source: GgufSource, dtype, progress: bool = True):
 
     transformers marks a GGUF-loaded model as quantized (``quantization_config``) although its
     weights are ordinary float tensors; the marks are dropped so that the model saves, casts and
-    trains like any other. transformers' dequantization bar is a plain tqdm bar, switched off
-    through tqdm's environment default when ``progress`` is False.
+    trains like any other. ``progress``: show transformers' dequantization bar.
     """
     from transformers import AutoModelForCausalLM
 
-    with _tqdm_disabled(not progress):
+    with _dequantization_bar(progress):
         model = AutoModelForCausalLM.from_pretrained(
             source.folder, gguf_file=source.file, dtype=dtype
         )
@@ -166,15 +166,19 @@ def load_gguf_model(source: GgufSource, dtype, progress: bool = True):
 
 
 @contextlib.contextmanager
-def _tqdm_disabled(disabled: bool):
-    """Bars that tqdm creates in the block are off when ``disabled``; the environment restored."""
-    was = os.environ.get("TQDM_DISABLE")
-    if disabled:
-        os.environ["TQDM_DISABLE"] = "1"
+def _dequantization_bar(show: bool):
+    """The GGUF dequantization bar of transformers, off in the block unless ``show``.
+
+    transformers draws it with a plain tqdm that its own progress switch does not reach (and tqdm
+    reads its environment defaults once, at import): the loader module's ``tqdm`` is a disabled
+    one for the block, and the original again after it.
+    """
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    original = loader.tqdm
+    if not show:
+        loader.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
-        if was is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = was
+        loader.tqdm = original

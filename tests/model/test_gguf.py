@@ -30,9 +30,10 @@ def written(request, tmp_path_factory):
     return arch, path, types, expected_model(model)
 
 
-def test_gguf_loads_as_its_dequantized_float_model(written):
+def test_gguf_loads_as_its_dequantized_float_model(written, capfd):
     arch, path, types, expected = written
     model = load_model(path, dtype="float32", device="cpu", progress=False)
+    assert "de-quantizing" not in capfd.readouterr().err  # transformers' own bar, off too
     assert model.architecture == type(expected).__name__
     assert model.n_layers == expected.config.num_hidden_layers
     ids = model.tokenizer(TEXTS[0], return_tensors="pt").input_ids
