@@ -47,16 +47,18 @@ def _site_errors(acts, naive, n_layers: int) -> dict[str, float]:
 
 
 def _residual_errors(acts, n_layers: int) -> dict[str, float]:
-    sums, chain = 0.0, 0.0
+    sums, chain, scale = 0.0, 0.0, 0.0
     for layer in range(n_layers):
         a = {site: acts[site, layer][0].double() for site in ("resid_pre", "attn_out", "mlp_out")}
         post = acts["resid_post", layer][0].double()
         sums = max(sums, float((post - a["resid_pre"] - a["attn_out"] - a["mlp_out"]).abs().max()))
+        scale = max(scale, float(post.abs().max()))
         if layer + 1 < n_layers:
             chain = max(chain, float((acts["resid_pre", layer + 1][0] - post).abs().max()))
     return {
         "resid_post - (resid_pre + attn_out + mlp_out)": sums,
         "resid_pre[l+1] - resid_post[l]": chain,
+        "largest |resid_post| entry (the scale of the errors above)": scale,
     }
 
 
