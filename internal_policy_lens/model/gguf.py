@@ -71,18 +71,8 @@ def _reader(source: GgufSource):
         raise GgufError(f"'{source.path}' is not a readable GGUF file ({err})") from err
 
 
-def transformers_architectures() -> set[str]:
-    """The GGUF architectures (``general.architecture``) this transformers release loads."""
-    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
-    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
-
-    # The legacy loader's config mapping also holds the "general" and "tokenizer" key groups.
-    legacy = set(GGUF_TO_TRANSFORMERS_MAPPING["config"]) - {"general", "tokenizer"}
-    return legacy | set(GGUF_CONFIG_ARCHS)
-
-
 def inspect_gguf(source: GgufSource) -> dict:
-    """The file's architecture and tensor types; rejects those transformers cannot load.
+    """The file's architecture and tensor types; rejects types the gguf package cannot read.
 
     Every quantization type present is dequantized once, on the first row of a tensor of that
     type, by the same ``gguf`` routine transformers uses, so an unsupported type is one message
@@ -93,12 +83,6 @@ def inspect_gguf(source: GgufSource) -> dict:
 
     field = reader.get_field("general.architecture")
     architecture = field.contents() if field is not None else "<none>"
-    readable = transformers_architectures()
-    if architecture not in readable:
-        raise GgufError(
-            f"'{source.path}': GGUF architecture '{architecture}' is not one transformers can "
-            f"load; it reads: {', '.join(sorted(readable))}"
-        )
     first = {}
     for tensor in reader.tensors:
         first.setdefault(tensor.tensor_type, tensor)
@@ -133,8 +117,11 @@ def architecture_of(source: GgufSource) -> tuple[str, object]:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    try:
+        config = AutoConfig.from_pretrained(source.folder, gguf_file=source.file)
+    except ValueError as err:  # transformers' word on an architecture it cannot read
+        raise GgufError(f"'{source.path}': transformers cannot load this file: {err}") from err
     # A GGUF config names no architectures; the causal-LM class follows from its model type.
-    config = AutoConfig.from_pretrained(source.folder, gguf_file=source.file)
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "<none>"), config
 
 

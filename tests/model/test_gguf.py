@@ -124,7 +124,7 @@ def test_not_a_gguf_file(tmp_path):
 def test_architecture_transformers_cannot_read(tmp_path):
     path = tmp_path / "rwkv.gguf"
     write_raw(path, "rwkv6", gguf.GGMLQuantizationType.F32)
-    with pytest.raises(ModelLoadError, match="GGUF architecture 'rwkv6' is not one transformers"):
+    with pytest.raises(ModelLoadError, match="transformers cannot load this file: .*rwkv6"):
         load_model(path, device="cpu")
 
 
