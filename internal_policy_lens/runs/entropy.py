@@ -125,6 +125,7 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         revision=cfg.revision,
         device_map=cfg.device_map,
         progress=progress,
+        gguf_file=cfg.gguf_file,
     )
     keys = site_keys(model, cfg.sites, cfg.layers)
     make_lens(model, cfg.settings).check(keys)  # a bad lens folder fails before any work
@@ -269,6 +270,7 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
             "vocab_size": model.vocab_size,
             "dtype": str(model.dtype).removeprefix("torch."),
             "device": str(model.device),
+            **({"gguf": model.gguf} if model.gguf else {}),
         },
         "precision": precision.record(),
         "lens": _lens_facts(cfg, model),

@@ -5,6 +5,7 @@ import pytest
 from internal_policy_lens.analysis.convergence import (
     abruptness,
     convergence_summary,
+    drop_depths,
     find_stages,
     suggest_layer,
 )
@@ -135,3 +136,43 @@ def test_layer_subsets_and_missing_sites():
     assert conv.label is None and np.isnan(conv.abruptness)
     with pytest.raises(ValueError, match="no FFN entropy change"):
         convergence_summary(summary[summary["quantity"] == "entropy"])
+
+
+def late_fall():
+    # 10 layers, entropy flat at 10 nats, then 8, 4, 0 over the last three layers.
+    return synthetic_summary([0.0] * 10, [10.0] * 7 + [8.0, 4.0, 0.0])
+
+
+def test_drop_depths_by_hand():
+    # H(depth): 10 up to 0.7, 8 at 0.8, 4 at 0.9, 0 at 1.0 (drop 10 nats).
+    # 10%: level 9, crossed between 0.7 (10) and 0.8 (8): 0.7 + (10 - 9) / (10 - 8) * 0.1 = 0.75
+    # 50%: level 5, between 0.8 (8) and 0.9 (4): 0.8 + (8 - 5) / (8 - 4) * 0.1 = 0.875
+    # 90%: level 1, between 0.9 (4) and 1.0 (0): 0.9 + (4 - 1) / (4 - 0) * 0.1 = 0.975
+    assert drop_depths(late_fall(), 10) == pytest.approx((0.75, 0.875, 0.975))
+
+
+def test_shape_disagrees_with_label_on_a_late_fall():
+    # The whole drop is made over the last 30% of the depth, but only 40% of it after depth 0.9
+    # ((4 - 0) / 10): the label says progressive, the drop depths say abrupt and late.
+    conv = convergence_summary(late_fall())
+    assert conv.abruptness == pytest.approx(0.4)
+    assert conv.label == "progressive"
+    assert conv.shape == "abrupt-late"  # x90 - x10 = 0.225 < 0.5, x50 = 0.875
+    row = conv.row()
+    assert row["drop_depth_50"] == pytest.approx(0.875) and row["shape"] == "abrupt-late"
+
+
+def test_shape_of_early_steady_and_missing_falls():
+    # Linear fall H(d) = 10 - 9.5 d: x10 = 0.1, x90 = 0.9, spread 0.8.
+    conv = convergence_summary(progressive())
+    assert conv.drop_depths == pytest.approx((0.1, 0.5, 0.9))
+    assert conv.shape == "progressive"
+    # Drop made by the first layer: 10 -> 1 at depth 0.1 (of 10), then 1 -> 0.5 slowly. Drop 9.5:
+    # level 9.05 at 0.1 * (10 - 9.05) / (10 - 1), level 5.25 at 0.1 * (10 - 5.25) / (10 - 1).
+    early = synthetic_summary([0.0] * 10, [1.0] + list(np.linspace(1.0, 0.5, 10)[1:]), start=10)
+    x10, x50, x90 = drop_depths(early, 10)
+    assert x10 == pytest.approx(0.1 * 0.95 / 9) and x50 == pytest.approx(0.1 * 4.75 / 9)
+    assert convergence_summary(early).shape == "abrupt-early"
+    assert convergence_summary(flat()).shape == "flat"
+    rising = synthetic_summary([0.0] * 4, [2.0, 3.0, 4.0, 5.0], start=1.0)
+    assert all(np.isnan(x) for x in drop_depths(rising, 4))
