@@ -97,7 +97,7 @@ def test_stage_legends_name_tau():
 
 def test_a_data_directory_says_so(tmp_path):
     (tmp_path / "problems.jsonl").write_text("{}\n")
-    with pytest.raises(DataError, match=r"is a directory, not a data file.*problems\.jsonl"):
+    with pytest.raises(DataError, match=r"is a directory; check the path: .*problems\.jsonl"):
         read_records(tmp_path)
 
 
