@@ -85,10 +85,11 @@ def read_records(path: str | os.PathLike, *, max_samples: int | None = None) -> 
     if max_samples is not None and max_samples < 0:
         raise ValueError(f"max_samples must be >= 0 or None, got {max_samples}")
     name, path = os.fspath(path), Path(path)
+    relative = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
     if path.is_dir():
         found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SUPPORTED_EXTENSIONS)
         hint = f", e.g. {path / found[0]}" if found else ""
-        raise DataError(f"{name}: is a directory, not a data file; pass one of its files{hint}")
+        raise DataError(f"{name}: is a directory; check the path{relative}: pass a data file{hint}")
     ext = path.suffix.lower()
     if ext not in _READERS:
         raise DataError(
@@ -96,9 +97,7 @@ def read_records(path: str | os.PathLike, *, max_samples: int | None = None) -> 
             f"use one of {', '.join(SUPPORTED_EXTENSIONS)}"
         )
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "file not found"
-        relative = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
-        raise DataError(f"{name}: {what}; check the path{relative}")
+        raise DataError(f"{name}: file not found; check the path{relative}")
     if path.stat().st_size == 0:
         raise DataError(f"{name}: file is empty; add records to it or pick another file")
     where = _Where(name, rows=ext == ".parquet")

@@ -143,10 +143,10 @@ def warn_if_no_signal(rewards: torch.Tensor, group_size: int, step: int) -> None
     groups = rewards.view(-1, group_size)  # [prompts, G]
     flat = (groups == groups[:, :1]).all(dim=1)  # [prompts]: every response scored alike
     if bool(flat.all()):
-        values = " or all ".join(str(v) for v in sorted(set(groups[:, 0].tolist())))
+        values = sorted(set(groups[:, 0].tolist()))
         warnings.warn(
-            f"step {step}: every group's rewards are identical ({int(flat.sum())} of "
-            f"{len(flat)} groups have identical rewards, each all {values}), so every advantage "
+            f"step {step}: every group's rewards are identical: {int(flat.sum())} of "
+            f"{len(flat)} groups have identical rewards (rewards {values}), so every advantage "
             "is 0 and the policy-gradient update is zero; use prompts the model solves "
             "sometimes, or a larger --group-size",
             stacklevel=2,

@@ -73,11 +73,7 @@ def test_train_bupo_cli_with_toml(tiny_dirs, problems, tmp_path):
     assert saved["lr"] == 0.001 and saved["layer"] == 0 and saved["steps"] == 2
     assert (out / "checkpoints/step-2/model.safetensors").is_file()
     assert (out / "checkpoints/step-2/trainer_state.pt").is_file()
-    # The same command on the complete run: nothing to do; another one is refused.
     again = runner.invoke(app, ["train-bupo", "--config", str(config), "--out", str(out)])
-    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
-    other = ["train-bupo", "--config", str(config), "--out", str(out), "--lr", "0.002"]
-    again = runner.invoke(app, other)
     assert again.exit_code == 2 and "--resume" in again.output
     plot = runner.invoke(app, ["plot-train", str(out), str(out), "--out", str(tmp_path / "f")])
     assert plot.exit_code == 0, plot.output
