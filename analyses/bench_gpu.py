@@ -315,7 +315,7 @@ def report(paths, ref, ref_rows, n, model, keys, args):
 
 
 def print_targets(seconds, peaks):
-    """The issue's speed and memory targets against this run (met or not, with the numbers)."""
+    """The GPU engine's speed and memory targets against this run (met or not, with the numbers)."""
     entropy = seconds["triton entropy"]
     checks = [
         ("entropy >= 0.7x the floor's throughput", seconds["floor"] / entropy, 0.7, ">="),
