@@ -112,11 +112,12 @@ def entropy_flow(runs, models: list[str]):
 
 
 def ffn_stages(runs, models: list[str]):
-    """Mean FFN entropy change per layer, shaded by the paper's stages; models x lenses."""
-    fig, axes = plt.subplots(len(models), len(LENSES), figsize=(15, 3.4 * len(models)))
+    """Mean FFN entropy change per layer, shaded by the paper's stages; models x lenses run."""
+    lenses = [lens for lens in LENSES if any((m, "greedy", lens) in runs for m in models)]
+    fig, axes = plt.subplots(len(models), len(lenses), figsize=(5 * len(lenses), 3.4 * len(models)))
     axes = np.atleast_2d(axes)
     for row, model in enumerate(models):
-        for col, lens in enumerate(LENSES):
+        for col, lens in enumerate(lenses):
             ax = axes[row, col]
             if (model, "greedy", lens) not in runs:
                 ax.set_axis_off()
