@@ -17,7 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from internal_policy_lens.analysis.convergence import convergence_summary  # noqa: E402
+from internal_policy_lens.analysis.convergence import (  # noqa: E402
+    convergence_summary,
+    drop_depths,
+    drop_shape,
+)
+from internal_policy_lens.config import ConvergenceConfig  # noqa: E402
 
 LENSES = ("raw", "norm", "tuned")
 COLOURS = {"raw": "tab:red", "norm": "tab:blue", "tuned": "tab:green"}
@@ -43,7 +48,26 @@ def _entropy(summary: pd.DataFrame, name: str) -> pd.Series:
     return rows.set_index("layer")["mean"].sort_index()
 
 
-def convergence_table(runs) -> pd.DataFrame:
+def kl_convergence(folder: Path, n_layers: int) -> dict:
+    """Drop depths and shape of the mean KL(internal || final) of the residual stream.
+
+    The same definitions as the entropy's (analysis.convergence), applied to the KL curve: where
+    the internal policy becomes the model's own, which entropy alone cannot tell when an
+    internal policy is confident and wrong.
+    """
+    columns = ["layer", "site", "kl_to_final"]
+    tokens = pd.read_parquet(folder / "tokens.parquet", columns=columns)
+    means = tokens.groupby(["site", "layer"], observed=True)["kl_to_final"].mean()
+    rows = [("entropy", 0, "resid_pre", means["resid_pre", 0])]
+    rows += [("entropy", lay, "resid_post", means["resid_post", lay]) for lay in range(n_layers)]
+    curve = pd.DataFrame(rows, columns=["quantity", "layer", "name", "mean"])
+    depths = drop_depths(curve, n_layers)
+    shape = drop_shape(depths, rows[0][3] - rows[-1][3], ConvergenceConfig())
+    return {"kl_start": rows[0][3], **{f"kl_depth_{q}": x for q, x in zip((10, 50, 90), depths)},
+            "kl_shape": shape}  # fmt: skip
+
+
+def convergence_table(runs, out: Path) -> pd.DataFrame:
     """One row per run: tokens, final entropy, the abruptness label, drop depths, shape, stages."""
     rows = []
     for (model, responses, lens), (summary, info) in runs.items():
@@ -59,6 +83,7 @@ def convergence_table(runs) -> pd.DataFrame:
                 "tokens": int(tokens["count"].iloc[0]),
                 "final_entropy": float(final.iloc[0]),
                 **conv.row(),
+                **kl_convergence(out / f"{model}-{responses}-{lens}", conv.n_layers),
             }
         )
     return pd.DataFrame(rows)
@@ -87,11 +112,12 @@ def entropy_flow(runs, models: list[str]):
 
 
 def ffn_stages(runs, models: list[str]):
-    """Mean FFN entropy change per layer, shaded by the paper's stages; models x lenses."""
-    fig, axes = plt.subplots(len(models), len(LENSES), figsize=(15, 3.4 * len(models)))
+    """Mean FFN entropy change per layer, shaded by the paper's stages; models x lenses run."""
+    lenses = [lens for lens in LENSES if any((m, "greedy", lens) in runs for m in models)]
+    fig, axes = plt.subplots(len(models), len(lenses), figsize=(5 * len(lenses), 3.4 * len(models)))
     axes = np.atleast_2d(axes)
     for row, model in enumerate(models):
-        for col, lens in enumerate(LENSES):
+        for col, lens in enumerate(lenses):
             ax = axes[row, col]
             if (model, "greedy", lens) not in runs:
                 ax.set_axis_off()
@@ -120,7 +146,7 @@ def ffn_stages(runs, models: list[str]):
 def write_figures(out: Path, figures: Path, models: list[str]) -> pd.DataFrame:
     """Write figures/real_*.png and OUT/convergence.csv; print the table."""
     runs = _runs(out, models)
-    table = convergence_table(runs)
+    table = convergence_table(runs, out)
     table.to_csv(out / "convergence.csv", index=False)
     shown = models if all((m, "greedy", "raw") in runs for m in models) else []
     if shown:
@@ -137,7 +163,8 @@ def write_figures(out: Path, figures: Path, models: list[str]) -> pd.DataFrame:
     columns = ["model", "responses", "lens", "tokens", "final_entropy", "entropy_start"]
     columns += ["entropy_end", "abruptness", "label", "drop_depth_10", "drop_depth_50"]
     columns += ["drop_depth_90", "shape", "exploration", "integration", "convergence"]
-    columns += ["suggested_layer"]
+    columns += ["suggested_layer", "kl_start", "kl_depth_10", "kl_depth_50", "kl_depth_90"]
+    columns += ["kl_shape"]
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(table[columns].round(3).to_string(index=False))
     return table
