@@ -6,6 +6,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The Triton kernel's tests run it under Triton's interpreter where there is no CUDA GPU. The
+# setting must precede Triton's first import in this process (its own jit'd library functions,
+# tl.max and the like, are made then), and other packages (TRL among them) import Triton, so it
+# is made here, before anything else is imported. It changes nothing outside Triton's kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from helpers import ARCHS, FAMILY_ARCHS, FAMILY_SIZES, seed_everything, write_problems  # noqa: E402
 
 from internal_policy_lens import load_model  # noqa: E402

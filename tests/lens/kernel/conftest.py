@@ -1,17 +1,13 @@
 """The Triton kernel's tests run on a GPU, or on the CPU under Triton's interpreter.
 
-``TRITON_INTERPRET`` must be set before the kernel module is imported (``triton.jit`` reads it
-when it wraps the kernel), so it is set here, at collection, where torch sees no CUDA GPU. On a
-GPU machine the kernel is compiled and only the ``cuda`` cases run.
+``TRITON_INTERPRET`` must be set before Triton's first import (``triton.jit`` reads it when it
+wraps a function, Triton's own library functions included), so tests/conftest.py sets it where
+torch sees no CUDA GPU. On a GPU machine the kernel is compiled and only the ``cuda`` cases run.
 """
 
 import os
 
 import pytest
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [
