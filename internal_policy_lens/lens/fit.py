@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,6 +31,7 @@ from ..model.batch import pad
 from ..model.load import PolicyModel
 from ..runs.io import RunFolder, now, versions
 from .capture import capture
+from .reduce import site_stats
 from .sites import SiteKey, resolve_sites
 from .stats import kept_positions
 from .tuned import LENS_FORMATS, META, fitted_keys, model_facts, write_lens, zero_translators
@@ -90,33 +92,38 @@ def kl_to_final(lens: Lens, x: torch.Tensor, key: SiteKey, target: torch.Tensor)
 
 @torch.no_grad()
 def lens_metrics(lens: Lens, rows: Rows, chunk: int = 4096) -> pd.DataFrame:
-    """Per (layer, site): mean KL(final || lens), next-token cross-entropy, top-1 agreement."""
+    """Per (layer, site): mean KL(final || lens), next-token cross-entropy, top-1 agreement.
+
+    Through the reduction dispatcher, ``chunk`` logits rows at once (every site's and the final
+    policy's).
+    """
+    n = len(rows)
+    # The final site's layer plays no part in its logits (it is the final norm's output).
+    final = ("final", max((layer for _, layer in rows.acts), default=0))
+    acts = {key: x[None] for key, x in [*rows.acts.items(), (final, rows.final)]}  # [1, n, d]
+    index = (torch.zeros(n, dtype=torch.long), torch.arange(n))
+    stats = site_stats(
+        lens, acts, list(acts), index, next_ids=rows.next_ids, chunk_tokens=chunk, kl_from=True
+    )
     out = []
-    for key, x in rows.acts.items():
-        sums = torch.zeros(3, dtype=torch.float64, device=lens.weight.device)  # kl, ce, agree
-        for start in range(0, len(rows), chunk):
-            part = slice(start, start + chunk)
-            target = final_logp(lens, rows.final[part].to(lens.weight.device))
-            logits = lens.logits(lens.inputs(x[part].to(lens.weight.device), *key), None).float()
-            logp = torch.log_softmax(logits, -1)
-            nxt = rows.next_ids[part, None].to(lens.weight.device)
-            kl = (target.exp() * (target - logp)).sum()
-            agree = (logits.argmax(-1) == target.argmax(-1)).sum()
-            sums += torch.stack([kl.double(), -logp.gather(-1, nxt).sum().double(), agree.double()])
-        kl, ce, agree = sums.tolist()  # one copy to the host per (layer, site)
-        n = max(len(rows), 1)
+    for key in rows.acts:
+        columns = stats[key]
         site, layer = key
         out.append(
             dict(
                 layer=layer,
                 site=site,
                 lens=lens.kind,
-                kl_to_final=kl / n,
-                next_token_ce=ce / n,
-                top1_agrees=agree / n,
+                kl_to_final=_mean(columns["kl_from_final"], n),
+                next_token_ce=-_mean(columns["next_token_logprob"], n),
+                top1_agrees=_mean(columns["top1_agrees"], n),
             )
         )
     return pd.DataFrame(out)
+
+
+def _mean(values: np.ndarray, n: int) -> float:
+    return float(values.sum(dtype=np.float64)) / max(n, 1)
 
 
 def split_records(records: Sequence[dict], share: float, seed: int) -> tuple[list, list]:

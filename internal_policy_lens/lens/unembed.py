@@ -123,6 +123,8 @@ class Lens:
         dtype: dtype of the products and of the logits.
         reduce_dtype: dtype in which logits are reduced to statistics.
         out_dtype: dtype of the statistics (float64 for a float64 model, else float32).
+        temperature: the logits are divided by it after the head transformation (the policy
+            sampled at that temperature).
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class Lens:
         lens: str = "raw",
         precision: str | Precision = "exact",
         translators: dict[SiteKey, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        temperature: float = 1.0,
     ) -> None:
         if lens not in LENSES:
             raise ValueError(f"unknown lens '{lens}'; use one of {', '.join(LENSES)}")
@@ -159,6 +162,7 @@ class Lens:
         # The bridge gives lm_head an all-zero bias; adding it costs ~9% of a bf16 product.
         self.bias = None if bias is None or not bias.any() else bias.to(self.dtype)
         self.config = model.config if has_head_transform(model.config) else None
+        self.temperature = temperature
         self._out: torch.Tensor | None = None  # see reused_output
 
     @property
@@ -212,9 +216,12 @@ class Lens:
             logits = torch.mm(x, weight.t(), out=out[: shape[0] * shape[1]].view(shape))
         else:
             logits = torch.addmm(bias, x, weight.t(), out=out[: shape[0] * shape[1]].view(shape))
-        if self.config is None:
+        inplace = not torch.is_grad_enabled()
+        if self.config is not None:
+            logits = head_transform(self.config, logits, inplace=inplace)
+        if self.temperature == 1.0:
             return logits
-        return head_transform(self.config, logits, inplace=not torch.is_grad_enabled())
+        return logits.div_(self.temperature) if inplace else logits / self.temperature
 
     @contextmanager
     def reused_output(self, rows: int, columns: int | None = None) -> Iterator[None]:

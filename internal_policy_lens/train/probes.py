@@ -14,7 +14,7 @@ tokens (the positions that predict a response token), pooled over the probe set:
   (``layer`` = k, ``other_layer`` = j);
 - ``kl_internal``: KL(pi^k || pi^j) = sum_v pi^k(v) (log pi^k(v) - log pi^j(v)), nats, the
   policies read through the run's lens (the same :class:`~internal_policy_lens.lens.unembed.Lens`
-  as the tables), reduced in float64;
+  as the tables), reduced by the dispatcher (:func:`~internal_policy_lens.lens.reduce.site_stats`);
 - ``perplexity``: exp of the mean negative log-likelihood of the response tokens under the
   model's own policy pi_theta (``layer`` empty).
 
@@ -36,11 +36,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from ..config import BupoConfig, LensSettings, derive_seed
 from ..data.encode import encode_inputs
 from ..data.records import read_records
 from ..lens.capture import capture
+from ..lens.reduce import site_stats
 from ..lens.stats import kept_positions
 from ..lens.tuned import make_lens
 from ..model.batch import pad
@@ -205,13 +207,14 @@ def pairwise(
     """``cos_hidden`` and ``kl_internal`` of ``layer`` with every later layer, token means.
 
     The ``resid_post`` vectors of the response positions are captured in one forward pass per
-    batch and read through the run's lens (float64 reductions).
+    batch; KL(pi^layer || pi^j) is reduced by the dispatcher through the run's lens.
     """
     lens = make_lens(model, settings)
     later = range(layer + 1, model.n_layers)
     keys = [("resid_post", j) for j in range(layer, model.n_layers)]
-    # [2, later layers]: cos and KL sums, kept on the device and copied to the host once
-    sums = torch.zeros(2, len(later), dtype=torch.float64, device=lens.weight.device)
+    # [later layers] cosine sums, kept on the device and copied to the host once
+    cos_sums = torch.zeros(len(later), dtype=torch.float64, device=lens.weight.device)
+    kl_sums = np.zeros(len(later))
     count = 0
     encoded = encode_inputs(model.tokenizer, records)
     for start in range(0, len(encoded), 8):
@@ -219,31 +222,28 @@ def pairwise(
         ids, mask = pad(
             [e.input_ids for e in batch], model.tokenizer.pad_token_id, model.device, side="right"
         )
-        rows_b, rows_t = kept_positions(batch, mask, True).nonzero(as_tuple=True)
-        if len(rows_b) == 0:
+        index = kept_positions(batch, mask, True).nonzero(as_tuple=True)  # [n] each
+        if len(index[0]) == 0:
             continue
         with capture(model, keys=keys) as acts:
             model.forward(ids, mask)
-        hidden = {  # j -> [n, d_model] at the response positions
-            j: acts[key][rows_b.to(acts[key].device), rows_t.to(acts[key].device)]
-            for key, j in ((key, key[1]) for key in keys)
-        }
-        base_logp = _log_policy(lens, hidden[layer], layer)
-        base = hidden[layer].to(sums.device).double()
-        for i, j in enumerate(later):
-            cos = torch.nn.functional.cosine_similarity(base, hidden[j].to(sums.device).double())
-            kl = (base_logp.exp() * (base_logp - _log_policy(lens, hidden[j], j))).sum(-1)
-            sums[0, i] += cos.sum()
-            sums[1, i] += kl.sum()
-        count += len(rows_b)
-    means = (sums / max(count, 1)).tolist()
-    return {name: dict(zip(later, row)) for name, row in zip(("cos_hidden", "kl_internal"), means)}
+        stats = site_stats(lens, acts, keys, index, reference=keys[0], kl_from=True)
+        base = _rows(acts, keys[0], index, cos_sums.device)
+        for i, key in enumerate(keys[1:]):
+            cos_sums[i] += F.cosine_similarity(base, _rows(acts, key, index, base.device)).sum()
+            kl_sums[i] += stats[key]["kl_from_final"].sum(dtype=np.float64)
+        count += len(index[0])
+    sums = [cos_sums.tolist(), kl_sums.tolist()]
+    return {
+        name: {j: total / max(count, 1) for j, total in zip(later, row)}
+        for name, row in zip(("cos_hidden", "kl_internal"), sums)
+    }
 
 
-def _log_policy(lens, x: torch.Tensor, layer: int) -> torch.Tensor:
-    """Log-probabilities ``[n, vocab]`` (float64) of ``resid_post`` vectors ``x`` of ``layer``."""
-    z = lens.logits(lens.inputs(x.to(lens.weight.device), "resid_post", layer), None)
-    return torch.log_softmax(z.double(), dim=-1)
+def _rows(acts, key, index, device: torch.device) -> torch.Tensor:
+    """The float64 rows ``[n, d_model]`` of ``key`` picked by ``index``, on ``device``."""
+    x = acts[key]  # [batch, pos, d_model]
+    return x[index[0].to(x.device), index[1].to(x.device)].to(device).double()
 
 
 def _long(quantity: str, means: pd.Series) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import torch
 
 from ..data.encode import encode_prompt
 from ..lens.capture import capture
+from ..lens.reduce import site_stats
 from ..lens.unembed import Lens
 from ..model.batch import pad, position_ids
 from ..model.generate import generate
@@ -97,22 +98,35 @@ def token_logprobs(
     With ``layer=None`` the policy is the model's own output; with ``layer=k`` it is the internal
     layer policy pi^k (``resid_post`` of layer k through the lens), and the forward pass stops
     after layer k, so layers above k and the final norm take no part and get no gradient.
+    Without gradients the entropy (a statistic, never differentiated) is reduced by the
+    dispatcher (:func:`~internal_policy_lens.lens.reduce.site_stats`) from the same pass.
     """
-    if layer is None:
-        logits = model.bridge(
-            input_ids,
-            attention_mask=model.visible(attention_mask),
-            position_ids=position_ids(attention_mask),
-            return_type="logits",
-        )
-    else:
-        with capture(model, ["resid_post"], [layer]) as acts:
+    key = ("final", model.n_layers - 1) if layer is None else ("resid_post", layer)
+    with capture(model, keys=[key]) as acts:
+        if layer is None:
+            logits = model.bridge(
+                input_ids,
+                attention_mask=model.visible(attention_mask),
+                position_ids=position_ids(attention_mask),
+                return_type="logits",
+            )
+        else:
             model.forward(input_ids, attention_mask, stop_at_layer=layer + 1)
-        hidden = acts["resid_post", layer]  # [N, T, d_model]
+    if layer is not None:
+        hidden = acts[key]  # [N, T, d_model]
         logits = Lens(model, lens).logits(hidden.flatten(0, 1), "resid_post")
         logits = logits.view(*hidden.shape[:2], -1)
     logits = logits[:, :-1].float() / temperature  # [N, T-1, vocab]: position t predicts t+1
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    if torch.is_grad_enabled():
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+    return logp, policy_entropy(Lens(model, lens, temperature=temperature), acts, key)
+
+
+def policy_entropy(projector: Lens, acts: dict, key: tuple[str, int]) -> torch.Tensor:
+    """Entropy ``[N, T-1]`` (float32) of ``key``'s policy at every position but the last."""
+    x = acts[key]  # [N, T, d_model]
+    index = torch.ones(x.shape[0], x.shape[1] - 1, dtype=torch.bool).nonzero(as_tuple=True)
+    entropy = site_stats(projector, acts, [key], index)[key]["entropy"]  # [N * (T-1)]
+    return torch.from_numpy(entropy).float().to(x.device).view(x.shape[0], -1)

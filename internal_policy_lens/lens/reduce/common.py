@@ -32,15 +32,24 @@ def final_key(keys: Iterable[SiteKey]) -> SiteKey:
     return found[0]
 
 
-def allocate(lens: Lens, n: int, extras: bool, topk: int) -> Stats:
-    """The output columns of one site for ``n`` rows, on the lens's device."""
+def stat_columns(next_token: bool, reference: bool, kl_from: bool = False) -> tuple[str, ...]:
+    """The per-row columns of a call: ``entropy``, then what its options add, in order."""
+    wanted = (next_token, next_token, reference, reference)
+    extras = tuple(name for name, keep in zip(EXTRA_COLUMNS, wanted, strict=True) if keep)
+    return ("entropy", *extras, *(("kl_from_final",) if kl_from else ()))
+
+
+# Columns that are not in the statistics' float dtype.
+_DTYPES = {"next_token_rank": torch.long, "top1_agrees": torch.bool}
+
+
+def allocate(lens: Lens, n: int, columns: Sequence[str], topk: int) -> Stats:
+    """The output ``columns`` (see :func:`stat_columns`) of one site for ``n`` rows."""
     device = lens.weight.device
-    out = {"entropy": torch.empty(n, dtype=lens.out_dtype, device=device)}
-    if extras:
-        out[EXTRA_COLUMNS[0]] = torch.empty(n, dtype=lens.out_dtype, device=device)
-        out[EXTRA_COLUMNS[1]] = torch.empty(n, dtype=torch.long, device=device)
-        out[EXTRA_COLUMNS[2]] = torch.empty(n, dtype=lens.out_dtype, device=device)
-        out[EXTRA_COLUMNS[3]] = torch.empty(n, dtype=torch.bool, device=device)
+    out = {
+        name: torch.empty(n, dtype=_DTYPES.get(name, lens.out_dtype), device=device)
+        for name in columns
+    }
     if topk:
         out["topk_id"] = torch.empty(n, topk, dtype=torch.long, device=device)
         out["topk_prob"] = torch.empty(n, topk, dtype=lens.out_dtype, device=device)

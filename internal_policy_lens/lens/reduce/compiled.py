@@ -40,18 +40,20 @@ def use_compiled(compiled: bool | None, work: int, threshold: int = COMPILE_MIN_
     return compiled
 
 
-def compiled_reduce(logits, dtype, next_ids=None, final_logp=None, final_top=None, topk=0) -> Stats:
+def compiled_reduce(
+    logits, dtype, next_ids=None, final_logp=None, final_top=None, topk=0, kl_from=False
+) -> Stats:
     """:func:`~.rows.reduce_logits` through ``torch.compile``; eager if compiling fails."""
     global _compiled_fused
     if _compiled_fused is None:
         _compiled_fused = torch.compile(fused_stats, dynamic=True)
     if _compiled_fused is not False:
         try:
-            return _compiled_fused(logits, dtype, next_ids, final_logp, final_top, topk)
+            return _compiled_fused(logits, dtype, next_ids, final_logp, final_top, topk, kl_from)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
             _log.info("torch.compile failed (%s); using the eager reductions", err)
             _compiled_fused = False
-    return reduce_logits(logits, dtype, next_ids, final_logp, final_top, topk)
+    return reduce_logits(logits, dtype, next_ids, final_logp, final_top, topk, kl_from)
 
 
 def _tile_math(z: torch.Tensor, dtype: torch.dtype):

@@ -21,7 +21,7 @@ import torch
 from ...model.families import head_transform
 from ..sites import SiteKey
 from ..unembed import Lens
-from .common import allocate, chunks, rows_of, stacked_inputs, store, to_numpy
+from .common import allocate, chunks, rows_of, stacked_inputs, stat_columns, store, to_numpy
 from .kernel import row_stats
 
 
@@ -41,7 +41,7 @@ def fused_site_stats(
     rows, group = gpu_plan(n, len(sites), chunk_tokens, extras)
     device = lens.weight.device
     keys = [*sites, *([final] if extras else [])]
-    out = {key: allocate(lens, n, extras, topk) for key in keys}
+    out = {key: allocate(lens, n, stat_columns(extras, extras), topk) for key in keys}
     buffer = torch.empty(rows * group * lens.vocab_size, dtype=torch.float32, device=device)
     head = _head(lens)
     for part in chunks(n, rows):

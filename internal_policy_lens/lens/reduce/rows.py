@@ -3,7 +3,8 @@
 Each logits row is reduced in two passes: its max ``m``, then ``S = sum exp(z - m)`` together
 with the other sums. Entropy is ``H = log S - sum exp(z - m) (z - m) / S``; the next token's
 log-probability is ``z_t - m - log S`` and its rank ``1 + #{j: z_j > z_t}``; with ``log q`` the
-final policy, ``KL(p || q) = sum exp(z - m) (z - m - log q) / S - log S``. The same function
+final policy (or another reference policy), ``KL(p || q) = sum exp(z - m) (z - m - log q) / S -
+log S`` and, the other way round, ``KL(q || p) = sum q (log q - z + m) + log S``. The same function
 runs eagerly (in row slices that bound its temporaries) or compiled (:mod:`.compiled`).
 
 With extras, the final policy's log-probabilities for a chunk's rows are formed once and shared
@@ -21,7 +22,17 @@ import torch
 
 from ..sites import SiteKey
 from ..unembed import Lens
-from .common import Stats, allocate, chunk_plan, chunks, rows_of, stacked_inputs, store, to_numpy
+from .common import (
+    Stats,
+    allocate,
+    chunk_plan,
+    chunks,
+    rows_of,
+    stacked_inputs,
+    stat_columns,
+    store,
+    to_numpy,
+)
 
 # Elements of a row slice reduced at once on the eager path (its temporaries are a few of these).
 _EAGER_ELEMENTS = 1 << 22
@@ -39,14 +50,20 @@ def rows_site_stats(
     topk: int,
     chunk_tokens: int,
     reduce: Reducer,
+    kl_from: bool = False,
 ) -> dict[SiteKey, dict[str, np.ndarray]]:
-    """:func:`~.dispatch.site_stats` on whole logits rows, reduced by ``reduce``."""
+    """:func:`~.dispatch.site_stats` on whole logits rows, reduced by ``reduce``.
+
+    ``final`` is the reference policy of the KL columns and ``top1_agrees`` (any site); the
+    next-token columns come with ``next_ids``; ``kl_from`` adds ``kl_from_final``.
+    """
     n = len(index[0])
     # A small call forms at most n logits rows at once: its memory follows its work.
     rows, group = chunk_plan(n, len(sites), min(chunk_tokens, max(n, 1)), final is not None)
-    reduce = partial(reduce, topk=topk)
+    reduce = partial(reduce, topk=topk, kl_from=kl_from)
     keys = [*sites, *([final] if final is not None else [])]
-    out = {key: allocate(lens, n, final is not None, topk) for key in keys}
+    columns = stat_columns(next_ids is not None, final is not None, kl_from)
+    out = {key: allocate(lens, n, columns, topk) for key in keys}
     with lens.reused_output(rows * group):  # each chunk's logits are reduced before the next
         for part in chunks(n, rows):
             nxt = None if next_ids is None else next_ids[part].to(lens.weight.device)
@@ -73,6 +90,7 @@ def reduce_logits(
     final_logp: torch.Tensor | None = None,
     final_top: torch.Tensor | None = None,
     topk: int = 0,
+    kl_from: bool = False,
 ) -> Stats:
     """Statistics of the policies ``softmax(logits)``, reduced in ``dtype`` (the eager path).
 
@@ -85,6 +103,7 @@ def reduce_logits(
             ``kl_to_final`` = KL(internal || final).
         final_top: ``[rows]`` argmax of the output policy; adds ``top1_agrees``.
         topk: K > 0 adds ``topk_id`` and ``topk_prob``, ``[sites, rows, K]``, most probable first.
+        kl_from: with ``final_logp``, adds ``kl_from_final`` = KL(final || internal).
 
     Returns:
         ``column -> [sites, rows]`` (``[sites, rows, K]`` for the top-k).
@@ -102,6 +121,7 @@ def reduce_logits(
                 None if final_logp is None else final_logp[part],
                 None if final_top is None else final_top[part],
                 topk,
+                kl_from,
             )
             for part in chunks(rows, row_step)
         ]
@@ -109,7 +129,7 @@ def reduce_logits(
     return {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]}
 
 
-def fused_stats(logits, dtype, next_ids, final_logp, final_top, topk=0) -> Stats:
+def fused_stats(logits, dtype, next_ids, final_logp, final_top, topk=0, kl_from=False) -> Stats:
     """The reductions as one expression graph; torch.compile fuses them into two loops per row."""
     z = logits.to(dtype)  # [sites, rows, vocab]
     top = z.amax(-1, keepdim=True)
@@ -128,6 +148,8 @@ def fused_stats(logits, dtype, next_ids, final_logp, final_top, topk=0) -> Stats
         out["next_token_rank"] = torch.where(has_next, rank, -1)
     if final_logp is not None:
         out["kl_to_final"] = (weights * (shifted - final_logp)).sum(-1) / total - log_total
+        if kl_from:
+            out["kl_from_final"] = (final_logp.exp() * (final_logp - shifted)).sum(-1) + log_total
     if final_top is not None:
         out["top1_agrees"] = z.argmax(-1) == final_top
     if topk:
@@ -140,8 +162,9 @@ def fused_stats(logits, dtype, next_ids, final_logp, final_top, topk=0) -> Stats
 
 
 def _final_block(lens, acts, final, index, part, reduce, next_ids, out):
-    # The final policy of a chunk's rows: its own statistics, and what every site shares.
-    logits = lens.logits(rows_of(acts, final, index, part, lens), "final")  # [rows, vocab]
+    # The reference policy of a chunk's rows: its own statistics, and what every site shares.
+    x = lens.inputs(rows_of(acts, final, index, part, lens), *final)
+    logits = lens.logits(x, None)  # [rows, vocab]
     shared = final_policy(logits, lens.reduce_dtype)
     store(out, [final], part, reduce(logits[None], lens.reduce_dtype, next_ids, *shared))
     return shared

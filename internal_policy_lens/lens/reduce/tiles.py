@@ -122,7 +122,7 @@ def tiles_site_stats(
     n = len(index[0])
     rows, group = chunk_plan(n, len(sites), chunk_tokens, False)
     columns = tile_columns(rows * group, lens.vocab_size)
-    out = {key: allocate(lens, n, False, topk) for key in sites}
+    out = {key: allocate(lens, n, ("entropy",), topk) for key in sites}
     with lens.reused_output(rows * group, columns):
         for part in chunks(n, rows):
             for start in range(0, len(sites), group):
