@@ -23,6 +23,7 @@ WHEELS=(
     fancy-einsum==0.0.3      # transformer-lens
     plotly==7.1.0            # the entropy run's report.html
     trl==1.16.0              # --engine trl
+    gguf==0.19.0             # GGUF checkpoints (tests/model/test_gguf.py imports it)
 )
 
 mkdir -p .whl
