@@ -101,7 +101,8 @@ def lens_metrics(lens: Lens, rows: Rows, chunk: int = 4096) -> pd.DataFrame:
     # The final site's layer plays no part in its logits (it is the final norm's output).
     final = ("final", max((layer for _, layer in rows.acts), default=0))
     acts = {key: x[None] for key, x in [*rows.acts.items(), (final, rows.final)]}  # [1, n, d]
-    index = (torch.zeros(n, dtype=torch.long), torch.arange(n))
+    place = {"dtype": torch.long, "device": rows.final.device}
+    index = (torch.zeros(n, **place), torch.arange(n, **place))
     stats = site_stats(
         lens, acts, list(acts), index, next_ids=rows.next_ids, chunk_tokens=chunk, kl_from=True
     )

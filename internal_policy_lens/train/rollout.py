@@ -127,6 +127,7 @@ def token_logprobs(
 def policy_entropy(projector: Lens, acts: dict, key: tuple[str, int]) -> torch.Tensor:
     """Entropy ``[N, T-1]`` (float32) of ``key``'s policy at every position but the last."""
     x = acts[key]  # [N, T, d_model]
-    index = torch.ones(x.shape[0], x.shape[1] - 1, dtype=torch.bool).nonzero(as_tuple=True)
+    every = torch.ones(x.shape[0], x.shape[1] - 1, dtype=torch.bool, device=x.device)
+    index = every.nonzero(as_tuple=True)  # [N * (T-1)] each
     entropy = site_stats(projector, acts, [key], index)[key]["entropy"]  # [N * (T-1)]
     return torch.from_numpy(entropy).float().to(x.device).view(x.shape[0], -1)
