@@ -1,9 +1,19 @@
 """internal-policy-lens: internal layer and modular policies of LLMs.
 
-The pipeline, one folder per step: ``data`` (files -> records -> token ids), ``model`` (load,
-generate), ``lens`` (sites, capture, unembed, reduce), ``tables`` (tidy rows), ``analysis``
-(convergence, plots, figures; no torch), ``runs`` (run folders), ``train`` (BuPO),
-``integrations`` (TRL) and ``bundled`` (shipped models, data and task).
+The package is built in floors, one job a room; a module imports from its own floor or the ones
+below it, never from above (``tests/test_package.py`` reads this list and checks every import):
+
+    0  folders, config, bundled: atomic files, locks and hashes; the configs; shipped models/data
+    1  data: record files -> records -> token ids; answer checking
+    2  model: families, loading (hub, folders, GGUF), devices, generation
+    3  lens: sites, capture, unembedding, the reductions (CPU tiles, rows, GPU kernel), fitting
+    4  tables: tidy pandas tables of entropies and their changes
+    5  runs: run folders: writing, resuming, reading finished runs
+    6  analysis: convergence measures, plots, figures and the report (no torch)
+    7  train: BuPO (rollouts, the loss, the loop, probes, checkpoints)
+    8  integrations: TRL
+    9  commands: what each ipl command does, calling down the floors
+    10 cli: the ipl command line (options read from the configs)
 
 The names below are imported lazily (PEP 562): ``from internal_policy_lens import plots`` loads
 matplotlib but not torch; ``load_model`` loads torch when first used.

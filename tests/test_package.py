@@ -1,6 +1,7 @@
-"""The package's shape: no import cycles, no private names across modules, torch-free analysis."""
+"""The package's shape: floors, no import cycles, no private names across modules, torch-free analysis."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,48 @@ def test_the_import_graph_is_acyclic():
         and "internal_policy_lens.tables" in graph["internal_policy_lens.runs.entropy"]
     )
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def _floors() -> dict[str, int]:
+    """The package docstring's floors: top-level module or folder -> its floor."""
+    block = internal_policy_lens.__doc__.split("never from above", 1)[1].split("\n\n")[1]
+    floors = {}
+    for line in block.splitlines():
+        number, names = re.fullmatch(r"\s+(\d+)\s+([\w, ]+):.*", line).groups()
+        floors.update({name.strip(): int(number) for name in names.split(",")})
+    return floors
+
+
+def _climbs(graph: dict[str, set[str]], floors: dict[str, int]) -> list[str]:
+    """Every import of a module from a higher floor than its own, as ``a (i) -> b (j)``."""
+
+    def floor(module: str) -> int:
+        return floors[module.split(".")[1]] if "." in module else -1  # the package: lazy names
+
+    return [
+        f"{source} ({floor(source)}) -> {target} ({floor(target)})"
+        for source, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if floor(target) > floor(source)
+    ]
+
+
+def test_the_floor_check_finds_an_import_that_climbs():
+    floors = {"data": 1, "lens": 3, "runs": 5}
+    graph = {"p.lens.a": {"p.data.b", "p.runs.c"}, "p.runs.c": {"p.lens.a"}, "p.data.b": set()}
+    assert _climbs(graph, floors) == ["p.lens.a (3) -> p.runs.c (5)"]
+
+
+def test_every_module_has_a_floor():
+    floors = _floors()
+    assert floors["folders"] == 0 and floors["cli"] == max(floors.values())
+    tops = {name.split(".")[1] for name in _modules() if "." in name}
+    assert tops - set(floors) == set(), "add these to the floors in the package docstring"
+    assert set(floors) - tops == set(), "the docstring names floors the package lacks"
+
+
+def test_no_import_climbs_back_up_the_floors():
+    assert _climbs(_graph(), _floors()) == []
 
 
 def test_no_module_uses_another_modules_private_names():
