@@ -1,4 +1,4 @@
-"""The package's shape: floors, no import cycles, no private names across modules, torch-free analysis."""
+"""Package shape: floors, no import cycle, no private cross-module names, torch-free analysis."""
 
 import ast
 import re
@@ -25,7 +25,7 @@ TORCH_FREE = (
     "internal_policy_lens.analysis.report",
     "internal_policy_lens.runs.io",
     "internal_policy_lens.train.folder",
-    "internal_policy_lens.train.rewards",
+    "internal_policy_lens.data.answers",
 )
 
 

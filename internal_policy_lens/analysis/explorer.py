@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import ReportConfig
-from ..train.rewards import math_reward
+from ..data.answers import math_reward
 
 PROB_DIGITS = 5
 """Significant digits of the embedded top-k probabilities: ranks 2-5 of a peaked policy keep
@@ -94,7 +94,7 @@ def _sample_entry(rows, wide: pd.DataFrame, room: int, keys, site, vocab: dict) 
 def sample_context(record: dict, rows: pd.DataFrame, *, complete: bool) -> dict:
     r"""The sample in context: question, response, reference answer and the checker's verdict.
 
-    ``correct`` is :func:`~internal_policy_lens.train.rewards.math_reward`'s verdict on the
+    ``correct`` is :func:`~internal_policy_lens.data.answers.math_reward`'s verdict on the
     response's last ``\boxed{}`` (None without a reference answer). ``tail`` is the text of the
     response after the last analysed position's input token: the last token, which no analysed
     position takes as input (the last position predicts it); None where the token texts do not

@@ -18,12 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import PretrainConfig
+from ..data.answers import math_reward
 from ..data.encode import encode_prompt
 from ..model.batch import pad
 from ..model.generate import sample
 from ..model.load import load_model
 from ..train.evaluate import pass_at_k
-from ..train.rewards import math_reward
 from .task import Problem, make_problem, make_problems, write_jsonl
 from .tiny import char_tokenizer, tiny_config
 

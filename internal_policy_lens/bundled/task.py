@@ -11,7 +11,7 @@ and its worked solution writes one step per operation, then the boxed answer::
 Difficulty = the number of operations (1 to 6). Additions and subtractions take operands of one or
 two digits, multiplications a single digit from 2 to 9; every intermediate value stays in
 [0, ``max_value``], so no step needs more than three digits. Responses are scored by the same
-checker as every other task, :func:`internal_policy_lens.train.rewards.math_reward`.
+checker as every other task, :func:`internal_policy_lens.data.answers.math_reward`.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ from math import comb
 import pandas as pd
 
 from ..config import EvalConfig
+from ..data.answers import math_reward
 from ..data.records import read_records
 from ..model.generate import sample
 from ..model.load import load_model
 from ..runs.io import RunFolder, sha256
-from .rewards import math_reward
 
 _log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def evaluate(
     """Sample ``cfg.samples`` responses per problem; write and return per-problem results.
 
     A response is correct when ``reward(response, answer)`` is 1 (default:
-    :func:`~internal_policy_lens.train.rewards.math_reward`, the last boxed answer matches).
+    :func:`~internal_policy_lens.data.answers.math_reward`, the last boxed answer matches).
 
     Writes ``results.csv`` (one row per problem: correct count, Avg@K, Pass@k), ``samples.jsonl``
     (every response with its reward) and ``metrics.json`` (the means, with the configuration).

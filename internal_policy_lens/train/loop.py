@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import MODEL_LENSES, BupoConfig, derive_seed
+from ..data.answers import math_reward
 from ..data.records import read_records
 from ..model.load import PolicyModel, load_model
 from ..runs.io import RunFolder
@@ -29,7 +30,6 @@ from .folder import append_metrics, start_training
 from .layer import check_layer, resolve_layer
 from .loss import policy_loss
 from .probes import ProbePlan, Prober
-from .rewards import math_reward
 from .rollout import collect, token_logprobs
 
 _log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
     r"""Run (or resume) BuPO; return the run folder.
 
     ``reward`` scores each sampled response against its record's answer (default: the last
-    ``\boxed{}`` must match, :func:`~internal_policy_lens.train.rewards.math_reward`).
+    ``\boxed{}`` must match, :func:`~internal_policy_lens.data.answers.math_reward`).
     """
     if cfg.lens not in MODEL_LENSES:
         raise ValueError(

@@ -19,9 +19,9 @@ from internal_policy_lens.analysis.explorer import explorer_data
 from internal_policy_lens.analysis.report import write_run_report
 from internal_policy_lens.cli import app
 from internal_policy_lens.config import EntropyConfig, ReportConfig
+from internal_policy_lens.data.answers import math_reward
 from internal_policy_lens.runs.entropy import run_entropy
 from internal_policy_lens.tables import summary_table
-from internal_policy_lens.train.rewards import math_reward
 
 runner = CliRunner()
 ROWS = [  # right, wrong, no \boxed{} at all, right

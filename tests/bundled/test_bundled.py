@@ -3,10 +3,10 @@ import torch
 
 from internal_policy_lens import entropy_table, load_model
 from internal_policy_lens.bundled import BUNDLED_MODELS
+from internal_policy_lens.data.answers import math_reward
 from internal_policy_lens.data.records import read_records
 from internal_policy_lens.lens.sites import SITES
 from internal_policy_lens.model.generate import sample
-from internal_policy_lens.train.rewards import math_reward
 
 # Regression guard, not a benchmark: greedy accuracy on the first 40 held-out problems. The
 # model cards give the full held-out numbers; these floors sit well below them.

@@ -3,9 +3,9 @@ import random
 import pytest
 
 from internal_policy_lens.bundled.task import make_problems, write_jsonl
+from internal_policy_lens.data.answers import extract_boxed, math_reward
 from internal_policy_lens.data.records import read_records
 from internal_policy_lens.train.evaluate import pass_at_k
-from internal_policy_lens.train.rewards import extract_boxed, math_reward
 
 
 def _correct(response, answer):

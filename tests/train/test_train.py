@@ -5,10 +5,10 @@ import torch
 from helpers import alternating_reward, assert_ipa_then_grpo_updates, tiny_bupo_config
 
 from internal_policy_lens.config import BupoConfig
+from internal_policy_lens.data.answers import math_reward, normalize
 from internal_policy_lens.train import rollout
 from internal_policy_lens.train.loop import phase_of, train_bupo
 from internal_policy_lens.train.loss import group_advantages, policy_loss
-from internal_policy_lens.train.rewards import math_reward, normalize
 
 
 def test_group_advantages_hand_worked():

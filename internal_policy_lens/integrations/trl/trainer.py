@@ -28,9 +28,9 @@ from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
 from ...config import MODEL_LENSES, BupoConfig
+from ...data.answers import math_reward
 from ...data.encode import prompt_text
 from ...model.families import family_of
-from ...train.rewards import math_reward
 
 # The TRL releases this module is tested with (pyproject's ``[trl]`` extra pins the same range).
 TESTED_TRL = ("1.16", "1.17")
@@ -161,7 +161,7 @@ class BupoGRPOTrainer(GRPOTrainer):
 
 
 def math_reward_func(completions, answer, **kwargs) -> list[float]:
-    r"""TRL reward function: :func:`~internal_policy_lens.train.rewards.math_reward` per row."""
+    r"""TRL reward function: :func:`~internal_policy_lens.data.answers.math_reward` per row."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [math_reward(text, a) for text, a in zip(texts, answer)]
 

@@ -1,4 +1,4 @@
-r"""Verifiable rewards: the last ``\boxed{...}`` of a response against the reference answer."""
+r"""Answer checking (the reward): the last ``\boxed{...}`` of a response against the answer."""
 
 from __future__ import annotations
 
