@@ -290,12 +290,23 @@ def _load_gguf(source, dtype, device: str, device_map, progress: bool) -> Policy
     """A GGUF file's model, dequantized to ``dtype``, bridged like any other checkpoint."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    from .gguf import GgufError, architecture_of, gguf_facts, load_gguf_model, load_gguf_tokenizer
-
     if device_map:
         raise ModelLoadError(
             f"'{source.path}': --device-map is not supported for GGUF files; pass --device"
         )
+    hf_model, tokenizer, facts, torch_dtype = _gguf_parts(source, dtype, device, progress)
+    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    bridge = TransformerBridge.boot_transformers(
+        str(source.path), hf_model=hf_model, tokenizer=tokenizer, dtype=torch_dtype, device=device
+    )
+    bridge.eval()
+    return PolicyModel(bridge=bridge, tokenizer=tokenizer, name=str(source.path), gguf=facts)
+
+
+def _gguf_parts(source, dtype, device: str, progress: bool):
+    """(plain model on ``device``, tokenizer, the file's facts, torch dtype) of a GGUF file."""
+    from .gguf import GgufError, architecture_of, gguf_facts, load_gguf_model, load_gguf_tokenizer
+
     try:
         facts = gguf_facts(source)
         architecture, config = architecture_of(source)
@@ -307,12 +318,7 @@ def _load_gguf(source, dtype, device: str, device_map, progress: bool) -> Policy
     except GgufError as err:
         raise ModelLoadError(str(err)) from err
     prepare(hf_model)
-    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
-    bridge = TransformerBridge.boot_transformers(
-        str(source.path), hf_model=hf_model, tokenizer=tokenizer, dtype=torch_dtype, device=device
-    )
-    bridge.eval()
-    return PolicyModel(bridge=bridge, tokenizer=tokenizer, name=str(source.path), gguf=facts)
+    return hf_model, tokenizer, facts, torch_dtype
 
 
 def policy_view(hf_model: nn.Module, tokenizer, name: str = "trained") -> PolicyModel:
@@ -365,14 +371,20 @@ def load_causal_lm(
     *,
     dtype: str | torch.dtype = "float32",
     revision: str | None = None,
+    gguf_file: str | None = None,
 ):
-    """A plain transformers model and its tokenizer, without the bridge.
+    """A plain transformers model and its tokenizer, without the bridge, on the CPU.
 
     For trainers that wrap and place the model themselves (TRL's GRPOTrainer with accelerate,
-    DeepSpeed or FSDP). The same names, checks and tokenizer fixes as :func:`load_model`.
+    DeepSpeed or FSDP). The same names (a ``.gguf`` file too, dequantized to ``dtype``), checks
+    and tokenizer fixes as :func:`load_model`.
     """
     from transformers import AutoModelForCausalLM
 
+    source = _gguf_source(name_or_path, gguf_file)
+    if source is not None:
+        hf_model, tokenizer, _, _ = _gguf_parts(source, dtype, "cpu", progress=False)
+        return hf_model, tokenizer
     name, config = _resolve(name_or_path, revision)
     tokenizer = _load_tokenizer(name, revision)
     model = AutoModelForCausalLM.from_pretrained(

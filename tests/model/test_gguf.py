@@ -140,3 +140,15 @@ def test_quantization_type_gguf_cannot_dequantize(tmp_path):
     write_raw(path, "llama", gguf.GGMLQuantizationType.Q8_K)
     with pytest.raises(ModelLoadError, match="quantization type Q8_K, which the gguf package"):
         load_model(path, device="cpu")
+
+
+def test_plain_causal_lm_from_a_gguf_is_the_dequantized_model(written):
+    """The TRL engine's loader takes a .gguf file too: the same weights as ``load_model``."""
+    from internal_policy_lens.model.load import load_causal_lm
+
+    _, path, _, expected = written
+    model, tokenizer = load_causal_lm(path, dtype="float32")
+    assert type(model) is type(expected) and not hasattr(model.config, "quantization_config")
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected(ids).logits, atol=1e-4, rtol=1e-4)
