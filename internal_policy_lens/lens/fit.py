@@ -31,6 +31,7 @@ from ..model.batch import pad
 from ..model.load import PolicyModel
 from ..runs.io import RunFolder, now, versions
 from .capture import capture
+from .logprob import lens_logprobs
 from .reduce import site_stats
 from .sites import SiteKey, resolve_sites
 from .stats import kept_positions
@@ -79,14 +80,9 @@ def collect_rows(
     return Rows(vectors, final, torch.cat(nexts), [e.sample_id for e in encoded])
 
 
-def final_logp(lens: Lens, final: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities ``[rows, vocab]`` (float32) of the model's own policy."""
-    return torch.log_softmax(lens.logits(final, "final").float(), -1)
-
-
 def kl_to_final(lens: Lens, x: torch.Tensor, key: SiteKey, target: torch.Tensor) -> torch.Tensor:
     """KL(final || lens) per row ``[rows]`` (nats), ``target`` the final log-probabilities."""
-    logp = torch.log_softmax(lens.logits(lens.inputs(x, *key), None).float(), -1)
+    logp = lens_logprobs(lens, x, *key).all  # [rows, vocab]
     return (target.exp() * (target - logp)).sum(-1)
 
 
@@ -240,7 +236,7 @@ def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: RunFolder, progress
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step))
         batch = torch.randperm(len(rows), generator=gen)[: cfg.batch_tokens]
         with torch.no_grad():  # the rows wait on the host; a batch of them goes to the model
-            target = final_logp(lens, rows.final[batch].to(model.device))
+            target = lens_logprobs(lens, rows.final[batch].to(model.device), "final").all
         loss = sum(
             kl_to_final(lens, rows.acts[key][batch].to(model.device), key, target).mean()
             for key in keys

@@ -9,6 +9,7 @@ import torch
 
 from ..data.encode import encode_prompt
 from ..lens.capture import capture
+from ..lens.logprob import lens_logprobs, logprobs
 from ..lens.reduce import site_stats
 from ..lens.unembed import Lens
 from ..model.batch import pad, position_ids
@@ -102,6 +103,7 @@ def token_logprobs(
     dispatcher (:func:`~internal_policy_lens.lens.reduce.site_stats`) from the same pass.
     """
     key = ("final", model.n_layers - 1) if layer is None else ("resid_post", layer)
+    projector = Lens(model, lens, temperature=temperature)
     with capture(model, keys=[key]) as acts:
         if layer is None:
             logits = model.bridge(
@@ -112,16 +114,16 @@ def token_logprobs(
             )
         else:
             model.forward(input_ids, attention_mask, stop_at_layer=layer + 1)
-    if layer is not None:
-        hidden = acts[key]  # [N, T, d_model]
-        logits = Lens(model, lens).logits(hidden.flatten(0, 1), "resid_post")
-        logits = logits.view(*hidden.shape[:2], -1)
-    logits = logits[:, :-1].float() / temperature  # [N, T-1, vocab]: position t predicts t+1
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    if torch.is_grad_enabled():
-        return logp, -(logp_all.exp() * logp_all).sum(-1)
-    return logp, policy_entropy(Lens(model, lens, temperature=temperature), acts, key)
+    targets = input_ids[:, 1:]  # [N, T-1]: position t predicts t+1
+    grad = torch.is_grad_enabled()
+    if layer is None:
+        out = logprobs(logits[:, :-1].float() / temperature, targets, entropy=grad)
+    else:
+        hidden = acts[key][:, :-1]  # [N, T-1, d_model]
+        out = lens_logprobs(projector, hidden, key[0], layer, targets=targets, entropy=grad)
+    if grad:
+        return out.token, out.entropy
+    return out.token, policy_entropy(projector, acts, key)
 
 
 def policy_entropy(projector: Lens, acts: dict, key: tuple[str, int]) -> torch.Tensor:
