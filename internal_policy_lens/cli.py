@@ -467,7 +467,7 @@ def make_tiny(
     seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
 ) -> None:
     """Write a tiny randomly initialised model (real architecture config, character tokenizer)."""
-    from .bundled.tiny import make_tiny_model
+    from .model.tiny import make_tiny_model
 
     with _user_errors():
         folder = make_tiny_model(arch, out, seed=seed, n_layers=layers)
@@ -831,9 +831,9 @@ def plot_train(
 def models() -> None:
     """List the bundled models (usable as --model NAME offline) and the supported families."""
     from .bundled import BUNDLED_MODELS
-    from .bundled.tiny import tiny_class
     from .model.families import FAMILIES
     from .model.load import bundled_path
+    from .model.tiny import tiny_class
 
     typer.echo("bundled models:")
     for name in BUNDLED_MODELS:

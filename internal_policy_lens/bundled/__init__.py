@@ -1,8 +1,8 @@
 """What ships with the package: two small trained models, the arithmetic task and its data.
 
-``task`` (the verifiable arithmetic problems), ``tiny`` (random models from real architecture
-configs, and the character tokenizer) and ``pretrain`` (how the bundled models were trained) live
-here. This module itself only names the shipped files; it imports nothing heavy.
+``task`` defines the verifiable arithmetic problems the shipped data were drawn from. This module
+names the shipped files and finds them; it imports nothing heavy (the tooling that built the
+models lives in ``model/tiny.py`` and ``analyses/pretrain.py``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import TINY_ARCHITECTURES
+from ..bundled import TINY_ARCHITECTURES
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
