@@ -14,7 +14,6 @@ from typing import Annotated
 import typer
 import typer.core
 
-from .bundled import TINY_ARCHITECTURES
 from .config import (
     BupoConfig,
     CompareConfig,
@@ -27,6 +26,7 @@ from .config import (
     PlotConfig,
     ReportConfig,
 )
+from .model.families import TINY_ARCHITECTURES
 
 
 class _Commands(typer.core.TyperGroup):
@@ -833,16 +833,14 @@ def models() -> None:
     from .bundled import BUNDLED_MODELS
     from .model.families import FAMILIES
     from .model.load import bundled_path
-    from .model.tiny import tiny_class
 
     typer.echo("bundled models:")
     for name in BUNDLED_MODELS:
         with _user_errors():
             typer.echo(f"  {name}\t{bundled_path(name)}")
     typer.echo("supported families (transformers class, ipl make-tiny --arch):")
-    tiny = {tiny_class(arch): arch for arch in TINY_ARCHITECTURES}
     for family in FAMILIES:
-        typer.echo(f"  {family.name}\t{family.hf_class}\t{tiny[family.hf_class]}")
+        typer.echo(f"  {family.name}\t{family.hf_class}\t{family.arch}")
         typer.echo(f"      attn_out: {family.attn_out}; mlp_out: {family.mlp_out}")
         typer.echo(f"      lens {family.lens}")
 

@@ -1,8 +1,8 @@
 """What ships with the package: two small trained models, the arithmetic task and its data.
 
 ``task`` defines the verifiable arithmetic problems the shipped data were drawn from. This module
-names the shipped files and finds them; it imports nothing heavy (the tooling that built the
-models lives in ``model/tiny.py`` and ``analyses/pretrain.py``).
+names the shipped files and finds them; it imports nothing from the rest of the package (the
+tooling that built the models lives in ``model/tiny.py`` and ``analyses/pretrain.py``).
 """
 
 from __future__ import annotations
@@ -14,27 +14,6 @@ BUNDLED_MODELS: tuple[str, ...] = ("ipl-tiny-qwen2", "ipl-tiny-llama")
 """Small reference models trained by ``analyses/train_bundled_models.py``."""
 DEFAULT_MODEL = BUNDLED_MODELS[0]
 """The model of every command when none is given."""
-TINY_ARCHITECTURES: tuple[str, ...] = (
-    "qwen2",
-    "qwen3",
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "gemma2",
-    "gemma3",
-    "olmo2",
-    "phi3",
-    "granite",
-    "gpt2",
-    "gpt_neox",
-    "olmo3",
-    "smollm3",
-    "deepseek_v3",
-    "gpt_oss",
-)
-"""``ipl make-tiny --arch`` names: one per supported family (``ipl models`` pairs them)."""
 DEFAULT_DATA = "arith_demo.jsonl"
 """The data of ``ipl entropy`` when none is given: 100 held-out arithmetic problems."""
 

@@ -1,203 +1,85 @@
-"""What the toolkit knows about each supported model family: one small entry per architecture.
+"""Every supported model family, one module each, assembled into the registry.
 
-Every entry says where each site of :data:`~internal_policy_lens.lens.sites.SITES` is read, what
-the output head does to the logits, and what was found about the family in transformers and in
-transformer-lens's TransformerBridge. The definitions are the same for every family (SPEC §2b):
-
-- ``resid_pre`` / ``resid_post``: the decoder layer's input / output;
-- ``attn_out`` / ``mlp_out``: exactly what each branch *adds* to the residual stream, after any
-  post-branch norm (Gemma 2/3, OLMo 2/3) or multiplier (Granite), so ``resid_post = resid_pre +
-  attn_out + mlp_out``; for a mixture of experts ``mlp_out`` is the whole block's output;
-- ``attn_in`` / ``mlp_in``: what each branch reads (the input its attention / MLP module receives);
-- ``resid_mid = resid_pre + attn_out`` in a sequential block; a parallel block (GPT-NeoX with
-  ``use_parallel_residual``) has none and its rows are absent.
-
-A site is read from a TransformerBridge hook point (:data:`BRIDGE_HOOKS`; for Gemma 2/3 the bridge
-points ``hook_attn_out`` / ``hook_mlp_out`` / ``hook_resid_mid`` past the post-norms itself) or,
-where the bridge has no hook point carrying that vector (OLMo 2/3, Granite), from a forward hook
-on the module of the wrapped Hugging Face model (a :class:`Tap`).
-:func:`~internal_policy_lens.lens.capture.capture` registers both kinds.
+A family's module (named after its ``ipl make-tiny --arch`` name) holds its :class:`Family`
+entry: where each site is read, what its output head does, its decoder's attribute names for the
+TRL integration and its tiny config. Adding a family is one module here and its name in
+:data:`_MODULES`; the command line (``ipl models``, ``ipl make-tiny``) and the tests read the
+registry. Nothing here imports torch at import time (the command line lists the families).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-BRIDGE_HOOKS: dict[str, str] = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "attn_in": "blocks.{layer}.ln1.hook_out",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "mlp_in": "blocks.{layer}.ln2.hook_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "final": "ln_final.hook_out",
-}
-"""The TransformerBridge hook point of each site in a pre-norm sequential block (Llama layout)."""
-
-
-@dataclass(frozen=True)
-class Tap:
-    """A site read by a forward hook on a module of the wrapped Hugging Face model.
-
-    Attributes:
-        module: the module's path in the HF model, with ``{layer}`` for the layer index.
-        where: ``"in"`` (the module's first input) or ``"out"`` (its first output).
-        scale: a config attribute the vector is multiplied by (Granite's
-            ``residual_multiplier``: the branch output is scaled before the residual add).
-    """
-
-    module: str
-    where: str = "out"
-    scale: str | None = None
-
-
-@dataclass(frozen=True)
-class Family:
-    """One supported architecture.
-
-    Attributes:
-        name: the family as researchers call it.
-        hf_class: the transformers class (``config.architectures[0]``).
-        sites: where a site is read when not from :data:`BRIDGE_HOOKS` (hook name or :class:`Tap`).
-        attn_out, mlp_out, lens: what the sites and the lenses are, for the README and ``ipl
-            models``.
-        parallel_attr: config attribute that switches the block to parallel (GPT-NeoX).
-        layers_attr, norm_attr: the decoder's layer list and final norm (``get_decoder()``'s
-            attributes), which the TRL integration trims for pi^k.
-    """
-
-    name: str
-    hf_class: str
-    attn_out: str = "self_attn output (after o_proj)"
-    mlp_out: str = "MLP output (after down_proj)"
-    lens: str = "raw: x W_U^T; norm: final RMSNorm first"
-    sites: dict[str, str | Tap] = field(default_factory=dict)
-    parallel_attr: str | None = None
-    layers_attr: str = "layers"
-    norm_attr: str = "norm"
-
-    def source(self, site: str, layer: int, config) -> str | Tap | None:
-        """Where ``site`` of ``layer`` is read; ``None`` where the block has no such vector."""
-        if site == "resid_mid" and self.is_parallel(config):
-            return None
-        where = self.sites.get(site, BRIDGE_HOOKS[site])
-        if isinstance(where, Tap):
-            return Tap(where.module.format(layer=layer), where.where, where.scale)
-        return where.format(layer=layer)
-
-    def is_parallel(self, config) -> bool:
-        """Whether attention and MLP both read the layer input in this model."""
-        return bool(self.parallel_attr and getattr(config, self.parallel_attr, False))
-
-
-def _taps(prefix: str, **sites: tuple) -> dict[str, Tap]:
-    return {site: Tap(f"{prefix}.{{layer}}.{spec[0]}", *spec[1:]) for site, spec in sites.items()}
-
-
-_NORMS_AFTER = _taps(  # OLMo 2/3: norms after each branch only; the branches read the residual
-    "model.layers",
-    attn_in=("self_attn", "in"),
-    attn_out=("post_attention_layernorm", "out"),
-    resid_mid=("mlp", "in"),
-    mlp_in=("mlp", "in"),
-    mlp_out=("post_feedforward_layernorm", "out"),
+from . import (
+    deepseek_v3,
+    gemma2,
+    gemma3,
+    gpt2,
+    gpt_neox,
+    gpt_oss,
+    granite,
+    llama,
+    mistral,
+    mixtral,
+    olmo2,
+    olmo3,
+    phi3,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+    smollm3,
 )
-_GEMMA_LENS = (
-    "raw: softcap(x W_U^T); norm: final (1 + w) RMSNorm first. softcap(z) = c tanh(z / c), "
-    "c = final_logit_softcapping"
-)
-_MOE = "the whole sparse MoE block: router-weighted experts"
+from .base import BRIDGE_HOOKS, Family, Tap, TinySize
 
-FAMILIES: tuple[Family, ...] = (
-    Family("Qwen2 / Qwen2.5", "Qwen2ForCausalLM"),
-    Family("Qwen3", "Qwen3ForCausalLM"),
-    Family("Llama 2 / 3", "LlamaForCausalLM"),
-    Family("Mistral", "MistralForCausalLM"),
-    Family("Mixtral", "MixtralForCausalLM", mlp_out=_MOE),
-    Family("Qwen2-MoE", "Qwen2MoeForCausalLM", mlp_out=_MOE + " + gated shared expert"),
-    Family("Qwen3-MoE", "Qwen3MoeForCausalLM", mlp_out=_MOE),
-    Family(
-        "Gemma 2",
-        "Gemma2ForCausalLM",
-        attn_out="post_attention_layernorm output",
-        mlp_out="post_feedforward_layernorm output",
-        lens=_GEMMA_LENS,
-    ),
-    Family(
-        "Gemma 3 (text)",
-        "Gemma3ForCausalLM",
-        attn_out="post_attention_layernorm output",
-        mlp_out="post_feedforward_layernorm output",
-        lens=_GEMMA_LENS,
-    ),
-    Family(
-        "OLMo 2",
-        "Olmo2ForCausalLM",
-        attn_out="post_attention_layernorm output",
-        mlp_out="post_feedforward_layernorm output",
-        sites=_NORMS_AFTER,
-    ),
-    Family(
-        "OLMo 3",
-        "Olmo3ForCausalLM",
-        attn_out="post_attention_layernorm output",
-        mlp_out="post_feedforward_layernorm output",
-        sites=_NORMS_AFTER,
-    ),
-    Family("SmolLM3", "SmolLM3ForCausalLM"),
-    Family(
-        "DeepSeek-V3",
-        "DeepseekV3ForCausalLM",
-        attn_out="multi-head latent attention output (o_proj)",
-        mlp_out=_MOE + " + shared experts (dense MLP in the first_k_dense_replace layers)",
-    ),
-    Family(
-        "GPT-OSS",
-        "GptOssForCausalLM",
-        attn_out="self_attn output (o_proj; attention sinks)",
-        mlp_out=_MOE + " (experts with biases)",
-    ),
-    Family("Phi-3", "Phi3ForCausalLM", mlp_out="MLP output (fused gate_up_proj, down_proj)"),
-    Family(
-        "Granite",
-        "GraniteForCausalLM",
-        attn_out="self_attn output x residual_multiplier",
-        mlp_out="MLP output x residual_multiplier",
-        lens="raw: x W_U^T / logits_scaling; norm: final RMSNorm first",
-        sites=_taps(
-            "model.layers",
-            attn_out=("self_attn", "out", "residual_multiplier"),
-            resid_mid=("post_attention_layernorm", "in"),
-            mlp_out=("mlp", "out", "residual_multiplier"),
-        ),
-    ),
-    Family(
-        "GPT-2",
-        "GPT2LMHeadModel",
-        attn_out="attn output (after c_proj)",
-        mlp_out="MLP output (after c_proj)",
-        lens="raw: x W_U^T (tied to the embedding); norm: final LayerNorm (with bias) first",
-        layers_attr="h",
-        norm_attr="ln_f",
-    ),
-    Family(
-        "GPT-NeoX / Pythia",
-        "GPTNeoXForCausalLM",
-        attn_out="attention output (after dense)",
-        mlp_out="MLP output (after dense_4h_to_h); parallel: no resid_mid",
-        lens="raw: x W_U^T (embed_out); norm: final LayerNorm (with bias) first",
-        parallel_attr="use_parallel_residual",
-        norm_attr="final_layer_norm",
-    ),
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "BRIDGE_HOOKS",
+    "FAMILIES",
+    "SUPPORTED_ARCHITECTURES",
+    "TINY_ARCHITECTURES",
+    "Family",
+    "Tap",
+    "TinySize",
+    "family_of",
+    "family_of_arch",
+    "has_head_transform",
+    "head_transform",
+    "prepare",
+]
+
+_MODULES = (
+    qwen2,
+    qwen3,
+    llama,
+    mistral,
+    mixtral,
+    qwen2_moe,
+    qwen3_moe,
+    gemma2,
+    gemma3,
+    olmo2,
+    olmo3,
+    smollm3,
+    deepseek_v3,
+    gpt_oss,
+    phi3,
+    granite,
+    gpt2,
+    gpt_neox,
 )
+
+FAMILIES: tuple[Family, ...] = tuple(module.FAMILY for module in _MODULES)
 """Every supported family, in the order ``ipl models`` lists them."""
-
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(f.hf_class for f in FAMILIES)
+TINY_ARCHITECTURES: tuple[str, ...] = tuple(f.arch for f in FAMILIES)
+"""``ipl make-tiny --arch`` names: one per family, in the order of :data:`FAMILIES`."""
 _BY_CLASS = {f.hf_class: f for f in FAMILIES}
+_BY_ARCH = {f.arch: f for f in FAMILIES}
 
 
 def family_of(architecture: str) -> Family:
@@ -207,6 +89,19 @@ def family_of(architecture: str) -> Family:
         KeyError: for an unsupported class.
     """
     return _BY_CLASS[architecture]
+
+
+def family_of_arch(arch: str) -> Family:
+    """The :class:`Family` of an ``ipl make-tiny --arch`` name.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if arch not in _BY_ARCH:
+        raise ValueError(
+            f"unknown architecture '{arch}'; choose one of {', '.join(TINY_ARCHITECTURES)}"
+        )
+    return _BY_ARCH[arch]
 
 
 def head_transform(config, logits: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
@@ -221,7 +116,7 @@ def head_transform(config, logits: torch.Tensor, *, inplace: bool = False) -> to
     if scale not in (None, 1, 1.0):
         logits = logits.div_(scale) if inplace else logits / scale
     if cap is not None:
-        logits = logits.div_(cap).tanh_().mul_(cap) if inplace else torch.tanh(logits / cap) * cap
+        logits = logits.div_(cap).tanh_().mul_(cap) if inplace else (logits / cap).tanh() * cap
     return logits
 
 
@@ -236,17 +131,14 @@ def has_head_transform(config) -> bool:
 def prepare(hf_model: nn.Module) -> None:
     """Make the bridged model compute what plain transformers computes.
 
-    - Gemma 3 in transformers stores ``attn_logit_softcapping`` on each attention module but
-      never applies it; the bridge's attention reads the attribute and soft-caps the scores, so a
-      config that sets it gave different logits (0.49 apart on a 4-token prompt of a tiny model).
-      The attribute is cleared, as transformers effectively has it.
-    - Mixture-of-experts layers run their experts with ``grouped_mm``, which has no float64
-      kernel: a float64 model uses the eager experts loop.
+    Runs the family's own :attr:`Family.prepare` (Gemma 3), and gives a float64 mixture of
+    experts the eager experts loop: ``grouped_mm`` has no float64 kernel.
     """
-    if type(hf_model).__name__ == "Gemma3ForCausalLM":
-        for module in hf_model.modules():
-            if hasattr(module, "attn_logit_softcapping"):
-                module.attn_logit_softcapping = None
+    import torch  # here, not at the top: the registry is read without torch
+
+    family = _BY_CLASS.get(type(hf_model).__name__)
+    if family is not None and family.prepare is not None:
+        family.prepare(hf_model)
     dtype = next(hf_model.parameters()).dtype
     if dtype == torch.float64 and hf_model._can_set_experts_implementation():
         hf_model.set_experts_implementation("eager")
