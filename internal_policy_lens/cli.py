@@ -830,14 +830,13 @@ def plot_train(
 @app.command()
 def models() -> None:
     """List the bundled models (usable as --model NAME offline) and the supported families."""
-    from .bundled import BUNDLED_MODELS
+    from .bundled import BUNDLED_MODELS, bundled_model_path
     from .model.families import FAMILIES
-    from .model.load import bundled_path
 
     typer.echo("bundled models:")
     for name in BUNDLED_MODELS:
         with _user_errors():
-            typer.echo(f"  {name}\t{bundled_path(name)}")
+            typer.echo(f"  {name}\t{bundled_model_path(name)}")
     typer.echo("supported families (transformers class, ipl make-tiny --arch):")
     for family in FAMILIES:
         typer.echo(f"  {family.name}\t{family.hf_class}\t{family.arch}")

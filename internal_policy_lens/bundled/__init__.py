@@ -24,5 +24,15 @@ def bundled_data(name: str = DEFAULT_DATA) -> Path:
 
 
 def bundled_model_path(name: str) -> Path:
-    """Folder of a bundled model (see :data:`BUNDLED_MODELS`); it may be missing on disk."""
-    return Path(str(resources.files(__name__) / name))
+    """Folder of a bundled model (see :data:`BUNDLED_MODELS`).
+
+    Raises:
+        FileNotFoundError: where the folder has no ``config.json`` (saying how to get it back).
+    """
+    folder = Path(str(resources.files(__name__) / name))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the bundled model '{name}' is missing from {folder.parent}; reinstall the package "
+            "or train it with: python analyses/train_bundled_models.py"
+        )
+    return folder
