@@ -3,6 +3,7 @@
 The loop is nanoGPT-shaped: batches of freshly drawn problems (never a held-out question), loss on
 the response tokens only, AdamW with warm-up and cosine decay, bfloat16 autocast. The result is a
 standard transformers folder plus a model card with the loss curve and held-out accuracy.
+Imported by ``train_bundled_models.py`` beside it, which trains the bundled models.
 """
 
 from __future__ import annotations
