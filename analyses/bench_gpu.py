@@ -72,7 +72,7 @@ def build_model(folder, shape, device):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from internal_policy_lens import load_model
-    from internal_policy_lens.bundled.tiny import char_tokenizer
+    from internal_policy_lens.model.tiny import char_tokenizer
 
     config = Qwen2Config(
         vocab_size=shape["vocab"],

@@ -45,8 +45,8 @@ if len(args.arch) > 1 and not args.sequential:
     args.arch = []
 
 import torch  # noqa: E402
+from pretrain import pretrain, write_task_files  # noqa: E402 (analyses/pretrain.py)
 
-from internal_policy_lens.bundled.pretrain import pretrain, write_task_files  # noqa: E402
 from internal_policy_lens.config import STEPS, PretrainConfig  # noqa: E402
 
 if args.threads:

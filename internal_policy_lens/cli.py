@@ -14,7 +14,6 @@ from typing import Annotated
 import typer
 import typer.core
 
-from .bundled import TINY_ARCHITECTURES
 from .config import (
     BupoConfig,
     CompareConfig,
@@ -27,6 +26,7 @@ from .config import (
     PlotConfig,
     ReportConfig,
 )
+from .model.families import TINY_ARCHITECTURES
 
 
 class _Commands(typer.core.TyperGroup):
@@ -467,7 +467,7 @@ def make_tiny(
     seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
 ) -> None:
     """Write a tiny randomly initialised model (real architecture config, character tokenizer)."""
-    from .bundled.tiny import make_tiny_model
+    from .model.tiny import make_tiny_model
 
     with _user_errors():
         folder = make_tiny_model(arch, out, seed=seed, n_layers=layers)
@@ -830,19 +830,16 @@ def plot_train(
 @app.command()
 def models() -> None:
     """List the bundled models (usable as --model NAME offline) and the supported families."""
-    from .bundled import BUNDLED_MODELS
-    from .bundled.tiny import tiny_class
+    from .bundled import BUNDLED_MODELS, bundled_model_path
     from .model.families import FAMILIES
-    from .model.load import bundled_path
 
     typer.echo("bundled models:")
     for name in BUNDLED_MODELS:
         with _user_errors():
-            typer.echo(f"  {name}\t{bundled_path(name)}")
+            typer.echo(f"  {name}\t{bundled_model_path(name)}")
     typer.echo("supported families (transformers class, ipl make-tiny --arch):")
-    tiny = {tiny_class(arch): arch for arch in TINY_ARCHITECTURES}
     for family in FAMILIES:
-        typer.echo(f"  {family.name}\t{family.hf_class}\t{tiny[family.hf_class]}")
+        typer.echo(f"  {family.name}\t{family.hf_class}\t{family.arch}")
         typer.echo(f"      attn_out: {family.attn_out}; mlp_out: {family.mlp_out}")
         typer.echo(f"      lens {family.lens}")
 

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 from helpers import ARCHS, FAMILY_ARCHS, FAMILY_SIZES, seed_everything, write_problems  # noqa: E402
 
 from internal_policy_lens import load_model  # noqa: E402
-from internal_policy_lens.bundled.tiny import make_tiny_model  # noqa: E402
+from internal_policy_lens.model.tiny import make_tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -12,7 +12,7 @@ import sys
 import torch
 from reference import entropy, hf_model, naive_logits, naive_sites, naive_tuned_logits
 
-from internal_policy_lens.bundled.tiny import ARCHITECTURES
+from internal_policy_lens.model.families import TINY_ARCHITECTURES
 
 # Real architecture configs at tiny sizes: Qwen2 (q/k/v biases), Qwen3 (q/k norm), Llama with
 # untied and tied embeddings. Hidden and vocabulary sizes are not powers of two.
@@ -23,9 +23,9 @@ ARCHS = {
     "llama_tied": dict(arch="llama", tie_embeddings=True, d_model=60, n_heads=5, n_kv_heads=5),
 }
 
-# One tiny model per further family, each with its distinctive features switched on (see
-# internal_policy_lens.bundled.tiny.tiny_config). Smaller than ARCHS: there are many of them.
-FAMILY_ARCHS = tuple(a for a in ARCHITECTURES if a not in ("qwen2", "qwen3", "llama"))
+# One tiny model per further family of the registry, each with its distinctive features switched
+# on (see its module in internal_policy_lens.model.families). Smaller than ARCHS: there are many.
+FAMILY_ARCHS = tuple(a for a in TINY_ARCHITECTURES if a not in ("qwen2", "qwen3", "llama"))
 FAMILY_SIZES = dict(n_layers=3, d_model=48, n_heads=4, n_kv_heads=2, d_mlp=64)
 
 TEXTS = [

@@ -45,7 +45,21 @@ NEOX_PARALLEL = {  # both branches read the layer input: no resid_mid
     "mlp_in": ("mlp", "in"),
     "mlp_out": ("mlp", "out"),
 }
+# Every supported family, written out here (tests/model/test_registry.py checks that this list and
+# the package's registry name the same classes, without this file reading the registry).
 LAYOUTS = {
+    "Qwen2ForCausalLM": LLAMA_LIKE,
+    "Qwen3ForCausalLM": LLAMA_LIKE,
+    "LlamaForCausalLM": LLAMA_LIKE,
+    "MistralForCausalLM": LLAMA_LIKE,
+    "MixtralForCausalLM": LLAMA_LIKE,
+    "Qwen2MoeForCausalLM": LLAMA_LIKE,
+    "Qwen3MoeForCausalLM": LLAMA_LIKE,
+    "SmolLM3ForCausalLM": LLAMA_LIKE,
+    "DeepseekV3ForCausalLM": LLAMA_LIKE,
+    "GptOssForCausalLM": LLAMA_LIKE,
+    "Phi3ForCausalLM": LLAMA_LIKE,
+    "GraniteForCausalLM": LLAMA_LIKE,
     "Gemma2ForCausalLM": GEMMA,
     "Gemma3ForCausalLM": GEMMA,
     "Olmo2ForCausalLM": OLMO2,
@@ -80,7 +94,7 @@ def branch_scale(model):
 def naive_sites(model, input_ids):
     """All sites for one unpadded sequence: {(site, layer): [pos, d_model]} and logits."""
     store, handles = {}, []
-    layout = LAYOUTS.get(type(model).__name__, LLAMA_LIKE)
+    layout = LAYOUTS[type(model).__name__]
     scale = branch_scale(model)
 
     def keep(key, pre=False, factor=1.0):

@@ -16,6 +16,7 @@ TORCH_FREE = (
     "internal_policy_lens",
     "internal_policy_lens.config",
     "internal_policy_lens.bundled",
+    "internal_policy_lens.model.families",  # the command line lists the families at start-up
     "internal_policy_lens.data.records",
     "internal_policy_lens.data.encode",
     "internal_policy_lens.analysis.convergence",

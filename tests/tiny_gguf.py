@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-from internal_policy_lens.bundled.tiny import CHAT_TEMPLATE, tiny_config
+from internal_policy_lens.model.tiny import CHAT_TEMPLATE, tiny_config
 
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 MERGES = ["Ġ t", "h e", "i n", "Ġt he", "r e", "o n", "Ġ a", "e r"]

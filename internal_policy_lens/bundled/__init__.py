@@ -1,8 +1,8 @@
 """What ships with the package: two small trained models, the arithmetic task and its data.
 
-``task`` (the verifiable arithmetic problems), ``tiny`` (random models from real architecture
-configs, and the character tokenizer) and ``pretrain`` (how the bundled models were trained) live
-here. This module itself only names the shipped files; it imports nothing heavy.
+``task`` defines the verifiable arithmetic problems the shipped data were drawn from. This module
+names the shipped files and finds them; it imports nothing from the rest of the package (the
+tooling that built the models lives in ``model/tiny.py`` and ``analyses/pretrain.py``).
 """
 
 from __future__ import annotations
@@ -14,27 +14,6 @@ BUNDLED_MODELS: tuple[str, ...] = ("ipl-tiny-qwen2", "ipl-tiny-llama")
 """Small reference models trained by ``analyses/train_bundled_models.py``."""
 DEFAULT_MODEL = BUNDLED_MODELS[0]
 """The model of every command when none is given."""
-TINY_ARCHITECTURES: tuple[str, ...] = (
-    "qwen2",
-    "qwen3",
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "gemma2",
-    "gemma3",
-    "olmo2",
-    "phi3",
-    "granite",
-    "gpt2",
-    "gpt_neox",
-    "olmo3",
-    "smollm3",
-    "deepseek_v3",
-    "gpt_oss",
-)
-"""``ipl make-tiny --arch`` names: one per supported family (``ipl models`` pairs them)."""
 DEFAULT_DATA = "arith_demo.jsonl"
 """The data of ``ipl entropy`` when none is given: 100 held-out arithmetic problems."""
 
@@ -45,5 +24,15 @@ def bundled_data(name: str = DEFAULT_DATA) -> Path:
 
 
 def bundled_model_path(name: str) -> Path:
-    """Folder of a bundled model (see :data:`BUNDLED_MODELS`); it may be missing on disk."""
-    return Path(str(resources.files(__name__) / name))
+    """Folder of a bundled model (see :data:`BUNDLED_MODELS`).
+
+    Raises:
+        FileNotFoundError: where the folder has no ``config.json`` (saying how to get it back).
+    """
+    folder = Path(str(resources.files(__name__) / name))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the bundled model '{name}' is missing from {folder.parent}; reinstall the package "
+            "or train it with: python analyses/train_bundled_models.py"
+        )
+    return folder

@@ -24,7 +24,8 @@ class ModelFileError(ValueError):
 def local_config(name_or_path: str | os.PathLike, revision: str | None = None) -> Path | None:
     """The ``config.json`` of a bundled model, a local folder or a cached hub model, else None.
 
-    Never reaches the network: a hub model not in the local cache gives None.
+    Never reaches the network: a hub model not in the local cache gives None; a bundled model
+    missing from the installation raises FileNotFoundError.
     """
     name = str(name_or_path)
     if name in BUNDLED_MODELS:

@@ -399,7 +399,10 @@ def _resolve(name_or_path: str | os.PathLike, revision: str | None):
     from transformers import AutoConfig
 
     name = str(name_or_path)
-    local = bundled_path(name) if name in BUNDLED_MODELS else Path(name).expanduser()
+    try:
+        local = bundled_model_path(name) if name in BUNDLED_MODELS else Path(name).expanduser()
+    except FileNotFoundError as err:  # a bundled model missing from the installation
+        raise ModelLoadError(str(err)) from None
     if local.is_dir():
         _check_local_folder(local)
         name = str(local)
@@ -424,17 +427,6 @@ def _check_architecture(architecture: str, name: str) -> None:
             f"architecture '{architecture}' of '{name}' is not supported; supported: {families}. "
             "`ipl models` lists them."
         )
-
-
-def bundled_path(name: str) -> Path:
-    """Folder of a bundled model (see :data:`BUNDLED_MODELS`)."""
-    folder = bundled_model_path(name)
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(
-            f"the bundled model '{name}' is missing from {folder.parent}; reinstall the package "
-            "or train it with: python analyses/train_bundled_models.py"
-        )
-    return folder
 
 
 def _looks_like_path(name: str) -> bool:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from internal_policy_lens import entropy_table, load_model
-from internal_policy_lens.bundled import BUNDLED_MODELS
+from internal_policy_lens.bundled import BUNDLED_MODELS, bundled_model_path
 from internal_policy_lens.data.answers import math_reward
 from internal_policy_lens.data.records import read_records
 from internal_policy_lens.lens.sites import SITES
@@ -15,6 +15,14 @@ MIN_GREEDY = 0.25
 
 def _correct(response, answer):
     return math_reward(response, answer) == 1.0
+
+
+def test_the_locator_finds_each_bundled_model_and_names_a_missing_one():
+    for name in BUNDLED_MODELS:
+        assert (bundled_model_path(name) / "config.json").is_file()
+        assert bundled_model_path(name).name == name
+    with pytest.raises(FileNotFoundError, match="bundled model 'ipl-tiny-gone' is missing from"):
+        bundled_model_path("ipl-tiny-gone")
 
 
 @pytest.fixture(scope="module", params=BUNDLED_MODELS)

@@ -3,6 +3,7 @@
 The loop is nanoGPT-shaped: batches of freshly drawn problems (never a held-out question), loss on
 the response tokens only, AdamW with warm-up and cosine decay, bfloat16 autocast. The result is a
 standard transformers folder plus a model card with the loss curve and held-out accuracy.
+Imported by ``train_bundled_models.py`` beside it, which trains the bundled models.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import PretrainConfig
-from ..data.answers import math_reward
-from ..data.encode import encode_prompt
-from ..model.batch import pad
-from ..model.generate import sample
-from ..model.load import load_model
-from ..train.evaluate import pass_at_k
-from .task import Problem, make_problem, make_problems, write_jsonl
-from .tiny import char_tokenizer, tiny_config
+from internal_policy_lens.bundled.task import Problem, make_problem, make_problems, write_jsonl
+from internal_policy_lens.config import PretrainConfig
+from internal_policy_lens.data.answers import math_reward
+from internal_policy_lens.data.encode import encode_prompt
+from internal_policy_lens.model.batch import pad
+from internal_policy_lens.model.generate import sample
+from internal_policy_lens.model.load import load_model
+from internal_policy_lens.model.tiny import char_tokenizer, tiny_config
+from internal_policy_lens.train.evaluate import pass_at_k
 
 HELDOUT_SEED = 10_000
 
@@ -224,7 +225,7 @@ def model_card(name: str, facts: dict) -> str:
         f"# {name}",
         "",
         f"A {cfg['arch']} causal LM trained from scratch by "
-        "`internal_policy_lens.bundled.pretrain` (`python analyses/train_bundled_models.py`) on "
+        "`analyses/pretrain.py` (`python analyses/train_bundled_models.py`) on "
         "the arithmetic task of `internal_policy_lens.bundled.task` (problems: a start value and "
         f"1 to {cfg['max_ops']} operations applied left to right; additions/subtractions of 1-2 "
         f"digit numbers, multiplications by 2-9; every intermediate value in [0, "
