@@ -1,17 +1,19 @@
-"""The one owner of run folders on disk: atomic writes, hashes, versions, ``run.json``.
+"""The ground floor's owner of folders on disk: atomic writes, appends, locks, hashes, versions.
 
-Every command that writes a folder (``ipl entropy``, ``merge``, ``plot``, ``compare``,
-``train-bupo``, ``eval``) writes through :class:`RunFolder`: each file goes to a temporary name in
-the same folder, is flushed to disk, then renamed onto its final name, so an interrupted command
-never leaves a half-written file under a final name. Readers use :func:`open_run` for a finished
-``ipl entropy`` folder. Nothing here imports torch.
+Every command that writes a folder (a run, a lens, a training run, a figure) writes through
+:class:`Folder`: each file goes to a temporary name in the same folder, is flushed to disk, then
+renamed onto its final name, so an interrupted command never leaves a half-written file under a
+final name. Nothing here imports torch, nor any other module of the package.
 
-A writer first checks that the folder can be written (:meth:`RunFolder.check_writable`, before
-any work) and holds an exclusive lock on it (:meth:`RunFolder.lock`: ``fcntl.flock`` on
-``.lock`` inside it, released by the operating system when the process ends, however it ends), so
-two commands never write one folder at once. Shards of one data-parallel run share the folder
-lock and hold one of their own each. A write that fails (no space left, a read-only or vanished
-folder) raises :class:`RunFolderError`, whose message names the folder and what was kept.
+A writer first checks that the folder can be written (:meth:`Folder.check_writable`, before any
+work) and holds an exclusive lock on it (:meth:`Folder.lock`: ``fcntl.flock`` on ``.lock``
+inside it, released by the operating system when the process ends, however it ends), so two
+commands never write one folder at once. Shards of one data-parallel run share the folder lock
+and hold one of their own each. A write that fails (no space left, a read-only or vanished
+folder) raises :class:`FolderError`, whose message names the folder and what was kept.
+
+What a command does with a folder that holds earlier work (start, resume, reuse it, or redo it)
+is decided in one place, :func:`folder_state`.
 
 For tests of interrupted runs, the environment variable ``IPL_KILL_BEFORE_PUBLISH=NAME[#k]`` makes
 the process kill itself (SIGKILL) just before it publishes (renames onto its final name, or
@@ -21,6 +23,7 @@ appends to a log) a file or checkpoint folder called NAME for the k-th time.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import hashlib
@@ -31,11 +34,10 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pandas as pd
 
-RUN_TABLES: tuple[str, ...] = ("run.json", "summary.csv", "tokens.parquet", "deltas.parquet")
-"""The files of a finished ``ipl entropy`` run folder."""
 VERSIONED_PACKAGES: tuple[str, ...] = (
     "internal-policy-lens",
     "torch",
@@ -49,7 +51,7 @@ LOCK = ".lock"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class RunFolderError(RuntimeError):
+class FolderError(RuntimeError):
     """A folder cannot be written, or another process is writing it.
 
     The message names the folder, says why, what was kept and what to do.
@@ -73,37 +75,32 @@ def kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class RunFolder:
-    """A folder of results: written atomically, read back by name.
+class Folder:
+    """A folder of results: written atomically, read back by name."""
 
-    For a finished ``ipl entropy`` run (see :func:`open_run`) it also reads the run's tables and
-    facts (:attr:`info` is ``run.json``).
-    """
-
-    def __init__(self, path: str | os.PathLike, info: dict | None = None) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._info = info
 
     def __repr__(self) -> str:
-        return f"RunFolder({str(self.path)!r})"
+        return f"{type(self).__name__}({str(self.path)!r})"
 
     # --- writing
 
-    def create(self) -> RunFolder:
+    def create(self) -> Self:
         """Make the folder (and its parents) if it does not exist; return self."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise RunFolderError(self._unusable(err)) from None
+            raise FolderError(self._unusable(err)) from None
         return self
 
-    def check_writable(self) -> RunFolder:
+    def check_writable(self) -> Self:
         """Fail before any work when the folder cannot be made or written; return self.
 
         Creates nothing: the folder, or its nearest existing parent, must be a writable folder.
 
         Raises:
-            RunFolderError: the path is a file, lies under a file, or is not writable (read-only
+            FolderError: the path is a file, lies under a file, or is not writable (read-only
                 file system, no permission).
         """
         existing = next(p for p in (self.path, *self.path.parents) if p.exists())
@@ -113,10 +110,10 @@ class RunFolder:
                 if existing == self.path
                 else f"lies under a file ({existing})"
             )
-            raise RunFolderError(f"{self.path}: {what}; choose a folder path for --out")
+            raise FolderError(f"{self.path}: {what}; choose a folder path for --out")
         if not os.access(existing, os.W_OK | os.X_OK):
             why = "a read-only file system" if _read_only(existing) else "no permission to write"
-            raise RunFolderError(
+            raise FolderError(
                 f"{self.path}: cannot write in {existing} ({why}); choose a --out where you can "
                 "write"
             )
@@ -131,7 +128,7 @@ class RunFolder:
         process holds the lock.
 
         Raises:
-            RunFolderError: another process holds the lock; the message names its pid.
+            FolderError: another process holds the lock; the message names its pid.
         """
         self.check_writable().create()
         path = self.path / name
@@ -144,7 +141,7 @@ class RunFolder:
                     yield False
                     return
                 holder = path.read_text().strip() or "unknown"
-                raise RunFolderError(
+                raise FolderError(
                     f"{self.path}: another ipl process (pid {holder}) is writing this folder; "
                     "wait for it to finish, or choose another --out"
                 ) from None
@@ -181,7 +178,7 @@ class RunFolder:
             os.replace(tmp, path)
         except OSError as err:
             detail = f"; nothing was written to {path.name}"
-            raise RunFolderError(self._unusable(err, detail)) from None
+            raise FolderError(self._unusable(err, detail)) from None
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -216,7 +213,7 @@ class RunFolder:
                 fh.write(json.dumps(payload) + "\n")
                 fh.flush()
         except OSError as err:
-            raise RunFolderError(self._unusable(err)) from None
+            raise FolderError(self._unusable(err)) from None
 
     # --- reading
 
@@ -229,97 +226,12 @@ class RunFolder:
         text = (self.path / name).read_text()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    @property
-    def info(self) -> dict:
-        """``run.json``: how the run was made."""
-        if self._info is None:
-            self._info = self.read_json("run.json")
-        return self._info
-
-    @property
-    def name(self) -> str:
-        """The model's name (see :func:`model_name`)."""
-        return model_name(self.info)
-
-    @property
-    def n_layers(self) -> int:
-        """The model's number of decoder layers."""
-        return int(self.info["model"]["n_layers"])
-
-    @property
-    def lens(self) -> str:
-        """The lens of the run (``raw`` or ``norm``)."""
-        return str(self.info["config"]["lens"])
-
-    def summary(self) -> pd.DataFrame:
-        """``summary.csv``."""
-        return pd.read_csv(self.path / "summary.csv")
-
-    def tokens(self) -> pd.DataFrame:
-        """``tokens.parquet``."""
-        return read_parquet(self.path / "tokens.parquet")
-
-    def deltas(self) -> pd.DataFrame:
-        """``deltas.parquet``."""
-        return read_parquet(self.path / "deltas.parquet")
-
-    def topk(self) -> pd.DataFrame | None:
-        """``topk.parquet``, or None for a run analysed without ``--topk``."""
-        path = self.path / "topk.parquet"
-        return read_parquet(path) if path.is_file() else None
-
-
-def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
-    """A Parquet table of a run folder.
-
-    Raises:
-        ValueError: the file is not readable Parquet (truncated or overwritten).
-    """
-    try:
-        return pd.read_parquet(path)
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(
-            f"{path}: not a readable Parquet file ({reason}); rerun the `ipl entropy` command "
-            "that wrote the folder (with --overwrite) to rewrite it"
-        ) from None
-
 
 def _read_only(path: Path) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
         return False
-
-
-def open_run(path: str | os.PathLike) -> RunFolder:
-    """Check that ``path`` holds a finished ``ipl entropy`` run and read its ``run.json``.
-
-    Raises:
-        FileNotFoundError: the folder or one of its tables is missing.
-        ValueError: the run has not finished.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such run folder")
-    missing = [name for name in RUN_TABLES if not (path / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{path}: not a finished run folder (missing {', '.join(missing)}); "
-            f"write one with `ipl entropy --out {path}`"
-        )
-    folder = RunFolder(path)
-    if folder.info.get("status") != "complete":
-        raise ValueError(
-            f"{path}: the run is not complete (status {folder.info.get('status')!r}); "
-            "rerun the same `ipl entropy` command to finish it"
-        )
-    return folder
-
-
-def model_name(info: dict) -> str:
-    """The last part of a run's model hub name or folder: ``Qwen/Qwen3-4B`` -> ``Qwen3-4B``."""
-    return Path(str(info["model"]["name_or_path"]).rstrip("/")).name
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -346,3 +258,65 @@ def versions() -> dict:
 def now() -> str:
     """The local time as ISO 8601 with its UTC offset."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class FolderState(enum.StrEnum):
+    """What a command does with its output folder (see :func:`folder_state`)."""
+
+    NEW = "new"
+    """No earlier work: start."""
+    RESUME = "resume"
+    """Unfinished work of this configuration: continue it (finished parts are kept)."""
+    COMPLETE = "complete"
+    """Finished work of this configuration: reuse it, change nothing."""
+    REDO = "redo"
+    """Earlier work to replace (``--force``, or another configuration with ``--overwrite``)."""
+
+
+class FolderConfigError(ValueError):
+    """The folder holds work of another configuration, and replacing it was not asked for."""
+
+
+def folder_state(
+    record: Path,
+    saved: dict | None,
+    config: dict,
+    *,
+    complete: bool,
+    overwrite: bool = False,
+    force: bool = False,
+    holds: str = "the folder holds a run",
+    fix: str = "pass --overwrite to start over or choose another --out",
+) -> FolderState:
+    """Decide what a command does with a folder that may hold earlier work: the rerun rule.
+
+    Args:
+        record: the file that records the earlier work's configuration (named in the error).
+        saved: that configuration, or None when the folder holds no earlier work.
+        config: this command's configuration.
+        complete: whether the earlier work finished.
+        overwrite: work of another configuration may be replaced (``--overwrite``).
+        force: work of this configuration is redone, finished or not (``--force``).
+        holds: the error's words for what the folder holds.
+        fix: the error's words for what to do.
+
+    Returns:
+        NEW without earlier work; with this configuration's, REDO under ``force``, else
+        COMPLETE or RESUME; with another configuration's, REDO under ``overwrite``.
+
+    Raises:
+        FolderConfigError: another configuration's work without ``overwrite``; the message
+            names the file, the fields that differ and ``fix``.
+    """
+    if saved is None:
+        return FolderState.NEW
+    if saved == config:
+        if force:
+            return FolderState.REDO
+        return FolderState.COMPLETE if complete else FolderState.RESUME
+    if overwrite:
+        return FolderState.REDO
+    changed = sorted(k for k in config if saved.get(k) != config[k])
+    raise FolderConfigError(
+        f"{record}: {holds} with another configuration (differs in {', '.join(changed)}); {fix}"
+    )

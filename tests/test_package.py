@@ -14,6 +14,7 @@ ROOT = Path(internal_policy_lens.__file__).parent
 TORCH_FREE = (
     "internal_policy_lens",
     "internal_policy_lens.config",
+    "internal_policy_lens.folders",
     "internal_policy_lens.bundled",
     "internal_policy_lens.data.records",
     "internal_policy_lens.data.encode",
