@@ -116,12 +116,12 @@ def _user_errors(resume_hint: str | None = None):
     Ctrl-C exits with code 130 and says what was kept (``resume_hint``) when the command resumes.
     """
     from .data.records import DataError
+    from .folders import FolderError
     from .model.load import ModelLoadError
-    from .runs.io import RunFolderError
 
     try:
         yield
-    except (DataError, ModelLoadError, RunFolderError, ValueError, FileNotFoundError) as err:
+    except (DataError, ModelLoadError, FolderError, ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:

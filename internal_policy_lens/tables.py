@@ -65,6 +65,7 @@ def entropy_table(
     capture_mb: float | None = None,
     attention_mb: float | None = None,
     settings: LensSettings | None = None,
+    projector: Lens | None = None,
     progress: bool = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Entropy (nats) of every internal policy at every position (and, with ``topk``, its top-k).
@@ -116,6 +117,9 @@ def entropy_table(
         settings: the lens, its folder and the five above as one
             :class:`~internal_policy_lens.config.LensSettings` (what ``ipl entropy``
             passes); the keyword arguments given replace its fields.
+        projector: a ready :class:`~internal_policy_lens.lens.unembed.Lens` of the settings'
+            lens (``ipl entropy`` makes one per run and passes it to every batch); default:
+            made here from the settings (precision chosen, unembedding cast, lens folder read).
         progress: show a progress bar.
 
     Returns:
@@ -139,7 +143,10 @@ def entropy_table(
     if response_only and any(e.response_start is None for e in encoded):
         raise ValueError("response_only=True needs records with a 'response' for every input")
     keys = site_keys(model, sites, layers)
-    projector = make_lens(model, settings)
+    if projector is None:
+        projector = make_lens(model, settings)
+    elif projector.kind != settings.lens:
+        raise ValueError(f"the lens given is '{projector.kind}', the settings' '{settings.lens}'")
     projector.check(keys)
     parts, tops = [], []
     bar = tqdm(total=len(encoded), unit="sample", disable=not progress)

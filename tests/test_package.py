@@ -15,6 +15,7 @@ ROOT = Path(internal_policy_lens.__file__).parent
 TORCH_FREE = (
     "internal_policy_lens",
     "internal_policy_lens.config",
+    "internal_policy_lens.folders",
     "internal_policy_lens.bundled",
     "internal_policy_lens.model.families",  # the command line lists the families at start-up
     "internal_policy_lens.data.records",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import CompareConfig, ConvergenceConfig, PlotConfig
+from ..folders import Folder
 from ..runs.io import RunFolder, model_name, open_run
 from . import plots
 from .convergence import (
@@ -45,7 +46,7 @@ class FigureReport:
 
 def save_figure(fig, stem: Path) -> list[Path]:
     """Write ``fig`` as ``stem.png`` and ``stem.pdf`` (each atomically); return the paths."""
-    folder = RunFolder(stem.parent).create()
+    folder = Folder(stem.parent).create()
     paths = []
     with warnings.catch_warnings():  # tokens in scripts the font lacks are drawn as boxes
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
@@ -158,7 +159,7 @@ def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
     and ``OUT/convergence.csv`` (columns ``model, run, lens``
     then :meth:`Convergence.row`; ``note`` says why a run has no summary).
     """
-    folder = RunFolder(cfg.out).check_writable()
+    folder = Folder(cfg.out).check_writable()
     runs = [open_run(path) for path in cfg.runs]
     with folder.lock():  # one writer per output folder
         return _compare(cfg, runs)
@@ -199,7 +200,7 @@ def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, p
             row["note"] = str(err)
         rows.append(row)
     table = pd.DataFrame(rows)
-    report.written.append(RunFolder(out).write_csv("convergence.csv", table))
+    report.written.append(Folder(out).write_csv("convergence.csv", table))
     differences = run_differences(runs, names)
     for difference in differences:
         warnings.warn(difference, stacklevel=2)

@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from ..config import CompareConfig, ReportConfig
+from ..folders import Folder
 from ..runs.io import RunFolder, model_name, open_run
 from .charts import change_chart, compare_charts, extras_charts, flow_chart
 from .convergence import convergence_summary
@@ -237,7 +238,7 @@ def _write_page(path: Path, *, title, provenance, charts, chart_note, convergenc
         convergence=convergence,
         explorer=explorer,
     )
-    return RunFolder(path.parent).create().write_text(path.name, page)
+    return Folder(path.parent).create().write_text(path.name, page)
 
 
 def _fill(template: str, **parts: str) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..runs.io import RunFolder
+from ..folders import Folder
 
 __all__ = ["DataError", "read_records", "write_records_jsonl"]
 
@@ -141,7 +141,7 @@ def write_records_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.Pat
             raise ValueError(f"record {index} needs 'sample_id' and 'prompt' keys")
         row = {key: record.get(key) for key in RECORD_KEYS}
         lines.append(json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n")
-    RunFolder(path.parent).create().write_text(path.name, "".join(lines))
+    Folder(path.parent).create().write_text(path.name, "".join(lines))
     return path
 
 

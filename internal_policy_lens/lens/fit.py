@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from ..config import FitLensConfig, derive_seed
 from ..data.encode import encode_inputs
+from ..folders import Folder, FolderState, folder_state, now, versions
 from ..model.batch import pad
 from ..model.load import PolicyModel
-from ..runs.io import RunFolder, now, versions
 from .capture import capture
 from .logprob import lens_logprobs
 from .reduce import site_stats
@@ -181,7 +181,7 @@ def fit_lens(
         raise ValueError(f"{cfg.data}: a fit needs at least 2 records (one is held out)")
     sites = check_fit_config(cfg)
     keys = fitted_keys(sites, model.n_layers)
-    out = RunFolder(cfg.out).create()
+    out = Folder(cfg.out).create()
     done = _start_folder(out, cfg)
     if done is not None:
         return done
@@ -217,7 +217,7 @@ def fit_lens(
     return out.read_json(META)
 
 
-def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: RunFolder, progress, on_step):
+def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: Folder, progress, on_step):
     """SGD with Nesterov momentum over ``cfg.steps`` steps; checkpoints every ``save_every``."""
     translators = zero_translators(keys, model.d_model, device=model.device)
     params = [t for key in keys for t in translators[key]]
@@ -257,34 +257,44 @@ def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: RunFolder, progress
     return {key: (a.detach(), b.detach()) for key, (a, b) in translators.items()}
 
 
-def _start_folder(out: RunFolder, cfg: FitLensConfig) -> dict | None:
+def fit_state(out: Folder, cfg: FitLensConfig) -> tuple[FolderState, dict | None]:
+    """What a fit does with its folder, and the finished lens's lens.json (or the checkpoint's).
+
+    A finished lens (lens.json) is complete; a checkpoint alone is a fit to resume.
+
+    Raises:
+        FolderConfigError: the folder holds a lens fitted with another configuration and
+            ``cfg.overwrite`` is not set.
+    """
+    record = next((out.path / n for n in (META, CHECKPOINT_META) if (out.path / n).is_file()), None)
+    old = None if record is None else out.read_json(record.name)
+    state = folder_state(
+        record,
+        None if old is None else old.get("config", {}),
+        cfg.identity(),
+        complete=record is not None and record.name == META,
+        overwrite=cfg.overwrite,
+        force=cfg.force,
+        holds="the folder holds a lens fitted",
+    )
+    return state, old
+
+
+def _start_folder(out: Folder, cfg: FitLensConfig) -> dict | None:
     """The finished lens's lens.json if this fit is done already; refuse another fit's folder.
 
     With ``cfg.force`` a fit of the same configuration starts over, finished or not.
     """
-    for name in (META, CHECKPOINT_META):
-        path = out.path / name
-        if not path.is_file():
-            continue
-        old = out.read_json(name)
-        same = old.get("config") == cfg.identity()
-        if same and not cfg.force:
-            return old if name == META else None
-        if not same and not cfg.overwrite:
-            changed = sorted(
-                k for k, v in cfg.identity().items() if old.get("config", {}).get(k) != v
-            )
-            raise ValueError(
-                f"{path}: the folder holds a lens fitted with another configuration (differs in "
-                f"{', '.join(changed)}); pass --overwrite to start over or choose another --out"
-            )
+    state, old = fit_state(out, cfg)
+    if state is FolderState.COMPLETE:
+        return old
+    if state is FolderState.REDO:
         for stale in (META, CHECKPOINT, CHECKPOINT_META):
             (out.path / stale).unlink(missing_ok=True)
-        return None
     return None
 
 
-def _save_checkpoint(out: RunFolder, cfg, keys, translators, opt, step: int) -> None:
+def _save_checkpoint(out: Folder, cfg, keys, translators, opt, step: int) -> None:
     tensors = {}
     for key in keys:
         for name, param in zip(("weight", "bias"), translators[key]):
@@ -295,7 +305,7 @@ def _save_checkpoint(out: RunFolder, cfg, keys, translators, opt, step: int) -> 
     out.write_json(CHECKPOINT_META, {"step": step, "config": cfg.identity()})
 
 
-def _resume(out: RunFolder, cfg, keys, translators, opt) -> int:
+def _resume(out: Folder, cfg, keys, translators, opt) -> int:
     """Load the last checkpoint into ``translators`` and ``opt``; return its step (0 if none)."""
     path = out.path / CHECKPOINT_META
     if not path.is_file() or not (out.path / CHECKPOINT).is_file():

@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from ..bundled import BUNDLED_MODELS, bundled_model_path
 from ..config import LensSettings
+from ..folders import Folder
 from ..model.load import PolicyModel
-from ..runs.io import RunFolder
 from .sites import SITES, SiteKey
 from .unembed import Lens
 
@@ -84,10 +84,15 @@ def zero_translators(
     return {key: (zeros(d_model, d_model), zeros(d_model)) for key in keys}
 
 
-def default_lens_path(model: PolicyModel) -> Path | None:
-    """The tuned lens shipped with a bundled model, else None."""
-    if model.name in BUNDLED_MODELS:
-        return bundled_model_path(model.name) / "tuned-lens"
+def lens_folder(lens_path: str | os.PathLike | None, model_name: str) -> str | os.PathLike | None:
+    """The tuned lens's folder: ``lens_path``, else a bundled model's shipped lens, else None.
+
+    ``model_name`` is the name the model was loaded by (a bundled model's name finds its lens).
+    """
+    if lens_path is not None:
+        return lens_path
+    if model_name in BUNDLED_MODELS:
+        return bundled_model_path(model_name) / "tuned-lens"
     return None
 
 
@@ -107,7 +112,7 @@ def write_lens(
     """Write the translators and ``lens.json`` to ``path`` (each file atomically)."""
     if fmt not in LENS_FORMATS:
         raise ValueError(f"unknown lens format '{fmt}'; use one of {', '.join(LENS_FORMATS)}")
-    folder = RunFolder(path).create()
+    folder = Folder(path).create()
     if fmt == "ipl":
         tensors = {}
         for (site, layer), (weight, bias) in translators.items():
@@ -131,10 +136,9 @@ def read_lens(
     Raises:
         LensFolderError: one line naming the file, what is wrong and the fix.
     """
+    path = lens_folder(path, model.name)
     if path is None:
-        path = default_lens_path(model)
-        if path is None:
-            raise LensFolderError(f"the tuned lens needs a lens folder (--lens-path); {FIT_HINT}")
+        raise LensFolderError(f"the tuned lens needs a lens folder (--lens-path); {FIT_HINT}")
     path = Path(path)
     if not path.is_dir():
         raise LensFolderError(f"{path}: no such lens folder; {FIT_HINT}")
@@ -165,12 +169,24 @@ def check_lens_path(settings: LensSettings) -> None:
 
 
 def make_lens(model: PolicyModel, settings: LensSettings) -> Lens:
-    """The :class:`Lens` of ``settings``; for ``tuned``, its translators read from the folder."""
+    """The :class:`Lens` of ``settings``; for ``tuned``, its translators read from the folder.
+
+    Choosing the precision, casting the unembedding and reading the folder happen here: a run
+    makes its lens once and passes it to every batch.
+    """
     check_lens_path(settings)
-    translators = None
-    if settings.lens == "tuned":
-        translators, _ = read_lens(settings.lens_path, model)
-    return Lens(model, settings.lens, settings.precision, translators)
+    if settings.lens != "tuned":
+        return Lens(model, settings.lens, settings.precision)
+    folder = lens_folder(settings.lens_path, model.name)
+    translators, _ = read_lens(folder, model)
+    return Lens(model, "tuned", settings.precision, translators, source=folder)
+
+
+def lens_facts(lens: Lens) -> dict:
+    """What ``run.json`` records of a lens; for one read from a folder, the folder and its hash."""
+    if lens.source is None:
+        return {"name": lens.kind}
+    return {"name": lens.kind, "path": str(lens.source), "sha256": folder_hash(lens.source)}
 
 
 def _read_json(file: Path) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ class Lens:
         out_dtype: dtype of the statistics (float64 for a float64 model, else float32).
         temperature: the logits are divided by it after the head transformation (the policy
             sampled at that temperature).
+        source: the folder the tuned lens's translators were read from (None otherwise).
     """
 
     def __init__(
@@ -134,12 +136,15 @@ class Lens:
         precision: str | Precision = "exact",
         translators: dict[SiteKey, tuple[torch.Tensor, torch.Tensor]] | None = None,
         temperature: float = 1.0,
+        *,
+        source: str | os.PathLike | None = None,
     ) -> None:
         if lens not in LENSES:
             raise ValueError(f"unknown lens '{lens}'; use one of {', '.join(LENSES)}")
         if (lens == "tuned") != (translators is not None):
             raise ValueError("translators go with the tuned lens, and only with it")
         self.kind = lens
+        self.source = source
         self.norm = model.final_norm
         unembed = model.unembed
         model_dtype = unembed.weight.dtype

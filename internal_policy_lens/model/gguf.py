@@ -101,7 +101,7 @@ def inspect_gguf(source: GgufSource) -> dict:
 
 def gguf_facts(source: GgufSource) -> dict:
     """What run.json records about a GGUF model: the file, its sha256, its tensor types."""
-    from ..runs.io import sha256
+    from ..folders import sha256
 
     info = inspect_gguf(source)
     return {

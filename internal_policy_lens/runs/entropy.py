@@ -35,15 +35,16 @@ from tqdm.auto import tqdm
 from ..config import ConvergenceConfig, EntropyConfig, derive_seed
 from ..data.encode import Encoded, encode_inputs, encode_prompt
 from ..data.records import read_records, write_records_jsonl
+from ..folders import Folder, FolderState, folder_state, now, sha256, versions
 from ..lens.capture import site_keys
 from ..lens.sites import parse_layers, resolve_layers, resolve_sites
-from ..lens.tuned import check_lens_path, default_lens_path, folder_hash, make_lens
-from ..lens.unembed import choose_precision
+from ..lens.tuned import check_lens_path, lens_facts, make_lens
+from ..lens.unembed import Lens
 from ..model.files import config_layers
 from ..model.generate import generate_texts
 from ..model.load import PolicyModel, load_model
 from ..tables import delta_table, entropy_table, summary_table, token_text
-from .io import RunFolder, now, sha256, versions
+from .io import RunFolder
 from .shard import (
     MERGING,
     Shard,
@@ -72,10 +73,6 @@ OUTPUTS = (
     "report.html",
 )
 WORK_DIRS = ("parts", "generation")
-
-
-class RunConfigError(ValueError):
-    """The run folder holds a run with another configuration."""
 
 
 @dataclass
@@ -115,9 +112,10 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     shard = resolve_shard(cfg.shard)
     folder = RunFolder(cfg.out).check_writable()
     records = read_records(cfg.data, max_samples=cfg.max_samples)
-    done = _complete_run(cfg)
-    if done is not None and not cfg.force:
-        return done
+    identity = {**cfg.identity(), "data_sha256": sha256(cfg.data)}
+    state, old = _folder_state(cfg, identity)  # another configuration's run is refused here
+    if state is FolderState.COMPLETE:
+        return _reused(folder, old)
     model = load_model(
         cfg.model,
         dtype=cfg.dtype,
@@ -128,19 +126,21 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         gguf_file=cfg.gguf_file,
     )
     keys = site_keys(model, cfg.sites, cfg.layers)
-    make_lens(model, cfg.settings).check(keys)  # a bad lens folder fails before any work
+    # The run's one lens: its precision, unembedding cast and lens folder serve every batch.
+    lens = make_lens(model, cfg.settings)
+    lens.check(keys)  # a bad lens folder fails before any work
     out = Path(cfg.out)
     with writer_lock(folder, shard):
-        info = _start_folder(out, cfg, model)
+        info = _start_folder(out, cfg, model, lens, state, identity)
         records = ensure_responses(model, records, cfg, out, progress, shard)
-        tokens, topk, truncated = _analyse(model, records, cfg, out, progress, shard)
+        tokens, topk, truncated = _analyse(model, lens, records, cfg, out, progress, shard)
         if shard is not None:
             return merge_when_complete(out)
         return finish_run(out, info, tokens, len(records), truncated, topk)
 
 
 @contextlib.contextmanager
-def writer_lock(folder: RunFolder, shard: Shard | None):
+def writer_lock(folder: Folder, shard: Shard | None):
     """The folder's lock for the block: exclusive for a whole run.
 
     A shard shares the folder's lock with the run's other shards (so no whole run can start
@@ -165,7 +165,7 @@ def finish_run(
     """Derive and write the tables, figures and report of a run whose token table is complete."""
     deltas = delta_table(tokens)
     summary = summary_table(tokens, deltas)
-    folder = RunFolder(out)
+    folder = Folder(out)
     if topk is not None:
         folder.write_parquet("topk.parquet", topk)
     folder.write_parquet("tokens.parquet", tokens)
@@ -214,43 +214,44 @@ def describe(run: EntropyRun) -> str:
     return text
 
 
-def _complete_run(cfg: EntropyConfig) -> EntropyRun | None:
-    """The folder's run when it is complete with this configuration (read, not recomputed)."""
-    path = Path(cfg.out) / "run.json"
-    if not path.is_file():
-        return None
-    info = json.loads(path.read_text())
-    identity = {**cfg.identity(), "data_sha256": sha256(cfg.data)}
-    if info.get("status") != "complete" or info.get("config") != identity:
-        return None
-    run = RunFolder(cfg.out)
+def _folder_state(cfg: EntropyConfig, identity: dict) -> tuple[FolderState, dict | None]:
+    """What the run does with ``cfg.out`` (see :func:`folder_state`), and its run.json if any."""
+    record = Path(cfg.out) / "run.json"
+    old = json.loads(record.read_text()) if record.is_file() else None
+    state = folder_state(
+        record,
+        None if old is None else old.get("config", {}),
+        identity,
+        complete=old is not None and old.get("status") == "complete",
+        overwrite=cfg.overwrite,
+        force=cfg.force,
+    )
+    return state, old
+
+
+def _reused(folder: RunFolder, info: dict) -> EntropyRun:
+    """The folder's complete run of this configuration, read, not recomputed."""
     return EntropyRun(
-        run.tokens(), run.deltas(), run.summary(), Path(cfg.out), info, topk=run.topk(), reused=True
+        folder.tokens(),
+        folder.deltas(),
+        folder.summary(),
+        folder.path,
+        info,
+        topk=folder.topk(),
+        reused=True,
     )
 
 
-def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
-    # What the precision runs for this model on its device (the mode, dtypes and why).
-    weight = model.unembed.weight
-    precision = choose_precision(cfg.precision, weight.dtype, weight.device, weight.shape[1])
-    identity = {**cfg.identity(), "data_sha256": sha256(cfg.data)}
-    previous = out / "run.json"
-    if previous.is_file():
-        old = json.loads(previous.read_text())
-        same = old.get("config") == identity
-        if same and old.get("status") == "running" and not cfg.force:
-            _log.info("resuming the unfinished run in %s/ (finished batches are kept)", out)
-        if not same and not cfg.overwrite:
-            changed = sorted(k for k in identity if old.get("config", {}).get(k) != identity[k])
-            raise RunConfigError(
-                f"{previous}: the folder holds a run with another configuration (differs in "
-                f"{', '.join(changed)}); pass --overwrite to start over or choose another --out"
-            )
-        if not same or cfg.force:
-            for name in OUTPUTS:
-                (out / name).unlink(missing_ok=True)
-            for name in WORK_DIRS:
-                shutil.rmtree(out / name, ignore_errors=True)
+def _start_folder(
+    out: Path, cfg: EntropyConfig, model: PolicyModel, lens: Lens, state: FolderState, identity
+) -> dict:
+    if state is FolderState.RESUME:
+        _log.info("resuming the unfinished run in %s/ (finished batches are kept)", out)
+    if state is FolderState.REDO:
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        for name in WORK_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     info = {
         "config": identity,
@@ -272,20 +273,13 @@ def _start_folder(out: Path, cfg: EntropyConfig, model: PolicyModel) -> dict:
             "device": str(model.device),
             **({"gguf": model.gguf} if model.gguf else {}),
         },
-        "precision": precision.record(),
-        "lens": _lens_facts(cfg, model),
+        # What the precision runs for this model on its device (the mode, dtypes and why).
+        "precision": lens.chosen.record(),
+        "lens": lens_facts(lens),
         "versions": versions(),
     }
-    RunFolder(out).write_json("run.json", info)
+    Folder(out).write_json("run.json", info)
     return info
-
-
-def _lens_facts(cfg: EntropyConfig, model: PolicyModel) -> dict:
-    """The lens of a run; for the tuned lens, its folder and that folder's hash."""
-    if cfg.lens != "tuned":
-        return {"name": cfg.lens}
-    path = cfg.lens_path or default_lens_path(model)
-    return {"name": "tuned", "path": str(path), "sha256": folder_hash(path)}
 
 
 def ensure_responses(model, records, cfg, out, progress, shard: Shard | None) -> list[dict]:
@@ -311,7 +305,7 @@ def ensure_responses(model, records, cfg, out, progress, shard: Shard | None) ->
                     top_p=gen.top_p,
                     seed=derive_seed(gen.seed, number),
                 )
-                RunFolder(folder).write_json(part.name, texts)
+                Folder(folder).write_json(part.name, texts)
             for (record, k), text in zip(batch, json.loads(part.read_text())):
                 done[record["sample_id"], k] = text
             bar.update(len(batch))
@@ -328,7 +322,7 @@ def ensure_responses(model, records, cfg, out, progress, shard: Shard | None) ->
     return result
 
 
-def _analyse(model, records, cfg, out, progress, shard: Shard | None):
+def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None):
     """Token tables batch by batch into parts/; returns the token and top-k tables, truncations.
 
     A batch's top-k part is written before its token part, so a token part on disk means the
@@ -367,12 +361,13 @@ def _analyse(model, records, cfg, out, progress, shard: Shard | None):
                 topk=cfg.topk,
                 batch_size=cfg.batch_size,
                 settings=cfg.settings,
+                projector=lens,
             )
             if cfg.topk > 0:
                 table, top = table
                 top.insert(6, "token", token_text(model.tokenizer, top["token_id"]))
-                RunFolder(folder).write_parquet(topk_path(folder, number).name, top)
-            RunFolder(folder).write_parquet(part.name, table)
+                Folder(folder).write_parquet(topk_path(folder, number).name, top)
+            Folder(folder).write_parquet(part.name, table)
             n_tokens += sum(len(e.input_ids) for e in batch)
         if shard is None:
             parts.append(pd.read_parquet(part))
@@ -394,7 +389,7 @@ def merge_when_complete(out: Path) -> EntropyRun | None:
     meta = read_meta(parts)
     if meta is None or missing_parts(parts, meta["batches"]):
         return None
-    with RunFolder(out).lock(MERGING, if_free=True) as mine:
+    with Folder(out).lock(MERGING, if_free=True) as mine:
         if not mine or read_meta(parts) is None:  # another shard merges, or has merged
             return None
         return merge_run(out, lock=False)  # the shards' shared lock keeps whole runs out
@@ -407,10 +402,10 @@ def merge_run(out: str | os.PathLike, *, lock: bool = True) -> EntropyRun:
 
     Raises:
         ValueError: when the folder holds no shard parts or some are missing.
-        RunFolderError: another process is writing the folder.
+        FolderError: another process is writing the folder.
     """
     if lock:
-        with RunFolder(out).lock():
+        with Folder(out).lock():
             return merge_run(out, lock=False)
     out = Path(out)
     parts = out / "parts"
@@ -433,5 +428,5 @@ def merge_run(out: str | os.PathLike, *, lock: bool = True) -> EntropyRun:
             [pd.read_parquet(topk_path(parts, b)) for b in range(meta["batches"])],
             ignore_index=True,
         )
-    info = RunFolder(out).read_json("run.json")
+    info = Folder(out).read_json("run.json")
     return finish_run(out, info, tokens, meta["samples"], meta["truncated"], topk)

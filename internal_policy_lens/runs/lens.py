@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..bundled import BUNDLED_MODELS, bundled_model_path
 from ..config import LENSES, EvalLensConfig, FitLensConfig
 from ..data.records import read_records
-from ..lens.fit import check_fit_config, collect_rows, fit_lens, lens_metrics
+from ..folders import Folder, FolderState, sha256
+from ..lens.fit import check_fit_config, collect_rows, fit_lens, fit_state, lens_metrics
 from ..lens.sites import SITES
-from ..lens.tuned import FIT_HINT, META, LensFolderError, default_lens_path, folder_hash, read_lens
+from ..lens.tuned import FIT_HINT, LensFolderError, folder_hash, lens_folder, read_lens
 from ..lens.unembed import Lens
 from ..model.load import load_model
 from .entropy import ensure_responses
-from .io import RunFolder, sha256
 
 EVAL_COLUMNS = ("layer", "site", "lens", "kl_to_final", "next_token_ce", "top1_agrees")
 EVAL_META = "lens_eval.json"
@@ -35,11 +34,10 @@ def run_fit_lens(cfg: FitLensConfig, *, progress: bool = True) -> dict:
     """
     check_fit_config(cfg)
     out = Path(cfg.out)
-    folder = RunFolder(out).check_writable()  # before any work
-    if (out / META).is_file() and not cfg.force:
-        old = RunFolder(out).read_json(META)
-        if old.get("config") == cfg.identity():
-            return {**old, "reused": True}
+    folder = Folder(out).check_writable()  # before any work
+    state, old = fit_state(folder, cfg)  # another fit's folder is refused before any work
+    if state is FolderState.COMPLETE:
+        return {**old, "reused": True}
     records = read_records(cfg.data, max_samples=cfg.max_samples)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     with folder.lock():  # one writer per lens folder
@@ -64,7 +62,7 @@ def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
 
     Writes ``lens_eval.csv`` and ``lens_eval.png``/``.pdf`` to ``cfg.out`` when it is given.
     """
-    folder = None if cfg.out is None else RunFolder(cfg.out).check_writable()  # before any work
+    folder = None if cfg.out is None else Folder(cfg.out).check_writable()  # before any work
     if cfg.lens_path is not None and not Path(cfg.lens_path).is_dir():
         raise LensFolderError(f"{cfg.lens_path}: no such lens folder; {FIT_HINT}")
     identity = None if folder is None else _eval_identity(cfg)
@@ -76,12 +74,12 @@ def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
         )
         return pd.read_csv(folder.path / "lens_eval.csv")
     model = load_model(cfg.model, dtype="float32", device=cfg.device)
-    lens_path = Path(cfg.lens_path) if cfg.lens_path else default_lens_path(model)
-    translators, meta = read_lens(lens_path, model)
+    lens_path = lens_folder(cfg.lens_path, model.name)
+    translators, meta = read_lens(lens_path, model)  # refuses a missing folder
     held = set(meta.get("heldout", {}).get("samples", []))
     data = cfg.data
     if data is None:
-        data = lens_path / "responses.jsonl"
+        data = Path(lens_path) / "responses.jsonl"
         if not data.is_file():
             raise FileNotFoundError(f"{data}: missing; pass --data with records and responses")
     records = read_records(data, max_samples=cfg.max_samples)
@@ -113,7 +111,7 @@ def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
     return table
 
 
-def _holds(folder: RunFolder, identity: dict) -> bool:
+def _holds(folder: Folder, identity: dict) -> bool:
     """Whether ``folder`` holds a finished evaluation of ``identity``."""
     files = (folder.path / "lens_eval.csv", folder.path / EVAL_META)
     return all(f.is_file() for f in files) and folder.read_json(EVAL_META) == identity
@@ -124,9 +122,7 @@ def _eval_identity(cfg: EvalLensConfig) -> dict | None:
 
     None where the lens folder is not known before the model loads (a hub model's default).
     """
-    lens_path = cfg.lens_path
-    if lens_path is None and cfg.model in BUNDLED_MODELS:
-        lens_path = bundled_model_path(cfg.model) / "tuned-lens"
+    lens_path = lens_folder(cfg.lens_path, cfg.model)
     if lens_path is None:
         return None
     data = Path(cfg.data) if cfg.data else Path(lens_path) / "responses.jsonl"

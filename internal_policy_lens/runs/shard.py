@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from .io import RunFolder
+from ..folders import Folder
 
 Shard = tuple[int, int]  # (index i, count n)
 MERGING = ".lock-merge"  # held by the shard that merges (released if it dies)
@@ -83,7 +83,7 @@ def read_meta(parts: Path) -> dict | None:
 def write_meta(parts: Path, n_batches: int, samples: int, truncated: int, topk: bool) -> None:
     """Record what a complete set of parts is, for the merge (same content from every shard)."""
     meta = {"batches": n_batches, "samples": samples, "truncated": truncated, "topk": topk}
-    RunFolder(parts).write_json(META, meta)
+    Folder(parts).write_json(META, meta)
 
 
 def missing_parts(parts: Path, n_batches: int) -> list[int]:

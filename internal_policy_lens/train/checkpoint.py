@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..folders import FolderError, kill_point
 from ..model.load import PolicyModel, save_model
-from ..runs.io import RunFolderError, kill_point
 
 STATE = "trainer_state.pt"
 
@@ -35,7 +35,7 @@ def save_checkpoint(folder: Path, model: PolicyModel, opt, sched, step: int) -> 
         )
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunFolderError(
+        raise FolderError(
             f"{folder.parent}: could not write checkpoint {folder.name} ({err.strerror or err}); "
             "the earlier checkpoints are kept: free space, then rerun with --resume"
         ) from None

@@ -12,9 +12,9 @@ import pandas as pd
 from ..config import EvalConfig
 from ..data.answers import math_reward
 from ..data.records import read_records
+from ..folders import Folder, sha256
 from ..model.generate import sample
 from ..model.load import load_model
-from ..runs.io import RunFolder, sha256
 
 _log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def evaluate(
     Writes ``results.csv`` (one row per problem: correct count, Avg@K, Pass@k), ``samples.jsonl``
     (every response with its reward) and ``metrics.json`` (the means, with the configuration).
     """
-    out = RunFolder(cfg.out).check_writable()  # before any work
+    out = Folder(cfg.out).check_writable()  # before any work
     records = read_records(cfg.data, max_samples=cfg.max_samples)
     missing = [r["line"] for r in records if r["answer"] is None]
     if missing:
@@ -66,7 +66,7 @@ def evaluate(
         return _evaluate(cfg, model, records, reward, out)
 
 
-def _evaluate(cfg: EvalConfig, model, records: list[dict], reward, out: RunFolder):
+def _evaluate(cfg: EvalConfig, model, records: list[dict], reward, out: Folder):
     responses = sample(
         model,
         [r["prompt"] for r in records],
@@ -104,7 +104,7 @@ def _evaluate(cfg: EvalConfig, model, records: list[dict], reward, out: RunFolde
     return table, metrics
 
 
-def _complete(cfg: EvalConfig, out: RunFolder) -> tuple[pd.DataFrame, dict] | None:
+def _complete(cfg: EvalConfig, out: Folder) -> tuple[pd.DataFrame, dict] | None:
     """The folder's results when it holds this evaluation (configuration and data), else None."""
     if not (out.path / "metrics.json").is_file() or not (out.path / "results.csv").is_file():
         return None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..runs.io import RunFolder
+from ..folders import Folder, folder_state
 
 METRICS = "metrics.jsonl"
 
@@ -35,7 +35,7 @@ def start_training(
         ValueError: when resuming with another configuration, or when a fresh run would write
             into a folder that holds a run.
     """
-    folder = RunFolder(out)
+    folder = Folder(out)
     if resume and (out / "config.json").is_file():
         check_resume_config(out, config)
         if writer:
@@ -51,18 +51,19 @@ def start_training(
 
 def check_resume_config(out: Path, config: dict) -> None:
     """Refuse to resume a run whose ``config.json`` differs from ``config``, naming the fields."""
-    saved = RunFolder(out).read_json("config.json")
-    if saved != config:
-        changed = sorted(k for k in config if saved.get(k) != config[k])
-        raise ValueError(
-            f"{out / 'config.json'}: --resume with another configuration "
-            f"(differs in {', '.join(changed)})"
-        )
+    folder_state(
+        out / "config.json",
+        Folder(out).read_json("config.json"),
+        config,
+        complete=False,  # how far the run got is its checkpoints' business
+        holds="--resume",
+        fix="resume with the options the run was started with, or choose another --out",
+    )
 
 
 def append_metrics(out: Path, metrics: dict) -> None:
     """Append one step's metrics to ``metrics.jsonl``."""
-    RunFolder(out).append_line(METRICS, metrics)
+    Folder(out).append_line(METRICS, metrics)
 
 
 def read_metrics(run: str | Path) -> pd.DataFrame:
@@ -70,13 +71,13 @@ def read_metrics(run: str | Path) -> pd.DataFrame:
     path = Path(run) / METRICS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics; is {run} a folder of ipl train-bupo?")
-    lines = RunFolder(run).read_lines(METRICS)
+    lines = Folder(run).read_lines(METRICS)
     if not lines:
         raise ValueError(f"{path}: no step has finished yet")
     return pd.DataFrame(lines)
 
 
-def _truncate_metrics(folder: RunFolder, step: int) -> None:
+def _truncate_metrics(folder: Folder, step: int) -> None:
     """Drop metric lines of steps at or after ``step`` (they are redone)."""
     path = folder.path / METRICS
     if not path.exists():
@@ -98,4 +99,4 @@ def read_probes(run: str | Path) -> tuple[pd.DataFrame, int] | None:
     path = Path(run) / "probes.parquet"
     if not path.is_file():
         return None
-    return pd.read_parquet(path), int(RunFolder(run).read_json("config.json")["layer"])
+    return pd.read_parquet(path), int(Folder(run).read_json("config.json")["layer"])

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from ..config import MODEL_LENSES, BupoConfig, derive_seed
 from ..data.answers import math_reward
 from ..data.records import read_records
+from ..folders import Folder
 from ..model.load import PolicyModel, load_model
-from ..runs.io import RunFolder
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .folder import append_metrics, start_training
 from .layer import check_layer, resolve_layer
@@ -54,7 +54,7 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
             f"lens '{cfg.lens}' cannot train pi^k (a tuned lens's translators are not part of the "
             f"model); use --lens {' or --lens '.join(MODEL_LENSES)}"
         )
-    folder = RunFolder(cfg.out).check_writable()  # before any work
+    folder = Folder(cfg.out).check_writable()  # before any work
     check_layer(cfg)
     if training_complete(cfg):
         _log.info(
@@ -247,7 +247,7 @@ def training_complete(cfg: BupoConfig) -> bool:
     out = Path(cfg.out)
     if not (out / "config.json").is_file():
         return False
-    saved = RunFolder(out).read_json("config.json")
+    saved = Folder(out).read_json("config.json")
     config = asdict(cfg)
     config.pop("resume")
     if cfg.layer == "auto":

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..config import BupoConfig, LensSettings, derive_seed
 from ..data.encode import encode_inputs
 from ..data.records import read_records
+from ..folders import Folder
 from ..lens.capture import capture
 from ..lens.reduce import site_stats
 from ..lens.stats import kept_positions
@@ -48,7 +49,6 @@ from ..lens.tuned import make_lens
 from ..model.batch import pad
 from ..model.generate import sample
 from ..model.load import PolicyModel
-from ..runs.io import RunFolder
 from ..tables import delta_table, entropy_table
 
 PROBES = "probes.parquet"
@@ -99,7 +99,7 @@ class Prober:
     """
 
     def __init__(self, plan: ProbePlan, model: PolicyModel, layer: int, out: Path, start: int):
-        self.plan, self.model, self.layer, self.folder = plan, model, layer, RunFolder(out)
+        self.plan, self.model, self.layer, self.folder = plan, model, layer, Folder(out)
         self.settings = LensSettings(lens=plan.lens)
         self.records: list[dict] | None = None  # read or sampled by the first probe (timed)
         rows = None
@@ -126,7 +126,7 @@ class Prober:
         return time.perf_counter() - t0
 
 
-def probe_set(model: PolicyModel, plan: ProbePlan, folder: RunFolder) -> list[dict]:
+def probe_set(model: PolicyModel, plan: ProbePlan, folder: Folder) -> list[dict]:
     """The run's probe records ``{sample_id, prompt, response}``: read back, or drawn and sampled.
 
     ``plan.samples`` records of ``plan.data``, drawn with the run's seed; one response each,

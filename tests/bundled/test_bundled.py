@@ -69,12 +69,12 @@ def test_bundled_tuned_lens_ships_and_beats_the_norm_lens(bundled):
 
     import pandas as pd
 
-    from internal_policy_lens.lens.tuned import default_lens_path, read_lens
+    from internal_policy_lens.lens.tuned import lens_folder, read_lens
 
     translators, meta = read_lens(None, bundled)  # the shipped lens is the default
     assert len(translators) == 6 * bundled.n_layers + 1  # every site but final; resid_pre[0]
     assert meta["model"]["name_or_path"] == bundled.name
-    folder = default_lens_path(bundled)
+    folder = lens_folder(None, bundled.name)
     assert json.loads((folder / "lens.json").read_text())["data_sha256"]
     # Held out at fit time: the tuned lens is closer to the output policy wherever it matters.
     evaluation = pd.DataFrame(meta["heldout"]["evaluation"])

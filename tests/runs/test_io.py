@@ -16,7 +16,7 @@ from helpers import ipl_command, one_thread_env, write_problems, write_questions
 from typer.testing import CliRunner
 
 from internal_policy_lens.cli import app
-from internal_policy_lens.runs.io import RunFolder, RunFolderError
+from internal_policy_lens.folders import Folder, FolderError
 
 runner = CliRunner()
 
@@ -153,15 +153,15 @@ def test_no_space_left_while_writing_a_part(tiny_dirs, tmp_path, monkeypatch):
 
 
 def test_second_lock_names_the_holder(tmp_path):
-    folder = RunFolder(tmp_path / "run")
+    folder = Folder(tmp_path / "run")
     with folder.lock():
-        with pytest.raises(RunFolderError, match=rf"pid {os.getpid()}\) is writing this folder"):
+        with pytest.raises(FolderError, match=rf"pid {os.getpid()}\) is writing this folder"):
             with folder.lock():
                 pass
         with folder.lock(if_free=True) as mine:
             assert mine is False
     with folder.lock(shared=True), folder.lock(shared=True):  # shards share the folder
-        with pytest.raises(RunFolderError, match="wait for it to finish, or choose another"):
+        with pytest.raises(FolderError, match="wait for it to finish, or choose another"):
             with folder.lock():
                 pass
     with folder.lock() as mine:  # released on exit

@@ -18,8 +18,8 @@ import pandas as pd
 from transformers import TrainerCallback
 
 from ...config import MODEL_LENSES, ProbeSettings
+from ...folders import Folder
 from ...model.load import PolicyModel, policy_view
-from ...runs.io import RunFolder
 from ...train.layer import suggested_layer
 from ...train.probes import ProbePlan, Prober, probe_set
 
@@ -214,7 +214,7 @@ def _prompts(kwargs) -> list[dict]:
 
 def _suggest(view: PolicyModel, plan: ProbePlan, out: Path) -> int:
     """The paper's layer on the probe set's prompts, or a ValueError that asks for ``layer``."""
-    records = probe_set(view, plan, RunFolder(out))  # drawn now, or read back
+    records = probe_set(view, plan, Folder(out))  # drawn now, or read back
     try:
         return suggested_layer(view, records, max_new_tokens=plan.max_new_tokens, lens=plan.lens)
     except ValueError as err:

@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 from trl import GRPOConfig
 
 from ...config import BupoConfig
+from ...folders import Folder
 from ...model.load import load_causal_lm, load_model
-from ...runs.io import RunFolder
 from ...train.checkpoint import checkpoint_step
 from ...train.folder import append_metrics, start_training
 from ...train.layer import check_layer, resolve_layer
@@ -81,7 +81,7 @@ def train_bupo_trl(
             f"choose it with CUDA_VISIBLE_DEVICES={cfg.device[5:]} and --device cuda"
         )
     out = Path(cfg.out)
-    folder = RunFolder(out).check_writable()  # before any work
+    folder = Folder(out).check_writable()  # before any work
     check_layer(cfg)
     records = training_records(cfg)
     layer = resolve_layer(cfg, load_model(cfg.model, dtype="float32", device="cpu"))
