@@ -1,0 +1,33 @@
+"""The model commands: models (what is bundled and supported) and make-tiny."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..bundled import TINY_ARCHITECTURES
+
+
+def listing() -> str:
+    """The bundled models with their folders, then each family with its tiny architecture."""
+    from ..bundled import BUNDLED_MODELS
+    from ..bundled.tiny import tiny_class
+    from ..model.families import FAMILIES
+    from ..model.load import bundled_path
+
+    lines = ["bundled models:"]
+    lines += [f"  {name}\t{bundled_path(name)}" for name in BUNDLED_MODELS]
+    lines.append("supported families (transformers class, ipl make-tiny --arch):")
+    tiny = {tiny_class(arch): arch for arch in TINY_ARCHITECTURES}
+    for family in FAMILIES:
+        lines.append(f"  {family.name}\t{family.hf_class}\t{tiny[family.hf_class]}")
+        lines.append(f"      attn_out: {family.attn_out}; mlp_out: {family.mlp_out}")
+        lines.append(f"      lens {family.lens}")
+    return "\n".join(lines)
+
+
+def make_tiny(arch: str, out: Path, seed: int, layers: int) -> str:
+    """Write a tiny random model of ``arch``; say where."""
+    from ..bundled.tiny import make_tiny_model
+
+    folder = make_tiny_model(arch, out, seed=seed, n_layers=layers)
+    return f"wrote a random {arch} model with {layers} layers to {folder}/"
