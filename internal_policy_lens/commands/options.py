@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -25,7 +26,7 @@ import typer
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of dataclass ``cls``, as one line of plain text."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {}
     for node, after in zip(body, body[1:]):
         if (
@@ -128,6 +129,9 @@ def offered(cls: type, skip: tuple[str, ...] = (), docs_from: type | None = None
             settings that ``cls`` holds flattened, as ``EntropyConfig`` holds ``LensSettings``).
     """
     hints = typing.get_type_hints(cls)
+    unknown = sorted({s.partition(".")[0] for s in skip} - set(hints))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown} to skip")
     home = {f.name: f for f in fields(docs_from)} if docs_from else {}
     found = []
     for f in fields(cls):
@@ -156,9 +160,10 @@ def offers(cls: type, *, skip: tuple[str, ...] = (), docs_from: type | None = No
     def decorate(func: Callable) -> Callable:
         options = offered(cls, skip, docs_from)
         own = list(inspect.signature(func, eval_str=True).parameters.values())[1:]
-        clash = {o.parameter.name for o in options} & {p.name for p in own}
-        if clash:
-            raise TypeError(f"{func.__name__}: options {sorted(clash)} are declared twice")
+        names = [o.parameter.name for o in options] + [p.name for p in own]
+        clash = sorted({name for name in names if names.count(name) > 1})
+        if clash:  # a nested config's field named as its parent's needs its own flag
+            raise TypeError(f"{func.__name__}: options {clash} are declared twice")
 
         def command(**kwargs):
             given: dict = {}
@@ -180,7 +185,7 @@ def offers(cls: type, *, skip: tuple[str, ...] = (), docs_from: type | None = No
     return decorate
 
 
-def make(cls: type, values: dict, **fixed):
+def make(cls: type, values: dict):
     """``cls`` with its defaults, replaced by ``values`` (a nested config's values as a dict)."""
     hints = typing.get_type_hints(cls)
     values = {
@@ -189,4 +194,4 @@ def make(cls: type, values: dict, **fixed):
         else value
         for name, value in values.items()
     }
-    return cls(**fixed, **values)
+    return cls(**values)
