@@ -25,8 +25,12 @@ import typer
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of dataclass ``cls``, as one line of plain text."""
+    """The docstring written under each field of dataclass ``cls``, as one line of plain text.
+
+    A field of ``cls`` named in a docstring (``out``) reads as its flag (--out).
+    """
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    flags = {f.name: _long_flag(f) for f in fields(cls)}
     docs = {}
     for node, after in zip(body, body[1:]):
         if (
@@ -35,15 +39,21 @@ def field_docs(cls: type) -> dict[str, str]:
             and isinstance(after.value, ast.Constant)
             and isinstance(after.value.value, str)
         ):
-            docs[node.target.id] = _plain(after.value.value)
+            docs[node.target.id] = _plain(after.value.value, flags)
     return docs
 
 
-def _plain(doc: str) -> str:
-    """Sphinx markup out: ``name`` -> name, :class:`~pkg.mod.Name` -> Name."""
+def _long_flag(f: Field) -> str:
+    """``--name``, or the field's own flag (its first half for an on/off pair)."""
+    own = [flag for flag in f.metadata.get("flags", ()) if flag.startswith("--")]
+    return own[0].split("/")[0] if own else "--" + f.name.replace("_", "-")
+
+
+def _plain(doc: str, flags: dict[str, str]) -> str:
+    """Sphinx markup out: ``out`` -> --out (a field) or out, :class:`~pkg.mod.Name` -> Name."""
     text = " ".join(doc.split())
     text = re.sub(r":\w+:`~?(?:[\w.]*\.)?(\w+)`", r"\1", text)
-    return text.replace("``", "")
+    return re.sub(r"``(.*?)``", lambda m: flags.get(m[1], m[1]), text)
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ def _offer(path: tuple[str, ...], f: Field, hint: Any, doc: str) -> Offered:
     if meta.get("path"):
         kind = list[Path] if typing.get_origin(kind) is list else Path
     flags = meta.get("flags", ())
-    name = (flags[-1].split("/")[0].lstrip("-") if flags else path[-1]).replace("-", "_")
+    name = _long_flag(f).lstrip("-").replace("-", "_")
     if meta.get("argument"):
         info = typer.Argument(help=doc)
         return Offered(path, _parameter(name, kind, info, inspect.Parameter.empty), convert)

@@ -42,6 +42,9 @@ def test_help_is_the_docstring_of_the_settings_home():
     assert "see LensSettings" not in help_text
     assert "Sampling temperature; 0 means greedy decoding. [default: 1.0]" in help_text
     assert "-n, --samples-per-prompt" in help_text and "--gen-batch-size" in help_text
+    # A field named in a docstring reads as its flag; other literals lose their markup only.
+    assert "see --lens-path" in help_text and "not needed when --model is the file" in help_text
+    assert "raw (the paper's definition" in help_text
 
 
 def _entropy_config(monkeypatch, args):
