@@ -6,7 +6,7 @@ lives here. Nothing here imports torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .bundled import DEFAULT_MODEL, bundled_data
 
@@ -17,6 +17,36 @@ MODEL_LENSES: tuple[str, ...] = ("raw", "norm")
 through (a tuned lens's translators are fitted to a fixed model and are not part of it)."""
 PRECISIONS: tuple[str, ...] = ("auto", "exact", "fast")
 """Precision of the products and reductions (see :class:`LensSettings`)."""
+
+
+def option(
+    default=MISSING,
+    *,
+    factory=MISSING,
+    flags: tuple[str, ...] = (),
+    min: float | None = None,
+    max: float | None = None,
+    sep: str | None = None,
+    path: bool = False,
+    argument: bool = False,
+):
+    """A field and how the command line offers it (its help is the field's docstring).
+
+    Args:
+        default: The field's default.
+        factory: A function making the default (as ``default_factory``).
+        flags: The flags where they differ from ``--field-name`` (e.g. ``("-n", "--samples")``,
+            or ``("--on/--off",)`` for a boolean).
+        min: Smallest value the command line accepts.
+        max: Largest value the command line accepts.
+        sep: A list field written as one string, its items separated by ``sep``.
+        path: A file or folder (held as the text of the normalised path: ``runs/a/`` -> ``runs/a``).
+        argument: Given by position, not by a flag.
+    """
+    given = {"flags": flags, "min": min, "max": max, "sep": sep, "path": path, "argument": argument}
+    # `is not False`, not `!=`: min=0 is a limit (0 == False)
+    metadata = {k: v for k, v in given.items() if v is not None and v is not False and v != ()}
+    return field(default=default, default_factory=factory, metadata=metadata)
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -40,12 +70,12 @@ class LensSettings:
     float32; reductions in float32; several times faster on CPUs with bf16 instructions, errors
     of a few hundredths of a nat) or ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``).
     ``run.json`` records the dtypes chosen and why."""
-    chunk_tokens: int = 1024
+    chunk_tokens: int = option(1024, min=1)
     """Logits rows formed at once (the rows of every site of a chunk of tokens, stacked)."""
-    capture_mb: float = 512
+    capture_mb: float = option(512, min=0.0)
     """Bound (MiB) on the captured site vectors held at once; above it the layers are taken in
     groups, one forward pass per group (same tables, more forward passes)."""
-    attention_mb: float = 256
+    attention_mb: float = option(256, min=0.0)
     """Bound (MiB, float32) on one layer's attention scores; above it the decoder runs over blocks
     of positions with a key/value cache (same tables up to float rounding)."""
 
@@ -71,17 +101,17 @@ class LensSettings:
 class GenerationConfig:
     """How responses are generated for records that have none."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = option(256, min=1)
     """Longest response, in tokens."""
-    temperature: float = 1.0
+    temperature: float = option(1.0, min=0.0)
     """Sampling temperature; 0 means greedy decoding."""
-    top_p: float = 1.0
+    top_p: float = option(1.0, min=0.0, max=1.0)
     """Nucleus sampling mass (1.0 keeps the whole distribution)."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = option(1, flags=("-n", "--samples-per-prompt"), min=1)
     """Responses per prompt; with more than one, sample ids become '<id>:<k>'."""
     seed: int = 0
     """Seed of the sampler; each generation batch is seeded from it and its index."""
-    batch_size: int = 32
+    batch_size: int = option(32, flags=("--gen-batch-size",), min=1)
     """Prompts per generation batch."""
 
 
@@ -90,17 +120,17 @@ class EntropyConfig:
     """One ``ipl entropy`` run: which model, which data, which policies, where to write."""
 
     model: str = DEFAULT_MODEL
-    """Hub name, local folder or bundled model (default: the bundled ipl-tiny-qwen2)."""
-    data: str = field(default_factory=lambda: str(bundled_data()))
+    """Hub name, local folder, .gguf file or bundled model (``ipl models`` lists them)."""
+    data: str = option(factory=lambda: str(bundled_data()), path=True)
     """JSONL, Parquet or CSV records (default: 100 bundled held-out arithmetic problems)."""
-    out: str = "runs/entropy"
+    out: str = option("runs/entropy", path=True)
     """Run folder."""
     lens: str = LensSettings.lens
     """``raw`` (the paper's definition, no final norm), ``norm`` (logit lens) or ``tuned``."""
     lens_path: str | None = LensSettings.lens_path
     """Folder of the tuned lens (see :class:`LensSettings`)."""
-    sites: list[str] | None = None
-    """Sites to analyse (default: all eight)."""
+    sites: list[str] | None = option(None, sep=",")
+    """Comma-separated sites to analyse (default: all eight)."""
     layers: str | None = None
     """Layers, e.g. '0,3,5-7' (default: all)."""
     dtype: str = "auto"
@@ -111,7 +141,7 @@ class EntropyConfig:
     """Hub revision of the model."""
     gguf_file: str | None = None
     """Name of a GGUF file inside the ``model`` folder (not needed when ``model`` is the file)."""
-    batch_size: int = 4
+    batch_size: int = option(4, min=1)
     """Sequences per forward pass of the analysis."""
     chunk_tokens: int = LensSettings.chunk_tokens
     """Logits rows formed at once (see :class:`LensSettings`)."""
@@ -121,16 +151,16 @@ class EntropyConfig:
     """Bound (MiB) on one layer's attention scores (see :class:`LensSettings`)."""
     precision: str = LensSettings.precision
     """Precision of the products and reductions (see :class:`LensSettings`)."""
-    max_samples: int | None = None
+    max_samples: int | None = option(None, min=1)
     """Analyse only the first N records."""
-    max_length: int | None = None
+    max_length: int | None = option(None, min=2)
     """Truncate sequences to this many tokens (default: the model's context length)."""
-    response_only: bool = True
+    response_only: bool = option(True, flags=("--response-only/--all-tokens",))
     """Keep only positions that predict response tokens (the paper averages over those)."""
     extras: bool = False
     """Add next-token log-prob and rank, KL to the final policy, top-1 agreement and the
     residual cosines ``cos_attn`` and ``cos_ffn`` of each layer."""
-    topk: int = 5
+    topk: int = option(5, min=0)
     """K most probable tokens of every policy into ``topk.parquet`` (0: none). Computed in the
     same pass as the entropies; 5 gives the report's logit-lens table."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -174,13 +204,14 @@ class FitLensConfig:
     model: str = DEFAULT_MODEL
     """Hub name, local folder or bundled model."""
     data: str = field(default_factory=lambda: str(bundled_data("arith_train.jsonl")))
-    """Records (JSONL, Parquet or CSV); those without a response get one generated first."""
+    """Records (JSONL, Parquet or CSV); those without a response get one generated first
+    (default: the bundled arith_train.jsonl)."""
     out: str = "lenses/tuned"
     """Lens folder."""
-    sites: list[str] = field(default_factory=lambda: ["resid_pre", "resid_post"])
+    sites: list[str] = option(factory=lambda: ["resid_pre", "resid_post"], sep=",")
     """Sites to fit a translator for at every layer (``resid_pre`` only needs layer 0: at layer
     l > 0 it is ``resid_post[l-1]`` and shares its translator); not ``final``."""
-    steps: int = 250
+    steps: int = option(250, min=0)
     """Optimiser steps (0 writes the zero translators: the tuned lens is then the norm lens)."""
     lr: float = 1.0
     """Learning-rate scale; the SGD step is ``lr * (1 - momentum)``, decayed linearly to 0."""
@@ -188,15 +219,15 @@ class FitLensConfig:
     """Nesterov momentum of SGD."""
     weight_decay: float = 1e-3
     """Weight decay (pulls each translator towards the identity)."""
-    batch_tokens: int = 4096
+    batch_tokens: int = option(4096, min=1)
     """Token rows per step, drawn without replacement from the fit tokens (all if fewer)."""
-    max_samples: int | None = 400
+    max_samples: int | None = option(400, min=2)
     """Use only the first N records (the activations of all fit tokens are held in memory)."""
-    heldout: float = 0.1
+    heldout: float = option(0.1, min=0.0, max=0.9)
     """Share of the records (at least one) held out for the evaluation, drawn with the seed."""
     seed: int = 0
     """Seed of the held-out split and of the token batches."""
-    save_every: int = 25
+    save_every: int = option(25, min=1)
     """Save the translators and optimiser state every N steps (a killed run resumes there)."""
     format: str = "ipl"
     """``ipl`` (translators.safetensors + lens.json) or ``tuned-lens`` (the tuned-lens
@@ -236,7 +267,7 @@ class EvalLensConfig:
     Another file is used whole (none of it was fitted on, unless it is the fit's data)."""
     out: str | None = None
     """Folder for lens_eval.csv and lens_eval.png/.pdf (default: print only)."""
-    max_samples: int | None = None
+    max_samples: int | None = option(None, min=1)
     """Evaluate only the first N records."""
     batch_size: int = 16
     """Sequences per forward pass."""
@@ -250,14 +281,14 @@ class EvalLensConfig:
 class ConvergenceConfig:
     """Thresholds of the convergence summary (see ``internal_policy_lens.convergence``)."""
 
-    tau: float = 0.1
+    tau: float = option(0.1, min=0.0)
     """Half-width (nats) of the integration band: a layer's mean FFN entropy change d is
     exploration when d > tau, convergence when d < -tau, integration otherwise. 0.1 nats is under
     1% of the entropy of a uniform policy over a 150k vocabulary (11.9 nats) and above the
     sampling noise of a layer mean over a few thousand tokens."""
     late_depth: float = 0.9
     """Relative depth from which the entropy drop counts as late (0.9: the last 10% of depth)."""
-    abrupt_share: float = 0.5
+    abrupt_share: float = option(0.5, min=0.0, max=1.0)
     """Label a model ``abrupt`` when at least this share of its entropy drop is late."""
     progressive_spread: float = 0.5
     """Shape ``progressive`` when the middle 80% of the entropy drop spans at least this share of
@@ -268,10 +299,10 @@ class ConvergenceConfig:
 class PlotConfig:
     """One ``ipl plot`` call: the figures of a run folder, written to ``RUN/figures/``."""
 
-    run: str
+    run: str = option(path=True, argument=True)
     """Run folder written by ``ipl entropy``."""
     sample: str | None = None
-    """Sample id for the token heatmap (default: the run's first sample)."""
+    """Sample id of the token heatmap [default: the smallest]."""
     site: str | None = None
     """Site of the token heatmap (default: resid_post, else the first site analysed)."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
@@ -282,9 +313,9 @@ class PlotConfig:
 class CompareConfig:
     """One ``ipl compare`` call: several runs on a relative-depth axis."""
 
-    runs: list[str]
+    runs: list[str] = option(path=True, argument=True)
     """Run folders written by ``ipl entropy`` (one model each)."""
-    out: str
+    out: str = option(path=True)
     """Folder for the comparison figures and ``convergence.csv``."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the convergence summary."""
@@ -301,11 +332,11 @@ class ReportConfig:
     ids), so its size is bounded (about 10 bytes a number plus 4.6 MB of plotly.js).
     """
 
-    run: str
+    run: str = option(path=True, argument=True)
     """Run folder written by ``ipl entropy``."""
-    max_samples: int = 20
+    max_samples: int = option(20, min=1)
     """Samples embedded in the token explorer."""
-    max_values: int = 1_000_000
+    max_values: int = option(1_000_000, min=1)
     """Numbers embedded in the token explorer; samples are added in id order while they fit
     (the first sample is cut to its first positions if it alone does not)."""
     site: str | None = None
@@ -322,42 +353,43 @@ class BupoConfig:
     model: str = DEFAULT_MODEL
     """Hub name, local folder or bundled model to start from."""
     data: str = field(default_factory=lambda: str(bundled_data("arith_train.jsonl")))
-    """Training records with answers (JSONL, Parquet or CSV)."""
+    """Training records with answers (JSONL, Parquet or CSV; default: the bundled
+    arith_train.jsonl)."""
     out: str = "runs/bupo"
     """Run folder: metrics.jsonl, checkpoints/, config.json."""
     layer: int | str = "auto"
     """Internal layer k (0-based) for IPA, or 'auto' (the paper's rule on a quick entropy pass)."""
-    iterative_steps: int = 5
+    iterative_steps: int = option(5, min=0)
     """s_inter: steps of Internal Policy Alignment on layer k before plain GRPO."""
-    steps: int = 40
+    steps: int = option(40, min=1)
     """Total optimisation steps (rollout + updates)."""
-    group_size: int = 8
+    group_size: int = option(8, min=2)
     """G: responses per prompt."""
-    prompts_per_step: int = 16
+    prompts_per_step: int = option(16, min=1)
     """Prompts per step."""
-    mini_batch_size: int = 32
+    mini_batch_size: int = option(32, min=1)
     """Responses per optimiser step."""
-    updates_per_step: int = 1
+    updates_per_step: int = option(1, min=1)
     """Passes over a step's rollouts."""
     lr: float = 1e-4
     """AdamW learning rate (constant after warm-up)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up, in optimiser steps."""
-    weight_decay: float = 0.01
+    weight_decay: float = option(0.01, min=0.0)
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = option(1.0, min=0.0)
     """Gradient-norm clip."""
-    clip_low: float = 0.2
+    clip_low: float = option(0.2, min=0.0)
     """eps_low of the ratio clip."""
-    clip_high: float = 0.2
+    clip_high: float = option(0.2, min=0.0)
     """eps_high of the ratio clip."""
-    temperature: float = 1.0
+    temperature: float = option(1.0, min=0.0)
     """Sampling temperature of the rollouts (log-probs use the same temperature)."""
-    max_new_tokens: int = 96
+    max_new_tokens: int = option(96, min=1)
     """Longest response."""
     aggregation: str = "token"
     """Loss aggregation: token (the paper's code) or sequence."""
-    kl_coef: float = 0.0
+    kl_coef: float = option(0.0, min=0.0)
     """beta of the KL penalty to the initial model (0 = none, the paper's default)."""
     lens: str = LensSettings.lens
     """Lens of the internal policy during IPA."""
@@ -367,17 +399,17 @@ class BupoConfig:
     """Dtype of the trained weights: float32, bfloat16, float16 (auto: float32 on the CPU)."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
-    save_every: int = 10
+    save_every: int = option(10, min=1)
     """Checkpoint every N steps (and at the end)."""
     resume: bool = False
     """Continue from the latest checkpoint in ``out``."""
-    probe_every: int = 0
+    probe_every: int = option(0, min=0)
     """Probe the internal policies at step 0 and every N steps into ``probes.parquet`` (0: off,
     the default: a probe adds a generation at step 0 and two forward passes with every layer's
     unembedding per probe, which a plain training run should not pay for)."""
     probe_data: str | None = None
     """Records whose prompts the probes read (default: the training data)."""
-    probe_samples: int = 8
+    probe_samples: int = option(8, min=1)
     """Probe prompts (one response each, sampled at step 0 and kept)."""
 
 
@@ -403,21 +435,22 @@ class EvalConfig:
 
     model: str = DEFAULT_MODEL
     """Hub name, local folder, bundled model or a checkpoint folder of ``ipl train-bupo``."""
-    data: str = field(default_factory=lambda: str(bundled_data("arith_heldout.jsonl")))
-    """Problems with answers (JSONL, Parquet or CSV)."""
-    out: str = "runs/eval"
+    data: str = option(factory=lambda: str(bundled_data("arith_heldout.jsonl")), path=True)
+    """Problems with answers (JSONL, Parquet or CSV; default: the bundled held-out set,
+    arith_heldout.jsonl)."""
+    out: str = option("runs/eval", path=True)
     """Folder for results.csv (per problem), samples.jsonl and metrics.json."""
-    samples: int = 8
+    samples: int = option(8, min=1)
     """K: samples per problem."""
-    temperature: float = 1.0
+    temperature: float = option(1.0, min=0.0)
     """Sampling temperature (0 = greedy; then K should be 1)."""
-    top_p: float = 1.0
+    top_p: float = option(1.0, min=0.0, max=1.0)
     """Nucleus sampling mass."""
-    max_new_tokens: int = 96
+    max_new_tokens: int = option(96, min=1)
     """Longest response."""
     batch_size: int = 64
     """Responses generated per batch."""
-    max_samples: int | None = None
+    max_samples: int | None = option(None, min=1)
     """Evaluate only the first N problems."""
     seed: int = 0
     """Sampling seed."""
