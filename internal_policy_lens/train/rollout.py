@@ -103,7 +103,6 @@ def token_logprobs(
     dispatcher (:func:`~internal_policy_lens.lens.reduce.site_stats`) from the same pass.
     """
     key = ("final", model.n_layers - 1) if layer is None else ("resid_post", layer)
-    projector = Lens(model, lens, temperature=temperature)
     with capture(model, keys=[key]) as acts:
         if layer is None:
             logits = model.bridge(
@@ -116,7 +115,9 @@ def token_logprobs(
             model.forward(input_ids, attention_mask, stop_at_layer=layer + 1)
     targets = input_ids[:, 1:]  # [N, T-1]: position t predicts t+1
     grad = torch.is_grad_enabled()
-    if layer is None:
+    # A Lens casts the unembedding to its products' dtype: made only where one projects.
+    projector = None if layer is None and grad else Lens(model, lens, temperature=temperature)
+    if layer is None:  # the model's own logits, the ones the rollouts were sampled from
         out = logprobs(logits[:, :-1].float() / temperature, targets, entropy=grad)
     else:
         hidden = acts[key][:, :-1]  # [N, T-1, d_model]
