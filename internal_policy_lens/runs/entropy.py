@@ -243,8 +243,14 @@ def _reused(folder: RunFolder, info: dict) -> EntropyRun:
 
 
 def _start_folder(
-    out: Path, cfg: EntropyConfig, model: PolicyModel, lens: Lens, state: FolderState, identity
+    out: Path,
+    cfg: EntropyConfig,
+    model: PolicyModel,
+    lens: Lens,
+    state: FolderState,
+    identity: dict,
 ) -> dict:
+    """Keep or clear the folder as ``state`` says; write run.json (running), facts from ``lens``."""
     if state is FolderState.RESUME:
         _log.info("resuming the unfinished run in %s/ (finished batches are kept)", out)
     if state is FolderState.REDO:
