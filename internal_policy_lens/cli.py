@@ -136,7 +136,7 @@ def entropy(given: dict, quiet: _QUIET = False) -> None:
     i/n, or under `accelerate launch -m internal_policy_lens.cli entropy ...`, each process
     analyses every n-th batch and the last to finish merges (else: ipl merge OUT).
     """
-    from .runs.entropy import describe, run_entropy
+    from .commands.entropy import describe, run_entropy
 
     cfg = make(EntropyConfig, given)
     _check_device(cfg.device)
@@ -152,7 +152,7 @@ def entropy(given: dict, quiet: _QUIET = False) -> None:
 @app.command()
 def merge(out: Annotated[Path, typer.Argument(help="Run folder of sharded ipl entropy.")]) -> None:
     """Join the parts written by `ipl entropy --shard i/n` processes into the run's tables."""
-    from .runs.entropy import describe, merge_run
+    from .commands.entropy import describe, merge_run
 
     with _user_errors():
         result = merge_run(out)
@@ -176,7 +176,7 @@ def fit_lens(given: dict, quiet: _QUIET = False) -> None:
     cfg = make(FitLensConfig, given)
     _check_device(cfg.device)
     with _user_errors():
-        typer.echo(lens.fit_lens(cfg, progress=not quiet))
+        typer.echo(lens.fit(cfg, progress=not quiet))
 
 
 @app.command("eval-lens")
@@ -186,7 +186,7 @@ def eval_lens(given: dict) -> None:
     cfg = make(EvalLensConfig, given)
     _check_device(cfg.device)
     with _user_errors():
-        typer.echo(lens.eval_lens(cfg))
+        typer.echo(lens.evaluate(cfg))
 
 
 @app.command("make-tiny")

@@ -126,7 +126,7 @@ def test_train_and_eval_take_device_and_dtype(tiny_dirs, tmp_path, monkeypatch):
 
 
 def test_every_option_is_checked_before_anything_is_written(tiny_dirs, tmp_path, monkeypatch):
-    from internal_policy_lens.runs import entropy
+    from internal_policy_lens.commands import entropy
 
     loads = []
     monkeypatch.setattr(entropy, "load_model", lambda *a, **k: loads.append(a))
@@ -150,7 +150,7 @@ def test_every_option_is_checked_before_anything_is_written(tiny_dirs, tmp_path,
 
 
 def test_ctrl_c_says_what_was_kept(monkeypatch, tmp_path):
-    from internal_policy_lens.runs import entropy
+    from internal_policy_lens.commands import entropy
 
     def interrupted(cfg, progress):
         raise KeyboardInterrupt

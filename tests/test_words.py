@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 import internal_policy_lens
 from internal_policy_lens.analysis import charts, plots
 from internal_policy_lens.cli import app
+from internal_policy_lens.commands.entropy import EntropyRun, describe
+from internal_policy_lens.commands.lens import kl_text
 from internal_policy_lens.config import BupoConfig, ConvergenceConfig, EntropyConfig
 from internal_policy_lens.data.records import DataError, read_records
 from internal_policy_lens.model.families import FAMILIES, TINY_ARCHITECTURES
 from internal_policy_lens.model.load import load_model
-from internal_policy_lens.runs.entropy import EntropyRun, describe
-from internal_policy_lens.runs.lens import kl_text
 from internal_policy_lens.tables import entropy_table
 from internal_policy_lens.train.layer import auto_layer
 from internal_policy_lens.train.loop import warn_if_no_signal

@@ -1,14 +1,141 @@
-"""The tuned-lens commands' summaries: fit-lens and eval-lens."""
+"""``ipl fit-lens`` and ``ipl eval-lens``: files in, lens folder or table out, and what they say."""
 
 from __future__ import annotations
 
-from ..config import EvalLensConfig, FitLensConfig
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import LENSES, EvalLensConfig, FitLensConfig
+from ..data.records import read_records
+from ..folders import Folder, FolderState, sha256
+from ..lens.fit import check_fit_config, collect_rows, fit_lens, fit_state, lens_metrics
+from ..lens.sites import SITES
+from ..lens.tuned import FIT_HINT, LensFolderError, folder_hash, lens_folder, read_lens
+from ..lens.unembed import Lens
+from ..model.load import load_model
+from .entropy import ensure_responses
+
+EVAL_COLUMNS = ("layer", "site", "lens", "kl_to_final", "next_token_ce", "top1_agrees")
+EVAL_META = "lens_eval.json"
+"""Beside lens_eval.csv: the settings and hashes it was computed from."""
+_log = logging.getLogger(__name__)
 
 
-def fit_lens(cfg: FitLensConfig, progress: bool) -> str:
+def run_fit_lens(cfg: FitLensConfig, *, progress: bool = True) -> dict:
+    """Read the data, generate missing responses (OUT/responses.jsonl), fit, write the lens.
+
+    Rerunning a killed fit continues from its last saved translators; rerunning a finished
+    one returns its lens.json with ``"reused": True`` and changes nothing (``cfg.force``: fit
+    again).
+    """
+    check_fit_config(cfg)
+    out = Path(cfg.out)
+    folder = Folder(out).check_writable()  # before any work
+    state, old = fit_state(folder, cfg)  # another fit's folder is refused before any work
+    if state is FolderState.COMPLETE:
+        return {**old, "reused": True}
+    records = read_records(cfg.data, max_samples=cfg.max_samples)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    with folder.lock():  # one writer per lens folder
+        records = ensure_responses(model, records, cfg, out, progress, None)
+        meta = fit_lens(model, records, cfg, data_sha256=sha256(cfg.data), progress=progress)
+        shutil.rmtree(out / "generation", ignore_errors=True)
+    return meta
+
+
+def kl_text(table: pd.DataFrame) -> str:
+    """``ipl eval-lens``'s table: KL to the final policy per (site, layer), lenses raw, norm, tuned.
+
+    Rounding error just below zero prints as 0.0000, not -0.0000.
+    """
+    wide = table.pivot_table(index=["site", "layer"], columns="lens", values="kl_to_final")
+    wide = wide[[lens for lens in LENSES if lens in wide.columns]]
+    return wide.to_string(float_format=lambda v: f"{v:.4f}".replace("-0.0000", "0.0000"))
+
+
+def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
+    """Raw, norm and tuned lens on the same held-out tokens, per (layer, site); ``EVAL_COLUMNS``.
+
+    Writes ``lens_eval.csv`` and ``lens_eval.png``/``.pdf`` to ``cfg.out`` when it is given.
+    """
+    folder = None if cfg.out is None else Folder(cfg.out).check_writable()  # before any work
+    if cfg.lens_path is not None and not Path(cfg.lens_path).is_dir():
+        raise LensFolderError(f"{cfg.lens_path}: no such lens folder; {FIT_HINT}")
+    identity = None if folder is None else _eval_identity(cfg)
+    if identity is not None and not cfg.force and _holds(folder, identity):
+        _log.info(
+            "nothing to do: %s/ holds this evaluation, complete (same model, lens and data); "
+            "nothing was changed, pass --force to evaluate again",
+            cfg.out,
+        )
+        return pd.read_csv(folder.path / "lens_eval.csv")
+    model = load_model(cfg.model, dtype="float32", device=cfg.device)
+    lens_path = lens_folder(cfg.lens_path, model.name)
+    translators, meta = read_lens(lens_path, model)  # refuses a missing folder
+    held = set(meta.get("heldout", {}).get("samples", []))
+    data = cfg.data
+    if data is None:
+        data = Path(lens_path) / "responses.jsonl"
+        if not data.is_file():
+            raise FileNotFoundError(f"{data}: missing; pass --data with records and responses")
+    records = read_records(data, max_samples=cfg.max_samples)
+    if cfg.data is None or sha256(data) == meta.get("data_sha256"):
+        records = [r for r in records if r["sample_id"] in held]  # never fitted on
+    if not records or any(r["response"] is None for r in records):
+        raise ValueError(
+            f"{data}: eval-lens needs records with responses (none held out, or some without "
+            "a response); pass --data with responses, e.g. an ipl entropy run's responses.jsonl"
+        )
+    keys = [key for key in translators if key != ("resid_post", model.n_layers - 1)]
+    keys.append(("resid_post", model.n_layers - 1))
+    rows = collect_rows(model, records, keys, cfg.batch_size)
+    lenses = [Lens(model, "raw"), Lens(model, "norm"), Lens(model, "tuned", "exact", translators)]
+    table = pd.concat([lens_metrics(lens, rows) for lens in lenses], ignore_index=True)
+    table["site"] = pd.Categorical(table["site"], categories=SITES)
+    table = table.sort_values(["site", "layer"], kind="stable").reset_index(drop=True)
+    table["site"] = table["site"].astype(str)
+    table = table[list(EVAL_COLUMNS)]
+    if folder is not None:
+        from ..analysis.figures import save_figure
+        from ..analysis.plots import lens_quality
+
+        with folder.lock():  # one writer per output folder
+            folder.write_csv("lens_eval.csv", table)
+            save_figure(lens_quality(table), folder.path / "lens_eval")
+            if identity is not None:
+                folder.write_json(EVAL_META, identity)
+    return table
+
+
+def _holds(folder: Folder, identity: dict) -> bool:
+    """Whether ``folder`` holds a finished evaluation of ``identity``."""
+    files = (folder.path / "lens_eval.csv", folder.path / EVAL_META)
+    return all(f.is_file() for f in files) and folder.read_json(EVAL_META) == identity
+
+
+def _eval_identity(cfg: EvalLensConfig) -> dict | None:
+    """What defines an evaluation: its settings and the hashes of the lens folder and data.
+
+    None where the lens folder is not known before the model loads (a hub model's default).
+    """
+    lens_path = lens_folder(cfg.lens_path, cfg.model)
+    if lens_path is None:
+        return None
+    data = Path(cfg.data) if cfg.data else Path(lens_path) / "responses.jsonl"
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "force")}
+    return {
+        "config": settings,
+        "lens_sha256": folder_hash(lens_path),
+        "data_sha256": sha256(data) if data.is_file() else None,
+    }
+
+
+def fit(cfg: FitLensConfig, progress: bool) -> str:
     """Fit (or find complete) the lens; say where it is and its held-out KL against norm."""
-    from ..runs.lens import run_fit_lens
-
     meta = run_fit_lens(cfg, progress=progress)
     reused = bool(meta.get("reused"))
     lines = []
@@ -31,10 +158,8 @@ def fit_lens(cfg: FitLensConfig, progress: bool) -> str:
     return "\n".join(lines)
 
 
-def eval_lens(cfg: EvalLensConfig) -> str:
+def evaluate(cfg: EvalLensConfig) -> str:
     """Evaluate the three lenses; the KL table, and where the results went."""
-    from ..runs.lens import kl_text, run_eval_lens
-
     table = run_eval_lens(cfg)
     lines = ["KL(final || lens), nats, per site and layer:", kl_text(table)]
     if cfg.out is not None:

@@ -3,7 +3,7 @@
 The analysis of a run folder is a numbered list of batches (``batch_size`` sequences each); batch
 b belongs to shard ``b % n``. A shard writes its batches' token (and top-k) tables into the run
 folder's ``parts/``, the same files a single process writes, so the merge
-(:func:`internal_policy_lens.runs.entropy.merge_run`) concatenates the very tables a single
+(:func:`internal_policy_lens.commands.entropy.merge_run`) concatenates the very tables a single
 process would have, in the same order: the results are identical row for row.
 
 Responses still to be generated are seeded per generation batch, so any process produces the

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from internal_policy_lens.analysis.report import explorer_data
 from internal_policy_lens.cli import app
+from internal_policy_lens.commands.entropy import run_entropy
 from internal_policy_lens.config import EntropyConfig, ReportConfig
-from internal_policy_lens.runs.entropy import run_entropy
 
 runner = CliRunner()
 

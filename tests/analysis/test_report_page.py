@@ -18,9 +18,9 @@ from internal_policy_lens.analysis import plots
 from internal_policy_lens.analysis.explorer import explorer_data
 from internal_policy_lens.analysis.report import write_run_report
 from internal_policy_lens.cli import app
+from internal_policy_lens.commands.entropy import run_entropy
 from internal_policy_lens.config import EntropyConfig, ReportConfig
 from internal_policy_lens.data.answers import math_reward
-from internal_policy_lens.runs.entropy import run_entropy
 from internal_policy_lens.tables import summary_table
 
 runner = CliRunner()

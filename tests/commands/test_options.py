@@ -48,7 +48,7 @@ def test_help_is_the_docstring_of_the_settings_home():
 
 
 def _entropy_config(monkeypatch, args):
-    from internal_policy_lens.runs import entropy
+    from internal_policy_lens.commands import entropy
 
     seen = []
 

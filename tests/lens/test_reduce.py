@@ -9,6 +9,7 @@ from helpers import TEXTS
 from reference import entropy
 
 from internal_policy_lens import entropy_table
+from internal_policy_lens.commands.entropy import run_entropy
 from internal_policy_lens.config import EntropyConfig
 from internal_policy_lens.lens import hardware, unembed
 from internal_policy_lens.lens.capture import capture
@@ -16,7 +17,6 @@ from internal_policy_lens.lens.reduce import chunk_plan, site_stats, tiles
 from internal_policy_lens.lens.reduce import compiled as compiling
 from internal_policy_lens.lens.reduce import rows as whole_rows
 from internal_policy_lens.lens.unembed import Lens, Precision, choose_precision, resolve_precision
-from internal_policy_lens.runs.entropy import run_entropy
 
 # Stated tolerances against float64 (nats), for the tiny models' vectors and vocabularies:
 # exact = float32 products and reductions; fast = bf16 products (where the CPU has them natively,
@@ -435,7 +435,7 @@ def test_cli_memory_bounds_reach_entropy_table(tiny_dirs, tmp_path, monkeypatch)
     from typer.testing import CliRunner
 
     from internal_policy_lens.cli import app
-    from internal_policy_lens.runs import entropy as run
+    from internal_policy_lens.commands import entropy as run
 
     seen, original = [], run.entropy_table
 

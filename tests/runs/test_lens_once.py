@@ -5,11 +5,11 @@ import json
 import pandas as pd
 import torch
 
+from internal_policy_lens.commands import entropy
+from internal_policy_lens.commands.entropy import run_entropy
 from internal_policy_lens.config import EntropyConfig, FitLensConfig
 from internal_policy_lens.lens import stats, tuned, unembed
 from internal_policy_lens.lens.fit import fit_lens
-from internal_policy_lens.runs import entropy
-from internal_policy_lens.runs.entropy import run_entropy
 from internal_policy_lens.tables import entropy_table
 
 SITES = ["resid_pre", "resid_post", "final"]

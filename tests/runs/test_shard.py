@@ -56,7 +56,7 @@ def test_shards_merge_into_the_single_process_tables(tiny_dirs, prompts, tmp_pat
     sharded = tmp_path / "two"
     assert run_entropy(_cfg(tiny_dirs, prompts, sharded, shard="1/2"), progress=False) is None
     with pytest.raises(ValueError, match="batches are not analysed yet"):
-        from internal_policy_lens.runs.entropy import merge_run
+        from internal_policy_lens.commands.entropy import merge_run
 
         merge_run(sharded)
     merged = run_entropy(_cfg(tiny_dirs, prompts, sharded, shard="0/2"), progress=False)

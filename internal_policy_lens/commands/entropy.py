@@ -43,9 +43,8 @@ from ..lens.unembed import Lens
 from ..model.files import config_layers
 from ..model.generate import generate_texts
 from ..model.load import PolicyModel, load_model
-from ..tables import delta_table, entropy_table, summary_table, token_text
-from .io import RunFolder
-from .shard import (
+from ..runs.io import RunFolder
+from ..runs.shard import (
     MERGING,
     Shard,
     missing_parts,
@@ -58,6 +57,7 @@ from .shard import (
     work_order,
     write_meta,
 )
+from ..tables import delta_table, entropy_table, summary_table, token_text
 
 if TYPE_CHECKING:
     from ..analysis.figures import FigureReport
