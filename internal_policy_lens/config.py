@@ -1,7 +1,8 @@
 """Configuration dataclasses, one per command; the only copy of the defaults.
 
 The CLI's options default to None and replace only the fields the user gave, so every default
-lives here. Nothing here imports torch.
+lives here; each field's docstring is its option's help, and :func:`option` records its limits
+and flags. Nothing here imports torch.
 """
 
 from __future__ import annotations
