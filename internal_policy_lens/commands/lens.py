@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -155,7 +156,25 @@ def fit(cfg: FitLensConfig, progress: bool) -> str:
         f"held-out mean KL(final || lens) over them: norm {sum(kl['norm']) / len(kl['norm']):.4f}, "
         f"tuned {sum(kl['tuned']) / len(kl['tuned']):.4f} nats"
     )
+    _warn_if_worse(kl)
     return "\n".join(lines)
+
+
+def _warn_if_worse(kl: dict[str, list[float]]) -> None:
+    """Warn when the fitted translators read the held-out tokens worse than the norm lens does.
+
+    Translators start at the identity (the norm lens), so a worse tuned lens was fitted on too
+    few tokens or steps, or with too large a step.
+    """
+    norm, tuned = (sum(kl[lens]) / len(kl[lens]) for lens in ("norm", "tuned"))
+    if tuned > norm:
+        worse = sum(t > n for n, t in zip(kl["norm"], kl["tuned"]))
+        warnings.warn(
+            f"on the held-out records the tuned lens is further from the final policy than the "
+            f"norm lens (mean KL {tuned:.4f} > {norm:.4f} nats; worse at {worse} of "
+            f"{len(kl['norm'])} translators): fit on more records or steps, or lower --lr",
+            stacklevel=2,
+        )
 
 
 def evaluate(cfg: EvalLensConfig) -> str:
