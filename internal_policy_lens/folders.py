@@ -34,9 +34,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations only (3.10 is supported)
 
 VERSIONED_PACKAGES: tuple[str, ...] = (
     "internal-policy-lens",
@@ -260,7 +263,7 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-class FolderState(enum.StrEnum):
+class FolderState(str, enum.Enum):  # not enum.StrEnum: Python 3.11
     """What a command does with its output folder (see :func:`folder_state`)."""
 
     NEW = "new"
