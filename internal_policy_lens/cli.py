@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 import typer.core
 
-from .commands import figures, lens, train
+from .commands import figures, train
 from .commands import models as model_commands
 from .commands.options import make, offers
 from .config import (
@@ -173,6 +173,8 @@ def fit_lens(given: dict, quiet: _QUIET = False) -> None:
 
     Rerunning the same command resumes a killed fit from its last saved translators.
     """
+    from .commands import lens  # loads torch: only when a lens is fitted
+
     cfg = make(FitLensConfig, given)
     _check_device(cfg.device)
     with _user_errors():
@@ -183,6 +185,8 @@ def fit_lens(given: dict, quiet: _QUIET = False) -> None:
 @offers(EvalLensConfig, skip=("batch_size",))
 def eval_lens(given: dict) -> None:
     """KL to the final policy, next-token cross-entropy and top-1 agreement of raw, norm, tuned."""
+    from .commands import lens  # loads torch: only when lenses are evaluated
+
     cfg = make(EvalLensConfig, given)
     _check_device(cfg.device)
     with _user_errors():

@@ -28,6 +28,7 @@ TORCH_FREE = (
     "internal_policy_lens.runs.io",
     "internal_policy_lens.train.folder",
     "internal_policy_lens.data.answers",
+    "internal_policy_lens.cli",  # `ipl --help`, `ipl plot`: torch only where a command needs it
 )
 
 
