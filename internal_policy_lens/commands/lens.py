@@ -150,31 +150,31 @@ def fit(cfg: FitLensConfig, progress: bool) -> str:
         lens: [r["kl_to_final"] for r in evaluation if r["lens"] == lens]
         for lens in ("norm", "tuned")
     }
+    mean = {lens: sum(values) / len(values) for lens, values in kl.items()}
     lines.append(
         f"{'has' if reused else 'wrote'} {len(meta['translators'])} translators "
         f"{'in' if reused else 'to'} {cfg.out}/ ({meta['fit_seconds']} s); "
-        f"held-out mean KL(final || lens) over them: norm {sum(kl['norm']) / len(kl['norm']):.4f}, "
-        f"tuned {sum(kl['tuned']) / len(kl['tuned']):.4f} nats"
+        f"held-out mean KL(final || lens) over them: norm {mean['norm']:.4f}, "
+        f"tuned {mean['tuned']:.4f} nats"
     )
-    _warn_if_worse(kl)
+    if mean["tuned"] > mean["norm"]:
+        _warn_worse(kl, mean)
     return "\n".join(lines)
 
 
-def _warn_if_worse(kl: dict[str, list[float]]) -> None:
-    """Warn when the fitted translators read the held-out tokens worse than the norm lens does.
+def _warn_worse(kl: dict[str, list[float]], mean: dict[str, float]) -> None:
+    """Warn that the fitted translators read the held-out tokens worse than the norm lens does.
 
     Translators start at the identity (the norm lens), so a worse tuned lens was fitted on too
     few tokens or steps, or with too large a step.
     """
-    norm, tuned = (sum(kl[lens]) / len(kl[lens]) for lens in ("norm", "tuned"))
-    if tuned > norm:
-        worse = sum(t > n for n, t in zip(kl["norm"], kl["tuned"]))
-        warnings.warn(
-            f"on the held-out records the tuned lens is further from the final policy than the "
-            f"norm lens (mean KL {tuned:.4f} > {norm:.4f} nats; worse at {worse} of "
-            f"{len(kl['norm'])} translators): fit on more records or steps, or lower --lr",
-            stacklevel=2,
-        )
+    worse = sum(t > n for n, t in zip(kl["norm"], kl["tuned"]))
+    warnings.warn(
+        f"on the held-out records the tuned lens is further from the final policy than the "
+        f"norm lens (mean KL {mean['tuned']:.4f} > {mean['norm']:.4f} nats; worse at {worse} of "
+        f"{len(kl['norm'])} translators): fit on more records or steps, or lower --lr",
+        stacklevel=2,
+    )
 
 
 def evaluate(cfg: EvalLensConfig) -> str:
