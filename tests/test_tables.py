@@ -66,7 +66,9 @@ def test_chunk_sizes_give_identical_results(models):
 
 
 @pytest.mark.parametrize("extras", [False, True])
-def test_capture_budget_groups_layers_with_the_same_table(arch, models, monkeypatch, extras):
+def test_capture_budget_keeps_one_forward_pass_with_the_same_table(
+    arch, models, monkeypatch, extras
+):
     model = models(arch)
     whole = entropy_table(model, TEXTS, batch_size=2, extras=extras)
     stops, forward = [], type(model).forward
@@ -77,12 +79,25 @@ def test_capture_budget_groups_layers_with_the_same_table(arch, models, monkeypa
 
     monkeypatch.setattr(type(model), "forward", spy)
     grouped = entropy_table(model, TEXTS, batch_size=2, extras=extras, capture_mb=1e-6)
-    # A budget below one vector: one group per layer, each forward stopped after its layer
-    # (with extras every group needs the final policy, so every pass runs to the end).
-    L = model.n_layers
-    per_batch = [None] * L if extras else [*range(1, L), None]
+    # A budget below one vector: each site's rows are reduced as soon as its layer computes
+    # them, in the one pass of a batch (two with extras: the final policy's inputs first, then
+    # every layer without the final norm again).
+    per_batch = [None, model.n_layers] if extras else [None]
     assert stops == per_batch * 2  # two batches
     pd.testing.assert_frame_equal(whole, grouped, check_exact=False, atol=1e-5, rtol=0)
+
+
+def test_one_pass_stops_after_the_last_layer_analysed(models, monkeypatch):
+    model = models("qwen2")
+    stops, forward = [], type(model).forward
+
+    def spy(self, ids, mask, stop_at_layer=None, *, past=None):
+        stops.append(stop_at_layer)
+        return forward(self, ids, mask, stop_at_layer=stop_at_layer, past=past)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    table = entropy_table(model, TEXTS, sites="attn_out,mlp_out", layers=[0, 1], capture_mb=1e-6)
+    assert stops == [2] and set(table.layer) == {0, 1}
 
 
 @pytest.mark.parametrize("extras,capture_mb", [(False, 512), (True, 1e-6)])
@@ -113,8 +128,9 @@ def test_attention_budget_runs_position_blocks_with_the_same_table(
         capture_mb=capture_mb,
     )
     # Blocks of 4 positions over the whole length, each attending to every earlier position
-    # through one cache per pass (one pass per layer group).
-    passes = 1 if capture_mb == 512 else model.n_layers
+    # through one cache per pass (with extras the final policy's inputs come first, in a pass of
+    # their own).
+    passes = 2 if extras else 1
     assert [c[0] for c in calls] == ([4] * (length // 4) + [length % 4] * (length % 4 > 0)) * passes
     assert [c[1] for c in calls] == [
         min(4 * i, length) for i in range(1, -(-length // 4) + 1)

@@ -1,15 +1,15 @@
-"""Reading the sites from a forward pass: the hooks, and the memory-bounded forward.
+"""Reading the sites from a forward pass: the hooks, and the streamed forward.
 
 :func:`capture` is the one context manager that registers hooks; they are always removed.
-:func:`captured_blocks` runs the decoder so that what it holds at once stays within the lens
-settings' budgets: the captured vectors (``capture_mb``: layers in groups, one forward pass per
-group, each stopped after its last layer) and one layer's attention scores (``attention_mb``:
-blocks of positions with a key/value cache).
+:func:`streamed_rows` runs the decoder once and hands each site's kept rows on as its layer
+computes them, so that no site's whole tensor outlives its hook; with eager attention (a family
+that needs it) one layer's attention scores stay within ``attention_mb`` (blocks of positions
+with a key/value cache).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -64,11 +64,20 @@ def capture(
     """
     wanted = list(keys) if keys is not None else site_keys(model, sites, layers)
     store: dict[SiteKey, torch.Tensor] = {}
+    with _hooks(model, wanted, store.__setitem__):
+        yield store
+
+
+@contextmanager
+def _hooks(
+    model: PolicyModel, keys: Iterable[SiteKey], sink: Callable[[SiteKey, torch.Tensor], None]
+) -> Iterator[None]:
+    """Hooks that call ``sink(key, vector)`` for each of ``keys``; removed on exit, always."""
     handles = []
     try:
-        for key in wanted:
-            handles.append(_register(model, key, store))
-        yield store
+        for key in keys:
+            handles.append(_register(model, key, sink))
+        yield
     finally:
         for handle in handles:
             handle.remove()
@@ -93,7 +102,7 @@ def run_with_cache(
     return logits, dict(acts)
 
 
-def _register(model: PolicyModel, key: SiteKey, store: dict[SiteKey, torch.Tensor]):
+def _register(model: PolicyModel, key: SiteKey, sink: Callable[[SiteKey, torch.Tensor], None]):
     site, layer = key
     where = model.family.source(site, layer, model.config)
     if where is None:
@@ -101,59 +110,79 @@ def _register(model: PolicyModel, key: SiteKey, store: dict[SiteKey, torch.Tenso
             f"{model.architecture} has no {site}: its attention and MLP both read the layer input"
         )
     if not isinstance(where, Tap):
-        return model.bridge.get_submodule(where).register_forward_hook(_saver(store, key))
+        return model.bridge.get_submodule(where).register_forward_hook(_saver(sink, key))
     module = model.hf_model.get_submodule(where.module)
     scale = getattr(model.config, where.scale) if where.scale else None
     if where.where == "in":
-        return module.register_forward_pre_hook(_input_saver(store, key), with_kwargs=True)
-    return module.register_forward_hook(_saver(store, key, scale))
+        return module.register_forward_pre_hook(_input_saver(sink, key), with_kwargs=True)
+    return module.register_forward_hook(_saver(sink, key, scale))
 
 
-def _saver(store: dict[SiteKey, torch.Tensor], key: SiteKey, scale: float | None = None):
+def _saver(sink, key: SiteKey, scale: float | None = None):
     def hook(module, inputs, output):
         output = output[0] if isinstance(output, tuple) else output
-        store[key] = output if scale is None else output * scale
+        sink(key, output if scale is None else output * scale)
 
     return hook
 
 
-def _input_saver(store: dict[SiteKey, torch.Tensor], key: SiteKey):
+def _input_saver(sink, key: SiteKey):
     def hook(module, args, kwargs):
-        store[key] = args[0] if args else kwargs["hidden_states"]
+        sink(key, args[0] if args else kwargs["hidden_states"])
 
     return hook
 
 
 @torch.no_grad()
-def captured_blocks(
+def streamed_rows(
     model: PolicyModel,
     ids: torch.Tensor,
     mask: torch.Tensor,
     keys: list[SiteKey],
+    rows: tuple[torch.Tensor, torch.Tensor],
     settings: LensSettings,
-    *,
-    length: int,
-    shared: SiteKey | None = None,
-) -> Iterator[tuple[list[SiteKey], dict[SiteKey, torch.Tensor], int]]:
-    """Run the decoder over ``ids`` ``[batch, pos]`` within the settings' memory budgets.
+    on_rows: Callable[[SiteKey, torch.Tensor, torch.Tensor], None],
+    on_block: Callable[[torch.Tensor], None] | None = None,
+) -> int:
+    """One forward pass over ``ids`` ``[batch, pos]`` that hands each site's kept rows on.
 
-    Yields ``(group, acts, start)``: the keys of one layer group, their captured vectors
-    ``[batch, block, d_model]`` for the block of positions that begins at ``start``. Only the
-    first ``length`` positions run (later ones cannot change them: attention is causal).
-    ``shared`` (the final site, when every site needs it) joins every group.
+    As each site of ``keys`` is computed, its rows at ``rows`` (``(batch_rows, positions)``,
+    ``[n]`` each) go to ``on_rows(key, vectors [m, d_model], at [m])`` (``at``: their indices
+    in ``rows``) and the whole ``[batch, pos, d_model]`` tensor is let go: what the pass
+    holds is the model's own working memory plus what ``on_rows`` keeps. Only the positions up
+    to the last kept one run (later ones cannot change them: attention is causal), and the
+    decoder stops after the last layer of ``keys`` unless ``final`` is among them.
+
+    Eager attention (a family that needs it) forms [heads, positions, positions] scores: there
+    the positions run in blocks with a key/value cache within ``settings.attention_mb``, each
+    block handing on its own rows, then ``on_block(at)`` is called with the rows it held. With
+    sdpa no scores are formed and the pass is one block. Returns the number of blocks.
     """
-    heads = model.config.num_attention_heads
-    span = position_block(len(ids), heads, length, settings.attention_mb * 2**20)
-    per_key = len(ids) * span * model.d_model * torch.finfo(model.dtype).bits // 8
-    for group in layer_groups(keys, per_key, settings.capture_mb * 2**20, shared):
-        final = any(site == "final" for site, _ in group)  # the final norm runs after every layer
-        stop = None if final else max(layer for _, layer in group) + 1
-        past = model.new_cache() if span < length else None
-        for start in range(0, length, span):
-            end = min(start + span, length)
-            with capture(model, keys=group) as acts:
-                model.forward(ids[:, start:end], mask[:, :end], stop_at_layer=stop, past=past)
-            yield group, acts, start
+    rows_b, rows_t = rows
+    length = int(rows_t.max()) + 1
+    span = length
+    if getattr(model, "attention", "eager") == "eager":
+        heads = model.config.num_attention_heads
+        span = position_block(len(ids), heads, length, settings.attention_mb * 2**20)
+    final = any(site == "final" for site, _ in keys)
+    stop = None if final else max(layer for _, layer in keys) + 1
+    past = model.new_cache() if span < length else None
+    blocks = 0
+    for start in range(0, length, span):
+        end = min(start + span, length)
+        at = ((rows_t >= start) & (rows_t < end)).nonzero().squeeze(1)
+        picked = (rows_b[at], rows_t[at] - start)
+
+        def pick(key: SiteKey, x: torch.Tensor, at=at, picked=picked) -> None:
+            if len(at):
+                on_rows(key, x[picked[0].to(x.device), picked[1].to(x.device)], at)
+
+        with _hooks(model, keys, pick):
+            model.forward(ids[:, start:end], mask[:, :end], stop_at_layer=stop, past=past)
+        blocks += 1
+        if on_block is not None:
+            on_block(at)
+    return blocks
 
 
 def position_block(batch: int, heads: int, length: int, budget: float) -> int:
@@ -162,26 +191,3 @@ def position_block(batch: int, heads: int, length: int, budget: float) -> int:
     The scores of a block are [batch, heads, block, length] at most; ``length`` when they fit.
     """
     return max(1, min(length, int(budget // (batch * heads * length * 4))))
-
-
-def layer_groups(
-    keys: list[SiteKey], per_key: int, budget: float, shared: SiteKey | None = None
-) -> list[list[SiteKey]]:
-    """``keys`` in groups of consecutive layers, each capturing at most ``budget`` bytes.
-
-    A group holds at least one layer's keys. ``shared`` joins every group (last).
-    """
-    by_layer: dict[int, list[SiteKey]] = {}
-    for key in sorted((k for k in keys if k != shared), key=lambda k: k[1]):
-        by_layer.setdefault(key[1], []).append(key)
-    groups: list[list[SiteKey]] = []
-    current: list[SiteKey] = []
-    extra = [shared] if shared is not None else []
-    for layer_keys in by_layer.values():
-        if current and (len(current) + len(layer_keys) + len(extra)) * per_key > budget:
-            groups.append(current + extra)
-            current = []
-        current += layer_keys
-    if current or not groups:
-        groups.append(current + extra)
-    return groups

@@ -1,8 +1,12 @@
 """A batch of encoded inputs -> per-row statistics of every internal policy (the tensor pipeline).
 
-Pads the batch, captures the sites in layer groups (``lens.capture``), reduces each group's
-vectors through the reductions' dispatcher (``lens.reduce``) and computes the residual cosines.
-:mod:`internal_policy_lens.tables` turns the result into tidy pandas tables.
+Pads the batch and runs the decoder once (``lens.capture.streamed_rows``): each site's kept rows
+are gathered as its layer computes them and reduced through the reductions' dispatcher
+(``lens.reduce``) whenever the gathered rows reach the ``capture_mb`` budget, so that what a
+batch holds is bounded by design, not by running the decoder again. With the extras a first
+pass reads the final policy's inputs (``final``'s kept rows), against which every site's KL and
+top-1 agreement are then taken: two passes. :mod:`internal_policy_lens.tables` turns the result
+into tables.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from ..config import LensSettings
 from ..data.encode import Encoded
 from ..model.batch import pad
 from ..model.load import PolicyModel
-from .capture import captured_blocks
+from .capture import streamed_rows
 from .reduce import cosine_keys, residual_cosines, site_stats
 from .sites import SiteKey, source_key
 from .unembed import Lens
@@ -33,6 +37,7 @@ class BatchStats:
         stats: ``distinct key -> column -> [n]`` (``[n, K]`` for the top-k), keyed by the
             vector each site reads (``resid_pre[l]`` is ``resid_post[l-1]``, see ``source_key``).
         cosines: ``layer -> cos_attn / cos_ffn -> [n]`` (with extras).
+        passes: forward passes of the decoder (position blocks counted once per pass).
     """
 
     rows_b: torch.Tensor
@@ -40,6 +45,7 @@ class BatchStats:
     token_ids: np.ndarray
     stats: dict[SiteKey, dict[str, np.ndarray]]
     cosines: dict[int, dict[str, np.ndarray]]
+    passes: int = 0
 
 
 def kept_positions(batch: list[Encoded], mask: torch.Tensor, response_only: bool) -> torch.Tensor:
@@ -75,40 +81,99 @@ def batch_stats(
     out = BatchStats(rows_b, rows_t, token_ids, {}, {})
     if len(rows_b) == 0:
         return out
-    next_ids = torch.full_like(ids, -1)
-    next_ids[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
-    next_ids = next_ids[rows_b, rows_t] if extras else None
-    # With extras the final policy is needed for every site: it joins every layer group.
-    shared = ("final", model.n_layers - 1) if extras else None
-    length = int(rows_t.max()) + 1  # later positions cannot change the kept ones (causal)
-    # The residual cosines' vectors, keyed by their own layer so that a layer group holds them.
+    rows = (rows_b, rows_t)
+    reference = None
+    if extras:
+        nxt = torch.full_like(ids, -1)
+        nxt[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
+        # The first pass: the final policy's inputs at the kept rows, [n, d_model].
+        final = ("final", model.n_layers - 1)
+        inputs = torch.empty(len(rows_b), model.d_model, dtype=model.dtype, device=model.device)
+
+        def keep_final(key, x, at):
+            inputs[at.to(inputs.device)] = x.to(inputs.device)
+
+        streamed_rows(model, ids, mask, [final], rows, settings, keep_final)
+        out.passes += 1
+        distinct = [key for key in distinct if key != final]
+        reference = (final, inputs, nxt[rows_b, rows_t])
     cos_layers = sorted({layer for site, layer in keys if site != "final"}) if extras else []
-    captured = list(dict.fromkeys(distinct + cosine_keys(cos_layers, model.parallel)))
-    blocks = captured_blocks(model, ids, mask, captured, settings, length=length, shared=shared)
-    for group, acts, start in blocks:
-        end = start + next(iter(acts.values())).shape[1]
-        sel = ((rows_t >= start) & (rows_t < end)).nonzero().squeeze(1)
-        if len(sel) == 0:
-            continue
-        index = (rows_b[sel], rows_t[sel] - start)
-        at = sel.numpy()
-        for layer in sorted({lay for site, lay in group if site != "final" and lay in cos_layers}):
-            into = out.cosines.setdefault(layer, {})
-            for name, values in residual_cosines(acts, layer, index, model.parallel).items():
-                into.setdefault(name, np.empty(len(rows_b)))[at] = values
-        part = site_stats(
-            projector,
-            acts,
-            [key for key in group if key in distinct or key == shared],
-            index,
-            next_ids=None if next_ids is None else next_ids[sel],
-            topk=topk,
-            chunk_tokens=settings.chunk_tokens,
-        )
-        del acts
-        for key, columns in part.items():
-            into = out.stats.setdefault(key, {})
-            for name, values in columns.items():
-                shape = (len(rows_b), *values.shape[1:])  # [n] or [n, K]
-                into.setdefault(name, np.empty(shape, values.dtype))[at] = values
+    sink = _Gathered(projector, out, settings, topk, model.parallel, reference)
+    sink.wanted(distinct, cosine_keys(cos_layers, model.parallel))
+    streamed_rows(model, ids, mask, sink.hooked, rows, settings, sink.add, sink.flush)
+    out.passes += 1
     return out
+
+
+class _Gathered:
+    """The kept rows of the sites gathered during a pass, reduced when they reach the budget.
+
+    Statistics go to ``out.stats`` by key (``final`` too, with the extras), cosines to
+    ``out.cosines`` by layer as soon as a layer's vectors are in. ``reference``, with the
+    extras: the final key, its inputs ``[n, d_model]`` and the next tokens ``[n]``.
+    """
+
+    def __init__(self, projector, out, settings, topk, parallel, reference=None):
+        self.projector, self.out, self.topk, self.parallel = projector, out, topk, parallel
+        self.chunk_tokens = settings.chunk_tokens
+        self.budget = settings.capture_mb * 2**20
+        self.reference = reference
+        self.pending: dict[SiteKey, torch.Tensor] = {}
+        self.cosine: dict[SiteKey, torch.Tensor] = {}
+
+    def wanted(self, distinct: list[SiteKey], cosines: list[SiteKey]) -> None:
+        """The keys reduced and the keys whose vectors the cosines read."""
+        self.reduced, self.cosine_keys = set(distinct), set(cosines)
+        self.hooked = list(dict.fromkeys(distinct + cosines))
+
+    def add(self, key: SiteKey, rows: torch.Tensor, at: torch.Tensor) -> None:
+        """Take ``rows`` ``[m, d_model]`` of ``key`` (the rows ``at`` of the pass's block)."""
+        if key in self.cosine_keys:
+            self.cosine[key] = rows
+            self._cosines(key[1], at)
+        if key in self.reduced:
+            self.pending[key] = rows
+            held = sum(x.numel() * x.element_size() for x in self.pending.values())
+            if held >= self.budget:
+                self.flush(at)
+
+    def flush(self, at: torch.Tensor) -> None:
+        """Reduce the pending rows (all of one block, the rows ``at``) into ``out.stats``."""
+        if not self.pending:
+            return
+        keys = list(self.pending)
+        acts = {key: x.unsqueeze(0) for key, x in self.pending.items()}  # [1, m, d_model]
+        self.pending = {}
+        m = len(at)
+        index = (torch.zeros(m, dtype=torch.long), torch.arange(m))
+        next_ids = None
+        if self.reference is not None:  # the final policy joins every reduction
+            final, inputs, next_tokens = self.reference
+            acts[final] = inputs[at.to(inputs.device)].unsqueeze(0)
+            keys.append(final)
+            next_ids = next_tokens[at]
+        part = site_stats(
+            self.projector,
+            acts,
+            keys,
+            index,
+            next_ids=next_ids,
+            topk=self.topk,
+            chunk_tokens=self.chunk_tokens,
+        )
+        n, idx = len(self.out.rows_b), at.numpy()
+        for key, columns in part.items():
+            into = self.out.stats.setdefault(key, {})
+            for name, values in columns.items():
+                shape = (n, *values.shape[1:])  # [n] or [n, K]
+                into.setdefault(name, np.empty(shape, values.dtype))[idx] = values
+
+    def _cosines(self, layer: int, at: torch.Tensor) -> None:
+        needed = cosine_keys([layer], self.parallel)
+        if not all(key in self.cosine for key in needed):
+            return
+        acts = {key: self.cosine.pop(key).unsqueeze(0) for key in needed}  # [1, m, d_model]
+        index = (torch.zeros(len(at), dtype=torch.long), torch.arange(len(at)))
+        into = self.out.cosines.setdefault(layer, {})
+        for name, values in residual_cosines(acts, layer, index, self.parallel).items():
+            into.setdefault(name, np.empty(len(self.out.rows_b)))[at.numpy()] = values
