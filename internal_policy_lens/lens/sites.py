@@ -33,6 +33,18 @@ MODULES: dict[str, tuple[str, str]] = {
 }
 
 
+EXTRA_COLUMNS: tuple[str, ...] = (
+    "next_token_logprob",
+    "next_token_rank",
+    "kl_to_final",
+    "top1_agrees",
+)
+"""The extras of every policy: the actual next token's log-probability and rank (1 = top),
+KL(internal || final) and whether the internal top-1 is the final policy's."""
+COSINE_COLUMNS: tuple[str, ...] = ("cos_attn", "cos_ffn")
+"""Per token and layer: how each module's write lines up with the stream it is added to."""
+
+
 def source_key(site: str, layer: int) -> SiteKey:
     """The (site, layer) that carries the same vector: ``resid_pre[l]`` is ``resid_post[l-1]``."""
     return ("resid_post", layer - 1) if site == "resid_pre" and layer > 0 else (site, layer)

@@ -22,12 +22,6 @@ from ..model.load import PolicyModel
 from .hardware import half_support
 from .sites import SiteKey, source_key
 
-EXTRA_COLUMNS: tuple[str, ...] = (
-    "next_token_logprob",
-    "next_token_rank",
-    "kl_to_final",
-    "top1_agrees",
-)
 _HALF = (torch.bfloat16, torch.float16)
 _log = logging.getLogger(__name__)
 

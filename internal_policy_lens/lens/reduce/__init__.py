@@ -9,8 +9,9 @@ tiles on the CPU (:mod:`.tiles`), whole rows with extras (:mod:`.rows`), either 
 eager (:mod:`.compiled`). :mod:`.cosines` holds the residual cosines (no unembedding).
 """
 
+from ..sites import COSINE_COLUMNS
 from .common import Stats, chunk_plan
-from .cosines import COSINE_COLUMNS, cosine_keys, residual_cosines
+from .cosines import cosine_keys, residual_cosines
 from .dispatch import BACKENDS, KERNEL_MAX_TOPK, choose_backend, site_stats
 from .rows import final_policy, reduce_logits
 from .tiles import TILED_MAX_TOPK, tile_columns, tiled_stats

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..sites import SiteKey
-from ..unembed import EXTRA_COLUMNS, Lens
+from ..sites import EXTRA_COLUMNS, SiteKey
+from ..unembed import Lens
 
 Stats = dict[str, torch.Tensor]
 

@@ -12,9 +12,6 @@ import torch
 
 from ..sites import SiteKey
 
-COSINE_COLUMNS: tuple[str, ...] = ("cos_attn", "cos_ffn")
-"""Per token and layer: how each module's write lines up with the stream it is added to."""
-
 
 def cosine_keys(layers: Iterable[int], parallel: bool) -> list[SiteKey]:
     """The vectors :func:`residual_cosines` reads for ``layers``, all keyed by their own layer.
