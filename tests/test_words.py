@@ -35,8 +35,8 @@ def test_end_of_run_exploration_layers_use_the_stages_tau():
             "mean": [tau / 2, tau * 3, -tau, 0.5],
         }
     )
-    info = {"samples": 1, "config": {"lens": "raw"}}
-    text = describe(EntropyRun(pd.DataFrame({"x": [1]}), None, summary, Path("o"), info))
+    info = {"samples": 1, "rows": 1, "config": {"lens": "raw"}}
+    text = describe(EntropyRun(Path("o"), info, summary))
     assert f"> tau = {tau:g} nats (exploration): [1]." in text  # not layer 0 (0 < d < tau)
 
 

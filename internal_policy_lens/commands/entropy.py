@@ -18,10 +18,9 @@ half-written file under a final name; rerunning the same command skips the finis
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -53,43 +53,50 @@ from ..runs.shard import (
     read_meta,
     resolve_shard,
     shard_device,
-    topk_path,
     work_order,
     write_meta,
 )
-from ..tables import delta_table, entropy_table, summary_table, token_text
+from ..runs.writer import finish, start_folder, write_batch
+from ..tables.compute import batch_columns
 
 if TYPE_CHECKING:
     from ..analysis.figures import FigureReport
 
-_log = logging.getLogger(__name__)
-OUTPUTS = (
-    "tokens.parquet",
-    "topk.parquet",
-    "deltas.parquet",
-    "summary.csv",
-    "responses.jsonl",
-    "run.json",
-    "report.html",
-)
-WORK_DIRS = ("parts", "generation")
+REPORT_ROWS = 2_000_000
+"""Token rows that the figures and the report of a finished run read at most (whole samples)."""
 
 
 @dataclass
 class EntropyRun:
-    """The tables of a finished run and where they were written."""
+    """A finished run: where it was written, its summary, and its tables read when asked for.
 
-    tokens: pd.DataFrame
-    deltas: pd.DataFrame
-    summary: pd.DataFrame
+    ``tokens``, ``deltas`` and ``topk`` are read from the folder on first use (a big run's
+    tables are never held by the run itself; :class:`~internal_policy_lens.runs.io.RunFolder`
+    reads parts of them).
+    """
+
     out: Path
     info: dict
+    summary: pd.DataFrame
     figures: FigureReport | None = None
     """The figures written (and skipped, with why) at the end of the run."""
-    topk: pd.DataFrame | None = None
-    """``topk.parquet`` (None when the run has no top-k)."""
     reused: bool = False
     """The folder already held this run, complete: nothing was computed or written."""
+
+    @functools.cached_property
+    def tokens(self) -> pd.DataFrame:
+        """``tokens.parquet``, whole."""
+        return RunFolder(self.out).tokens()
+
+    @functools.cached_property
+    def deltas(self) -> pd.DataFrame:
+        """``deltas.parquet``, whole."""
+        return RunFolder(self.out).deltas()
+
+    @functools.cached_property
+    def topk(self) -> pd.DataFrame | None:
+        """``topk.parquet`` (None when the run has no top-k)."""
+        return RunFolder(self.out).topk()
 
 
 def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | None:
@@ -131,12 +138,13 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     lens.check(keys)  # a bad lens folder fails before any work
     out = Path(cfg.out)
     with writer_lock(folder, shard):
-        info = _start_folder(out, cfg, model, lens, state, identity)
+        info = start_folder(out, state, _facts(cfg, model, lens, identity))
         records = ensure_responses(model, records, cfg, out, progress, shard)
-        tokens, topk, truncated = _analyse(model, lens, records, cfg, out, progress, shard)
+        batches, truncated = _analyse(model, lens, records, cfg, out, progress, shard)
         if shard is not None:
             return merge_when_complete(out)
-        return finish_run(out, info, tokens, len(records), truncated, topk)
+        info.update(samples=len(records), truncated=truncated)
+        return finish_run(out, info, batches, cfg.topk > 0)
 
 
 @contextlib.contextmanager
@@ -154,35 +162,29 @@ def writer_lock(folder: Folder, shard: Shard | None):
         yield
 
 
-def finish_run(
-    out: Path,
-    info: dict,
-    tokens: pd.DataFrame,
-    samples: int,
-    truncated: int,
-    topk: pd.DataFrame | None = None,
-) -> EntropyRun:
-    """Derive and write the tables, figures and report of a run whose token table is complete."""
-    deltas = delta_table(tokens)
-    summary = summary_table(tokens, deltas)
-    folder = Folder(out)
-    if topk is not None:
-        folder.write_parquet("topk.parquet", topk)
-    folder.write_parquet("tokens.parquet", tokens)
-    folder.write_parquet("deltas.parquet", deltas)
-    folder.write_csv("summary.csv", summary)
-    info.update(status="complete", finished=now(), rows=len(tokens), samples=samples)
-    info.update(truncated=truncated)
-    folder.write_json("run.json", info)
-    for name in WORK_DIRS:
-        shutil.rmtree(out / name, ignore_errors=True)
-    from ..analysis.figures import write_run_figures  # matplotlib loads once a run is done
+def finish_run(out: Path, info: dict, batches: int, topk: bool) -> EntropyRun:
+    """Stream the parts into the run's tables, draw its figures and report, mark it complete."""
+    figures = finish(out, info, batches, topk, draw_run)
+    return EntropyRun(out, info, RunFolder(out).summary(), figures=figures)
 
-    figures = write_run_figures(out, tokens, deltas, summary, info)
+
+def draw_run(out: Path, info: dict) -> FigureReport:
+    """The figures and the report of a run whose tables are written, from a bounded read.
+
+    They read the first samples up to :data:`REPORT_ROWS` token rows (whole samples); the
+    report says which (``ipl report RUN --samples ...`` chooses others).
+    """
+    from ..analysis.figures import write_run_figures  # matplotlib loads once a run is done
     from ..analysis.report import write_run_report
 
+    folder = RunFolder(out, info)
+    samples = folder.first_samples(REPORT_ROWS)
+    tokens, deltas = folder.tokens(samples=samples), folder.deltas(samples=samples)
+    summary = folder.summary()
+    figures = write_run_figures(out, tokens, deltas, summary, info)
+    topk = folder.topk(samples=samples)
     write_run_report(out, tokens=tokens, summary=summary, deltas=deltas, topk=topk, info=info)
-    return EntropyRun(tokens, deltas, summary, out, info, figures=figures, topk=topk)
+    return figures
 
 
 def describe(run: EntropyRun) -> str:
@@ -199,8 +201,9 @@ def describe(run: EntropyRun) -> str:
     widening = ffn[ffn["mean"] > tau]["layer"].tolist()
     final_text = f"{final.iloc[0]:.3f} nats" if len(final) else "n/a (site not analysed)"
     text = (
-        f"Wrote {len(run.tokens):,} rows for {run.info['samples']} samples to {run.out}/ "
-        f"({'topk.parquet, ' if run.topk is not None else ''}tokens.parquet, deltas.parquet, "
+        f"Wrote {run.info['rows']:,} rows for {run.info['samples']} samples to {run.out}/ "
+        f"({'topk.parquet, ' if run.info['config'].get('topk') else ''}tokens.parquet, "
+        "deltas.parquet, "
         f"summary.csv, responses.jsonl, run.json, report.html). "
         f"Lens: {run.info['config']['lens']}. Mean final entropy: {final_text}. "
         f"Layers with mean FFN entropy change > tau = {tau:g} nats (exploration): "
@@ -231,35 +234,12 @@ def _folder_state(cfg: EntropyConfig, identity: dict) -> tuple[FolderState, dict
 
 def _reused(folder: RunFolder, info: dict) -> EntropyRun:
     """The folder's complete run of this configuration, read, not recomputed."""
-    return EntropyRun(
-        folder.tokens(),
-        folder.deltas(),
-        folder.summary(),
-        folder.path,
-        info,
-        topk=folder.topk(),
-        reused=True,
-    )
+    return EntropyRun(folder.path, info, folder.summary(), reused=True)
 
 
-def _start_folder(
-    out: Path,
-    cfg: EntropyConfig,
-    model: PolicyModel,
-    lens: Lens,
-    state: FolderState,
-    identity: dict,
-) -> dict:
-    """Keep or clear the folder as ``state`` says; write run.json (running), facts from ``lens``."""
-    if state is FolderState.RESUME:
-        _log.info("resuming the unfinished run in %s/ (finished batches are kept)", out)
-    if state is FolderState.REDO:
-        for name in OUTPUTS:
-            (out / name).unlink(missing_ok=True)
-        for name in WORK_DIRS:
-            shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    info = {
+def _facts(cfg: EntropyConfig, model: PolicyModel, lens: Lens, identity: dict) -> dict:
+    """run.json of a run that starts (or resumes): config, model facts, precision, versions."""
+    return {
         "config": identity,
         "status": "running",
         "started": now(),
@@ -277,6 +257,7 @@ def _start_folder(
             "vocab_size": model.vocab_size,
             "dtype": str(model.dtype).removeprefix("torch."),
             "device": str(model.device),
+            "attention": getattr(model, "attention", "eager"),
             **({"gguf": model.gguf} if model.gguf else {}),
         },
         # What the precision runs for this model on its device (the mode, dtypes and why).
@@ -284,8 +265,6 @@ def _start_folder(
         "lens": lens_facts(lens),
         "versions": versions(),
     }
-    Folder(out).write_json("run.json", info)
-    return info
 
 
 def ensure_responses(model, records, cfg, out, progress, shard: Shard | None) -> list[dict]:
@@ -329,11 +308,10 @@ def ensure_responses(model, records, cfg, out, progress, shard: Shard | None) ->
 
 
 def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None):
-    """Token tables batch by batch into parts/; returns the token and top-k tables, truncations.
+    """Each batch's tables into parts/ (see :func:`~..runs.writer.write_batch`).
 
-    A batch's top-k part is written before its token part, so a token part on disk means the
-    batch is finished. A shard analyses its own batches only and returns no table (the merge
-    reads the parts).
+    Returns the number of batches and of truncated sequences. A shard analyses its own batches
+    only (the merge reads the parts).
     """
     limit = cfg.max_length or model.max_length
     encoded = encode_inputs(model.tokenizer, records)
@@ -347,46 +325,44 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
         encoded = [Encoded(e.sample_id, e.input_ids[:limit], e.response_start) for e in encoded]
     folder = out / "parts"
     folder.mkdir(exist_ok=True)
-    parts, tops = [], []
+    keys = site_keys(model, cfg.sites, cfg.layers)
+    as_text = any(not isinstance(e.sample_id, int) for e in encoded)  # one type for the run
     n_batches = -(-len(encoded) // cfg.batch_size)
     mine = [b for b in range(n_batches) if owns(shard, b)]
     total = sum(len(encoded[b * cfg.batch_size : (b + 1) * cfg.batch_size]) for b in mine)
     bar = tqdm(total=total, desc="entropy", unit="sample", disable=not progress)
-    started, n_tokens = time.perf_counter(), 0
+    started, n_tokens, vocab = time.perf_counter(), 0, {}
     for number in mine:
         batch = encoded[number * cfg.batch_size : (number + 1) * cfg.batch_size]
-        part = part_path(folder, number)
-        if not part.is_file():
-            table = entropy_table(
-                model,
-                batch,
-                sites=cfg.sites,
-                layers=cfg.layers,
-                response_only=cfg.response_only,
+        if not part_path(folder, number).is_file():
+            cols = batch_columns(
+                model, lens, batch, keys, cfg.settings, cfg.response_only, cfg.extras, cfg.topk
+            )
+            _decode(model.tokenizer, cols, vocab)
+            write_batch(
+                folder,
+                number,
+                cols,
                 extras=cfg.extras,
                 topk=cfg.topk,
-                batch_size=cfg.batch_size,
-                settings=cfg.settings,
-                projector=lens,
+                vocab=vocab,
+                as_text=as_text,
             )
-            if cfg.topk > 0:
-                table, top = table
-                top.insert(6, "token", token_text(model.tokenizer, top["token_id"]))
-                Folder(folder).write_parquet(topk_path(folder, number).name, top)
-            Folder(folder).write_parquet(part.name, table)
             n_tokens += sum(len(e.input_ids) for e in batch)
-        if shard is None:
-            parts.append(pd.read_parquet(part))
-            if cfg.topk > 0:
-                tops.append(pd.read_parquet(topk_path(folder, number)))
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
     bar.close()
     if shard is not None:
         write_meta(folder, n_batches, len(records), truncated, cfg.topk > 0)
-        return None, None, truncated
-    topk = pd.concat(tops, ignore_index=True) if tops else None
-    return pd.concat(parts, ignore_index=True), topk, truncated
+    return n_batches, truncated
+
+
+def _decode(tokenizer, cols, vocab: dict[int, str]) -> None:
+    """Add the text of every token id of ``cols`` (its tokens and top-k) to ``vocab``, once each."""
+    ids = [cols.token_ids, *(s["topk_id"].reshape(-1) for s in cols.per_key if "topk_id" in s)]
+    for i in np.unique(np.concatenate(ids)).tolist() if cols.n else []:
+        if i not in vocab:
+            vocab[i] = tokenizer.decode([i])
 
 
 def merge_when_complete(out: Path) -> EntropyRun | None:
@@ -425,14 +401,6 @@ def merge_run(out: str | os.PathLike, *, lock: bool = True) -> EntropyRun:
             f"{out}: {len(missing)} of {meta['batches']} batches are not analysed yet "
             f"(first: {missing[:5]}); run the shards that own them, then merge again"
         )
-    tokens = pd.concat(
-        [pd.read_parquet(part_path(parts, b)) for b in range(meta["batches"])], ignore_index=True
-    )
-    topk = None
-    if meta.get("topk"):
-        topk = pd.concat(
-            [pd.read_parquet(topk_path(parts, b)) for b in range(meta["batches"])],
-            ignore_index=True,
-        )
     info = Folder(out).read_json("run.json")
-    return finish_run(out, info, tokens, meta["samples"], meta["truncated"], topk)
+    info.update(samples=meta["samples"], truncated=meta["truncated"])
+    return finish_run(out, info, meta["batches"], bool(meta.get("topk")))

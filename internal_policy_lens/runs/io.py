@@ -7,6 +7,7 @@ lock) is :class:`~internal_policy_lens.folders.Folder`'s. Nothing here imports t
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -54,28 +55,71 @@ class RunFolder(Folder):
         """``summary.csv``."""
         return pd.read_csv(self.path / "summary.csv")
 
-    def tokens(self) -> pd.DataFrame:
-        """``tokens.parquet``."""
-        return read_parquet(self.path / "tokens.parquet")
+    def tokens(
+        self,
+        *,
+        samples: Iterable | None = None,
+        layers: Iterable[int] | None = None,
+        sites: Iterable[str] | None = None,
+        columns: Iterable[str] | None = None,
+    ) -> pd.DataFrame:
+        """``tokens.parquet``, or the rows of some ``samples``, ``layers`` and ``sites`` only.
 
-    def deltas(self) -> pd.DataFrame:
-        """``deltas.parquet``."""
-        return read_parquet(self.path / "deltas.parquet")
+        Filtered reads skip the file's row groups (one per batch) that hold none of the rows
+        asked for, so that reading one response of a big run never reads the rest.
 
-    def topk(self) -> pd.DataFrame | None:
-        """``topk.parquet``, or None for a run analysed without ``--topk``."""
+        Example:
+            >>> run.tokens(samples=[3], sites=["resid_post"], columns=["position", "entropy"])
+        """
+        filters = _filters(sample_id=samples, layer=layers, site=sites)
+        return read_parquet(self.path / "tokens.parquet", filters=filters, columns=columns)
+
+    def deltas(
+        self, *, samples: Iterable | None = None, layers: Iterable[int] | None = None
+    ) -> pd.DataFrame:
+        """``deltas.parquet``, or the rows of some ``samples`` and ``layers`` only."""
+        filters = _filters(sample_id=samples, layer=layers)
+        return read_parquet(self.path / "deltas.parquet", filters=filters)
+
+    def topk(self, *, samples: Iterable | None = None) -> pd.DataFrame | None:
+        """``topk.parquet`` (or some ``samples``' rows), None for a run without ``--topk``."""
         path = self.path / "topk.parquet"
-        return read_parquet(path) if path.is_file() else None
+        filters = _filters(sample_id=samples)
+        return read_parquet(path, filters=filters) if path.is_file() else None
+
+    def sample_rows(self) -> list[tuple[object, int]]:
+        """``(sample_id, token rows)`` of every sample, in the table's order."""
+        rows = self.info.get("sample_rows")
+        if rows is None:  # a run written before run.json kept them
+            ids = self.tokens(columns=["sample_id"])["sample_id"]
+            return [(k, int(v)) for k, v in ids.value_counts(sort=False).items()]
+        return [(k, int(v)) for k, v in rows]
+
+    def first_samples(self, max_rows: int) -> list:
+        """The first samples whose token rows add up to at most ``max_rows`` (at least one)."""
+        chosen, total = [], 0
+        for sample, rows in self.sample_rows():
+            if chosen and total + rows > max_rows:
+                break
+            chosen.append(sample)
+            total += rows
+        return chosen
 
 
-def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
-    """A Parquet table of a run folder.
+def _filters(**wanted) -> list[tuple] | None:
+    """Pyarrow filters: each column given is one of its values."""
+    found = [(name, "in", list(values)) for name, values in wanted.items() if values is not None]
+    return found or None
+
+
+def read_parquet(path: str | os.PathLike, **options) -> pd.DataFrame:
+    """A Parquet table of a run folder (``options``: pandas' ``filters`` and ``columns``).
 
     Raises:
         ValueError: the file is not readable Parquet (truncated or overwritten).
     """
     try:
-        return pd.read_parquet(path)
+        return pd.read_parquet(path, **options)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(
