@@ -140,10 +140,11 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     with writer_lock(folder, shard):
         info = start_folder(out, state, _facts(cfg, model, lens, identity))
         records = ensure_responses(model, records, cfg, out, progress, shard)
-        batches, truncated = _analyse(model, lens, records, cfg, out, progress, shard)
+        batches, truncated, passes = _analyse(model, lens, records, cfg, out, progress, shard)
         if shard is not None:
             return merge_when_complete(out)
-        info.update(samples=len(records), truncated=truncated)
+        # The decoder's forward passes of each batch this process analysed.
+        info.update(samples=len(records), truncated=truncated, forward_passes=passes)
         return finish_run(out, info, batches, cfg.topk > 0)
 
 
@@ -310,8 +311,8 @@ def ensure_responses(model, records, cfg, out, progress, shard: Shard | None) ->
 def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None):
     """Each batch's tables into parts/ (see :func:`~..runs.writer.write_batch`).
 
-    Returns the number of batches and of truncated sequences. A shard analyses its own batches
-    only (the merge reads the parts).
+    Returns the number of batches, of truncated sequences, and the forward passes of each batch
+    analysed here. A shard analyses its own batches only (the merge reads the parts).
     """
     limit = cfg.max_length or model.max_length
     encoded = encode_inputs(model.tokenizer, records)
@@ -331,7 +332,7 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
     mine = [b for b in range(n_batches) if owns(shard, b)]
     total = sum(len(encoded[b * cfg.batch_size : (b + 1) * cfg.batch_size]) for b in mine)
     bar = tqdm(total=total, desc="entropy", unit="sample", disable=not progress)
-    started, n_tokens, vocab = time.perf_counter(), 0, {}
+    started, n_tokens, vocab, passes = time.perf_counter(), 0, {}, []
     for number in mine:
         batch = encoded[number * cfg.batch_size : (number + 1) * cfg.batch_size]
         if not part_path(folder, number).is_file():
@@ -339,6 +340,7 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
                 model, lens, batch, keys, cfg.settings, cfg.response_only, cfg.extras, cfg.topk
             )
             _decode(model.tokenizer, cols, vocab)
+            passes.append(cols.passes)
             write_batch(
                 folder,
                 number,
@@ -354,7 +356,7 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
     bar.close()
     if shard is not None:
         write_meta(folder, n_batches, len(records), truncated, cfg.topk > 0)
-    return n_batches, truncated
+    return n_batches, truncated, passes
 
 
 def _decode(tokenizer, cols, vocab: dict[int, str]) -> None:
