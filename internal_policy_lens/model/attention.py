@@ -61,6 +61,10 @@ def set_attention(bridge: nn.Module, implementation: str) -> None:
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     hf_model = bridge.original_model
+    if implementation == "sdpa":
+        # The bridge loads the config with output_attentions=True; sdpa returns no weights, and
+        # transformers refuses to save such a config.
+        hf_model.config.output_attentions = False
     hf_model.set_attn_implementation(implementation)
     if hf_model.config._attn_implementation != implementation:  # transformers only warned
         raise ValueError(f"{type(hf_model).__name__} cannot switch to {implementation} attention")
