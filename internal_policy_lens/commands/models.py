@@ -17,6 +17,8 @@ def listing() -> str:
         lines.append(f"  {family.name}\t{family.hf_class}\t{family.arch}")
         lines.append(f"      attn_out: {family.attn_out}; mlp_out: {family.mlp_out}")
         lines.append(f"      lens {family.lens}")
+        reason = family.eager_attention
+        lines.append(f"      attention: eager ({reason})" if reason else "      attention: sdpa")
     return "\n".join(lines)
 
 

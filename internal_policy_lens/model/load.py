@@ -20,6 +20,7 @@ from torch import nn
 
 from ..bundled import BUNDLED_MODELS, bundled_model_path
 from ..data.encode import encode_inputs
+from .attention import attention_of, resolve_attention, set_attention
 from .batch import pad, position_ids
 from .device import check_device
 from .families import FAMILIES, SUPPORTED_ARCHITECTURES, Family, family_of, prepare
@@ -51,6 +52,27 @@ class PolicyModel:
     revision: str | None = None
     gguf: dict | None = None
     """For a GGUF file: the file, its sha256, architecture and tensor quantization types."""
+
+    @property
+    def attention(self) -> str:
+        """The attention the decoder runs: ``sdpa`` (no pattern hooks) or ``eager``.
+
+        Under sdpa no layer holds its [batch, heads, pos, pos] scores: position blocks that
+        bound them are not needed.
+        """
+        return attention_of(self.bridge)
+
+    def set_attention(self, attention: str = "auto") -> None:
+        """Run the decoder's attention as ``attention`` (``auto``, ``eager`` or ``sdpa``).
+
+        ``auto`` is sdpa unless the family needs eager
+        (:attr:`~internal_policy_lens.model.families.Family.eager_attention`); the sites are
+        the same up to float rounding either way.
+
+        Raises:
+            ValueError: for an unknown name, or ``sdpa`` on a family that needs eager.
+        """
+        set_attention(self.bridge, resolve_attention(attention, self.family))
 
     @property
     def hf_model(self) -> nn.Module:
@@ -153,7 +175,8 @@ class PolicyModel:
         key at all; the eager attention of transformers and of the bridge then writes NaN there,
         and the next layer spreads it to the real tokens (0 * NaN in the value product). Trailing
         padding is unmasked instead: a real token never attends to it (attention is causal), so
-        the real tokens' numbers are unchanged. Models without a sliding window keep their mask.
+        the real tokens' numbers are unchanged (sdpa writes no NaN there, and runs the same
+        mask: it costs nothing). Models without a sliding window keep their mask.
         """
         config = self.config
         if not getattr(config, "sliding_window", None) or not getattr(
@@ -230,6 +253,7 @@ def load_model(
     device_map: str | dict | None = None,
     progress: bool = True,
     gguf_file: str | None = None,
+    attention: str = "auto",
 ) -> PolicyModel:
     """Load a model of a supported family (:data:`FAMILIES`) with its tokenizer.
 
@@ -247,6 +271,8 @@ def load_model(
             (``"auto"``, ``"balanced"`` or an explicit transformers device map).
         progress: show transformers' weight-loading bar.
         gguf_file: the name of a GGUF file inside the folder ``name_or_path``.
+        attention: ``auto`` (torch's sdpa unless the family needs eager attention), ``eager``
+            or ``sdpa``; see :meth:`PolicyModel.set_attention`.
 
     Raises:
         ModelLoadError: with what happened and what to do.
@@ -255,7 +281,7 @@ def load_model(
     device = check_device(device)
     source = _gguf_source(name_or_path, gguf_file)
     if source is not None:
-        return _load_gguf(source, dtype, device, device_map, progress)
+        return _load_gguf(source, dtype, device, device_map, progress, attention)
     name, config = _resolve(name_or_path, revision)
     tokenizer = _load_tokenizer(name, revision)
     torch_dtype = _resolve_dtype(dtype, config, check_device("auto") if device_map else device)
@@ -270,11 +296,19 @@ def load_model(
             )
     except OSError as err:
         raise ModelLoadError(_hub_message(name, err)) from err
-    bridge.eval()
     prepare(bridge.original_model)
-    return PolicyModel(
-        bridge=bridge, tokenizer=tokenizer, name=str(name_or_path), revision=revision
-    )
+    return _policy(bridge, tokenizer, str(name_or_path), attention, revision=revision)
+
+
+def _policy(bridge, tokenizer, name: str, attention: str, **facts) -> PolicyModel:
+    """The booted ``bridge``, in eval mode and running ``attention``, as a :class:`PolicyModel`."""
+    bridge.eval()
+    model = PolicyModel(bridge=bridge, tokenizer=tokenizer, name=name, **facts)
+    try:
+        model.set_attention(attention)
+    except ValueError as err:
+        raise ModelLoadError(f"'{name}': {err}") from err
+    return model
 
 
 def _gguf_source(name_or_path, gguf_file: str | None):
@@ -286,7 +320,7 @@ def _gguf_source(name_or_path, gguf_file: str | None):
         raise ModelLoadError(str(err)) from err
 
 
-def _load_gguf(source, dtype, device: str, device_map, progress: bool) -> PolicyModel:
+def _load_gguf(source, dtype, device: str, device_map, progress: bool, attention: str):
     """A GGUF file's model, dequantized to ``dtype``, bridged like any other checkpoint."""
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -299,8 +333,7 @@ def _load_gguf(source, dtype, device: str, device_map, progress: bool) -> Policy
     bridge = TransformerBridge.boot_transformers(
         str(source.path), hf_model=hf_model, tokenizer=tokenizer, dtype=torch_dtype, device=device
     )
-    bridge.eval()
-    return PolicyModel(bridge=bridge, tokenizer=tokenizer, name=str(source.path), gguf=facts)
+    return _policy(bridge, tokenizer, str(source.path), attention, gguf=facts)
 
 
 def _gguf_parts(source, dtype, device: str, progress: bool):
@@ -321,7 +354,9 @@ def _gguf_parts(source, dtype, device: str, progress: bool):
     return hf_model, tokenizer, facts, torch_dtype
 
 
-def policy_view(hf_model: nn.Module, tokenizer, name: str = "trained") -> PolicyModel:
+def policy_view(
+    hf_model: nn.Module, tokenizer, name: str = "trained", attention: str = "auto"
+) -> PolicyModel:
     """A :class:`PolicyModel` over a transformers model's own parameters, for reading it live.
 
     The bridge inserts its wrappers into the module tree it is given, so it gets a copy of
@@ -331,7 +366,7 @@ def policy_view(hf_model: nn.Module, tokenizer, name: str = "trained") -> Policy
     mode) is left as it was. The view computes what the plain architecture computes: forwards
     that a trainer set on the instances are dropped from the copy. Pass the plain model (unwrap
     DDP's ``module`` first); parameters that a trainer shards or replaces (FSDP, DeepSpeed
-    ZeRO-3) are not read through it.
+    ZeRO-3) are not read through it. ``attention`` as in :func:`load_model`.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -347,8 +382,7 @@ def policy_view(hf_model: nn.Module, tokenizer, name: str = "trained") -> Policy
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=tree, tokenizer=tokenizer, dtype=next(tree.parameters()).dtype
     )
-    bridge.eval()
-    return PolicyModel(bridge=bridge, tokenizer=tokenizer, name=name)
+    return _policy(bridge, tokenizer, name, attention)
 
 
 @contextlib.contextmanager

@@ -134,6 +134,9 @@ class Family:
             (1 + w) RMSNorm or a LayerNorm bias is exercised; Qwen2, Qwen3 and Llama keep the
             initial ones (the bundled models and the first tests were built that way).
         prepare: what the bridged HF model needs to compute what plain transformers computes.
+        eager_attention: why the family's attention runs eager (what torch's
+            ``scaled_dot_product_attention`` cannot compute); ``None`` where sdpa computes the
+            same, and the decoder runs it (:mod:`~internal_policy_lens.model.attention`).
     """
 
     name: str
@@ -149,6 +152,7 @@ class Family:
     norm_attr: str = "norm"
     tiny_random_norms: bool = True
     prepare: Callable[[Any], None] | None = None
+    eager_attention: str | None = None
 
     def source(self, site: str, layer: int, config) -> str | Tap | None:
         """Where ``site`` of ``layer`` is read; ``None`` where the block has no such vector."""

@@ -39,4 +39,8 @@ FAMILY = Family(
     attn_out=POST_NORM_ATTN,
     mlp_out=POST_NORM_MLP,
     lens=GEMMA_LENS,
+    eager_attention=(
+        "attention logit soft-capping (c tanh(scores / c) before the softmax, "
+        "c = attn_logit_softcapping), which sdpa cannot apply"
+    ),
 )

@@ -18,7 +18,8 @@ def clear_attention_softcap(hf_model) -> None:
 
     Gemma 3 in transformers keeps the attribute on each attention module without using it; the
     bridge's attention reads it and soft-caps the scores, so a config that sets it gave
-    different logits (0.49 apart on a 4-token prompt of a tiny model).
+    different logits (0.49 apart on a 4-token prompt of a tiny model). Under sdpa the bridge's
+    attention does not run; this matters where eager attention is asked for.
     """
     for module in hf_model.modules():
         if hasattr(module, "attn_logit_softcapping"):

@@ -26,4 +26,8 @@ FAMILY = Family(
     tiny,
     attn_out="self_attn output (o_proj; attention sinks)",
     mlp_out=MOE + " (experts with biases)",
+    eager_attention=(
+        "attention sinks (a learned logit per head that joins each softmax's denominator), "
+        "which sdpa cannot add"
+    ),
 )
