@@ -87,6 +87,20 @@ def test_capture_budget_keeps_one_forward_pass_with_the_same_table(
     pd.testing.assert_frame_equal(whole, grouped, check_exact=False, atol=1e-5, rtol=0)
 
 
+def test_sdpa_runs_no_position_blocks(models, monkeypatch):
+    model = models("qwen2")
+    assert model.attention == "sdpa"
+    calls, forward = [], type(model).forward
+
+    def spy(self, ids, mask, stop_at_layer=None, *, past=None):
+        calls.append(past)
+        return forward(self, ids, mask, stop_at_layer=stop_at_layer, past=past)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    entropy_table(model, TEXTS, batch_size=3, attention_mb=1e-6)
+    assert calls == [None]  # one pass, no cache: the whole length at once
+
+
 def test_one_pass_stops_after_the_last_layer_analysed(models, monkeypatch):
     model = models("qwen2")
     stops, forward = [], type(model).forward
@@ -119,14 +133,18 @@ def test_attention_budget_runs_position_blocks_with_the_same_table(
         return forward(self, ids, mask, stop_at_layer=stop_at_layer, past=past)
 
     monkeypatch.setattr(type(model), "forward", spy)
-    blocked = entropy_table(
-        model,
-        TEXTS,
-        batch_size=3,
-        extras=extras,
-        attention_mb=budget / 2**20,
-        capture_mb=capture_mb,
-    )
+    model.set_attention("eager")  # blocks bound eager attention's scores; sdpa forms none
+    try:
+        blocked = entropy_table(
+            model,
+            TEXTS,
+            batch_size=3,
+            extras=extras,
+            attention_mb=budget / 2**20,
+            capture_mb=capture_mb,
+        )
+    finally:
+        model.set_attention("auto")
     # Blocks of 4 positions over the whole length, each attending to every earlier position
     # through one cache per pass (with extras the final policy's inputs come first, in a pass of
     # their own).

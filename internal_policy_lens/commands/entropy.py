@@ -258,7 +258,7 @@ def _facts(cfg: EntropyConfig, model: PolicyModel, lens: Lens, identity: dict) -
             "vocab_size": model.vocab_size,
             "dtype": str(model.dtype).removeprefix("torch."),
             "device": str(model.device),
-            "attention": getattr(model, "attention", "eager"),
+            "attention": model.attention,
             **({"gguf": model.gguf} if model.gguf else {}),
         },
         # What the precision runs for this model on its device (the mode, dtypes and why).

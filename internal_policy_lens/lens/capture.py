@@ -161,7 +161,7 @@ def streamed_rows(
     rows_b, rows_t = rows
     length = int(rows_t.max()) + 1
     span = length
-    if getattr(model, "attention", "eager") == "eager":
+    if model.attention == "eager":
         heads = model.config.num_attention_heads
         span = position_block(len(ids), heads, length, settings.attention_mb * 2**20)
     final = any(site == "final" for site, _ in keys)

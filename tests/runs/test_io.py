@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from helpers import ipl_command, one_thread_env, write_problems, write_questions
 from typer.testing import CliRunner
@@ -121,15 +122,15 @@ def test_no_space_left_while_writing_a_part(tiny_dirs, tmp_path, monkeypatch):
     args += ["--batch-size", "1"]
     lone = runner.invoke(app, [*args, "--out", str(tmp_path / "lone")])
     assert lone.exit_code == 0, lone.output
-    original, calls = pd.DataFrame.to_parquet, []
+    original, calls = pq.write_table, []
 
-    def full_disk(self, path, *a, **k):
+    def full_disk(table, path, *a, **k):
         calls.append(str(path))
         if "tokens-00002" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return original(self, path, *a, **k)
+        return original(table, path, *a, **k)
 
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", full_disk)
+    monkeypatch.setattr(pq, "write_table", full_disk)
     out = tmp_path / "run"
     result = runner.invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 2, result.output
@@ -143,7 +144,7 @@ def test_no_space_left_while_writing_a_part(tiny_dirs, tmp_path, monkeypatch):
         "tokens-00001.parquet",
     ]
     assert not [p for p in parts if p.startswith(".")]  # no temporary left
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", original)
+    monkeypatch.setattr(pq, "write_table", original)
     again = runner.invoke(app, [*args, "--out", str(out)])
     assert again.exit_code == 0, again.output
     for name in ("tokens.parquet", "deltas.parquet"):
