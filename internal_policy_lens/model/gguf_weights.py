@@ -135,7 +135,10 @@ def fill_from_gguf(
                 weights = torch.from_numpy(np.ascontiguousarray(result.weights))
                 _target(params, to_model[result.name], weights.shape).copy_(weights)
     for name, weights in written["tensors"].items():
-        _target(params, name, weights.shape).copy_(weights)
+        # A name the model lacks is ignored, as transformers ignores unexpected keys; a
+        # parameter left unwritten is then reported by _finish.
+        if name in params:
+            _target(params, name, weights.shape).copy_(weights)
     _finish(model)
 
 
