@@ -1,20 +1,24 @@
 """GGUF checkpoints (llama.cpp's single-file format) as a model source.
 
-transformers reads a GGUF file's config, tokenizer and tensors (``gguf_file=``), dequantizing every
-tensor to the requested dtype; the ``gguf`` package (the optional extra ``[gguf]``) parses the file.
-The loaded model is a plain float transformers model, handed to the TransformerBridge like any
-other. What the file was (its sha256 and the quantization type of each tensor) is kept as facts for
-run.json, because the dequantized weights are the rounded ones, not the original checkpoint's.
+transformers reads a GGUF file's config and tokenizer (``gguf_file=``); the weights are read here,
+one tensor at a time, into a model built without weights (:mod:`.gguf_weights`); the ``gguf``
+package (the optional extra ``[gguf]``) parses the file. The loaded model is a plain float
+transformers model, handed to the TransformerBridge like any other. What the file was (its sha256
+and the quantization type of each tensor) and the dtype it was dequantized to (and why) are kept
+as facts for run.json, because the dequantized weights are the rounded ones, not the original
+checkpoint's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 INSTALL_HINT = "pip install 'internal-policy-lens[gguf]'"
 
@@ -71,6 +75,11 @@ def _reader(source: GgufSource):
         raise GgufError(f"'{source.path}' is not a readable GGUF file ({err})") from err
 
 
+def _architecture(reader) -> str:
+    field = reader.get_field("general.architecture")
+    return field.contents() if field is not None else "<none>"
+
+
 def inspect_gguf(source: GgufSource) -> dict:
     """The file's architecture and tensor types; rejects types the gguf package cannot read.
 
@@ -81,8 +90,7 @@ def inspect_gguf(source: GgufSource) -> dict:
     reader = _reader(source)  # first: it names the extra when the gguf package is missing
     from gguf import dequantize
 
-    field = reader.get_field("general.architecture")
-    architecture = field.contents() if field is not None else "<none>"
+    architecture = _architecture(reader)
     first = {}
     for tensor in reader.tensors:
         first.setdefault(tensor.tensor_type, tensor)
@@ -132,40 +140,40 @@ def load_gguf_tokenizer(source: GgufSource):
     return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.file)
 
 
-def load_gguf_model(source: GgufSource, dtype, progress: bool = True):
-    """The file's weights dequantized to ``dtype``, as a plain transformers model on the CPU.
+def load_gguf_model(source: GgufSource, config, dtype, device: str = "cpu", progress: bool = True):
+    """The file's weights dequantized to ``dtype``, as a plain transformers model on ``device``.
 
-    transformers marks a GGUF-loaded model as quantized (``quantization_config``) although its
-    weights are ordinary float tensors; the marks are dropped so that the model saves, casts and
-    trains like any other. ``progress``: show transformers' dequantization bar.
+    ``config``: the file's config (:func:`architecture_of`). At its peak the process holds the
+    model in ``dtype`` and about one float32 tensor of the file (see :mod:`.gguf_weights`).
+    ``progress``: show a bar over the file's tensors.
     """
-    from transformers import AutoModelForCausalLM
+    from .gguf_weights import empty_model, fill_from_gguf, stored_tensors, tensor_names
 
-    with _dequantization_bar(progress):
-        model = AutoModelForCausalLM.from_pretrained(
-            source.folder, gguf_file=source.file, dtype=dtype
-        )
+    reader = _reader(source)
+    architecture, tensors = _architecture(reader), stored_tensors(reader)
+    del reader  # its parsed metadata outweighs the file: gone before the weights come
+    model = empty_model(config, dtype, device)
+    try:
+        names = tensor_names(model, architecture)
+        fill_from_gguf(model, source.path, tensors, names, progress)
+    except ValueError as err:
+        raise GgufError(f"'{source.path}': {err}") from err
     model.config.architectures = [type(model).__name__]
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
     return model
 
 
-@contextlib.contextmanager
-def _dequantization_bar(show: bool):
-    """The GGUF dequantization bar of transformers, off in the block unless ``show``.
+def default_dtype(device: str, support=None) -> tuple[torch.dtype, str]:
+    """The dtype a GGUF model is dequantized to when none is asked for, and why.
 
-    transformers draws it with a plain tqdm that its own progress switch does not reach (and tqdm
-    reads its environment defaults once, at import): the loader module's ``tqdm`` is a disabled
-    one for the block, and the original again after it.
+    bfloat16 where ``device`` multiplies it natively (CUDA with bf16; a CPU with AVX-512 bf16 or
+    AMX): half the memory of float32, and faster there. float32 elsewhere: on an AVX2-only CPU
+    bf16 products are emulated, 3-4x slower than float32. The weights were rounded to 4-8 bits
+    in the file; bfloat16 rounds them again, to 8 significant bits. ``support``: how the device
+    is judged, :func:`~internal_policy_lens.lens.hardware.half_support` unless given.
     """
-    from transformers import modeling_gguf_pytorch_utils as loader
+    import torch
 
-    original = loader.tqdm
-    if not show:
-        loader.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        loader.tqdm = original
+    from ..lens.hardware import half_support
+
+    native, why = (support or half_support)(torch.device(device), torch.bfloat16)
+    return (torch.bfloat16 if native else torch.float32), why

@@ -51,7 +51,8 @@ class PolicyModel:
     name: str
     revision: str | None = None
     gguf: dict | None = None
-    """For a GGUF file: the file, its sha256, architecture and tensor quantization types."""
+    """For a GGUF file: the file, its sha256, architecture, tensor quantization types, and the
+    dtype its weights were dequantized to with why (``dtype``, ``dtype_why``)."""
 
     @property
     def attention(self) -> str:
@@ -262,7 +263,9 @@ def load_model(
             saved by transformers (config.json, weights and tokenizer files), a hub name such
             as ``Qwen/Qwen2.5-7B`` (needs the network) or a ``.gguf`` file (needs the ``gguf``
             extra; its weights are dequantized to ``dtype``, its tokenizer read from the file).
-        dtype: ``auto`` (the checkpoint's dtype on a GPU, float32 on the CPU), ``float32``,
+        dtype: ``auto`` (the checkpoint's dtype on a GPU, float32 on the CPU; for a ``.gguf``
+            file bfloat16 where the device multiplies it natively, CUDA with bf16 or a CPU with
+            AVX-512 bf16/AMX, else float32, the choice and why in ``model.gguf``), ``float32``,
             ``bfloat16``, ``float16`` or ``float64`` (for reference computations).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
             Ignored when ``device_map`` is given.
@@ -337,20 +340,33 @@ def _load_gguf(source, dtype, device: str, device_map, progress: bool, attention
 
 
 def _gguf_parts(source, dtype, device: str, progress: bool):
-    """(plain model on ``device``, tokenizer, the file's facts, torch dtype) of a GGUF file."""
-    from .gguf import GgufError, architecture_of, gguf_facts, load_gguf_model, load_gguf_tokenizer
+    """(plain model on ``device``, tokenizer, the file's facts, torch dtype) of a GGUF file.
+
+    ``dtype="auto"`` is :func:`~.gguf.default_dtype`'s choice; the facts record the dtype and why.
+    """
+    from .gguf import (
+        GgufError,
+        architecture_of,
+        default_dtype,
+        gguf_facts,
+        load_gguf_model,
+        load_gguf_tokenizer,
+    )
 
     try:
         facts = gguf_facts(source)
         architecture, config = architecture_of(source)
         _check_architecture(architecture, str(source.path))
         tokenizer = _checked_tokenizer(str(source.path), load_gguf_tokenizer(source))
-        torch_dtype = _resolve_dtype(dtype, config, device)
-        with _loading_bar(progress):
-            hf_model = load_gguf_model(source, torch_dtype, progress).to(device)
+        if dtype == "auto":
+            torch_dtype, why = default_dtype(device)
+        else:
+            torch_dtype, why = _resolve_dtype(dtype, config, device), "asked for"
+        hf_model = load_gguf_model(source, config, torch_dtype, device, progress)
     except GgufError as err:
         raise ModelLoadError(str(err)) from err
     prepare(hf_model)
+    facts |= {"dtype": str(torch_dtype).removeprefix("torch."), "dtype_why": why}
     return hf_model, tokenizer, facts, torch_dtype
 
 

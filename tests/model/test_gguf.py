@@ -3,6 +3,7 @@
 import hashlib
 import json
 import sys
+import tracemalloc
 from collections import Counter
 
 import gguf
@@ -10,11 +11,20 @@ import pytest
 import torch
 from helpers import naive_table, write_problems
 from tiny_gguf import expected_model, random_model, write_gguf, write_raw
+from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from internal_policy_lens import entropy_table, load_model
 from internal_policy_lens.cli import app
-from internal_policy_lens.model.load import ModelLoadError
+from internal_policy_lens.lens.hardware import half_support
+from internal_policy_lens.model.gguf import default_dtype
+from internal_policy_lens.model.gguf_weights import (
+    empty_model,
+    fill_from_gguf,
+    stored_tensors,
+    tensor_names,
+)
+from internal_policy_lens.model.load import ModelLoadError, load_causal_lm
 
 TEXTS = ["Start with the 12. Add 7.", "in the re on"]
 
@@ -144,11 +154,78 @@ def test_quantization_type_gguf_cannot_dequantize(tmp_path):
 
 def test_plain_causal_lm_from_a_gguf_is_the_dequantized_model(written):
     """The TRL engine's loader takes a .gguf file too: the same weights as ``load_model``."""
-    from internal_policy_lens.model.load import load_causal_lm
-
     _, path, _, expected = written
     model, tokenizer = load_causal_lm(path, dtype="float32")
     assert type(model) is type(expected) and not hasattr(model.config, "quantization_config")
     ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    named = model.named_parameters(remove_duplicate=False)
+    return dict(named) | dict(model.named_buffers(remove_duplicate=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_weights_are_those_transformers_loads(written, dtype):
+    """Tensor by tensor into a weightless model: bit for bit transformers' whole-file loading."""
+    _, path, _, _ = written
+    ours, _ = load_causal_lm(path, dtype=dtype)
+    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    ours_tensors, their_tensors = _tensors(ours), _tensors(theirs)
+    assert ours_tensors.keys() == their_tensors.keys()
+    for name, tensor in their_tensors.items():
+        assert ours_tensors[name].dtype == tensor.dtype, name
+        assert torch.equal(ours_tensors[name], tensor), name
+    tied = ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert (
+        tied
+        == theirs.config.tie_word_embeddings
+        == (theirs.lm_head.weight is theirs.model.embed_tokens.weight)
+    )
+    assert (
+        not ours.training and ours.config._attn_implementation == theirs.config._attn_implementation
+    )
+
+
+def test_gguf_tensors_never_whole_in_float32(written):
+    """Blocks of rows go straight into the parameters: no float32 copy of the state dict.
+
+    numpy's buffers count in tracemalloc, torch's parameters do not: what is traced while the
+    file is read is what the loader holds besides the model. A whole-file loader holds every
+    tensor in float32 (the state dict's size); here it stays under a quarter of that, with blocks
+    of 256 elements (only tensors that transformers fixes up, Llama's q/k rows, are dequantized
+    whole). The small blocks cross many block boundaries: the weights are still transformers'.
+    """
+    arch, path, _, _ = written
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    model = empty_model(config, torch.float32, "cpu")
+    tensors, names = stored_tensors(gguf.GGUFReader(path)), tensor_names(model, arch)
+    fill_from_gguf(model, path, tensors, names)  # once untraced: first-call caches of numpy/gguf
+    tracemalloc.start()
+    try:
+        fill_from_gguf(model, path, tensors, names, chunk_elements=256)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    state_dict_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert peak < state_dict_bytes / 4
+    reference, _ = load_causal_lm(path, dtype=torch.float32)
+    for name, tensor in _tensors(reference).items():
+        assert torch.equal(_tensors(model)[name], tensor), name
+
+
+def test_gguf_dtype_auto_is_bfloat16_only_where_it_is_native(written):
+    native = lambda device, dtype: (True, "CPU AVX512 with amx_bf16")  # noqa: E731
+    emulated = lambda device, dtype: (False, "CPU AVX2 without avx512_bf16 or amx_bf16")  # noqa: E731
+    assert default_dtype("cpu", native) == (torch.bfloat16, "CPU AVX512 with amx_bf16")
+    assert default_dtype("cpu", emulated)[0] == torch.float32
+    _, path, _, _ = written
+    expected, why = half_support(torch.device("cpu"), torch.bfloat16)
+    model = load_model(path, device="cpu", progress=False)
+    assert model.dtype == (torch.bfloat16 if expected else torch.float32)
+    assert model.gguf["dtype"] == str(model.dtype).removeprefix("torch.")
+    assert model.gguf["dtype_why"] == why
+    asked = load_model(path, dtype="float32", device="cpu", progress=False).gguf
+    assert (asked["dtype"], asked["dtype_why"]) == ("float32", "asked for")
