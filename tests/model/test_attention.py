@@ -16,9 +16,7 @@ from reference import hf_model
 
 from internal_policy_lens import ModelLoadError, capture, entropy_table, load_model
 from internal_policy_lens.bundled import bundled_data
-from internal_policy_lens.config import LensSettings
 from internal_policy_lens.data.records import read_records
-from internal_policy_lens.lens.capture import captured_blocks, position_block, site_keys
 from internal_policy_lens.model.families import FAMILIES, TINY_ARCHITECTURES, family_of_arch
 from internal_policy_lens.model.load import policy_view
 
@@ -84,23 +82,6 @@ def test_sdpa_sites_equal_eager_on_a_right_padded_batch(folder, loaded):
         assert sdpa.attention == "eager" and kernels == 0
     else:
         assert sdpa.attention == "sdpa" and kernels == sdpa.n_layers  # one kernel per layer
-    _assert_same_sites(got, expected, mask)
-
-
-def test_position_blocks_with_a_cache_under_sdpa_equal_eager(folder, loaded):
-    sdpa, eager = loaded(folder), loaded(folder, "eager")
-    ids, mask = sdpa.to_tokens(TEXTS[:2])
-    length, heads = ids.shape[1], sdpa.config.num_attention_heads
-    budget = len(ids) * heads * length * 4 * 4  # bytes: blocks of 4 positions
-    assert position_block(len(ids), heads, length, budget) == 4
-    settings = LensSettings(attention_mb=budget / 2**20)
-    keys = site_keys(sdpa)
-    blocks: dict = {}
-    for _, acts, _ in captured_blocks(sdpa, ids, mask, keys, settings, length=length):
-        for key, value in acts.items():
-            blocks.setdefault(key, []).append(value)
-    got = {key: torch.cat(parts, dim=1) for key, parts in blocks.items()}
-    expected, _ = _sites(eager, ids, mask)
     _assert_same_sites(got, expected, mask)
 
 
