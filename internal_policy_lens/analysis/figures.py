@@ -139,10 +139,13 @@ def _stages(summary: pd.DataFrame, cfg: ConvergenceConfig):
 def plot_run(cfg: PlotConfig) -> FigureReport:
     """``ipl plot``: read a run folder and write its figures to ``RUN/figures/``."""
     run = open_run(cfg.run)
+    samples = run.shown_samples(None if cfg.samples is None else cfg.samples.split(","))
+    if cfg.sample is not None and cfg.sample not in map(str, samples):
+        samples = [*samples, *run.shown_samples([cfg.sample])]
     return write_run_figures(
         run.path,
-        run.tokens(),
-        run.deltas(),
+        run.tokens(samples=samples),
+        run.deltas(samples=samples),
         run.summary(),
         run.info,
         sample=cfg.sample,

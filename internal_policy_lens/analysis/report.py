@@ -45,12 +45,13 @@ RAW_LENS_NOTE = (
 def report_run(cfg: ReportConfig) -> Path:
     """``ipl report``: read a finished run folder and write ``RUN/report.html``."""
     run = open_run(cfg.run)
+    samples = run.shown_samples(None if cfg.samples is None else cfg.samples.split(","))
     return write_run_report(
         run.path,
-        tokens=run.tokens(),
+        tokens=run.tokens(samples=samples),
         summary=run.summary(),
-        deltas=run.deltas(),
-        topk=run.topk(),
+        deltas=run.deltas(samples=samples),
+        topk=run.topk(samples=samples),
         info=run.info,
         cfg=cfg,
     )
@@ -86,7 +87,7 @@ def write_run_report(
         title=f"{model_name(info)} ({lens} lens): internal policies",
         provenance=_provenance_html(info),
         charts="".join(charts),
-        chart_note="Bands are the 25th–75th percentile over tokens.",
+        chart_note="Bands are the 25th–75th percentile over tokens." + _shown_note(tokens, info),
         convergence=convergence,
         data=data,
     )
@@ -125,6 +126,20 @@ def write_compare_report(
         "explorer is in each run's own report.html (ipl report RUN).",
         convergence=_table_html(pd.DataFrame(rows)),
         data=None,
+    )
+
+
+def _shown_note(tokens: pd.DataFrame, info: dict) -> str:
+    """What the page's charts and explorer read, when it is not the whole run."""
+    total = info.get("samples")
+    shown = tokens["sample_id"].unique()
+    if total is None or len(shown) >= total:
+        return ""
+    first, last = shown[0], shown[-1]
+    return (
+        f" The charts and the explorer read {len(shown)} of the run's {total} samples "
+        f"({first} to {last}, a bound on what the page holds); the tables on this page and "
+        "summary.csv cover every token. Choose others with `ipl report RUN --samples ID,ID`."
     )
 
 

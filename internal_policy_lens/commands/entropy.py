@@ -62,10 +62,6 @@ from ..tables.compute import batch_columns
 if TYPE_CHECKING:
     from ..analysis.figures import FigureReport
 
-REPORT_ROWS = 2_000_000
-"""Token rows that the figures and the report of a finished run read at most (whole samples)."""
-
-
 @dataclass
 class EntropyRun:
     """A finished run: where it was written, its summary, and its tables read when asked for.
@@ -172,14 +168,14 @@ def finish_run(out: Path, info: dict, batches: int, topk: bool) -> EntropyRun:
 def draw_run(out: Path, info: dict) -> FigureReport:
     """The figures and the report of a run whose tables are written, from a bounded read.
 
-    They read the first samples up to :data:`REPORT_ROWS` token rows (whole samples); the
-    report says which (``ipl report RUN --samples ...`` chooses others).
+    They read the first samples up to :data:`~..runs.io.FIGURE_ROWS` token rows (whole
+    samples); the report says which (``ipl report RUN --samples ...`` chooses others).
     """
     from ..analysis.figures import write_run_figures  # matplotlib loads once a run is done
     from ..analysis.report import write_run_report
 
     folder = RunFolder(out, info)
-    samples = folder.first_samples(REPORT_ROWS)
+    samples = folder.shown_samples()
     tokens, deltas = folder.tokens(samples=samples), folder.deltas(samples=samples)
     summary = folder.summary()
     figures = write_run_figures(out, tokens, deltas, summary, info)

@@ -16,6 +16,9 @@ from ..folders import Folder
 
 RUN_TABLES: tuple[str, ...] = ("run.json", "summary.csv", "tokens.parquet", "deltas.parquet")
 """The files of a finished ``ipl entropy`` run folder."""
+FIGURE_ROWS = 2_000_000
+"""Token rows that a run's figures and report read at most, in whole samples (``summary.csv``
+covers every token)."""
 
 
 class RunFolder(Folder):
@@ -95,10 +98,27 @@ class RunFolder(Folder):
             return [(k, int(v)) for k, v in ids.value_counts(sort=False).items()]
         return [(k, int(v)) for k, v in rows]
 
-    def first_samples(self, max_rows: int) -> list:
-        """The first samples whose token rows add up to at most ``max_rows`` (at least one)."""
+    def shown_samples(self, wanted: Iterable | None = None, max_rows: int = FIGURE_ROWS) -> list:
+        """The samples that figures and pages read.
+
+        ``wanted`` (ids or their text), else the first samples whose token rows add up to at
+        most ``max_rows`` (at least one).
+
+        Raises:
+            ValueError: a wanted sample is not in the run.
+        """
+        known = self.sample_rows()
+        if wanted is not None:
+            by_text = {str(sample): sample for sample, _ in known}
+            missing = [str(w) for w in wanted if str(w) not in by_text]
+            if missing:
+                raise ValueError(
+                    f"{self.path}: no sample {', '.join(missing)} in the run (it has "
+                    f"{len(known)} samples, e.g. {', '.join(list(by_text)[:5])})"
+                )
+            return [by_text[str(w)] for w in wanted]
         chosen, total = [], 0
-        for sample, rows in self.sample_rows():
+        for sample, rows in known:
             if chosen and total + rows > max_rows:
                 break
             chosen.append(sample)
