@@ -68,9 +68,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from internal_policy_lens import entropy_table, load_model  # noqa: E402
 from internal_policy_lens.lens.capture import capture, site_keys  # noqa: E402
-from internal_policy_lens.lens.hardware import cpu_capability, cpu_flags  # noqa: E402
 from internal_policy_lens.lens.reduce import site_stats  # noqa: E402
 from internal_policy_lens.lens.unembed import Lens, Precision, choose_precision  # noqa: E402
+from internal_policy_lens.model.hardware import cpu_capability, cpu_flags  # noqa: E402
 from internal_policy_lens.model.tiny import char_tokenizer  # noqa: E402
 
 CHUNK = 1024  # logits rows per product, the entropy_table default

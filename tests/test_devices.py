@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from helpers import ARCHS, FAMILY_ARCHS, TEXTS, lens_folder, naive_table, random_translators
 
-from internal_policy_lens import entropy_table, load_model, tables
+from internal_policy_lens import entropy_table, load_model
 from internal_policy_lens.lens import unembed
 from internal_policy_lens.lens.sites import SITES
 from internal_policy_lens.lens.tuned import fitted_keys
+from internal_policy_lens.tables import compute as tables
 
 FAMILIES = [*ARCHS, *FAMILY_ARCHS]
 # On the CPU the families' tables are checked against float64 by test_tables and

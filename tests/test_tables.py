@@ -219,11 +219,13 @@ def test_extras_match_naive(arch, models, tiny_dirs):
         lp = logp[:-1].gather(-1, nxt[:, None])[:, 0]
         rank = 1 + (z[:-1] > z[:-1].gather(-1, nxt[:, None])).sum(-1)
         kl = (logp.exp() * (logp - final_logp)).sum(-1)
-        np.testing.assert_allclose(rows["next_token_logprob"].iloc[:-1], lp, atol=1e-6)
+        # The float64 reference runs eager attention, whose softmax is float32 even for a
+        # float64 model; the package's sdpa keeps float64: about 1.2e-6 apart.
+        np.testing.assert_allclose(rows["next_token_logprob"].iloc[:-1], lp, atol=5e-6)
         np.testing.assert_array_equal(rows["next_token_rank"].iloc[:-1], rank)
         assert np.isnan(rows["next_token_logprob"].iloc[-1])
         assert rows["next_token_rank"].iloc[-1] == -1
-        np.testing.assert_allclose(rows["kl_to_final"], kl, atol=1e-6)
+        np.testing.assert_allclose(rows["kl_to_final"], kl, atol=5e-6)
         agree = z.argmax(-1) == final_logp.argmax(-1)
         np.testing.assert_array_equal(rows["top1_agrees"], agree)
     final_rows = table[table.site == "final"]

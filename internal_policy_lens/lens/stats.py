@@ -144,8 +144,7 @@ class _Gathered:
         keys = list(self.pending)
         acts = {key: x.unsqueeze(0) for key, x in self.pending.items()}  # [1, m, d_model]
         self.pending = {}
-        m = len(at)
-        index = (torch.zeros(m, dtype=torch.long), torch.arange(m))
+        index = _all_rows(len(at), acts[keys[0]].device)
         next_ids = None
         if self.reference is not None:  # the final policy joins every reduction
             final, inputs, next_tokens = self.reference
@@ -173,7 +172,12 @@ class _Gathered:
         if not all(key in self.cosine for key in needed):
             return
         acts = {key: self.cosine.pop(key).unsqueeze(0) for key in needed}  # [1, m, d_model]
-        index = (torch.zeros(len(at), dtype=torch.long), torch.arange(len(at)))
+        index = _all_rows(len(at), acts[needed[0]].device)
         into = self.out.cosines.setdefault(layer, {})
         for name, values in residual_cosines(acts, layer, index, self.parallel).items():
             into.setdefault(name, np.empty(len(self.out.rows_b)))[at.numpy()] = values
+
+
+def _all_rows(m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index of every row of gathered vectors ``[1, m, d_model]``."""
+    return torch.zeros(m, dtype=torch.long, device=device), torch.arange(m, device=device)

@@ -43,7 +43,19 @@ IPL_FILE = "translators.safetensors"
 TL_CONFIG, TL_PARAMS = "config.json", "params.pt"
 FIT_HINT = "fit one with `ipl fit-lens --model MODEL --out DIR`"
 # Config entries that do not change what the model computes.
-_VOLATILE = ("_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype")
+# Entries that say how the model runs, not what it is: the attention implementation (sdpa or
+# eager) and whether attention weights are returned change no number a lens reads.
+_VOLATILE = (
+    "_name_or_path",
+    "name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+    "output_attentions",
+)
 
 
 class LensFolderError(ValueError):
@@ -59,9 +71,15 @@ def fitted_keys(sites, n_layers: int) -> list[SiteKey]:
     return keys
 
 
-def config_hash(model: PolicyModel) -> str:
-    """SHA-256 of the model's config (name, dtype and version entries left out)."""
+def config_hash(model: PolicyModel, *, legacy: bool = False) -> str:
+    """SHA-256 of the model's config (name, dtype, version and attention entries left out).
+
+    ``legacy``: the hash that lens folders fitted before the attention entries were left out
+    carry (the bridge then always returned attention weights: ``output_attentions`` true).
+    """
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
+    if legacy:
+        config["output_attentions"] = True
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -294,7 +312,8 @@ def _read_tuned_lens(path: Path, model: PolicyModel, meta: dict | None):
 def _check_model(file: Path, meta: dict, model: PolicyModel) -> None:
     want = meta.get("model", {})
     have = model_facts(model)
-    if "config_hash" in want and want["config_hash"] != have["config_hash"]:
+    known = (have["config_hash"], config_hash(model, legacy=True))
+    if "config_hash" in want and want["config_hash"] not in known:
         raise LensFolderError(
             f"{file}: the lens was fitted for {want.get('name_or_path')!r} (config hash "
             f"{want['config_hash'][:12]}), not for {model.name!r} (config hash "

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from ..config import LENSES, PRECISIONS
 from ..model.families import has_head_transform, head_transform
+from ..model.hardware import half_support
 from ..model.load import PolicyModel
-from .hardware import half_support
 from .sites import SiteKey, source_key
 
 _HALF = (torch.bfloat16, torch.float16)

@@ -169,11 +169,11 @@ def default_dtype(device: str, support=None) -> tuple[torch.dtype, str]:
     AMX): half the memory of float32, and faster there. float32 elsewhere: on an AVX2-only CPU
     bf16 products are emulated, 3-4x slower than float32. The weights were rounded to 4-8 bits
     in the file; bfloat16 rounds them again, to 8 significant bits. ``support``: how the device
-    is judged, :func:`~internal_policy_lens.lens.hardware.half_support` unless given.
+    is judged, :func:`~internal_policy_lens.model.hardware.half_support` unless given.
     """
     import torch
 
-    from ..lens.hardware import half_support
+    from .hardware import half_support
 
     native, why = (support or half_support)(torch.device(device), torch.bfloat16)
     return (torch.bfloat16 if native else torch.float32), why

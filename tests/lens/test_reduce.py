@@ -11,12 +11,13 @@ from reference import entropy
 from internal_policy_lens import entropy_table
 from internal_policy_lens.commands.entropy import run_entropy
 from internal_policy_lens.config import EntropyConfig
-from internal_policy_lens.lens import hardware, unembed
+from internal_policy_lens.lens import unembed
 from internal_policy_lens.lens.capture import capture
 from internal_policy_lens.lens.reduce import chunk_plan, site_stats, tiles
 from internal_policy_lens.lens.reduce import compiled as compiling
 from internal_policy_lens.lens.reduce import rows as whole_rows
 from internal_policy_lens.lens.unembed import Lens, Precision, choose_precision, resolve_precision
+from internal_policy_lens.model import hardware
 
 # Stated tolerances against float64 (nats), for the tiny models' vectors and vocabularies:
 # exact = float32 products and reductions; fast = bf16 products (where the CPU has them natively,
@@ -309,7 +310,9 @@ def test_deduplicated_resid_pre_equals_its_own_capture(models):
         stats = site_stats(Lens(model), acts, list(acts), _index(1, len(seq)))
         for (_, layer), columns in stats.items():
             rows = table[(table.sample_id == sample) & (table.layer == layer)]
-            np.testing.assert_allclose(rows["entropy"], columns["entropy"], atol=1e-6, rtol=0)
+            # A padded batch and a lone sequence run sdpa's kernel on different shapes: float32
+            # rounding apart (about 2e-6 nats), where a wrong vector would be far off.
+            np.testing.assert_allclose(rows["entropy"], columns["entropy"], atol=5e-6, rtol=0)
 
 
 def test_precision_auto_follows_model_dtype(models):
@@ -437,14 +440,13 @@ def test_cli_memory_bounds_reach_entropy_table(tiny_dirs, tmp_path, monkeypatch)
     from internal_policy_lens.cli import app
     from internal_policy_lens.commands import entropy as run
 
-    seen, original = [], run.entropy_table
+    seen, original = [], run.batch_columns
 
-    def spy(*args, **kwargs):
-        settings = kwargs["settings"]  # the lens settings travel as one object
-        seen.append((settings.capture_mb, settings.attention_mb))
-        return original(*args, **kwargs)
+    def spy(model, lens, batch, keys, settings, *args):
+        seen.append((settings.capture_mb, settings.attention_mb))  # one object for the settings
+        return original(model, lens, batch, keys, settings, *args)
 
-    monkeypatch.setattr(run, "entropy_table", spy)
+    monkeypatch.setattr(run, "batch_columns", spy)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"problem": "2+3?", "response": "5 \\boxed{5}"}) + "\n")
     args = ["entropy", "--model", str(tiny_dirs["qwen2"]), "--data", str(data), "--quiet"]

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from internal_policy_lens import entropy_table, load_model
 from internal_policy_lens.cli import app
-from internal_policy_lens.lens.hardware import half_support
 from internal_policy_lens.model.gguf import default_dtype
 from internal_policy_lens.model.gguf_weights import (
     empty_model,
@@ -24,6 +23,7 @@ from internal_policy_lens.model.gguf_weights import (
     stored_tensors,
     tensor_names,
 )
+from internal_policy_lens.model.hardware import half_support
 from internal_policy_lens.model.load import ModelLoadError, load_causal_lm
 
 TEXTS = ["Start with the 12. Add 7.", "in the re on"]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..hardware import triton_support
+from ...model.hardware import triton_support
 from ..sites import SiteKey
 from ..unembed import Lens
 from .common import final_key
