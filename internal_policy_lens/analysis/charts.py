@@ -34,7 +34,7 @@ def flow_chart(tokens: pd.DataFrame, counts: str = "") -> go.Figure | None:
 
     ``counts`` (e.g. ``"4 samples, 96 tokens"``) goes into the title.
     """
-    site = tokens["site"].astype(str)
+    site = tokens["site"]  # compared as is: a categorical or strings alike
     fig = go.Figure()
     for name in [s for s in plots.FLOW_SITES if (site == s).any()]:
         mid, lo, hi = plots.band(tokens[site == name], "layer", "entropy", "iqr")
@@ -58,7 +58,7 @@ def change_chart(deltas: pd.DataFrame, stages, tau: float, counts: str = "") -> 
     """Mean entropy change per layer and module, quartile band, FFN stages shaded."""
     if deltas.empty:
         return None
-    module = deltas["module"].astype(str)
+    module = deltas["module"]
     fig = go.Figure()
     shades = (("exploration", "#e0e0e0", "ΔH > "), ("convergence", "#bdbdbd", "ΔH < −"))
     threshold = f"tau = {tau:g} nats"

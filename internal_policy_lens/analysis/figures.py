@@ -115,12 +115,12 @@ def write_run_figures(
 def _heatmap_choice(tokens: pd.DataFrame, sample, site):
     if tokens.empty:
         return sample, site
-    sites = list(dict.fromkeys(tokens["site"].astype(str)))
+    sites = [str(s) for s in pd.unique(tokens["site"])]
     if site is None:
         site = "resid_post" if "resid_post" in sites else sites[0]
     elif site not in sites:
         raise ValueError(f"site {site!r} is not in the run; it has {', '.join(sites)}")
-    samples = tokens["sample_id"].astype(str)
+    samples = pd.Series(pd.unique(tokens["sample_id"])).astype(str)  # not a string per row
     if sample is None:
         sample = tokens["sample_id"].min()
     elif not (samples == str(sample)).any():

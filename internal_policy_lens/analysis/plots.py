@@ -123,7 +123,7 @@ def _legend(fig, ax, title: str, ncols: int = 2) -> None:
 
 
 def _present(frame: pd.DataFrame, column: str, wanted, what: str) -> list[str]:
-    have = set(frame[column].astype(str))
+    have = {str(value) for value in pd.unique(frame[column])}  # not a string per row
     found = [name for name in wanted if name in have]
     if not found:
         raise ValueError(f"the table has none of the {what} {', '.join(wanted)}")
@@ -144,7 +144,7 @@ def entropy_flow(tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None
     """
     sites = _present(tokens, "site", FLOW_SITES, "sites")
     fig, (ax,) = _figure(COLUMN_WIDTH, 3.0)
-    site = tokens["site"].astype(str)
+    site = tokens["site"]  # compared as is: a categorical or strings alike
     for name in sites:
         stats = band(tokens[site == name], "layer", "entropy", spread)
         _line(ax, stats, SITE_COLOURS[name], name)
@@ -179,7 +179,7 @@ def entropy_change(
     """
     modules = _present(deltas, "module", MODULE_LABELS, "modules")
     fig, (ax,) = _figure(COLUMN_WIDTH, 3.2)
-    module = deltas["module"].astype(str)
+    module = deltas["module"]
     threshold = "tau" if tau is None else f"tau = {tau:g} nats"
     for stage, (label, hatch) in _STAGE_SHADES.items():
         span = (stages or {}).get(stage)
@@ -233,7 +233,7 @@ def token_heatmap(
         raise ValueError("the table has no rows")
     sample_id = tokens["sample_id"].min() if sample_id is None else sample_id
     rows = tokens[
-        (tokens["sample_id"].astype(str) == str(sample_id)) & (tokens["site"].astype(str) == site)
+        (tokens["sample_id"].astype(str) == str(sample_id)) & (tokens["site"] == site)
     ]
     if rows.empty:
         raise ValueError(f"no rows for sample {sample_id!r} at site {site!r}")
@@ -280,7 +280,7 @@ def next_token_extras(
         raise ValueError(f"the table has no {', '.join(sorted(missing))} (run with --extras)")
     sites = _present(tokens, "site", ("attn_out", "mlp_out", "resid_post"), "sites")
     fig, (rank_ax, kl_ax) = _figure(TEXT_WIDTH, 2.8, ncols=2)
-    site = tokens["site"].astype(str)
+    site = tokens["site"]  # compared as is: a categorical or strings alike
     for name in sites:
         rows = tokens[site == name]
         ranked = rows[rows["next_token_rank"] >= 1]  # -1: the position has no next token
@@ -326,7 +326,7 @@ def residual_cosine(
     missing = set(COSINE_LABELS) - set(tokens.columns)
     if missing:
         raise ValueError(f"the table has no {', '.join(sorted(missing))} (run with --extras)")
-    rows = tokens[tokens["site"].astype(str) != "final"]
+    rows = tokens[tokens["site"] != "final"]
     rows = rows.drop_duplicates(["sample_id", "position", "layer"])
     if rows.empty:
         raise ValueError("the table has no layer rows for the residual cosines")

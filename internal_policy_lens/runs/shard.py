@@ -65,13 +65,13 @@ def work_order(n_batches: int, shard: Shard | None) -> list[int]:
 
 
 def part_path(parts: Path, batch: int) -> Path:
-    """The token table of one analysis batch."""
-    return parts / f"tokens-{batch:05d}.parquet"
+    """The token table of one analysis batch (an Arrow IPC file, read once by the merge)."""
+    return parts / f"tokens-{batch:05d}.arrow"
 
 
 def topk_path(parts: Path, batch: int) -> Path:
     """The top-k table of one analysis batch (written before its token table)."""
-    return parts / f"topk-{batch:05d}.parquet"
+    return parts / f"topk-{batch:05d}.arrow"
 
 
 def read_meta(parts: Path) -> dict | None:

@@ -1,12 +1,12 @@
 """Writing an ``ipl entropy`` run folder: its start, each batch's parts, the streamed finish.
 
-A run is a numbered list of batches. Each batch writes its parts into ``parts/``: the top-k,
-the deltas and the summary moments first, the token table last, so that a token part on disk
-means the batch is finished (a rerun skips it). The finish streams the parts into the run's
-tables, one Parquet row group per batch, and merges the moments into ``summary.csv`` exactly:
-what it holds at once is one batch, never the run. ``status: complete`` is written last, after
-the figures and the report (``draw``), so that a run killed before then resumes and redraws.
-Nothing here imports torch.
+A run is a numbered list of batches. Each batch writes its parts into ``parts/`` (Arrow IPC
+files): the top-k, the deltas and the summary moments first, the token table last, so that a
+token part on disk means the batch is finished (a rerun skips it). The finish streams the parts
+into the run's tables, one Parquet row group per batch, and merges the moments into
+``summary.csv`` exactly: what it holds at once is one batch, never the run. ``status:
+complete`` is written last, after the figures and the report (``draw``), so that a run killed
+before then resumes and redraws. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from ..folders import Folder, FolderState, now
@@ -54,7 +55,7 @@ def start_folder(out: Path, state: FolderState, info: dict) -> dict:
 
 def deltas_path(parts: Path, batch: int) -> Path:
     """The delta table of one analysis batch."""
-    return parts / f"deltas-{batch:05d}.parquet"
+    return parts / f"deltas-{batch:05d}.arrow"
 
 
 def moments_path(parts: Path, batch: int) -> Path:
@@ -117,8 +118,9 @@ def finish(
 
 
 def _write(folder: Folder, path: Path, table: pa.Table) -> None:
+    # A part is read once, by the finish: Arrow's own file format, no encoding to pay twice.
     with folder.atomic(path.name) as tmp:
-        pq.write_table(table, tmp)
+        feather.write_feather(table, tmp, compression="uncompressed")
 
 
 def _stream(folder: Folder, name: str, paths: list[Path]) -> dict:
@@ -128,7 +130,7 @@ def _stream(folder: Folder, name: str, paths: list[Path]) -> dict:
         writer = None
         try:
             for path in paths:
-                table = pq.read_table(path)
+                table = feather.read_table(path, memory_map=True)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
                 elif table.schema != writer.schema:  # an empty batch's typed columns

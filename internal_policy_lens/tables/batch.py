@@ -152,9 +152,11 @@ def batch_moments(cols: BatchColumns, extras: bool) -> pd.DataFrame:
 
 def texts(token_ids: np.ndarray, vocab: dict[int, str]) -> pa.Array:
     """The text of each token id, one string per distinct id (decoded by ``vocab``)."""
-    unique, index = np.unique(token_ids, return_inverse=True)
+    unique = np.flatnonzero(np.bincount(token_ids))  # sorted distinct ids, in linear time
+    position = np.zeros(int(unique[-1]) + 1 if len(unique) else 1, np.int32)
+    position[unique] = np.arange(len(unique), dtype=np.int32)
     words = pa.array([vocab[int(i)] for i in unique], pa.string())
-    return pa.DictionaryArray.from_arrays(pa.array(index.astype(np.int32)), words).cast(pa.string())
+    return pa.DictionaryArray.from_arrays(pa.array(position[token_ids]), words).cast(pa.string())
 
 
 def _matrix(cols: BatchColumns, column: str) -> np.ndarray:

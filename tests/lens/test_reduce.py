@@ -258,7 +258,9 @@ def test_chunk_plan_bounds_logits_rows():
                     if extras and chunk > 1:
                         assert rows * sites + rows <= chunk
     assert chunk_plan(100, 10, 1024, False) == (100, 10)  # everything in one product
-    assert chunk_plan(100, 10, 1024, True) == (93, 10)
+    # The final policy's 100 rows and nine sites' fill a chunk; rows are never cut for sites.
+    assert chunk_plan(100, 10, 1024, True) == (100, 9)
+    assert chunk_plan(10_000, 169, 1024, False) == (1024, 1)  # wide products, not 6-row ones
 
 
 @pytest.mark.slow

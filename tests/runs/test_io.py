@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 import pytest
 from helpers import ipl_command, one_thread_env, write_problems, write_questions
 from typer.testing import CliRunner
@@ -122,7 +122,7 @@ def test_no_space_left_while_writing_a_part(tiny_dirs, tmp_path, monkeypatch):
     args += ["--batch-size", "1"]
     lone = runner.invoke(app, [*args, "--out", str(tmp_path / "lone")])
     assert lone.exit_code == 0, lone.output
-    original, calls = pq.write_table, []
+    original, calls = feather.write_feather, []
 
     def full_disk(table, path, *a, **k):
         calls.append(str(path))
@@ -130,21 +130,21 @@ def test_no_space_left_while_writing_a_part(tiny_dirs, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return original(table, path, *a, **k)
 
-    monkeypatch.setattr(pq, "write_table", full_disk)
+    monkeypatch.setattr(feather, "write_feather", full_disk)
     out = tmp_path / "run"
     result = runner.invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 2, result.output
     assert f"error: {out / 'parts'}: No space left on device" in result.output
-    assert "nothing was written to tokens-00002.parquet" in result.output
+    assert "nothing was written to tokens-00002.arrow" in result.output
     assert "free some space, then rerun the same command (finished work is kept)" in result.output
     assert "Traceback" not in result.output
     parts = sorted(p.name for p in (out / "parts").iterdir())
     assert [p for p in parts if p.startswith("tokens-")] == [
-        "tokens-00000.parquet",
-        "tokens-00001.parquet",
+        "tokens-00000.arrow",
+        "tokens-00001.arrow",
     ]
     assert not [p for p in parts if p.startswith(".")]  # no temporary left
-    monkeypatch.setattr(pq, "write_table", original)
+    monkeypatch.setattr(feather, "write_feather", original)
     again = runner.invoke(app, [*args, "--out", str(out)])
     assert again.exit_code == 0, again.output
     for name in ("tokens.parquet", "deltas.parquet"):

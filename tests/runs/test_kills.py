@@ -23,11 +23,11 @@ ENTROPY_POINTS = [
     "run.json",
     "part-00001.json",
     "responses.jsonl",
-    "tokens-00001.parquet",
+    "tokens-00001.arrow",
     "tokens.parquet",
     "summary.csv",
-    "run.json#2",
     "token_heatmap.pdf",
+    "run.json#2",
 ]
 
 

@@ -16,10 +16,15 @@ Stats = dict[str, torch.Tensor]
 def chunk_plan(n_rows: int, n_sites: int, chunk_tokens: int, extras: bool) -> tuple[int, int]:
     """Token rows per chunk and sites per product, so that a chunk forms ``chunk_tokens`` rows.
 
-    With extras the final policy's rows count too. At least one row of one site is formed.
+    All of a call's rows and sites in one product when they fit; else as many token rows per
+    product as fit (each product, and each site of it, costs a fixed overhead: a chunk of a few
+    rows of many sites would pay it per row), then as many sites as fit beside them. With
+    extras the final policy's rows count too (formed once per chunk of rows, shared by every
+    site). At least one row of one site is formed.
     """
-    per_row = n_sites + int(extras)
-    rows = max(1, min(n_rows, chunk_tokens // max(per_row, 1)))
+    if n_rows * (n_sites + int(extras)) <= chunk_tokens:
+        return max(n_rows, 1), max(n_sites, 1)
+    rows = max(1, min(n_rows, chunk_tokens // (1 + int(extras))))
     sites = max(1, min(n_sites, (chunk_tokens - int(extras) * rows) // rows))
     return rows, sites
 
