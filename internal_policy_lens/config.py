@@ -307,7 +307,7 @@ class PlotConfig:
     site: str | None = None
     """Site of the token heatmap (default: resid_post, else the first site analysed)."""
     samples: str | None = None
-    """Sample ids the figures read, comma-separated [default: the first samples up to 2,000,000
+    """Sample ids the figures read, comma-separated [default: the first samples up to 1,000,000
     token rows; the summary behind the stages covers every token]."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the stages shaded in the entropy-change figure."""
@@ -348,7 +348,7 @@ class ReportConfig:
     first analysed; a site the run lacks is an error)."""
     samples: str | None = None
     """Sample ids the page's charts and explorer read, comma-separated [default: the first
-    samples up to 2,000,000 token rows]."""
+    samples up to 1,000,000 token rows]."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the stages and the layer rule shown in the page."""
 

@@ -16,7 +16,7 @@ from ..folders import Folder
 
 RUN_TABLES: tuple[str, ...] = ("run.json", "summary.csv", "tokens.parquet", "deltas.parquet")
 """The files of a finished ``ipl entropy`` run folder."""
-FIGURE_ROWS = 2_000_000
+FIGURE_ROWS = 1_000_000
 """Token rows that a run's figures and report read at most, in whole samples (``summary.csv``
 covers every token)."""
 
