@@ -26,6 +26,9 @@ TORCH_FREE = (
     "internal_policy_lens.analysis.charts",
     "internal_policy_lens.analysis.report",
     "internal_policy_lens.runs.io",
+    "internal_policy_lens.runs.writer",  # the streamed finish: Arrow and pandas only
+    "internal_policy_lens.tables",  # summary_table, delta_table (entropy_table loads torch lazily)
+    "internal_policy_lens.tables.batch",
     "internal_policy_lens.train.folder",
     "internal_policy_lens.data.answers",
     "internal_policy_lens.cli",  # `ipl --help`, `ipl plot`: torch only where a command needs it
