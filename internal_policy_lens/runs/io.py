@@ -113,8 +113,8 @@ class RunFolder(Folder):
             missing = [str(w) for w in wanted if str(w) not in by_text]
             if missing:
                 raise ValueError(
-                    f"{self.path}: no sample {', '.join(missing)} in the run (it has "
-                    f"{len(known)} samples, e.g. {', '.join(list(by_text)[:5])})"
+                    f"sample {missing[0]!r} is not in the run {self.path} (it has {len(known)} "
+                    f"samples; its first sample ids: {', '.join(list(by_text)[:5])})"
                 )
             return [by_text[str(w)] for w in wanted]
         chosen, total = [], 0
