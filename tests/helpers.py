@@ -374,3 +374,13 @@ def browser_page(path, width: int = 1300, height: int = 900):
             yield page, errors, requests
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """``model`` runs eager attention in the block (position blocks run only there), then auto."""
+    model.set_attention("eager")
+    try:
+        yield model
+    finally:
+        model.set_attention("auto")

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import TEXTS, naive_table
+from helpers import TEXTS, eager_attention, naive_table
 from reference import entropy, hf_model, naive_logits, naive_sites
 
 from internal_policy_lens import SITES, delta_table, entropy_table, summary_table
@@ -133,8 +133,7 @@ def test_attention_budget_runs_position_blocks_with_the_same_table(
         return forward(self, ids, mask, stop_at_layer=stop_at_layer, past=past)
 
     monkeypatch.setattr(type(model), "forward", spy)
-    model.set_attention("eager")  # blocks bound eager attention's scores; sdpa forms none
-    try:
+    with eager_attention(model):  # blocks bound eager attention's scores; sdpa forms none
         blocked = entropy_table(
             model,
             TEXTS,
@@ -143,8 +142,6 @@ def test_attention_budget_runs_position_blocks_with_the_same_table(
             attention_mb=budget / 2**20,
             capture_mb=capture_mb,
         )
-    finally:
-        model.set_attention("auto")
     # Blocks of 4 positions over the whole length, each attending to every earlier position
     # through one cache per pass (with extras the final policy's inputs come first, in a pass of
     # their own).

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import FAMILY_ARCHS, TEXTS, naive_table
+from helpers import FAMILY_ARCHS, TEXTS, eager_attention, naive_table
 from reference import entropy, head, hf_model, naive_sites
 from typer.testing import CliRunner
 
@@ -170,8 +170,7 @@ def test_position_blocks_and_capture_budget_give_the_same_table(family, family_m
     whole = entropy_table(model, TEXTS, batch_size=3, extras=True)
     length = int(whole.position.max()) + 1
     budget = 3 * model.config.num_attention_heads * length * 4 * 4  # 4 positions per block
-    model.set_attention("eager")
-    try:
+    with eager_attention(model):  # blocks bound eager attention's scores; sdpa forms none
         blocked = entropy_table(
             model,
             TEXTS,
@@ -180,8 +179,6 @@ def test_position_blocks_and_capture_budget_give_the_same_table(family, family_m
             attention_mb=budget / 2**20,
             capture_mb=capture_mb,
         )
-    finally:
-        model.set_attention("auto")
     pd.testing.assert_frame_equal(whole, blocked, check_exact=False, atol=1e-5, rtol=0)
 
 
