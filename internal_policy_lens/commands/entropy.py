@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -57,7 +56,7 @@ from ..runs.shard import (
     write_meta,
 )
 from ..runs.writer import finish, start_folder, write_batch
-from ..tables.compute import batch_columns
+from ..tables.compute import batch_columns, decode_tokens
 
 if TYPE_CHECKING:
     from ..analysis.figures import FigureReport
@@ -335,7 +334,7 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
             cols = batch_columns(
                 model, lens, batch, keys, cfg.settings, cfg.response_only, cfg.extras, cfg.topk
             )
-            _decode(model.tokenizer, cols, vocab)
+            decode_tokens(model.tokenizer, cols, vocab)
             passes.append(cols.passes)
             write_batch(
                 folder,
@@ -353,14 +352,6 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
     if shard is not None:
         write_meta(folder, n_batches, len(records), truncated, cfg.topk > 0)
     return n_batches, truncated, passes
-
-
-def _decode(tokenizer, cols, vocab: dict[int, str]) -> None:
-    """Add the text of every token id of ``cols`` (its tokens and top-k) to ``vocab``, once each."""
-    ids = [cols.token_ids, *(s["topk_id"].reshape(-1) for s in cols.per_key if "topk_id" in s)]
-    for i in np.unique(np.concatenate(ids)).tolist() if cols.n else []:
-        if i not in vocab:
-            vocab[i] = tokenizer.decode([i])
 
 
 def merge_when_complete(out: Path) -> EntropyRun | None:

@@ -22,7 +22,7 @@ from .frames import (
     summary_table,
 )
 
-_TORCH = {"entropy_table": "compute", "token_text": "compute"}
+_TORCH = {"entropy_table": "compute"}
 
 __all__ = [
     "DELTA_COLUMNS",
@@ -34,7 +34,6 @@ __all__ = [
     "entropy_table",
     "merge_summaries",
     "summary_table",
-    "token_text",
 ]
 
 

@@ -128,18 +128,18 @@ def entropy_table(
         raise ValueError(f"the lens given is '{projector.kind}', the settings' '{settings.lens}'")
     projector.check(keys)
     as_text = any(not isinstance(e.sample_id, int) for e in encoded)
-    parts, tops = [], []
+    parts, tops, vocab = [], [], {}
     bar = tqdm(total=len(encoded), unit="sample", disable=not progress)
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
         cols = batch_columns(model, projector, batch, keys, settings, response_only, extras, topk)
-        parts.append(token_rows(cols, extras, None, as_text))
+        decode_tokens(model.tokenizer, cols, vocab)  # the same token texts as a run folder's
+        parts.append(token_rows(cols, extras, vocab, as_text))
         if topk > 0 and cols.n:
             tops.append(topk_rows(cols, None, as_text))
         bar.update(len(batch))
     bar.close()
     tokens = pa.concat_tables(parts).to_pandas()
-    tokens.insert(3, "token", token_text(model.tokenizer, tokens["token_id"]))
     if topk <= 0:
         return tokens
     top = pa.concat_tables(tops).to_pandas() if tops else pd.DataFrame(columns=list(TOPK_COLUMNS))
@@ -187,11 +187,9 @@ def _empty(extras: bool, topk: int) -> dict[str, np.ndarray]:
     return out
 
 
-def token_text(tokenizer, token_ids: pd.Series) -> pd.Series:
-    """The text of each token id (each distinct id decoded once).
-
-    Plain strings, not a categorical: tables of several calls concatenate without surprises.
-    """
-    unique = token_ids.unique().tolist()
-    text = dict(zip(unique, (tokenizer.decode([i]) for i in unique)))
-    return token_ids.map(text).astype(str)
+def decode_tokens(tokenizer, cols: BatchColumns, vocab: dict[int, str]) -> None:
+    """Add the text of every token id of ``cols`` (its tokens and top-k) to ``vocab``, once each."""
+    ids = [cols.token_ids, *(s["topk_id"].reshape(-1) for s in cols.per_key if "topk_id" in s)]
+    for i in np.unique(np.concatenate(ids)).tolist() if cols.n else []:
+        if i not in vocab:
+            vocab[i] = tokenizer.decode([i])
