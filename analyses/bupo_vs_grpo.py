@@ -220,7 +220,7 @@ PANELS = (
     ("reward", "reward (rollouts, mean of 4 steps)"),
     ("cos_hidden", "Δ cos(H^k, H^L-1)"),
     ("delta_ffn", "Δ (ΔH of layer k's FFN) (nats)"),
-    ("kl_internal", "Δ KL(π^k ‖ π^L-1) (nats)"),
+    ("kl_layer_other", "Δ KL(π^k ‖ π^L-1) (nats)"),
     ("perplexity", "Δ perplexity of π_θ (probe set)"),
 )
 

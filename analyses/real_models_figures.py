@@ -23,6 +23,7 @@ from internal_policy_lens.analysis.convergence import (  # noqa: E402
     drop_shape,
 )
 from internal_policy_lens.config import ConvergenceConfig  # noqa: E402
+from internal_policy_lens.runs.io import RunFolder  # noqa: E402
 
 LENSES = ("raw", "norm", "tuned")
 COLOURS = {"raw": "tab:red", "norm": "tab:blue", "tuned": "tab:green"}
@@ -55,9 +56,9 @@ def kl_convergence(folder: Path, n_layers: int) -> dict:
     the internal policy becomes the model's own, which entropy alone cannot tell when an
     internal policy is confident and wrong.
     """
-    columns = ["layer", "site", "kl_to_final"]
-    tokens = pd.read_parquet(folder / "tokens.parquet", columns=columns)
-    means = tokens.groupby(["site", "layer"], observed=True)["kl_to_final"].mean()
+    columns = ["layer", "site", "kl_internal_final"]
+    tokens = RunFolder(folder).tokens(columns=columns)  # older runs' names read as today's
+    means = tokens.groupby(["site", "layer"], observed=True)["kl_internal_final"].mean()
     rows = [("entropy", 0, "resid_pre", means["resid_pre", 0])]
     rows += [("entropy", lay, "resid_post", means["resid_post", lay]) for lay in range(n_layers)]
     curve = pd.DataFrame(rows, columns=["quantity", "layer", "name", "mean"])

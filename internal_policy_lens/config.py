@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .bundled import DEFAULT_MODEL, bundled_data
+from .statistics import Request
 
 LENSES: tuple[str, ...] = ("raw", "norm", "tuned")
 """How a site vector becomes logits (see :class:`~internal_policy_lens.lens.unembed.Lens`)."""
@@ -159,8 +160,11 @@ class EntropyConfig:
     response_only: bool = option(True, flags=("--response-only/--all-tokens",))
     """Keep only positions that predict response tokens (the paper averages over those)."""
     extras: bool = False
-    """Add next-token log-prob and rank, KL to the final policy, top-1 agreement and the
+    """Add next-token log-prob and rank, KL(internal ‖ final), top-1 agreement and the
     residual cosines ``cos_attn`` and ``cos_ffn`` of each layer."""
+    stats: list[str] | None = option(None, sep=",")
+    """Opt-in per-token statistics, comma-separated, one column each (``ipl stats`` lists
+    them)."""
     topk: int = option(5, min=0)
     """K most probable tokens of every policy into ``topk.parquet`` (0: none). Computed in the
     same pass as the entropies; 5 gives the report's logit-lens table."""
@@ -182,11 +186,18 @@ class EntropyConfig:
         """The lens settings of this run, as the one object the analysis takes."""
         return LensSettings(**{f.name: getattr(self, f.name) for f in fields(LensSettings)})
 
+    @property
+    def request(self) -> Request:
+        """The statistics of this run, as the reductions take them."""
+        return Request.of(self.extras, self.stats, self.topk)
+
     def identity(self) -> dict:
         """The fields that define the results; a resumed run must match them."""
         out = asdict(self)
         for name in ("overwrite", "force", "out", "device_map", "shard"):
             out.pop(name)
+        if not out["stats"]:  # as a run recorded before --stats existed
+            out.pop("stats")
         return out
 
 
@@ -433,7 +444,7 @@ class ProbeSettings:
     probe_samples: int = 16
     """Probe prompts (one response each, sampled at the first probe and kept)."""
     lens: str = LensSettings.lens
-    """Lens of the internal policies of ``kl_internal`` and of the entropies."""
+    """Lens of the internal policies of ``kl_layer_other`` and of the entropies."""
 
 
 @dataclass

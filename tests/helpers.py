@@ -262,7 +262,7 @@ def independent_probes(folder, records, k):
         nll.append(-final.gather(-1, nxt[:, None])[:, 0])
     for j in cos:
         out["cos_hidden", k, j] = torch.cat(cos[j]).mean().item()
-        out["kl_internal", k, j] = torch.cat(kl[j]).mean().item()
+        out["kl_layer_other", k, j] = torch.cat(kl[j]).mean().item()
     out["perplexity", None, None] = torch.cat(nll).mean().exp().item()
     return out
 
@@ -293,7 +293,7 @@ PROBE_QUANTITIES = {  # the quantities every probe writes (the training-probe sp
     "delta_attn",
     "delta_ffn",
     "cos_hidden",
-    "kl_internal",
+    "kl_layer_other",
     "perplexity",
 }
 

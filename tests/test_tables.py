@@ -222,12 +222,12 @@ def test_extras_match_naive(arch, models, tiny_dirs):
         np.testing.assert_array_equal(rows["next_token_rank"].iloc[:-1], rank)
         assert np.isnan(rows["next_token_logprob"].iloc[-1])
         assert rows["next_token_rank"].iloc[-1] == -1
-        np.testing.assert_allclose(rows["kl_to_final"], kl, atol=5e-6)
+        np.testing.assert_allclose(rows["kl_internal_final"], kl, atol=5e-6)
         agree = z.argmax(-1) == final_logp.argmax(-1)
         np.testing.assert_array_equal(rows["top1_agrees"], agree)
     final_rows = table[table.site == "final"]
     assert final_rows["top1_agrees"].all()
-    np.testing.assert_allclose(final_rows["kl_to_final"], 0, atol=1e-10)
+    np.testing.assert_allclose(final_rows["kl_internal_final"], 0, atol=1e-10)
 
 
 def test_delta_table_follows_definitions(models):

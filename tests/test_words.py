@@ -52,7 +52,7 @@ def test_eval_lens_table_orders_lenses_and_prints_no_negative_zero():
             "site": ["resid_post"] * 3,
             "layer": [1] * 3,
             "lens": ["tuned", "norm", "raw"],
-            "kl_to_final": [0.25, -3e-7, 4.0],
+            "kl_final_internal": [0.25, -3e-7, 4.0],
         }
     )
     text = kl_text(table)

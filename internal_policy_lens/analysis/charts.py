@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import seaborn as sns
 
+from ..statistics import Chart, charted
 from . import plots
 
 
@@ -84,19 +85,22 @@ def change_chart(deltas: pd.DataFrame, stages, tau: float, counts: str = "") -> 
     return _layout(fig, _titled(title, counts), "layer (0-based)", "entropy change ΔH (nats)")
 
 
-EXTRA_CHARTS = (
-    ("next_token_rank", "Rank of the actual next token (mean; 1 = top)", "rank (log axis)"),
-    ("kl_to_final", "KL(internal ‖ final) (mean)", "KL (nats)"),
-    ("top1_agrees", "Top-1 agreement with the final policy", "share of tokens"),
-    ("cosine", "Residual cosine: module write vs the stream it is added to (mean)", "cosine"),
-)
-"""The extras charts: a ``summary.csv`` quantity, the title and the y axis."""
+COSINE_CHART = Chart("Residual cosine: module write vs the stream it is added to (mean)", "cosine")
+
+
+def extra_charts() -> tuple[tuple[str, Chart], ...]:
+    """The per-layer charts beyond the entropy's: a ``summary.csv`` quantity and its chart.
+
+    Every statistic with a chart in the registry
+    (:func:`~internal_policy_lens.statistics.charted`), then the residual cosines.
+    """
+    return (*charted(), ("cosine", COSINE_CHART))
 
 
 def extras_charts(summary: pd.DataFrame, counts: str = "") -> dict[str, go.Figure]:
-    """One chart per extras quantity the summary holds, its points the summary's means."""
+    """One chart per charted quantity the summary holds, its points the summary's means."""
     charts = {}
-    for quantity, title, axis in EXTRA_CHARTS:
+    for quantity, chart in extra_charts():
         rows = summary[summary["quantity"] == quantity]
         if rows.empty:
             continue
@@ -114,8 +118,8 @@ def extras_charts(summary: pd.DataFrame, counts: str = "") -> dict[str, go.Figur
                 customdata=part["count"].astype(int).tolist(),
                 hovertemplate="layer %{x}<br>mean %{y:.4g}<br>%{customdata} tokens",
             )
-        _layout(fig, _titled(title, counts), "layer (0-based)", axis)
-        if quantity == "next_token_rank":
+        _layout(fig, _titled(chart.title, counts), "layer (0-based)", chart.axis)
+        if chart.log:
             fig.update_yaxes(type="log")
         charts[quantity] = fig
     return charts

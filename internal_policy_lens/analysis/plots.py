@@ -267,7 +267,7 @@ def next_token_extras(
 ) -> Figure:
     """Rank of the actual next token (median, log scale) and KL to the final policy, per layer.
 
-    Needs the extras columns ``next_token_rank`` and ``kl_to_final`` (``--extras``).
+    Needs the extras columns ``next_token_rank`` and ``kl_internal_final`` (``--extras``).
 
     Args:
         tokens: an entropy table with extras.
@@ -275,7 +275,7 @@ def next_token_extras(
             median and the 25th-75th percentile.
         title: figure title.
     """
-    missing = {"next_token_rank", "kl_to_final"} - set(tokens.columns)
+    missing = {"next_token_rank", "kl_internal_final"} - set(tokens.columns)
     if missing:
         raise ValueError(f"the table has no {', '.join(sorted(missing))} (run with --extras)")
     sites = _present(tokens, "site", ("attn_out", "mlp_out", "resid_post"), "sites")
@@ -285,7 +285,7 @@ def next_token_extras(
         rows = tokens[site == name]
         ranked = rows[rows["next_token_rank"] >= 1]  # -1: the position has no next token
         rank = band(ranked, "layer", "next_token_rank", "iqr", "median")
-        kl = band(rows.dropna(subset=["kl_to_final"]), "layer", "kl_to_final", spread)
+        kl = band(rows.dropna(subset=["kl_internal_final"]), "layer", "kl_internal_final", spread)
         _line(rank_ax, rank, SITE_COLOURS[name], name)
         _line(kl_ax, kl, SITE_COLOURS[name], name)
     rank_ax.set_yscale("log")
@@ -455,7 +455,7 @@ PROBE_PANELS = (
     ("cos_hidden", "cos(H^k, H^j)"),
     ("delta_ffn", "ΔH of layer k's FFN (nats)"),
     ("perplexity", "perplexity of π_θ"),
-    ("kl_internal", "KL(π^k ‖ π^j) (nats)"),
+    ("kl_layer_other", "KL(π^k ‖ π^j) (nats)"),
 )
 """Panels of :func:`probe_panels`: a probe quantity and its axis label (the paper's Figs. 4-5)."""
 
@@ -521,7 +521,7 @@ def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
     """KL(final || lens) per layer of ``site``, one line per lens, log scale (``ipl eval-lens``).
 
     Args:
-        table: ``ipl eval-lens``'s table (``layer, site, lens, kl_to_final, ...``). A KL of
+        table: ``ipl eval-lens``'s table (``layer, site, lens, kl_final_internal, ...``). A KL of
             zero (the last layer under the norm and tuned lenses) is drawn at the axis floor.
         site: the site drawn.
     """
@@ -537,7 +537,7 @@ def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
         rows = frame[frame["lens"] == lens].sort_values("layer")
         ax.plot(
             rows["layer"],
-            rows["kl_to_final"].clip(lower=floor),
+            rows["kl_final_internal"].clip(lower=floor),
             color=colour,
             marker="o",
             label=lens,

@@ -56,6 +56,7 @@ from ..runs.shard import (
     write_meta,
 )
 from ..runs.writer import finish, start_folder, write_batch
+from ..statistics import statistic_facts
 from ..tables.compute import batch_columns, decode_tokens
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     # Every option is checked before anything is written or loaded (the layer range against
     # the model's config.json alone, when it is at hand without the network).
     cfg.settings.check()
+    cfg.request  # noqa: B018 - unknown statistics fail here
     resolve_sites(cfg.sites)
     check_lens_path(cfg.settings)
     n_layers = config_layers(cfg.model, cfg.revision)
@@ -259,6 +261,8 @@ def _facts(cfg: EntropyConfig, model: PolicyModel, lens: Lens, identity: dict) -
         # What the precision runs for this model on its device (the mode, dtypes and why).
         "precision": lens.chosen.record(),
         "lens": lens_facts(lens),
+        # Every statistic the tables hold: its unit and definition.
+        "statistics": statistic_facts(cfg.request),
         "versions": versions(),
     }
 
@@ -322,6 +326,7 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
     folder = out / "parts"
     folder.mkdir(exist_ok=True)
     keys = site_keys(model, cfg.sites, cfg.layers)
+    request = cfg.request
     as_text = any(not isinstance(e.sample_id, int) for e in encoded)  # one type for the run
     n_batches = -(-len(encoded) // cfg.batch_size)
     mine = [b for b in range(n_batches) if owns(shard, b)]
@@ -332,7 +337,7 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
         batch = encoded[number * cfg.batch_size : (number + 1) * cfg.batch_size]
         if not part_path(folder, number).is_file():
             cols = batch_columns(
-                model, lens, batch, keys, cfg.settings, cfg.response_only, cfg.extras, cfg.topk
+                model, lens, batch, keys, cfg.settings, cfg.response_only, request, cfg.extras
             )
             decode_tokens(model.tokenizer, cols, vocab)
             passes.append(cols.passes)
@@ -340,7 +345,6 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
                 folder,
                 number,
                 cols,
-                extras=cfg.extras,
                 topk=cfg.topk,
                 vocab=vocab,
                 as_text=as_text,

@@ -18,9 +18,10 @@ from ..lens.sites import SITES
 from ..lens.tuned import FIT_HINT, LensFolderError, folder_hash, lens_folder, read_lens
 from ..lens.unembed import Lens
 from ..model.load import load_model
+from ..statistics import LENS_EVAL_RENAMES, renamed_columns
 from .entropy import ensure_responses
 
-EVAL_COLUMNS = ("layer", "site", "lens", "kl_to_final", "next_token_ce", "top1_agrees")
+EVAL_COLUMNS = ("layer", "site", "lens", "kl_final_internal", "next_token_ce", "top1_agrees")
 EVAL_META = "lens_eval.json"
 """Beside lens_eval.csv: the settings and hashes it was computed from."""
 _log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def kl_text(table: pd.DataFrame) -> str:
 
     Rounding error just below zero prints as 0.0000, not -0.0000.
     """
-    wide = table.pivot_table(index=["site", "layer"], columns="lens", values="kl_to_final")
+    wide = table.pivot_table(index=["site", "layer"], columns="lens", values="kl_final_internal")
     wide = wide[[lens for lens in LENSES if lens in wide.columns]]
     return wide.to_string(float_format=lambda v: f"{v:.4f}".replace("-0.0000", "0.0000"))
 
@@ -73,7 +74,7 @@ def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
             "nothing was changed, pass --force to evaluate again",
             cfg.out,
         )
-        return pd.read_csv(folder.path / "lens_eval.csv")
+        return renamed_columns(pd.read_csv(folder.path / "lens_eval.csv"), LENS_EVAL_RENAMES)
     model = load_model(cfg.model, dtype="float32", device=cfg.device)
     lens_path = lens_folder(cfg.lens_path, model.name)
     translators, meta = read_lens(lens_path, model)  # refuses a missing folder
@@ -145,9 +146,10 @@ def fit(cfg: FitLensConfig, progress: bool) -> str:
             f"Nothing to do: {cfg.out}/ holds this lens, complete (same configuration, finished "
             f"{meta.get('finished')}); nothing was changed. Pass --force to fit it again."
         )
-    evaluation = meta["heldout"]["evaluation"]
+    rows = meta["heldout"]["evaluation"]
     kl = {
-        lens: [r["kl_to_final"] for r in evaluation if r["lens"] == lens]
+        # lens.json files written before the KL was named by direction call it kl_to_final
+        lens: [r.get("kl_final_internal", r.get("kl_to_final")) for r in rows if r["lens"] == lens]
         for lens in ("norm", "tuned")
     }
     mean = {lens: sum(values) / len(values) for lens, values in kl.items()}

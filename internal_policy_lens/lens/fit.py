@@ -30,6 +30,7 @@ from ..data.encode import encode_inputs
 from ..folders import Folder, FolderState, folder_state, now, versions
 from ..model.batch import pad
 from ..model.load import PolicyModel
+from ..statistics import Request
 from .capture import capture
 from .logprob import lens_logprobs
 from .reduce import site_stats
@@ -80,7 +81,9 @@ def collect_rows(
     return Rows(vectors, final, torch.cat(nexts), [e.sample_id for e in encoded])
 
 
-def kl_to_final(lens: Lens, x: torch.Tensor, key: SiteKey, target: torch.Tensor) -> torch.Tensor:
+def kl_final_internal(
+    lens: Lens, x: torch.Tensor, key: SiteKey, target: torch.Tensor
+) -> torch.Tensor:
     """KL(final || lens) per row ``[rows]`` (nats), ``target`` the final log-probabilities."""
     logp = lens_logprobs(lens, x, *key).all  # [rows, vocab]
     return (target.exp() * (target - logp)).sum(-1)
@@ -99,8 +102,9 @@ def lens_metrics(lens: Lens, rows: Rows, chunk: int = 4096) -> pd.DataFrame:
     acts = {key: x[None] for key, x in [*rows.acts.items(), (final, rows.final)]}  # [1, n, d]
     place = {"dtype": torch.long, "device": rows.final.device}
     index = (torch.zeros(n, **place), torch.arange(n, **place))
+    request = Request(("kl_final_internal", "next_token_logprob", "top1_agrees"))
     stats = site_stats(
-        lens, acts, list(acts), index, next_ids=rows.next_ids, chunk_tokens=chunk, kl_from=True
+        lens, acts, list(acts), index, request, next_ids=rows.next_ids, chunk_tokens=chunk
     )
     out = []
     for key in rows.acts:
@@ -111,7 +115,7 @@ def lens_metrics(lens: Lens, rows: Rows, chunk: int = 4096) -> pd.DataFrame:
                 layer=layer,
                 site=site,
                 lens=lens.kind,
-                kl_to_final=_mean(columns["kl_from_final"], n),
+                kl_final_internal=_mean(columns["kl_final_internal"], n),
                 next_token_ce=-_mean(columns["next_token_logprob"], n),
                 top1_agrees=_mean(columns["top1_agrees"], n),
             )
@@ -238,7 +242,7 @@ def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: Folder, progress, o
         with torch.no_grad():  # the rows wait on the host; a batch of them goes to the model
             target = lens_logprobs(lens, rows.final[batch].to(model.device), "final").all
         loss = sum(
-            kl_to_final(lens, rows.acts[key][batch].to(model.device), key, target).mean()
+            kl_final_internal(lens, rows.acts[key][batch].to(model.device), key, target).mean()
             for key in keys
         )
         for group in opt.param_groups:  # linear decay to zero, no warm-up

@@ -33,14 +33,6 @@ MODULES: dict[str, tuple[str, str]] = {
 }
 
 
-EXTRA_COLUMNS: tuple[str, ...] = (
-    "next_token_logprob",
-    "next_token_rank",
-    "kl_to_final",
-    "top1_agrees",
-)
-"""The extras of every policy: the actual next token's log-probability and rank (1 = top),
-KL(internal || final) and whether the internal top-1 is the final policy's."""
 COSINE_COLUMNS: tuple[str, ...] = ("cos_attn", "cos_ffn")
 """Per token and layer: how each module's write lines up with the stream it is added to."""
 

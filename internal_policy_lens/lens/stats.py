@@ -3,9 +3,9 @@
 Pads the batch and runs the decoder once (``lens.capture.streamed_rows``): each site's kept rows
 are gathered as its layer computes them and reduced through the reductions' dispatcher
 (``lens.reduce``) whenever the gathered rows reach the ``capture_mb`` budget, so that what a
-batch holds is bounded by design, not by running the decoder again. With the extras a first
-pass reads the final policy's inputs (``final``'s kept rows), against which every site's KL and
-top-1 agreement are then taken: two passes. :mod:`internal_policy_lens.tables` turns the result
+batch holds is bounded by design, not by running the decoder again. Statistics against the
+final policy (the extras' KL and top-1 agreement) take a first pass for its inputs (``final``'s
+kept rows): two passes. :mod:`internal_policy_lens.tables` turns the result
 into tables.
 """
 
@@ -20,6 +20,7 @@ from ..config import LensSettings
 from ..data.encode import Encoded
 from ..model.batch import pad
 from ..model.load import PolicyModel
+from ..statistics import Request
 from .capture import streamed_rows
 from .reduce import cosine_keys, residual_cosines, site_stats
 from .sites import SiteKey, source_key
@@ -36,7 +37,7 @@ class BatchStats:
         token_ids: ``[n]`` the token at that position.
         stats: ``distinct key -> column -> [n]`` (``[n, K]`` for the top-k), keyed by the
             vector each site reads (``resid_pre[l]`` is ``resid_post[l-1]``, see ``source_key``).
-        cosines: ``layer -> cos_attn / cos_ffn -> [n]`` (with extras).
+        cosines: ``layer -> cos_attn / cos_ffn -> [n]`` (when asked for).
         passes: forward passes of the decoder (position blocks counted once per pass).
     """
 
@@ -62,15 +63,18 @@ def kept_positions(batch: list[Encoded], mask: torch.Tensor, response_only: bool
 @torch.no_grad()
 def batch_stats(
     model: PolicyModel,
-    projector: Lens,
+    lens: Lens,
     batch: list[Encoded],
     keys: list[SiteKey],
     settings: LensSettings,
     response_only: bool,
-    extras: bool,
-    topk: int,
+    request: Request,
+    cosines: bool = False,
 ) -> BatchStats:
-    """Entropy (+ extras, cosines and top-k) of every distinct vector of ``keys`` in ``batch``."""
+    """``request``'s statistics (and the cosines) of every distinct vector of ``keys`` in ``batch``.
+
+    Statistics against the final policy take a first pass for its inputs.
+    """
     ids, mask = pad(
         [e.input_ids for e in batch], model.tokenizer.pad_token_id, model.device, side="right"
     )
@@ -83,9 +87,12 @@ def batch_stats(
         return out
     rows = (rows_b, rows_t)
     reference = None
-    if extras:
+    next_ids = None
+    if request.needs("next_token"):
         nxt = torch.full_like(ids, -1)
         nxt[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
+        next_ids = nxt[rows_b, rows_t]
+    if request.needs("reference"):
         # The first pass: the final policy's inputs at the kept rows, [n, d_model].
         final = ("final", model.n_layers - 1)
         inputs = torch.empty(len(rows_b), model.d_model, dtype=model.dtype, device=model.device)
@@ -96,9 +103,9 @@ def batch_stats(
         streamed_rows(model, ids, mask, [final], rows, settings, keep_final)
         out.passes += 1
         distinct = [key for key in distinct if key != final]
-        reference = (final, inputs, nxt[rows_b, rows_t])
-    cos_layers = sorted({layer for site, layer in keys if site != "final"}) if extras else []
-    sink = _Gathered(projector, out, settings, topk, model.parallel, reference)
+        reference = (final, inputs)
+    cos_layers = sorted({layer for site, layer in keys if site != "final"}) if cosines else []
+    sink = _Gathered(lens, out, settings, request, model.parallel, reference, next_ids)
     sink.wanted(distinct, cosine_keys(cos_layers, model.parallel))
     streamed_rows(model, ids, mask, sink.hooked, rows, settings, sink.add, sink.flush)
     out.passes += 1
@@ -108,16 +115,16 @@ def batch_stats(
 class _Gathered:
     """The kept rows of the sites gathered during a pass, reduced when they reach the budget.
 
-    Statistics go to ``out.stats`` by key (``final`` too, with the extras), cosines to
-    ``out.cosines`` by layer as soon as a layer's vectors are in. ``reference``, with the
-    extras: the final key, its inputs ``[n, d_model]`` and the next tokens ``[n]``.
+    Statistics go to ``out.stats`` by key (``final`` too, when it is the reference), cosines to
+    ``out.cosines`` by layer as soon as a layer's vectors are in. ``reference``: the final key
+    and its inputs ``[n, d_model]``; ``next_ids``: the next tokens ``[n]``.
     """
 
-    def __init__(self, projector, out, settings, topk, parallel, reference=None):
-        self.projector, self.out, self.topk, self.parallel = projector, out, topk, parallel
+    def __init__(self, lens, out, settings, request, parallel, reference=None, next_ids=None):
+        self.lens, self.out, self.request, self.parallel = lens, out, request, parallel
         self.chunk_tokens = settings.chunk_tokens
         self.budget = settings.capture_mb * 2**20
-        self.reference = reference
+        self.reference, self.next_ids = reference, next_ids
         self.pending: dict[SiteKey, torch.Tensor] = {}
         self.cosine: dict[SiteKey, torch.Tensor] = {}
 
@@ -145,19 +152,17 @@ class _Gathered:
         acts = {key: x.unsqueeze(0) for key, x in self.pending.items()}  # [1, m, d_model]
         self.pending = {}
         index = _all_rows(len(at), acts[keys[0]].device)
-        next_ids = None
         if self.reference is not None:  # the final policy joins every reduction
-            final, inputs, next_tokens = self.reference
+            final, inputs = self.reference
             acts[final] = inputs[at.to(inputs.device)].unsqueeze(0)
             keys.append(final)
-            next_ids = next_tokens[at]
         part = site_stats(
-            self.projector,
+            self.lens,
             acts,
             keys,
             index,
-            next_ids=next_ids,
-            topk=self.topk,
+            self.request,
+            next_ids=None if self.next_ids is None else self.next_ids[at],
             chunk_tokens=self.chunk_tokens,
         )
         n, idx = len(self.out.rows_b), at.numpy()

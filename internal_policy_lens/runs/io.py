@@ -11,8 +11,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from ..folders import Folder
+from ..statistics import TOKEN_RENAMES, renamed_columns, renamed_values
 
 RUN_TABLES: tuple[str, ...] = ("run.json", "summary.csv", "tokens.parquet", "deltas.parquet")
 """The files of a finished ``ipl entropy`` run folder."""
@@ -55,8 +57,9 @@ class RunFolder(Folder):
         return str(self.info["config"]["lens"])
 
     def summary(self) -> pd.DataFrame:
-        """``summary.csv``."""
-        return pd.read_csv(self.path / "summary.csv")
+        """``summary.csv`` (quantities of an older run under today's names)."""
+        frame = pd.read_csv(self.path / "summary.csv")
+        return renamed_values(frame, "quantity", TOKEN_RENAMES)
 
     def tokens(
         self,
@@ -75,7 +78,13 @@ class RunFolder(Folder):
             >>> run.tokens(samples=[3], sites=["resid_post"], columns=["position", "entropy"])
         """
         filters = _filters(sample_id=samples, layer=layers, site=sites)
-        return read_parquet(self.path / "tokens.parquet", filters=filters, columns=columns)
+        path = self.path / "tokens.parquet"
+        if columns is not None:  # an older run's file holds some columns under older names
+            held = set(pq.read_schema(path).names)
+            older = {new: old for old, new in TOKEN_RENAMES.items() if old in held}
+            columns = [older.get(c, c) for c in columns]
+        frame = read_parquet(path, filters=filters, columns=columns)
+        return renamed_columns(frame, TOKEN_RENAMES)
 
     def deltas(
         self, *, samples: Iterable | None = None, layers: Iterable[int] | None = None

@@ -68,7 +68,6 @@ def write_batch(
     number: int,
     cols: BatchColumns,
     *,
-    extras: bool,
     topk: int,
     vocab: dict[int, str],
     as_text: bool,
@@ -78,8 +77,8 @@ def write_batch(
     if topk > 0:
         _write(folder, topk_path(parts, number), topk_rows(cols, vocab, as_text))
     _write(folder, deltas_path(parts, number), delta_rows(cols, as_text))
-    folder.write_parquet(moments_path(parts, number).name, batch_moments(cols, extras))
-    tokens = token_rows(cols, extras, vocab, as_text)
+    folder.write_parquet(moments_path(parts, number).name, batch_moments(cols))
+    tokens = token_rows(cols, vocab, as_text)
     _write(folder, part_path(parts, number), tokens)
     return tokens.num_rows
 

@@ -17,8 +17,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..lens.sites import COSINE_COLUMNS, EXTRA_COLUMNS, MODULES, SITES, SiteKey
-from .frames import MOMENT_COLUMNS, SUMMARY_EXTRAS, moments
+from ..lens.sites import COSINE_COLUMNS, MODULES, SITES, SiteKey
+from ..statistics import STATISTICS, summarised, table_columns
+from .frames import MOMENT_COLUMNS, moments
 
 _SITE_NAMES = pa.array(SITES)
 _MODULE_NAMES = pa.array(list(MODULES))
@@ -32,8 +33,10 @@ class BatchColumns:
         samples: the batch's sample ids (ints, or strings), one per sequence.
         rows_b: ``[n]`` the sequence of each kept row; ``positions``, ``token_ids``: ``[n]``.
         keys: the (site, layer) keys of the table, in order.
-        per_key: for each key, its columns (``entropy``, extras, ``topk_id`` / ``topk_prob``).
-        cosines: ``layer -> cos_attn / cos_ffn -> [n]`` (with the extras).
+        per_key: for each key, its columns (the statistics, ``topk_id`` / ``topk_prob``).
+        cosines: ``layer -> cos_attn / cos_ffn -> [n]`` (when ``with_cosines``).
+        statistics: the statistics' names, in the tables' order (registry order).
+        with_cosines: the tables carry the residual cosines (with the extras).
         passes: forward passes of the decoder that computed them.
     """
 
@@ -44,6 +47,8 @@ class BatchColumns:
     keys: list[SiteKey]
     per_key: list[dict[str, np.ndarray]]
     cosines: dict[int, dict[str, np.ndarray]]
+    statistics: tuple[str, ...] = ("entropy",)
+    with_cosines: bool = False
     passes: int = 0
 
     @property
@@ -60,10 +65,8 @@ def sample_array(samples: Sequence, as_text: bool) -> pa.Array:
     )
 
 
-def token_rows(
-    cols: BatchColumns, extras: bool, vocab: dict[int, str] | None, as_text: bool
-) -> pa.Table:
-    """``sample_id, position, token_id, [token,] layer, site, entropy`` (+ extras, cosines)."""
+def token_rows(cols: BatchColumns, vocab: dict[int, str] | None, as_text: bool) -> pa.Table:
+    """``sample_id, position, token_id, [token,] layer, site, entropy`` (+ statistics, cosines)."""
     k = len(cols.keys)
     rows = np.repeat(np.arange(cols.n), k)
     table = {
@@ -75,9 +78,9 @@ def token_rows(
         table["token"] = texts(cols.token_ids[rows], vocab)
     table["layer"] = pa.array(np.tile([layer for _, layer in cols.keys], cols.n).astype(np.int16))
     table["site"] = _names(np.tile([SITES.index(s) for s, _ in cols.keys], cols.n), _SITE_NAMES)
-    for column in ("entropy", *(EXTRA_COLUMNS if extras else ())):
+    for column in table_columns(cols.statistics):
         table[column] = pa.array(_matrix(cols, column).reshape(-1))
-    for column in COSINE_COLUMNS if extras else ():
+    for column in COSINE_COLUMNS if cols.with_cosines else ():
         missing = np.full(cols.n, np.nan)
         matrix = np.stack(
             [missing if s == "final" else cols.cosines[layer][column] for s, layer in cols.keys],
@@ -128,19 +131,20 @@ def delta_rows(cols: BatchColumns, as_text: bool) -> pa.Table:
     )
 
 
-def batch_moments(cols: BatchColumns, extras: bool) -> pd.DataFrame:
+def batch_moments(cols: BatchColumns) -> pd.DataFrame:
     """The batch's moments per (quantity, layer, name): what its summary merges (float64)."""
     parts = []
     names = [(layer, site) for site, layer in cols.keys]
     parts.append(_moments("entropy", names, _matrix(cols, "entropy")))
     pairs, deltas = _deltas(cols)
     parts.append(_moments("delta", [(layer, list(MODULES)[m]) for layer, m in pairs], deltas))
-    for column in SUMMARY_EXTRAS if extras else ():
+    for column in summarised(cols.statistics):
         values = _matrix(cols, column).astype(np.float64)
-        if column == "next_token_rank":  # -1 where no next token is analysed
-            values[values < 1] = np.nan
+        low = STATISTICS[column].counted_from
+        if low is not None:  # below it: undefined (a rank of -1: no next token analysed)
+            values[values < low] = np.nan
         parts.append(_moments(column, names, values))
-    if extras:
+    if cols.with_cosines:
         layers = sorted(cols.cosines)
         for column in COSINE_COLUMNS:
             values = np.stack([cols.cosines[layer][column] for layer in layers], axis=1)

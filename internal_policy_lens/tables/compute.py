@@ -2,7 +2,7 @@
 
 Records become token ids (``data.encode``), then per-row statistics of every internal policy
 (``lens.stats``: the streamed forward, logits and their reductions), then tables
-(``tables.batch``). No tensors are computed here.
+(``tables.batch``). This module only calls the tensor pipeline; it computes no statistic itself.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 from ..config import LensSettings
 from ..data.encode import Encoded, encode_inputs
 from ..lens.capture import site_keys
-from ..lens.sites import COSINE_COLUMNS, EXTRA_COLUMNS, SiteKey, source_key
+from ..lens.sites import COSINE_COLUMNS, SiteKey, source_key
 from ..lens.stats import batch_stats
 from ..lens.tuned import make_lens
 from ..lens.unembed import Lens
 from ..model.device import exact_kernels
 from ..model.load import PolicyModel
+from ..statistics import STATISTICS, Request, table_columns
 from .batch import BatchColumns, token_rows, topk_rows
 from .frames import TOPK_COLUMNS
 
@@ -31,12 +32,13 @@ def entropy_table(
     model: PolicyModel,
     inputs: Sequence,
     *,
-    lens: str | None = None,
+    lens: str | Lens | None = None,
     lens_path: str | None = None,
     sites: Iterable[str] | str | None = None,
     layers: Iterable[int] | str | None = None,
     response_only: bool = False,
     extras: bool = False,
+    stats: Iterable[str] | str | None = None,
     topk: int = 0,
     batch_size: int = 8,
     chunk_tokens: int | None = None,
@@ -44,8 +46,8 @@ def entropy_table(
     capture_mb: float | None = None,
     attention_mb: float | None = None,
     settings: LensSettings | None = None,
-    projector: Lens | None = None,
     progress: bool = False,
+    **parameters: float,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Entropy (nats) of every internal policy at every position (and, with ``topk``, its top-k).
 
@@ -55,7 +57,10 @@ def entropy_table(
             or records ``{"prompt", "response", "sample_id"}`` (chat template applied).
         lens: ``raw`` (paper, no final norm; the default), ``norm`` (logit lens) or ``tuned``
             (a translator per site and layer, then the final norm; every analysed site and
-            layer needs one in the lens folder).
+            layer needs one in the lens folder); or a ready
+            :class:`~internal_policy_lens.lens.unembed.Lens` (``ipl entropy`` makes one per
+            run and passes it to every batch; else one is made here from the settings:
+            precision chosen, unembedding cast, lens folder read).
         lens_path: folder of the tuned lens (``ipl fit-lens``, or the tuned-lens package's
             ``config.json`` + ``params.pt``); default for a bundled model: its shipped lens.
         sites: subset of :data:`SITES` (default all).
@@ -66,13 +71,16 @@ def entropy_table(
             default it keeps every position; ``ipl entropy`` always has records with responses
             and averages over the response tokens as the paper does. Pass
             ``response_only=True`` for the rows of an ``ipl entropy`` run's ``tokens.parquet``.
-        extras: add ``next_token_logprob``, ``next_token_rank`` (1 = top), ``kl_to_final``
-            (KL(internal || final), nats) and ``top1_agrees``; and the residual cosines of the
+        extras: add ``next_token_logprob``, ``next_token_rank`` (1 = top),
+            ``kl_internal_final`` (KL(internal ‖ final), nats) and ``top1_agrees``; and the
+            residual cosines of the
             row's layer, ``cos_attn`` = cos(attn_out, resid_pre) and ``cos_ffn`` =
             cos(mlp_out, resid_mid) (in a parallel block, GPT-NeoX, which has no resid_mid:
             cos(mlp_out, resid_pre)), computed in float64 from the captured vectors. They
             belong to the (token, layer), not to the site: every site's row of the layer
             carries the same value (NaN on the ``final`` rows).
+        stats: opt-in statistics to add (names or one comma-separated string; see
+            :func:`internal_policy_lens.statistics.opt_in`), one column each.
         topk: K > 0 also returns every policy's K most probable tokens, computed in the same
             pass over each chunk's logits (no second product); the entropy table is the same
             as without it.
@@ -96,13 +104,12 @@ def entropy_table(
         settings: the lens, its folder and the five above as one
             :class:`~internal_policy_lens.config.LensSettings` (what ``ipl entropy``
             passes); the keyword arguments given replace its fields.
-        projector: a ready :class:`~internal_policy_lens.lens.unembed.Lens` of the settings'
-            lens (``ipl entropy`` makes one per run and passes it to every batch); default:
-            made here from the settings (precision chosen, unembedding cast, lens folder read).
         progress: show a progress bar.
+        parameters: the statistics' parameters by name (e.g. ``nucleus_p``).
 
     Returns:
-        Columns ``sample_id, position, token_id, token, layer, site, entropy`` (+ extras), sorted
+        Columns ``sample_id, position, token_id, token, layer, site, entropy`` (+ the other
+        statistics in registry order, then the cosines), sorted
         by sample, position, layer and site. ``position`` is 0-based in the input sequence,
         ``token_id`` is the token at that position and ``token`` its text; the policy there
         predicts position + 1. With ``topk`` K > 0, the pair ``(tokens, topk)`` where ``topk``
@@ -110,8 +117,9 @@ def entropy_table(
         token_id, prob``): K rows per row of ``tokens``, in the same order, ``rank`` 1 the most
         probable, ``prob`` in the lens's policy.
     """
+    ready = None if lens is None or isinstance(lens, str) else lens
     settings = (settings or LensSettings()).update(
-        lens=lens,
+        lens=lens if ready is None else ready.kind,
         lens_path=lens_path,
         precision=precision,
         chunk_tokens=chunk_tokens,
@@ -122,19 +130,19 @@ def entropy_table(
     if response_only and any(e.response_start is None for e in encoded):
         raise ValueError("response_only=True needs records with a 'response' for every input")
     keys = site_keys(model, sites, layers)
-    if projector is None:
-        projector = make_lens(model, settings)
-    elif projector.kind != settings.lens:
-        raise ValueError(f"the lens given is '{projector.kind}', the settings' '{settings.lens}'")
-    projector.check(keys)
+    request = Request.of(extras, stats, topk, **parameters)
+    ready = make_lens(model, settings) if ready is None else ready
+    ready.check(keys)
     as_text = any(not isinstance(e.sample_id, int) for e in encoded)
     parts, tops, vocab = [], [], {}
     bar = tqdm(total=len(encoded), unit="sample", disable=not progress)
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        cols = batch_columns(model, projector, batch, keys, settings, response_only, extras, topk)
+        cols = batch_columns(
+            model, ready, batch, keys, settings, response_only, request, extras
+        )
         decode_tokens(model.tokenizer, cols, vocab)  # the same token texts as a run folder's
-        parts.append(token_rows(cols, extras, vocab, as_text))
+        parts.append(token_rows(cols, vocab, as_text))
         if topk > 0 and cols.n:
             tops.append(topk_rows(cols, None, as_text))
         bar.update(len(batch))
@@ -148,20 +156,20 @@ def entropy_table(
 
 def batch_columns(
     model: PolicyModel,
-    projector: Lens,
+    lens: Lens,
     batch: list[Encoded],
     keys: list[SiteKey],
     settings: LensSettings,
     response_only: bool,
-    extras: bool,
-    topk: int,
+    request: Request,
+    cosines: bool = False,
 ) -> BatchColumns:
-    """The statistics of every key of ``keys`` at the kept rows of ``batch``, as numpy columns."""
-    with exact_kernels(projector.precision == "exact" and model.device.type == "cuda"):
-        found = batch_stats(model, projector, batch, keys, settings, response_only, extras, topk)
+    """``request``'s statistics (and cosines) of every key of ``keys`` at ``batch``'s kept rows."""
+    with exact_kernels(lens.precision == "exact" and model.device.type == "cuda"):
+        found = batch_stats(model, lens, batch, keys, settings, response_only, request, cosines)
     if not found.stats:  # no kept row: typed empty columns, so that batches concatenate
-        found.stats = {source_key(*key): _empty(extras, topk) for key in keys}
-        layers = {layer for site, layer in keys if site != "final"} if extras else ()
+        found.stats = {source_key(*key): _empty(request) for key in keys}
+        layers = {layer for site, layer in keys if site != "final"} if cosines else ()
         found.cosines = {layer: {c: np.empty(0) for c in COSINE_COLUMNS} for layer in layers}
     return BatchColumns(
         samples=[e.sample_id for e in batch],
@@ -171,18 +179,21 @@ def batch_columns(
         keys=keys,
         per_key=[found.stats[source_key(*key)] for key in keys],
         cosines=found.cosines,
+        statistics=table_columns(request.statistics),
+        with_cosines=cosines,
         passes=found.passes,
     )
 
 
-def _empty(extras: bool, topk: int) -> dict[str, np.ndarray]:
-    dtypes = {"next_token_rank": np.int64, "top1_agrees": np.bool_}
-    columns = ("entropy", *(EXTRA_COLUMNS if extras else ()))
-    out = {name: np.empty(0, dtypes.get(name, np.float32)) for name in columns}
-    if topk > 0:
+_NUMPY_DTYPES = {"float": np.float32, "int64": np.int64, "bool": np.bool_}
+
+
+def _empty(request: Request) -> dict[str, np.ndarray]:
+    out = {n: np.empty(0, _NUMPY_DTYPES[STATISTICS[n].dtype]) for n in request.statistics}
+    if request.topk > 0:
         out |= {
-            "topk_id": np.empty((0, topk), np.int64),
-            "topk_prob": np.empty((0, topk), np.float32),
+            "topk_id": np.empty((0, request.topk), np.int64),
+            "topk_prob": np.empty((0, request.topk), np.float32),
         }
     return out
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..lens.sites import COSINE_COLUMNS, MODULES, SITES
+from ..statistics import STATISTICS, in_group, summarised
 
 TABLE_COLUMNS: tuple[str, ...] = (
     "sample_id",
@@ -27,8 +28,9 @@ DELTA_COLUMNS: tuple[str, ...] = ("sample_id", "position", "layer", "module", "d
 SUMMARY_COLUMNS: tuple[str, ...] = ("quantity", "layer", "name", "mean", "std", "count")
 MOMENT_COLUMNS: tuple[str, ...] = ("quantity", "layer", "name", "count", "mean", "m2")
 """A summary before it is finished: what merges exactly across batches."""
-SUMMARY_EXTRAS: tuple[str, ...] = ("next_token_rank", "kl_to_final", "top1_agrees")
-"""The extras columns that summary_table averages per (layer, site)."""
+SUMMARY_EXTRAS: tuple[str, ...] = summarised(in_group("extras"))
+"""The extras columns that summary_table averages per (layer, site) (see
+:func:`~internal_policy_lens.statistics.summarised` for every statistic's)."""
 TOPK_COLUMNS: tuple[str, ...] = (
     "sample_id",
     "position",
@@ -65,21 +67,22 @@ def delta_table(table: pd.DataFrame) -> pd.DataFrame:
 def summary_table(table: pd.DataFrame, deltas: pd.DataFrame | None = None) -> pd.DataFrame:
     """Mean, std and count of entropy, delta and (with the extras) residual cosine per layer.
 
-    Entropy per (layer, site), delta per (layer, module), cosine per layer and module; with the
-    extras also ``next_token_rank``, ``kl_to_final`` and ``top1_agrees`` (the share of tokens
-    whose top-1 is the final policy's) per (layer, site).
+    Entropy per (layer, site), delta per (layer, module), cosine per layer and module; and
+    every other statistic of ``table`` that the summary averages (the registry's
+    ``summary``), per (layer, site): with the extras ``next_token_rank``,
+    ``kl_internal_final`` and ``top1_agrees`` (the share of tokens whose top-1 is the final
+    policy's).
 
-    Returns columns ``quantity`` (``entropy``, ``delta``, ``cosine`` or an extra), ``layer``,
+    Returns columns ``quantity`` (``entropy``, ``delta``, ``cosine`` or a statistic), ``layer``,
     ``name`` (the site, the module, or ``attn``/``ffn`` for ``cos_attn``/``cos_ffn``), ``mean``,
     ``std``, ``count``. A cosine counts each (token, layer) once, not once per site.
     """
     deltas = delta_table(table) if deltas is None else deltas
     sources = [("entropy", table, "site", "entropy"), ("delta", deltas, "module", "delta")]
-    for column in SUMMARY_EXTRAS:
-        if column in table.columns:
-            # next_token_rank is -1 (next_token_logprob NaN) where no next token is analysed.
-            frame = table[table[column] >= 1] if column == "next_token_rank" else table
-            sources.append((column, frame.astype({column: float}), "site", column))
+    for column in summarised(table.columns):
+        low = STATISTICS[column].counted_from  # next_token_rank: -1 where no next token
+        frame = table if low is None else table[table[column] >= low]
+        sources.append((column, frame.astype({column: float}), "site", column))
     if set(COSINE_COLUMNS) <= set(table.columns):
         per_layer = table[table["site"] != "final"].drop_duplicates(
             ["sample_id", "position", "layer"]

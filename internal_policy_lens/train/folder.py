@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..folders import Folder, folder_state
+from ..statistics import PROBE_RENAMES, renamed_values
 
 METRICS = "metrics.jsonl"
 
@@ -99,4 +100,5 @@ def read_probes(run: str | Path) -> tuple[pd.DataFrame, int] | None:
     path = Path(run) / "probes.parquet"
     if not path.is_file():
         return None
-    return pd.read_parquet(path), int(Folder(run).read_json("config.json")["layer"])
+    rows = renamed_values(pd.read_parquet(path), "quantity", PROBE_RENAMES)
+    return rows, int(Folder(run).read_json("config.json")["layer"])

@@ -12,7 +12,7 @@ tokens (the positions that predict a response token), pooled over the probe set:
   (:func:`~internal_policy_lens.tables.delta_table`);
 - ``cos_hidden``: cos(H^k, H^j) of the ``resid_post`` vectors, k the trained layer, j > k
   (``layer`` = k, ``other_layer`` = j);
-- ``kl_internal``: KL(pi^k || pi^j) = sum_v pi^k(v) (log pi^k(v) - log pi^j(v)), nats, the
+- ``kl_layer_other``: KL(pi^k || pi^j) = sum_v pi^k(v) (log pi^k(v) - log pi^j(v)), nats, the
   policies read through the run's lens (the same :class:`~internal_policy_lens.lens.unembed.Lens`
   as the tables), reduced by the dispatcher (:func:`~internal_policy_lens.lens.reduce.site_stats`);
 - ``perplexity``: exp of the mean negative log-likelihood of the response tokens under the
@@ -49,6 +49,7 @@ from ..lens.tuned import make_lens
 from ..model.batch import pad
 from ..model.generate import sample
 from ..model.load import PolicyModel
+from ..statistics import PROBE_RENAMES, Request, renamed_values
 from ..tables import delta_table, entropy_table
 
 PROBES = "probes.parquet"
@@ -105,6 +106,7 @@ class Prober:
         rows = None
         if (self.folder.path / PROBES).is_file():
             rows = pd.read_parquet(self.folder.path / PROBES)
+            rows = renamed_values(rows, "quantity", PROBE_RENAMES)
             rows = rows[rows["step"] < start]  # later probes are redone, as their steps are
         self.rows = rows if rows is not None else pd.DataFrame(columns=list(PROBE_COLUMNS))
 
@@ -204,7 +206,7 @@ def probe_rows(
 def pairwise(
     model: PolicyModel, records: list[dict], layer: int, settings: LensSettings
 ) -> dict[str, dict[int, float]]:
-    """``cos_hidden`` and ``kl_internal`` of ``layer`` with every later layer, token means.
+    """``cos_hidden`` and ``kl_layer_other`` of ``layer`` with every later layer, token means.
 
     The ``resid_post`` vectors of the response positions are captured in one forward pass per
     batch; KL(pi^layer || pi^j) is reduced by the dispatcher through the run's lens.
@@ -227,16 +229,18 @@ def pairwise(
             continue
         with capture(model, keys=keys) as acts:
             model.forward(ids, mask)
-        stats = site_stats(lens, acts, keys, index, reference=keys[0], kl_from=True)
+        # KL(pi^layer || pi^j): the reference's side of the KL, "final" in the registry's name.
+        request = Request(("kl_final_internal",), reference=keys[0])
+        stats = site_stats(lens, acts, keys, index, request)
         base = _rows(acts, keys[0], index, cos_sums.device)
         for i, key in enumerate(keys[1:]):
             cos_sums[i] += F.cosine_similarity(base, _rows(acts, key, index, base.device)).sum()
-            kl_sums[i] += stats[key]["kl_from_final"].sum(dtype=np.float64)
+            kl_sums[i] += stats[key]["kl_final_internal"].sum(dtype=np.float64)
         count += len(index[0])
     sums = [cos_sums.tolist(), kl_sums.tolist()]
     return {
         name: {j: total / max(count, 1) for j, total in zip(later, row)}
-        for name, row in zip(("cos_hidden", "kl_internal"), sums)
+        for name, row in zip(("cos_hidden", "kl_layer_other"), sums)
     }
 
 

@@ -31,7 +31,7 @@ def synthetic_tokens(n_layers=6, n_positions=30, n_samples=2, extras=True, seed=
     frame["site"] = pd.Categorical(frame["site"], categories=SITES)
     if extras:
         frame["next_token_rank"] = rng.integers(1, 500, len(frame)) // (frame["layer"] + 1) + 1
-        frame["kl_to_final"] = (4.0 * (1 - depth) + rng.random(len(frame))).astype("float32")
+        frame["kl_internal_final"] = (4.0 * (1 - depth) + rng.random(len(frame))).astype("float32")
         # A property of the (token, layer): the same value on every site's row, NaN on final.
         keys = ["sample_id", "position", "layer"]
         per_layer = frame[keys].drop_duplicates()

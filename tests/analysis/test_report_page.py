@@ -32,7 +32,7 @@ ROWS = [  # right, wrong, no \boxed{} at all, right
 ]
 EXTRA_CHARTS = {
     "chart-next-token-rank": "next_token_rank",
-    "chart-kl-to-final": "kl_to_final",
+    "chart-kl-internal-final": "kl_internal_final",
     "chart-top1-agrees": "top1_agrees",
     "chart-cosine": "cosine",
 }
@@ -70,7 +70,7 @@ def test_summary_has_the_extras_per_layer_and_site(answered):
     tokens = pd.read_parquet(answered / "tokens.parquet")
     summary = pd.read_csv(answered / "summary.csv")
     assert summary_table(tokens).shape == summary.shape
-    for quantity in ("next_token_rank", "kl_to_final", "top1_agrees"):
+    for quantity in ("next_token_rank", "kl_internal_final", "top1_agrees"):
         rows = summary[summary.quantity == quantity]
         assert len(rows) == tokens[["layer", "site"]].drop_duplicates().shape[0]
         for row in rows.itertuples():

@@ -7,6 +7,7 @@ from internal_policy_lens.data.answers import math_reward
 from internal_policy_lens.data.records import read_records
 from internal_policy_lens.lens.sites import SITES
 from internal_policy_lens.model.generate import sample
+from internal_policy_lens.statistics import LENS_EVAL_RENAMES, renamed_columns
 
 # Regression guard, not a benchmark: greedy accuracy on the first 40 held-out problems. The
 # model cards give the full held-out numbers; these floors sit well below them.
@@ -78,7 +79,10 @@ def test_bundled_tuned_lens_ships_and_beats_the_norm_lens(bundled):
     assert json.loads((folder / "lens.json").read_text())["data_sha256"]
     # Held out at fit time: the tuned lens is closer to the output policy wherever it matters.
     evaluation = pd.DataFrame(meta["heldout"]["evaluation"])
-    wide = evaluation.pivot_table(index=["site", "layer"], columns="lens", values="kl_to_final")
+    evaluation = renamed_columns(evaluation, LENS_EVAL_RENAMES)  # lens.json from before
+    wide = evaluation.pivot_table(
+        index=["site", "layer"], columns="lens", values="kl_final_internal"
+    )
     relevant = ~((wide["norm"] < 0.01) & (wide["tuned"] < 0.01))
     assert (wide.loc[relevant, "tuned"] < wide.loc[relevant, "norm"]).all()
     table = entropy_table(bundled, ["Start with 5. Add 3. What is the result?"], lens="tuned")

@@ -11,7 +11,7 @@ from internal_policy_lens.config import FitLensConfig
 def _fitted(monkeypatch, norm: list[float], tuned: list[float]) -> None:
     """Make the fit return a lens.json record with these held-out KLs per translator."""
     evaluation = [
-        {"layer": i, "site": "resid_post", "lens": lens, "kl_to_final": kl}
+        {"layer": i, "site": "resid_post", "lens": lens, "kl_final_internal": kl}
         for lens, kls in (("norm", norm), ("tuned", tuned))
         for i, kl in enumerate(kls)
     ]

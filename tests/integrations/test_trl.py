@@ -225,7 +225,7 @@ def test_cli_engine_trl(tiny_dirs, data_file, tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
     probes = pd.read_parquet(out / "probes.parquet")  # the same probes as the built-in engine
     assert sorted(probes["step"].unique()) == [0, 1, 2]
-    assert set(probes.loc[probes.quantity == "kl_internal", "layer"]) == {1}
+    assert set(probes.loc[probes.quantity == "kl_layer_other", "layer"]) == {1}
     config = json.loads((out / "config.json").read_text())
     assert config["engine"] == "trl" and config["trl_options"] == {"log_completions": False}
 

@@ -30,7 +30,7 @@ HEADLINE = {
     "ipl/entropy_resid_post/L2",
     "ipl/delta_ffn/L1",
     "ipl/cos_hidden/1->2",
-    "ipl/kl_internal/1->2",
+    "ipl/kl_layer_other/1->2",
     "ipl/perplexity",
     "ipl/probe_time",
 }
@@ -129,8 +129,8 @@ def test_plain_grpo_trainer_probes_the_trained_weights(plain, tiny_dirs, data_fi
     assert all(HEADLINE <= e.keys() for e in logged.values())
     assert all("loss" in logged[s] for s in (1, 2))  # merged into the trainer's own line
     assert [e for e in reporter.logs if "ipl/perplexity" in e] == [logged[1], logged[2]]
-    rows = table[(table.step == 2) & (table.quantity == "kl_internal")]
-    assert logged[2]["ipl/kl_internal/1->2"] == rows["value"].item()
+    rows = table[(table.step == 2) & (table.quantity == "kl_layer_other")]
+    assert logged[2]["ipl/kl_layer_other/1->2"] == rows["value"].item()
     # Each probe equals an independent computation on the weights of its step.
     records = [json.loads(x) for x in (out / "probe_set.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["response"] for r in records)
@@ -286,7 +286,7 @@ def test_default_layer_is_the_suggested_layer(model, tiny_dirs, data_file, tmp_p
     assert probes.layer == suggested_layer(policy, records, max_new_tokens=8, lens="raw")
     k, last = probes.layer, policy.n_layers - 1
     entry = state.log_history[0]  # the step-0 probe's own entry
-    assert entry["step"] == 0 and entry[f"ipl/kl_internal/{k}->{last}"] > 0
+    assert entry["step"] == 0 and entry[f"ipl/kl_layer_other/{k}->{last}"] > 0
     table = pd.read_parquet(tmp_path / "probes.parquet")
     assert set(table["step"]) == {0} and set(
         table.loc[table.quantity == "cos_hidden", "layer"]

@@ -18,6 +18,9 @@ from internal_policy_lens.lens.reduce import compiled as compiling
 from internal_policy_lens.lens.reduce import rows as whole_rows
 from internal_policy_lens.lens.unembed import Lens, Precision, choose_precision, resolve_precision
 from internal_policy_lens.model import hardware
+from internal_policy_lens.statistics import Request
+
+EXTRAS = Request.of(extras=True)
 
 # Stated tolerances against float64 (nats), for the tiny models' vectors and vocabularies:
 # exact = float32 products and reductions; fast = bf16 products (where the CPU has them natively,
@@ -62,7 +65,7 @@ def _reference(model, acts, keys, index, next_ids):
             "entropy": entropy(z),
             "next_token_logprob": logp.gather(-1, next_ids[:, None])[:, 0],
             "next_token_rank": 1 + (z > target).sum(-1),
-            "kl_to_final": (logp.exp() * (logp - logq)).sum(-1),
+            "kl_internal_final": (logp.exp() * (logp - logq)).sum(-1),
             "top1_agrees": z.argmax(-1) == logq.argmax(-1),
         }
     return out
@@ -78,7 +81,7 @@ def test_engine_matches_float64_on_random_vectors(models, precision):
     next_ids = torch.randint(0, model.vocab_size, (18,), generator=generator)
     keys = list(acts)
     lens = Lens(model, "raw", precision)
-    got = site_stats(lens, acts, keys, index, next_ids=next_ids, topk=3)
+    got = site_stats(lens, acts, keys, index, Request.of(True, topk=3), next_ids=next_ids)
     want = _reference(model, acts, keys, index, next_ids)
     for key in keys:  # top-3 probabilities against float64 (ids: see tests/test_tables.py)
         z = acts[key][index].double() @ model.unembed.weight.detach().double().T
@@ -92,7 +95,7 @@ def test_engine_matches_float64_on_random_vectors(models, precision):
     if precision == "exact":
         assert err.max() < EXACT_ATOL, (seed, err.max())
         for key in keys:
-            for column in ("next_token_logprob", "kl_to_final"):
+            for column in ("next_token_logprob", "kl_internal_final"):
                 # Up to 30 nats here: float32 products give a relative error of about 1e-6.
                 np.testing.assert_allclose(
                     got[key][column],
@@ -126,7 +129,9 @@ def test_chunk_sizes_from_one_row_to_all_rows_agree(models, precision):
     next_ids = torch.randint(-1, model.vocab_size, (18,), generator=generator)
     lens = Lens(model, "norm", precision)
     results = [
-        site_stats(lens, acts, list(acts), _index(2, 9), next_ids=next_ids, chunk_tokens=c)
+        site_stats(
+            lens, acts, list(acts), _index(2, 9), EXTRAS, next_ids=next_ids, chunk_tokens=c
+        )
         for c in (1, 2, 5, 7, 18 * 6)
     ]
     # Only the products' rounding differs: BLAS sums a 1-row and a many-row product in
@@ -197,7 +202,9 @@ def test_tiled_site_stats_match_float64(models, monkeypatch, precision):
     keys, index = list(acts), _index(2, 9)
     seen = []
     monkeypatch.setattr(tiles, "tiled_stats", lambda *a: seen.append(1) or tiled(*a))
-    got = site_stats(Lens(model, "raw", precision), acts, keys, index, topk=4, chunk_tokens=40)
+    got = site_stats(
+        Lens(model, "raw", precision), acts, keys, index, Request(topk=4), chunk_tokens=40
+    )
     assert seen  # the tiled path ran
     W = model.unembed.weight.detach().double()
     b = model.unembed.bias
@@ -220,8 +227,8 @@ def test_compiled_tiles_equal_eager_tiles(models, monkeypatch, precision):
     model = models("qwen3")
     acts = _random_acts(model, torch.Generator().manual_seed(4))
     args = (Lens(model, "raw", precision), acts, list(acts), _index(2, 9))
-    eager = site_stats(*args, topk=4, chunk_tokens=30, compiled=False)
-    compiled = site_stats(*args, topk=4, chunk_tokens=30, compiled=True)
+    eager = site_stats(*args, Request(topk=4), chunk_tokens=30, compiled=False)
+    compiled = site_stats(*args, Request(topk=4), chunk_tokens=30, compiled=True)
     assert compiling._compiled_tile not in (None, False), "torch.compile did not run"
     for key, columns in eager.items():
         for column, value in columns.items():
@@ -231,10 +238,10 @@ def test_compiled_tiles_equal_eager_tiles(models, monkeypatch, precision):
 def test_wrong_compiled_tiles_are_caught_and_replaced_by_eager(models, monkeypatch, caplog):
     # A compiled tile reduction whose numbers differ from the eager code's is never used.
     def wrong(z, dtype):
-        top, log_total, mean = compiling._tile_math(z, dtype)
+        top, log_total, mean = tiles.tile_math(z, dtype)
         return top, log_total + 1.0, mean
 
-    monkeypatch.setattr(compiling, "_compiled_tile", wrong)
+    monkeypatch.setattr(compiling, "_compiled_tile", {tiles.tile_math: wrong})
     monkeypatch.setattr(compiling, "_checked_tiles", set())
     model = models("qwen2")
     acts = _random_acts(model, torch.Generator().manual_seed(6))
@@ -272,8 +279,12 @@ def test_compiled_equals_eager(models, precision):
     next_ids = torch.randint(-1, model.vocab_size, (18,), generator=generator)
     lens = Lens(model, "raw", precision)
     args = (lens, acts, list(acts), _index(2, 9))
-    eager = site_stats(*args, next_ids=next_ids, topk=4, chunk_tokens=30, compiled=False)
-    compiled = site_stats(*args, next_ids=next_ids, topk=4, chunk_tokens=30, compiled=True)
+    eager = site_stats(
+        *args, Request.of(True, topk=4), next_ids=next_ids, chunk_tokens=30, compiled=False
+    )
+    compiled = site_stats(
+        *args, Request.of(True, topk=4), next_ids=next_ids, chunk_tokens=30, compiled=True
+    )
     assert compiling._compiled_fused not in (None, False), "torch.compile did not run"
     for key, columns in eager.items():
         assert {"topk_id", "topk_prob"} <= set(columns) and columns["topk_id"].shape == (18, 4)
@@ -294,8 +305,8 @@ def test_compile_failure_falls_back_to_eager(models, monkeypatch):
     acts = _random_acts(model, torch.Generator().manual_seed(3))
     args = (Lens(model), acts, list(acts), _index(2, 9))
     next_ids = torch.arange(18)  # with extras the eager path reduces whole logits rows, as here
-    fallback = site_stats(*args, next_ids=next_ids, compiled=True)
-    eager = site_stats(*args, next_ids=next_ids, compiled=False)
+    fallback = site_stats(*args, EXTRAS, next_ids=next_ids, compiled=True)
+    eager = site_stats(*args, EXTRAS, next_ids=next_ids, compiled=False)
     assert compiling._compiled_fused is False
     for key in eager:
         np.testing.assert_array_equal(fallback[key]["entropy"], eager[key]["entropy"])
@@ -380,8 +391,8 @@ def test_float32_reductions_equal_float64(arch, models):
     lens32 = Lens(model, "norm", "exact")
     assert lens32.reduce_dtype == F32
     wide = Precision("exact", F32, torch.float64, "reference")
-    got = site_stats(lens32, *args, next_ids=next_ids)
-    want = site_stats(Lens(model, "norm", wide), *args, next_ids=next_ids)
+    got = site_stats(lens32, *args, EXTRAS, next_ids=next_ids)
+    want = site_stats(Lens(model, "norm", wide), *args, EXTRAS, next_ids=next_ids)
     for key, columns in want.items():
         assert np.ptp(columns["entropy"]) > 0.5  # policies from peaked to flat
         for column, value in columns.items():

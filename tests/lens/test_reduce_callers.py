@@ -12,6 +12,7 @@ from internal_policy_lens.data.encode import encode_inputs
 from internal_policy_lens.lens import fit
 from internal_policy_lens.lens.reduce import choose_backend, dispatch, site_stats
 from internal_policy_lens.lens.unembed import Lens
+from internal_policy_lens.statistics import Request
 from internal_policy_lens.train import probes, rollout
 
 EXACT_ATOL = 3e-5
@@ -28,7 +29,8 @@ def spy(monkeypatch):
     calls = []
 
     def recording(*args, **kw):
-        calls.append({"lens": args[0], **kw})
+        request = args[4] if len(args) > 4 else kw.get("request", dispatch.ENTROPY)
+        calls.append({"lens": args[0], "request": request, **kw})
         return dispatch.site_stats(*args, **kw)
 
     monkeypatch.setattr(fit, "site_stats", recording)
@@ -49,32 +51,52 @@ def test_reference_site_and_reverse_kl_match_float64(models, tiny_dirs, lens):
     }
     index = torch.ones(2, 5, dtype=torch.bool).nonzero(as_tuple=True)
     ref = ("resid_post", 1)
+    wanted = ("kl_internal_final", "top1_agrees", "kl_final_internal")
     got = site_stats(
-        Lens(model, lens), acts, list(acts), index, reference=ref, kl_from=True, chunk_tokens=7
+        Lens(model, lens), acts, list(acts), index, Request(wanted, reference=ref), chunk_tokens=7
     )
     logp = {
         key: torch.log_softmax(naive_logits(hf, x[index], key[0], lens), -1)
         for key, x in acts.items()
     }
     for key in acts:
-        assert set(got[key]) == {"entropy", "kl_to_final", "top1_agrees", "kl_from_final"}
+        assert set(got[key]) == {"entropy", "kl_internal_final", "top1_agrees", "kl_final_internal"}
         want_to, want_from = _kl(logp[key], logp[ref]), _kl(logp[ref], logp[key])
-        np.testing.assert_allclose(got[key]["kl_to_final"], want_to, atol=EXACT_ATOL, rtol=1e-5)
-        np.testing.assert_allclose(got[key]["kl_from_final"], want_from, atol=EXACT_ATOL, rtol=1e-5)
+        np.testing.assert_allclose(
+            got[key]["kl_internal_final"], want_to, atol=EXACT_ATOL, rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            got[key]["kl_final_internal"], want_from, atol=EXACT_ATOL, rtol=1e-5
+        )
         agrees = logp[key].argmax(-1) == logp[ref].argmax(-1)
         np.testing.assert_array_equal(got[key]["top1_agrees"], agrees)
-    assert np.abs(got["resid_post", 0]["kl_from_final"]).min() > 1e-3  # not a zero comparison
-    np.testing.assert_allclose(got[ref]["kl_from_final"], 0, atol=1e-5)
+    assert np.abs(got["resid_post", 0]["kl_final_internal"]).min() > 1e-3  # not a zero comparison
+    np.testing.assert_allclose(got[ref]["kl_final_internal"], 0, atol=1e-5)
 
 
-def test_only_the_rows_backend_takes_a_general_call():
+def test_backends_are_chosen_by_what_they_compute(monkeypatch):
+    # The reverse KL, another reference policy or a temperature: only the rows backend.
+    monkeypatch.setattr(dispatch, "triton_support", lambda device: (True, ""))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_backend(cpu, extras=True, topk=0, general=True) == "rows"
-    assert choose_backend(cuda, extras=True, topk=5, general=True) == "rows"
-    assert choose_backend(cpu, extras=True, topk=0, backend="rows", general=True) == "rows"
+    reverse = Request(("kl_final_internal",))
+    assert choose_backend(cpu, reverse) == "rows"
+    assert choose_backend(cuda, reverse) == "rows"
+    extras = Request.of(extras=True, topk=5)
+    assert choose_backend(cuda, extras, other_reference=True) == "rows"
+    assert choose_backend(cpu, Request(), temperature=True) == "rows"
+    assert choose_backend(cpu, reverse, backend="rows") == "rows"
     for backend in ("tiles", "triton"):
-        with pytest.raises(ValueError, match="only the rows backend"):
-            choose_backend(cpu, extras=True, topk=0, backend=backend, general=True)
+        with pytest.raises(ValueError, match="does not compute kl_final_internal"):
+            choose_backend(cuda, reverse, backend=backend)
+        with pytest.raises(ValueError, match="reference policy other than the final"):
+            choose_backend(cuda, Request(), backend=backend, other_reference=True)
+        with pytest.raises(ValueError, match="no lens temperature"):
+            choose_backend(cuda, Request(), backend=backend, temperature=True)
+    # The kernel computes the four extras only together.
+    alone = Request(("next_token_rank",))
+    assert choose_backend(cuda, alone) == "rows"
+    with pytest.raises(ValueError, match="only together"):
+        choose_backend(cuda, alone, backend="triton")
 
 
 def _rows(model, hf, keys):
@@ -96,17 +118,18 @@ def test_lens_metrics_equal_float64_through_the_dispatcher(models, tiny_dirs, sp
     keys = [("resid_post", 0), ("mlp_out", 1), ("resid_post", 2)]
     rows, final = _rows(model, hf, keys)
     table = fit.lens_metrics(Lens(model, lens), rows, chunk=9).set_index(["site", "layer"])
-    assert len(spy) == 1 and spy[0]["kl_from"]
+    assert len(spy) == 1 and "kl_final_internal" in spy[0]["request"].statistics
     for key in keys:
         logp = torch.log_softmax(naive_logits(hf, rows.acts[key].double(), key[0], lens), -1)
         got = table.loc[key]
         want_ce = -logp.gather(-1, rows.next_ids[:, None]).mean().item()
         agree = (logp.argmax(-1) == final.argmax(-1)).double().mean().item()
-        assert got["kl_to_final"] == pytest.approx(_kl(final, logp).mean().item(), abs=EXACT_ATOL)
+        want_kl = _kl(final, logp).mean().item()
+        assert got["kl_final_internal"] == pytest.approx(want_kl, abs=EXACT_ATOL)
         assert got["next_token_ce"] == pytest.approx(want_ce, abs=EXACT_ATOL)
         assert got["top1_agrees"] == pytest.approx(agree, abs=1e-12)
     # Not a comparison of zeros (the last layer's norm lens is the final policy itself).
-    assert table.loc[("resid_post", 0), "kl_to_final"] > 1e-3
+    assert table.loc[("resid_post", 0), "kl_final_internal"] > 1e-3
 
 
 def test_pairwise_probes_equal_float64_through_the_dispatcher(models, tiny_dirs, spy):
@@ -114,7 +137,9 @@ def test_pairwise_probes_equal_float64_through_the_dispatcher(models, tiny_dirs,
     hf = hf_model(tiny_dirs["qwen2"])
     record = {"sample_id": "a", "prompt": TEXTS[0][:40], "response": TEXTS[2]}
     got = probes.pairwise(model, [record], 0, LensSettings(lens="norm"))
-    assert len(spy) == 1 and spy[0]["reference"] == ("resid_post", 0) and spy[0]["kl_from"]
+    request = spy[0]["request"]
+    assert len(spy) == 1 and request.reference == ("resid_post", 0)
+    assert request.statistics == ("entropy", "kl_final_internal")
     (encoded,) = encode_inputs(model.tokenizer, [record])
     naive, _ = naive_sites(hf, encoded.input_ids)
     kept = [p for p in range(len(encoded.input_ids) - 1) if p + 1 >= encoded.response_start]
@@ -124,8 +149,8 @@ def test_pairwise_probes_equal_float64_through_the_dispatcher(models, tiny_dirs,
     }
     for j in range(1, model.n_layers):
         want = _kl(logp[0], logp[j]).mean().item()
-        assert got["kl_internal"][j] == pytest.approx(want, abs=EXACT_ATOL)
-        assert got["kl_internal"][j] > 1e-3
+        assert got["kl_layer_other"][j] == pytest.approx(want, abs=EXACT_ATOL)
+        assert got["kl_layer_other"][j] > 1e-3
         cos = torch.nn.functional.cosine_similarity(h[0], h[j]).mean().item()
         assert got["cos_hidden"][j] == pytest.approx(cos, abs=1e-6)  # float32 vectors
 

@@ -203,7 +203,7 @@ def test_a_small_fit_beats_the_norm_lens_on_held_out_tokens(name, tmp_path):
     cfg = FitLensConfig(model=name, out=str(tmp_path / "lens"), steps=40, heldout=0.25, seed=3)
     meta = fit_lens(model, _solved(80), cfg, progress=False)
     table = pd.DataFrame(meta["heldout"]["evaluation"])
-    wide = table.pivot_table(index=["site", "layer"], columns="lens", values="kl_to_final")
+    wide = table.pivot_table(index=["site", "layer"], columns="lens", values="kl_final_internal")
     assert len(wide) == model.n_layers + 1  # resid_pre[0] and resid_post[0..L-1]
     both_tiny = (wide["norm"] < 0.01) & (wide["tuned"] < 0.01)
     worse = wide[~both_tiny & ~(wide["tuned"] < wide["norm"])]
@@ -272,7 +272,7 @@ def test_fit_and_eval_lens_commands(tiny_dirs, tmp_path):
         "layer",
         "site",
         "lens",
-        "kl_to_final",
+        "kl_final_internal",
         "next_token_ce",
         "top1_agrees",
     ]
@@ -280,7 +280,7 @@ def test_fit_and_eval_lens_commands(tiny_dirs, tmp_path):
     assert len(table) == 3 * 4  # resid_pre[0], resid_post[0..2]
     assert (out / "lens_eval.png").is_file() and (out / "lens_eval.pdf").is_file()
     last = table[(table.site == "resid_post") & (table.layer == 2) & (table.lens == "norm")]
-    assert last["kl_to_final"].abs().max() < 1e-5  # the norm lens's last layer is the output
+    assert last["kl_final_internal"].abs().max() < 1e-5  # the norm lens's last layer is the output
     run = tmp_path / "run"
     args = ["entropy", "--model", tiny_dirs["llama"], "--data", lens / "responses.jsonl"]
     result = _cli(
@@ -309,7 +309,7 @@ def test_zero_steps_write_identity_translators_and_lens_path_needs_tuned(models,
     translators, _ = read_lens(tmp_path / "lens", model)
     assert all(not a.any() and not b.any() for a, b in translators.values())
     evaluation = pd.DataFrame(meta["heldout"]["evaluation"])
-    kl = evaluation.pivot_table(index="layer", columns="lens", values="kl_to_final")
+    kl = evaluation.pivot_table(index="layer", columns="lens", values="kl_final_internal")
     np.testing.assert_allclose(kl["tuned"], kl["norm"], atol=1e-6)
     with pytest.raises(ValueError, match="goes with the tuned lens"):
         entropy_table(model, TEXTS, lens="norm", lens_path=tmp_path / "lens")

@@ -135,7 +135,7 @@ def test_benchmark_layout_norm_lens_extras_and_reuse(tiny_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     tokens = pd.read_parquet(out / "tokens.parquet")
     assert set(tokens.site.astype(str)) == {"mlp_in", "mlp_out", "final"}
-    assert {"kl_to_final", "next_token_rank"} <= set(tokens.columns)
+    assert {"kl_internal_final", "next_token_rank"} <= set(tokens.columns)
     assert sorted(tokens.sample_id.unique())[:2] == ["0:0", "0:1"]
     deltas = pd.read_parquet(out / "deltas.parquet")
     assert set(deltas.module.astype(str)) == {"ffn"}

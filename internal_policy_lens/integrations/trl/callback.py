@@ -35,7 +35,7 @@ class InternalPolicyCallback(TrainerCallback):
         probe_samples: probe prompts drawn (with ``args.seed``), one response each, sampled at
             the first probe with the trainer's ``temperature`` and ``max_completion_length`` and
             kept in ``output_dir/probe_set.jsonl`` (a resumed run reuses it).
-        layer: k of ``cos_hidden`` and ``kl_internal`` (0-based); default: the layer the paper's
+        layer: k of ``cos_hidden`` and ``kl_layer_other`` (0-based); default: the layer the paper's
             rule suggests on the probe set (:func:`~internal_policy_lens.train.layer.
             suggested_layer`). When the entropies suggest none, training stops with a
             ValueError asking for ``layer=K``.
@@ -165,7 +165,7 @@ HEADLINE = (
     "ipl/entropy_resid_post/L{last}",
     "ipl/delta_ffn/L{k}",
     "ipl/cos_hidden/{k}->{last}",
-    "ipl/kl_internal/{k}->{last}",
+    "ipl/kl_layer_other/{k}->{last}",
     "ipl/perplexity",
     "ipl/probe_time",
 )
@@ -194,7 +194,7 @@ def headline(rows: pd.DataFrame, k: int, n_layers: int) -> dict[str, float]:
     }
     if k < last:  # the pairwise quantities need a later layer
         out[f"ipl/cos_hidden/{k}->{last}"] = value("cos_hidden", k, last)
-        out[f"ipl/kl_internal/{k}->{last}"] = value("kl_internal", k, last)
+        out[f"ipl/kl_layer_other/{k}->{last}"] = value("kl_layer_other", k, last)
     out["ipl/perplexity"] = value("perplexity")
     return out
 

@@ -10,18 +10,20 @@ eager (:mod:`.compiled`). :mod:`.cosines` holds the residual cosines (no unembed
 """
 
 from ..sites import COSINE_COLUMNS
-from .common import Stats, chunk_plan
+from .common import KERNEL_MAX_TOPK, Capability, Stats, chunk_plan
 from .cosines import cosine_keys, residual_cosines
-from .dispatch import BACKENDS, KERNEL_MAX_TOPK, choose_backend, site_stats
+from .dispatch import BACKENDS, capability, choose_backend, site_stats
 from .rows import final_policy, reduce_logits
 from .tiles import TILED_MAX_TOPK, tile_columns, tiled_stats
 
 __all__ = [
     "BACKENDS",
+    "Capability",
     "COSINE_COLUMNS",
     "KERNEL_MAX_TOPK",
     "TILED_MAX_TOPK",
     "Stats",
+    "capability",
     "choose_backend",
     "chunk_plan",
     "cosine_keys",

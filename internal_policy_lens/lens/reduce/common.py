@@ -1,13 +1,15 @@
-"""What every backend shares: the chunk plan, the output columns, the rows of a chunk."""
+"""What every backend shares: its capability, the chunk plan, the output columns, the rows."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..sites import EXTRA_COLUMNS, SiteKey
+from ...statistics import STATISTICS, Request
+from ..sites import SiteKey
 from ..unembed import Lens
 
 Stats = dict[str, torch.Tensor]
@@ -37,27 +39,62 @@ def final_key(keys: Iterable[SiteKey]) -> SiteKey:
     return found[0]
 
 
-def stat_columns(next_token: bool, reference: bool, kl_from: bool = False) -> tuple[str, ...]:
-    """The per-row columns of a call: ``entropy``, then what its options add, in order."""
-    wanted = (next_token, next_token, reference, reference)
-    extras = tuple(name for name, keep in zip(EXTRA_COLUMNS, wanted, strict=True) if keep)
-    return ("entropy", *extras, *(("kl_from_final",) if kl_from else ()))
+@dataclass(frozen=True)
+class Capability:
+    """What a backend computes: declared in its module, read by the dispatcher.
+
+    Attributes:
+        computes: the statistics (names in :data:`~internal_policy_lens.statistics.STATISTICS`).
+        max_topk: the widest top-k (None: any).
+        other_reference: takes a reference policy other than the final site, or one without
+            next tokens.
+        temperature: takes a lens with a temperature.
+        together: statistics it computes only all together (none of them, or all).
+    """
+
+    computes: frozenset[str]
+    max_topk: int | None = None
+    other_reference: bool = False
+    temperature: bool = False
+    together: frozenset[str] = frozenset()
+
+    def missing(
+        self, request: Request, *, other_reference: bool = False, temperature: bool = False
+    ) -> str | None:
+        """Why this backend cannot run ``request`` (None: it can)."""
+        lacking = [name for name in request.statistics if name not in self.computes]
+        if lacking:
+            return f"does not compute {', '.join(lacking)}"
+        asked = self.together & set(request.statistics)
+        if asked and asked != self.together:
+            return f"computes {', '.join(sorted(self.together))} only together"
+        if self.max_topk is not None and request.topk > self.max_topk:
+            return f"takes a top-k up to {self.max_topk}"
+        if other_reference and not self.other_reference:
+            return "takes no reference policy other than the final one with next tokens"
+        if temperature and not self.temperature:
+            return "takes no lens temperature"
+        return None
 
 
-# Columns that are not in the statistics' float dtype.
-_DTYPES = {"next_token_rank": torch.long, "top1_agrees": torch.bool}
+# The widest top-k of the Triton kernel (its per-row candidates live in registers).
+KERNEL_MAX_TOPK = 64
+
+_TORCH_DTYPES = {"int64": torch.long, "bool": torch.bool}
 
 
-def allocate(lens: Lens, n: int, columns: Sequence[str], topk: int) -> Stats:
-    """The output ``columns`` (see :func:`stat_columns`) of one site for ``n`` rows."""
+def allocate(lens: Lens, n: int, request: Request) -> Stats:
+    """The output columns of one site for ``n`` rows: ``request``'s statistics and top-k."""
     device = lens.weight.device
     out = {
-        name: torch.empty(n, dtype=_DTYPES.get(name, lens.out_dtype), device=device)
-        for name in columns
+        name: torch.empty(
+            n, dtype=_TORCH_DTYPES.get(STATISTICS[name].dtype, lens.out_dtype), device=device
+        )
+        for name in request.statistics
     }
-    if topk:
-        out["topk_id"] = torch.empty(n, topk, dtype=torch.long, device=device)
-        out["topk_prob"] = torch.empty(n, topk, dtype=lens.out_dtype, device=device)
+    if request.topk:
+        out["topk_id"] = torch.empty(n, request.topk, dtype=torch.long, device=device)
+        out["topk_prob"] = torch.empty(n, request.topk, dtype=lens.out_dtype, device=device)
     return out
 
 

@@ -26,8 +26,8 @@ _log = logging.getLogger(__name__)
 
 # The compiled reductions: None until first needed, False once compiling failed (stay eager).
 _compiled_fused = None
-# The compiled tile reductions: None until first needed, False once compiling failed or
-# computed other numbers than the eager code; the tile shapes and dtypes already checked.
+# The compiled tile reductions (by function): None until first needed, False once compiling
+# failed or computed other numbers than the eager code; the tile shapes and dtypes checked.
 _compiled_tile = None
 _checked_tiles: set[tuple] = set()
 
@@ -41,7 +41,7 @@ def use_compiled(compiled: bool | None, work: int, threshold: int = COMPILE_MIN_
 
 
 def compiled_reduce(
-    logits, dtype, next_ids=None, final_logp=None, final_top=None, topk=0, kl_from=False
+    logits, dtype, next_ids=None, final_logp=None, final_top=None, topk=0, wanted=((), ())
 ) -> Stats:
     """:func:`~.rows.reduce_logits` through ``torch.compile``; eager if compiling fails."""
     global _compiled_fused
@@ -49,25 +49,15 @@ def compiled_reduce(
         _compiled_fused = torch.compile(fused_stats, dynamic=True)
     if _compiled_fused is not False:
         try:
-            return _compiled_fused(logits, dtype, next_ids, final_logp, final_top, topk, kl_from)
+            return _compiled_fused(logits, dtype, next_ids, final_logp, final_top, topk, wanted)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
             _log.info("torch.compile failed (%s); using the eager reductions", err)
             _compiled_fused = False
-    return reduce_logits(logits, dtype, next_ids, final_logp, final_top, topk, kl_from)
+    return reduce_logits(logits, dtype, next_ids, final_logp, final_top, topk, wanted)
 
 
-def _tile_math(z: torch.Tensor, dtype: torch.dtype):
-    # One tile's max, log S_t and sum p (z - m_t), as one expression graph for torch.compile.
-    zf = z.to(dtype)
-    top = zf.amax(-1, keepdim=True)
-    shifted = zf - top
-    weights = shifted.exp()
-    total = weights.sum(-1)
-    return top.squeeze(-1), total.log(), (weights * shifted).sum(-1) / total
-
-
-def tile_sums(z: torch.Tensor, dtype: torch.dtype, out: tuple[torch.Tensor, ...]) -> bool:
-    """Write one tile's max, ``log S_t`` and ``sum p (z - m_t)`` into ``out``; False if unusable.
+def tile_sums(math, z: torch.Tensor, dtype: torch.dtype, out: tuple[torch.Tensor, ...]) -> bool:
+    """Write ``math(z, dtype)``, a tile's sums (see :mod:`.tiles`), into ``out``; False if unusable.
 
     The compiled code's first result for each tile shape and dtype is checked against the eager
     code's: with ``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 CPU, torch 2.13's compiled tile
@@ -75,14 +65,16 @@ def tile_sums(z: torch.Tensor, dtype: torch.dtype, out: tuple[torch.Tensor, ...]
     """
     global _compiled_tile
     if _compiled_tile is None:
-        _compiled_tile = torch.compile(_tile_math, dynamic=True)
+        _compiled_tile = {}
     if _compiled_tile is False:
         return False
     try:
-        values = _compiled_tile(z, dtype)
-        shape = (*z.shape, z.dtype, dtype)
+        if math not in _compiled_tile:
+            _compiled_tile[math] = torch.compile(math, dynamic=True)
+        values = _compiled_tile[math](z, dtype)
+        shape = (math, *z.shape, z.dtype, dtype)
         if shape not in _checked_tiles:
-            for got, want in zip(values, _tile_math(z, dtype), strict=True):
+            for got, want in zip(values, math(z, dtype), strict=True):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, equal_nan=True)
             _checked_tiles.add(shape)
         for target, value in zip(out, values, strict=True):

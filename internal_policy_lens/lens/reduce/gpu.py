@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from ...model.families import head_transform
+from ...statistics import Request
 from ..sites import SiteKey
 from ..unembed import Lens
-from .common import allocate, chunks, rows_of, stacked_inputs, stat_columns, store, to_numpy
+from .common import allocate, chunks, rows_of, stacked_inputs, store, to_numpy
 from .kernel import row_stats
 
 
@@ -32,16 +33,17 @@ def fused_site_stats(
     final: SiteKey | None,
     index: tuple[torch.Tensor, torch.Tensor],
     next_ids: torch.Tensor | None,
-    topk: int,
+    request: Request,
     chunk_tokens: int,
     block: int | None = None,
 ) -> dict[SiteKey, dict[str, np.ndarray]]:
     """:func:`~.dispatch.site_stats` through the Triton kernel (``block``: its tile width)."""
-    n, extras = len(index[0]), final is not None
+    n, extras, topk = len(index[0]), final is not None, request.topk
     rows, group = gpu_plan(n, len(sites), chunk_tokens, extras)
     device = lens.weight.device
     keys = [*sites, *([final] if extras else [])]
-    out = {key: allocate(lens, n, stat_columns(extras, extras), topk) for key in keys}
+    out = {key: allocate(lens, n, request) for key in keys}
+    wanted = request.statistics
     buffer = torch.empty(rows * group * lens.vocab_size, dtype=torch.float32, device=device)
     head = _head(lens)
     for part in chunks(n, rows):
@@ -52,13 +54,15 @@ def fused_site_stats(
             x = lens.inputs(rows_of(acts, final, index, part, lens), "final")
             logp = torch.log_softmax(_final_logits(lens, x, buffer), -1)  # [size, vocab]
             shared = dict(next_ids=nxt, final_logp=logp, final_top=logp.argmax(-1))
-            stats = row_stats(logp, topk=topk, block=block, **shared)
+            stats = row_stats(logp, topk=topk, block=block, wanted=wanted, **shared)
             store(out, [final], part, {k: v[None] for k, v in stats.items()})
         for start in range(0, len(sites), group):
             block_keys = sites[start : start + group]
             x = stacked_inputs(lens, acts, block_keys, index, part)  # [sites * size, d_model]
             logits = float_product(x, lens.weight, buffer)
-            stats = row_stats(logits, bias=lens.bias, topk=topk, block=block, **head, **shared)
+            stats = row_stats(
+                logits, bias=lens.bias, topk=topk, block=block, wanted=wanted, **head, **shared
+            )
             stats = {k: v.unflatten(0, (len(block_keys), size)) for k, v in stats.items()}
             store(out, block_keys, part, stats)
     return to_numpy(out)

@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Stats
+from .common import KERNEL_MAX_TOPK, Capability, Stats
+
+_EXTRAS = ("next_token_logprob", "next_token_rank", "kl_internal_final", "top1_agrees")
+CAPABILITY = Capability(
+    frozenset({"entropy", *_EXTRAS}), max_topk=KERNEL_MAX_TOPK, together=frozenset(_EXTRAS)
+)
+"""Entropy, and the extras against the final policy with next tokens, all four at once."""
 
 # Columns per tile on a GPU (a tile of float32 logits per program); tests pass narrower tiles.
 BLOCK = 2048
@@ -135,6 +141,7 @@ def row_stats(
     final_logp: torch.Tensor | None = None,
     final_top: torch.Tensor | None = None,
     block: int | None = None,
+    wanted: tuple[str, ...] | None = None,
 ) -> Stats:
     """Statistics of ``softmax(head((logits + bias)))`` per row, in one pass of the kernel.
 
@@ -151,10 +158,11 @@ def row_stats(
         final_top: ``[final_rows]`` its argmax.
         block: columns per tile (a power of two; default :data:`BLOCK`, at most the vocabulary's
             next power of two).
+        wanted: the statistics returned (default: every one the call computes).
 
     Returns:
-        ``entropy`` ``[rows]`` (+ ``next_token_logprob``, ``next_token_rank``, ``kl_to_final``,
-        ``top1_agrees``; + the top-k).
+        ``entropy`` ``[rows]`` (+ ``next_token_logprob``, ``next_token_rank``,
+        ``kl_internal_final``, ``top1_agrees``; + the top-k).
     """
     rows, vocab = logits.shape
     device = logits.device
@@ -166,13 +174,13 @@ def row_stats(
     if extras:
         out["next_token_logprob"] = torch.empty(rows, **f32)
         out["next_token_rank"] = torch.empty(rows, dtype=torch.long, device=device)
-        out["kl_to_final"] = torch.empty(rows, **f32)
+        out["kl_internal_final"] = torch.empty(rows, **f32)
         out["top1_agrees"] = torch.empty(rows, dtype=torch.int8, device=device)
     if topk:
         out["topk_id"] = torch.empty(rows, topk, dtype=torch.long, device=device)
         out["topk_prob"] = torch.empty(rows, topk, **f32)
     if rows == 0:
-        return _finish(out, next_ids, rows)
+        return _finish(out, next_ids, rows, wanted)
     get = out.get
     _row_stats[(rows,)](
         logits, logits.stride(0), vocab, empty if bias is None else bias,
@@ -183,20 +191,26 @@ def row_stats(
         len(next_ids) if extras else 1,
         final_top if extras else empty,
         out["entropy"], get("next_token_logprob", empty), get("next_token_rank", empty),
-        get("kl_to_final", empty), get("top1_agrees", empty),
+        get("kl_internal_final", empty), get("top1_agrees", empty),
         get("topk_prob", empty), get("topk_id", empty),
         HAS_BIAS=bias is not None, SCALED=scale is not None, CAPPED=cap is not None,
         EXTRAS=extras, K=topk, KP=max(2, triton.next_power_of_2(topk)), BLOCK=block,
     )  # fmt: skip
-    return _finish(out, next_ids, rows)
+    return _finish(out, next_ids, rows, wanted)
 
 
-def _finish(out: Stats, next_ids: torch.Tensor | None, rows: int) -> Stats:
-    # The columns as the other backends give them: NaN and -1 where there is no next token.
+def _finish(out: Stats, next_ids: torch.Tensor | None, rows: int, wanted) -> Stats:
+    # The columns as the other backends give them: NaN and -1 where there is no next token;
+    # only those asked for.
+    if wanted is not None:
+        out = {k: v for k, v in out.items() if k in wanted or k.startswith("topk_")}
     if next_ids is None:
         return out
     has = next_ids[torch.arange(rows, device=next_ids.device) % len(next_ids)] >= 0  # [rows]
-    out["next_token_logprob"] = torch.where(has, out["next_token_logprob"], torch.nan)
-    out["next_token_rank"] = torch.where(has, out["next_token_rank"], -1)
-    out["top1_agrees"] = out["top1_agrees"].bool()
+    if "next_token_logprob" in out:
+        out["next_token_logprob"] = torch.where(has, out["next_token_logprob"], torch.nan)
+    if "next_token_rank" in out:
+        out["next_token_rank"] = torch.where(has, out["next_token_rank"], -1)
+    if "top1_agrees" in out:
+        out["top1_agrees"] = out["top1_agrees"].bool()
     return out

@@ -1,4 +1,4 @@
-"""Whole logits rows reduced in one fused pass: the path with extras, and a top-k above 5.
+"""Whole logits rows reduced in one fused pass: every statistic, any top-k, any reference.
 
 Each logits row is reduced in two passes: its max ``m``, then ``S = sum exp(z - m)`` together
 with the other sums. Entropy is ``H = log S - sum exp(z - m) (z - m) / S``; the next token's
@@ -20,16 +20,17 @@ from functools import partial
 import numpy as np
 import torch
 
+from ...statistics import STATISTICS, Request
 from ..sites import SiteKey
 from ..unembed import Lens
 from .common import (
+    Capability,
     Stats,
     allocate,
     chunk_plan,
     chunks,
     rows_of,
     stacked_inputs,
-    stat_columns,
     store,
     to_numpy,
 )
@@ -40,6 +41,23 @@ _EAGER_ELEMENTS = 1 << 22
 Reducer = Callable[..., Stats]
 
 
+CAPABILITY = Capability(
+    frozenset(
+        {
+            "entropy",
+            "next_token_logprob",
+            "next_token_rank",
+            "kl_internal_final",
+            "top1_agrees",
+            "kl_final_internal",
+        }
+    ),
+    other_reference=True,
+    temperature=True,
+)
+"""Every statistic: whole rows are the reference implementation of each."""
+
+
 def rows_site_stats(
     lens: Lens,
     acts: dict[SiteKey, torch.Tensor],
@@ -47,23 +65,21 @@ def rows_site_stats(
     final: SiteKey | None,
     index: tuple[torch.Tensor, torch.Tensor],
     next_ids: torch.Tensor | None,
-    topk: int,
+    request: Request,
     chunk_tokens: int,
     reduce: Reducer,
-    kl_from: bool = False,
 ) -> dict[SiteKey, dict[str, np.ndarray]]:
     """:func:`~.dispatch.site_stats` on whole logits rows, reduced by ``reduce``.
 
-    ``final`` is the reference policy of the KL columns and ``top1_agrees`` (any site); the
-    next-token columns come with ``next_ids``; ``kl_from`` adds ``kl_from_final``.
+    ``final`` is the reference policy of the statistics that need one (any site); the
+    next-token statistics read ``next_ids``.
     """
     n = len(index[0])
     # A small call forms at most n logits rows at once: its memory follows its work.
     rows, group = chunk_plan(n, len(sites), min(chunk_tokens, max(n, 1)), final is not None)
-    reduce = partial(reduce, topk=topk, kl_from=kl_from)
+    reduce = partial(reduce, topk=request.topk, wanted=_wanted(request))
     keys = [*sites, *([final] if final is not None else [])]
-    columns = stat_columns(next_ids is not None, final is not None, kl_from)
-    out = {key: allocate(lens, n, columns, topk) for key in keys}
+    out = {key: allocate(lens, n, request) for key in keys}
     with lens.reused_output(rows * group):  # each chunk's logits are reduced before the next
         for part in chunks(n, rows):
             nxt = None if next_ids is None else next_ids[part].to(lens.weight.device)
@@ -78,6 +94,13 @@ def rows_site_stats(
     return to_numpy(out)
 
 
+def _wanted(request: Request) -> tuple:
+    # The statistics beyond the entropy, and their parameters, as the reductions take them.
+    names = tuple(name for name in request.statistics if name != "entropy")
+    params = tuple((p, request.parameter(p)) for n in names for p in STATISTICS[n].parameters)
+    return names, params
+
+
 def final_policy(logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities ``[rows, vocab]`` (in ``dtype``) and argmax ``[rows]`` of ``logits``."""
     return torch.log_softmax(logits.to(dtype), dim=-1), logits.argmax(-1)
@@ -90,20 +113,22 @@ def reduce_logits(
     final_logp: torch.Tensor | None = None,
     final_top: torch.Tensor | None = None,
     topk: int = 0,
-    kl_from: bool = False,
+    wanted: tuple = ((), ()),
 ) -> Stats:
     """Statistics of the policies ``softmax(logits)``, reduced in ``dtype`` (the eager path).
 
     Args:
         logits: ``[sites, rows, vocab]``.
         dtype: dtype of the reductions (float32 or float64).
-        next_ids: ``[rows]`` the actual next token (-1 where there is none); adds
+        next_ids: ``[rows]`` the actual next token (-1 where there is none), for
             ``next_token_logprob`` and ``next_token_rank`` (1 = the policy's top token).
-        final_logp: ``[rows, vocab]`` log-probabilities of the model's output policy; adds
-            ``kl_to_final`` = KL(internal || final).
-        final_top: ``[rows]`` argmax of the output policy; adds ``top1_agrees``.
+        final_logp: ``[rows, vocab]`` log-probabilities of the reference policy, for
+            ``kl_internal_final`` = KL(internal ‖ final) and ``kl_final_internal``.
+        final_top: ``[rows]`` argmax of the reference policy, for ``top1_agrees``.
         topk: K > 0 adds ``topk_id`` and ``topk_prob``, ``[sites, rows, K]``, most probable first.
-        kl_from: with ``final_logp``, adds ``kl_from_final`` = KL(final || internal).
+        wanted: the statistics besides the entropy (names, see
+            :data:`~internal_policy_lens.statistics.STATISTICS`) and their parameters'
+            ``(name, value)`` pairs.
 
     Returns:
         ``column -> [sites, rows]`` (``[sites, rows, K]`` for the top-k).
@@ -121,7 +146,7 @@ def reduce_logits(
                 None if final_logp is None else final_logp[part],
                 None if final_top is None else final_top[part],
                 topk,
-                kl_from,
+                wanted,
             )
             for part in chunks(rows, row_step)
         ]
@@ -129,8 +154,14 @@ def reduce_logits(
     return {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]}
 
 
-def fused_stats(logits, dtype, next_ids, final_logp, final_top, topk=0, kl_from=False) -> Stats:
-    """The reductions as one expression graph; torch.compile fuses them into two loops per row."""
+def fused_stats(
+    logits, dtype, next_ids, final_logp, final_top, topk=0, wanted=((), ())
+) -> Stats:
+    """The reductions as one expression graph; torch.compile fuses them into two loops per row.
+
+    ``wanted``: see :func:`reduce_logits`.
+    """
+    names, _ = wanted
     z = logits.to(dtype)  # [sites, rows, vocab]
     top = z.amax(-1, keepdim=True)
     shifted = z - top
@@ -138,20 +169,22 @@ def fused_stats(logits, dtype, next_ids, final_logp, final_top, topk=0, kl_from=
     total = weights.sum(-1)
     log_total = total.log()
     out = {"entropy": log_total - (weights * shifted).sum(-1) / total}
-    if next_ids is not None:
+    if "next_token_logprob" in names or "next_token_rank" in names:
         has_next = next_ids >= 0
         idx = next_ids.clamp(min=0).expand(z.shape[:2]).unsqueeze(-1)  # [sites, rows, 1]
         target = z.gather(-1, idx)
-        logprob = (target - top).squeeze(-1) - log_total
-        rank = (z > target).sum(-1) + 1
-        out["next_token_logprob"] = torch.where(has_next, logprob, torch.nan)
-        out["next_token_rank"] = torch.where(has_next, rank, -1)
-    if final_logp is not None:
-        out["kl_to_final"] = (weights * (shifted - final_logp)).sum(-1) / total - log_total
-        if kl_from:
-            out["kl_from_final"] = (final_logp.exp() * (final_logp - shifted)).sum(-1) + log_total
-    if final_top is not None:
+        if "next_token_logprob" in names:
+            logprob = (target - top).squeeze(-1) - log_total
+            out["next_token_logprob"] = torch.where(has_next, logprob, torch.nan)
+        if "next_token_rank" in names:
+            rank = (z > target).sum(-1) + 1
+            out["next_token_rank"] = torch.where(has_next, rank, -1)
+    if "kl_internal_final" in names:
+        out["kl_internal_final"] = (weights * (shifted - final_logp)).sum(-1) / total - log_total
+    if "top1_agrees" in names:
         out["top1_agrees"] = z.argmax(-1) == final_top
+    if "kl_final_internal" in names:
+        out["kl_final_internal"] = (final_logp.exp() * (final_logp - shifted)).sum(-1) + log_total
     if topk:
         # On the logits as formed (upcasting is exact, so the same order): selecting from
         # ``z`` would make the compiled graph materialise it, [sites, rows, vocab] in ``dtype``.

@@ -5,8 +5,9 @@ formed one tile of vocabulary columns at a time (:func:`tile_columns`, about
 :data:`TILE_ELEMENTS` logits, which stay in the cache), each tile reduced to its max, ``log S_t``,
 entropy and top-k, and the tiles combined exactly (:func:`tiled_stats`). Neither the logits nor
 the reductions' temporaries are vocabulary-sized, and the reductions read cached data instead of
-streaming each chunk's logits through memory twice. The extras (next token, KL to the final
-policy) and a top-k above :data:`TILED_MAX_TOPK` take whole logits rows (:mod:`.rows`).
+streaming each chunk's logits through memory twice. The statistics without such a merge (the
+next token's, those against a reference policy) and a top-k above :data:`TILED_MAX_TOPK` take
+whole logits rows (:mod:`.rows`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...statistics import Request
 from ..sites import SiteKey
 from ..unembed import Lens
-from .common import Stats, allocate, chunk_plan, chunks, stacked_inputs, store, to_numpy
+from .common import Capability, Stats, allocate, chunk_plan, chunks, stacked_inputs, store, to_numpy
 from .compiled import tile_sums
 
 # Logits per vocabulary tile of the tiled path: a float32 tile and its softmax (4 MB) fit two
@@ -28,6 +30,9 @@ MIN_TILE_COLUMNS = 256
 # time without top-k, with K = 20 2.33x; whole rows had taken 1.33x for both); a larger K
 # reduces whole rows.
 TILED_MAX_TOPK = 5
+
+CAPABILITY = Capability(frozenset({"entropy"}), max_topk=TILED_MAX_TOPK)
+"""The statistics with an exact merge across vocabulary tiles."""
 
 
 def tile_columns(rows: int, vocab: int, elements: int | None = None) -> int:
@@ -83,7 +88,7 @@ def tiled_stats(
             size = rows * columns
             work = z.new_empty(size, dtype=dtype) if z.dtype != dtype else None
             probs = z.new_empty(size, dtype=dtype)
-        if compiled and tile_sums(z, dtype, (top[i], log_total[i], mean[i])):
+        if compiled and tile_sums(tile_math, z, dtype, (top[i], log_total[i], mean[i])):
             continue
         zf = z if work is None else work[: z.numel()].view(shape).copy_(z)
         torch.amax(zf, -1, out=top[i])
@@ -106,23 +111,33 @@ def tiled_stats(
     return out
 
 
+def tile_math(z: torch.Tensor, dtype: torch.dtype):
+    """One tile's max, ``log S_t`` and ``sum p (z - m_t)``, as one graph for torch.compile."""
+    zf = z.to(dtype)
+    top = zf.amax(-1, keepdim=True)
+    shifted = zf - top
+    weights = shifted.exp()
+    total = weights.sum(-1)
+    return top.squeeze(-1), total.log(), (weights * shifted).sum(-1) / total
+
+
 def tiles_site_stats(
     lens: Lens,
     acts: dict[SiteKey, torch.Tensor],
     sites: list[SiteKey],
     index: tuple[torch.Tensor, torch.Tensor],
-    topk: int,
+    request: Request,
     chunk_tokens: int,
     compiled: bool,
 ) -> dict[SiteKey, dict[str, np.ndarray]]:
-    """:func:`~.dispatch.site_stats` without extras, tile by tile (:func:`tiled_stats`)."""
-    # Without extras: up to chunk_tokens stacked rows per product, reduced tile by tile, so
-    # that neither the logits nor the reductions' temporaries are vocabulary-sized; memory
-    # follows the tile, not the rows.
-    n = len(index[0])
+    """:func:`~.dispatch.site_stats` tile by tile (:func:`tiled_stats`), no reference policy."""
+    # Up to chunk_tokens stacked rows per product, reduced tile by tile, so that neither the
+    # logits nor the reductions' temporaries are vocabulary-sized; memory follows the tile,
+    # not the rows.
+    n, topk = len(index[0]), request.topk
     rows, group = chunk_plan(n, len(sites), chunk_tokens, False)
     columns = tile_columns(rows * group, lens.vocab_size)
-    out = {key: allocate(lens, n, ("entropy",), topk) for key in sites}
+    out = {key: allocate(lens, n, request) for key in sites}
     with lens.reused_output(rows * group, columns):
         for part in chunks(n, rows):
             for start in range(0, len(sites), group):

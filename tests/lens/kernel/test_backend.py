@@ -9,6 +9,7 @@ from reference import hf_model, naive_logits
 pytest.importorskip("triton", reason="triton is not installed (Linux x86-64 dev extra)")
 
 from internal_policy_lens.lens.reduce import (  # noqa: E402
+    KERNEL_MAX_TOPK,  # noqa: E402
     choose_backend,
     dispatch,
     gpu,
@@ -16,6 +17,7 @@ from internal_policy_lens.lens.reduce import (  # noqa: E402
     site_stats,
 )
 from internal_policy_lens.lens.unembed import Lens, Precision  # noqa: E402
+from internal_policy_lens.statistics import Request  # noqa: E402
 
 EXACT_ATOL = 3e-5  # float32 products and reductions against float64 (nats)
 FAST_MAX = 0.15  # bf16 products (the tiny models' stated tolerance, tests/lens/test_reduce.py)
@@ -59,7 +61,7 @@ def _float64(folder, acts, rows, next_ids, lens, topk):
             "entropy": -(p * logp).sum(-1),
             "next_token_logprob": torch.where(next_ids >= 0, logp.gather(-1, at)[:, 0], torch.nan),
             "next_token_rank": torch.where(next_ids >= 0, (z > z.gather(-1, at)).sum(-1) + 1, -1),
-            "kl_to_final": (p * (logp - logq)).sum(-1),
+            "kl_internal_final": (p * (logp - logq)).sum(-1),
             "top1_agrees": z.argmax(-1) == logq.argmax(-1),
             "topk_prob": p.topk(topk, -1).values,
             "probs": p,
@@ -77,12 +79,13 @@ def test_triton_backend_matches_float64_on_every_family(device, model_on, name, 
     acts, rows, next_ids = _acts(model, seed=len(name))
     projector = Lens(model, lens, "exact")
     got = site_stats(
-        projector, acts, list(acts), rows, next_ids=next_ids, topk=3, chunk_tokens=4,
+        projector, acts, list(acts), rows, Request.of(True, topk=3), next_ids=next_ids,
+        chunk_tokens=4,
         backend="triton",
     )  # fmt: skip
     want = _float64(folder, acts, rows, next_ids, lens, 3)
     for key, columns in want.items():
-        for column in ("entropy", "next_token_logprob", "kl_to_final", "topk_prob"):
+        for column in ("entropy", "next_token_logprob", "kl_internal_final", "topk_prob"):
             np.testing.assert_allclose(
                 got[key][column], columns[column], atol=EXACT_ATOL, rtol=1e-5, err_msg=str(key)
             )
@@ -103,7 +106,8 @@ def test_triton_backend_narrow_tiles_and_bf16_products(device, model_on, monkeyp
     acts, rows, next_ids = _acts(model, seed=3)
     projector = Lens(model, "raw", _bf16_products())
     got = site_stats(
-        projector, acts, list(acts), rows, next_ids=next_ids, topk=topk, chunk_tokens=7,
+        projector, acts, list(acts), rows, Request.of(True, topk=topk), next_ids=next_ids,
+        chunk_tokens=7,
         backend="triton",
     )  # fmt: skip
     want = _float64(folder, acts, rows, next_ids, "raw", max(topk, 1))
@@ -133,21 +137,22 @@ def test_float32_results_of_half_products(device):
     assert gpu.float_results(device, torch.bfloat16) == (device == "cuda")
 
 
-def test_dispatcher_chooses_from_device_extras_and_topk(monkeypatch):
+def test_dispatcher_chooses_from_device_statistics_and_topk(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_backend(cpu, extras=False, topk=5) == "tiles"
-    assert choose_backend(cpu, extras=False, topk=6) == "rows"
-    assert choose_backend(cpu, extras=True, topk=0) == "rows"
+    extras = Request.of(extras=True, topk=20)
+    assert choose_backend(cpu, Request(topk=5)) == "tiles"
+    assert choose_backend(cpu, Request(topk=6)) == "rows"
+    assert choose_backend(cpu, Request.of(extras=True)) == "rows"
     monkeypatch.setattr(dispatch, "triton_support", lambda device: (True, "CUDA with Triton"))
-    assert choose_backend(cuda, extras=True, topk=20) == "triton"
-    assert choose_backend(cuda, extras=False, topk=dispatch.KERNEL_MAX_TOPK + 1) == "rows"
-    assert choose_backend(cuda, extras=False, topk=0, dtype=torch.float64) == "tiles"
+    assert choose_backend(cuda, extras) == "triton"
+    assert choose_backend(cuda, Request(topk=KERNEL_MAX_TOPK + 1)) == "rows"
+    assert choose_backend(cuda, Request(), dtype=torch.float64) == "tiles"
     # Without Triton (macOS, a CPU-only install): the CPU backends, on any device.
     monkeypatch.setattr(dispatch, "triton_support", lambda device: (False, "not installed"))
-    assert choose_backend(cuda, extras=True, topk=20) == "rows"
+    assert choose_backend(cuda, extras) == "rows"
     with pytest.raises(ValueError, match="cannot run here: not installed"):
-        choose_backend(cuda, extras=False, topk=0, backend="triton")
+        choose_backend(cuda, Request(), backend="triton")
     with pytest.raises(ValueError, match="unknown reduction backend 'gpu'"):
-        choose_backend(cpu, extras=False, topk=0, backend="gpu")
-    with pytest.raises(ValueError, match="tiles backend takes no extras"):
-        choose_backend(cpu, extras=True, topk=0, backend="tiles")
+        choose_backend(cpu, Request(), backend="gpu")
+    with pytest.raises(ValueError, match="tiles backend does not compute next_token_logprob"):
+        choose_backend(cpu, Request.of(extras=True), backend="tiles")

@@ -26,7 +26,7 @@ def _float64(z, bias, scale, cap, logq, next_ids):
         "entropy": -(p * logp).sum(-1),
         "next_token_logprob": torch.where(has, logp.gather(-1, at)[:, 0], torch.nan),
         "next_token_rank": torch.where(has, (z > target).sum(-1) + 1, -1),
-        "kl_to_final": (p * (logp - logq[rows])).sum(-1),
+        "kl_internal_final": (p * (logp - logq[rows])).sum(-1),
         "top1_agrees": z.argmax(-1) == logq[rows].argmax(-1),
         "probs": p,
     }
@@ -69,7 +69,7 @@ def test_row_stats_match_float64(device, rows, vocab, block, topk, head):
     got = {name: value.cpu() for name, value in got.items()}
     if head == "none":  # the cases span peaked and flat policies
         assert want["entropy"].min() < 1.0 and (rows == 1 or want["entropy"].max() > 2.0)
-    for column in ("entropy", "next_token_logprob", "kl_to_final"):
+    for column in ("entropy", "next_token_logprob", "kl_internal_final"):
         np.testing.assert_allclose(got[column], want[column], atol=ATOL, rtol=1e-5)
     for column in ("next_token_rank", "top1_agrees"):
         np.testing.assert_array_equal(got[column], want[column])
