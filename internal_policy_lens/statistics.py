@@ -139,6 +139,16 @@ register(
 )
 register(
     Statistic(
+        "varentropy",
+        "float",
+        "nats^2",
+        "Var_p[−log p] = Σ_v p(v) (log p(v))² − H², computed as Σ_v p(v) (z_v − E_p z)² (no "
+        "difference of large terms): how far the surprise of the policy's tokens spreads",
+        chart=Chart("Varentropy Var_p[−log p] (mean)", "varentropy (nats²)"),
+    )
+)
+register(
+    Statistic(
         "kl_final_internal",
         "float",
         "nats",

@@ -11,7 +11,10 @@ max-and-mask), which after the first tiles is rarely more than a few. The extras
 policy's log-probabilities ``log q`` of the same token row and add
 ``U = sum (z - m - log q) exp(z - m)`` (rescaled as ``T``): ``KL(p || q) = U / S - log S``;
 the next token's logit (loaded first) gives its log-probability and, counted on the way, its
-rank; the running argmax gives the top-1 agreement.
+rank; the running argmax gives the top-1 agreement. The varentropy keeps
+``V = sum exp(z - m) (z - mu)^2`` around the running mean ``mu = T / S`` and merges each tile's
+own ``V_t`` (around the tile's mean) exactly: ``V' = a V + V_t + d^2 a S W_t / (a S + W_t)``,
+``d`` the difference of the two means, ``W_t`` the tile's weight (nonnegative terms only).
 
 Importing this module imports Triton; under ``TRITON_INTERPRET=1`` (set before the import) the
 kernel runs on CPU tensors through Triton's interpreter, which is how it is tested without a GPU.
@@ -27,7 +30,9 @@ from .common import KERNEL_MAX_TOPK, Capability, Stats
 
 _EXTRAS = ("next_token_logprob", "next_token_rank", "kl_internal_final", "top1_agrees")
 CAPABILITY = Capability(
-    frozenset({"entropy", *_EXTRAS}), max_topk=KERNEL_MAX_TOPK, together=frozenset(_EXTRAS)
+    frozenset({"entropy", "varentropy", *_EXTRAS}),
+    max_topk=KERNEL_MAX_TOPK,
+    together=frozenset(_EXTRAS),
 )
 """Entropy, and the extras against the final policy with next tokens, all four at once."""
 
@@ -49,9 +54,10 @@ def _head(z, scale, cap, SCALED: tl.constexpr, CAPPED: tl.constexpr):
 def _row_stats(
     Z, stride_z, vocab, BIAS, scale, cap,
     NEXT, LOGQ, stride_q, final_rows, FINAL_TOP,
-    ENT, LOGPROB, RANK, KL, AGREE, TOP_V, TOP_I,
+    ENT, LOGPROB, RANK, KL, AGREE, TOP_V, TOP_I, VARENT,
     HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, CAPPED: tl.constexpr,
     EXTRAS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+    SPREAD: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     z_row = Z + row.to(tl.int64) * stride_z
@@ -63,6 +69,7 @@ def _row_stats(
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
     u = tl.zeros((), tl.float32)
+    v = tl.zeros((), tl.float32)
     top_v = tl.where(slots < K, float("-inf"), float("inf"))  # padding slots never replaced
     top_i = tl.zeros([KP], tl.int64)
     above = tl.zeros((), tl.int32)
@@ -90,6 +97,16 @@ def _row_stats(
         alpha = tl.exp(shift)
         zs = tl.where(mask, z - new_m, 0.0)  # [BLOCK] <= 0
         e = tl.where(mask, tl.exp(zs), 0.0)
+        if SPREAD:  # sum e (z - mu)^2 around the mean mu, merged with the tile's (Chan et al.)
+            w_t = tl.sum(e, 0)
+            mu_t = tl.where(w_t > 0, tl.sum(zs * e, 0) / tl.where(w_t > 0, w_t, 1.0), 0.0)
+            dev = tl.where(mask, zs - mu_t, 0.0)
+            v_t = tl.sum(dev * dev * e, 0)
+            s_old = alpha * s
+            mu_old = tl.where(s > 0, t / tl.where(s > 0, s, 1.0) + shift, 0.0)  # to the new max
+            step = mu_t - mu_old
+            both = (s_old > 0) & (w_t > 0)
+            v = alpha * v + v_t + tl.where(both, step * step * (s_old * w_t / (s_old + w_t)), 0.0)
         t = alpha * (t + shift * s) + tl.sum(zs * e, 0)
         if EXTRAS:
             logq = tl.load(q_row + offs, mask=mask, other=0.0)
@@ -115,6 +132,8 @@ def _row_stats(
                     best = tl.max(cand, 0)
     log_s = tl.log(s)
     tl.store(ENT + row, log_s - t / s)
+    if SPREAD:
+        tl.store(VARENT + row, v / s)
     if EXTRAS:
         tl.store(LOGPROB + row, target - m - log_s)
         tl.store(RANK + row, above.to(tl.int64) + 1)
@@ -158,7 +177,8 @@ def row_stats(
         final_top: ``[final_rows]`` its argmax.
         block: columns per tile (a power of two; default :data:`BLOCK`, at most the vocabulary's
             next power of two).
-        wanted: the statistics returned (default: every one the call computes).
+        wanted: the statistics returned (default: every one the call computes but the
+            varentropy, which is computed only when named here).
 
     Returns:
         ``entropy`` ``[rows]`` (+ ``next_token_logprob``, ``next_token_rank``,
@@ -171,6 +191,9 @@ def row_stats(
     f32 = dict(dtype=torch.float32, device=device)
     out = {"entropy": torch.empty(rows, **f32)}
     empty = out["entropy"]
+    spread = wanted is not None and "varentropy" in wanted
+    if spread:
+        out["varentropy"] = torch.empty(rows, **f32)
     if extras:
         out["next_token_logprob"] = torch.empty(rows, **f32)
         out["next_token_rank"] = torch.empty(rows, dtype=torch.long, device=device)
@@ -192,9 +215,10 @@ def row_stats(
         final_top if extras else empty,
         out["entropy"], get("next_token_logprob", empty), get("next_token_rank", empty),
         get("kl_internal_final", empty), get("top1_agrees", empty),
-        get("topk_prob", empty), get("topk_id", empty),
+        get("topk_prob", empty), get("topk_id", empty), get("varentropy", empty),
         HAS_BIAS=bias is not None, SCALED=scale is not None, CAPPED=cap is not None,
         EXTRAS=extras, K=topk, KP=max(2, triton.next_power_of_2(topk)), BLOCK=block,
+        SPREAD=spread,
     )  # fmt: skip
     return _finish(out, next_ids, rows, wanted)
 

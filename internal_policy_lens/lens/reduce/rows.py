@@ -50,6 +50,7 @@ CAPABILITY = Capability(
             "kl_internal_final",
             "top1_agrees",
             "kl_final_internal",
+            "varentropy",
         }
     ),
     other_reference=True,
@@ -168,7 +169,10 @@ def fused_stats(
     weights = shifted.exp()
     total = weights.sum(-1)
     log_total = total.log()
-    out = {"entropy": log_total - (weights * shifted).sum(-1) / total}
+    mean = (weights * shifted).sum(-1) / total  # E_p[z - m]
+    out = {"entropy": log_total - mean}
+    if "varentropy" in names:  # Var_p[z]: around the mean, a sum of nonnegative terms
+        out["varentropy"] = (weights * (shifted - mean.unsqueeze(-1)).square()).sum(-1) / total
     if "next_token_logprob" in names or "next_token_rank" in names:
         has_next = next_ids >= 0
         idx = next_ids.clamp(min=0).expand(z.shape[:2]).unsqueeze(-1)  # [sites, rows, 1]

@@ -31,7 +31,7 @@ MIN_TILE_COLUMNS = 256
 # reduces whole rows.
 TILED_MAX_TOPK = 5
 
-CAPABILITY = Capability(frozenset({"entropy"}), max_topk=TILED_MAX_TOPK)
+CAPABILITY = Capability(frozenset({"entropy", "varentropy"}), max_topk=TILED_MAX_TOPK)
 """The statistics with an exact merge across vocabulary tiles."""
 
 
@@ -52,6 +52,7 @@ def tiled_stats(
     topk: int = 0,
     columns: int | None = None,
     compiled: bool = False,
+    wanted: tuple[str, ...] = ("entropy",),
 ) -> Stats:
     """Entropy (and top-k) of the policies of ``x`` ``[rows, d_model]``, tile by tile.
 
@@ -63,16 +64,22 @@ def tiled_stats(
     ``lse = logsumexp_t lse_t`` and ``c_t = exp(lse_t - lse)`` (the tile's probability mass),
     ``H = sum_t c_t (H_t + lse - lse_t)``, every term nonnegative (no cancellation); the top-k
     is the K largest of the tiles' top-k. ``compiled`` reduces each tile with
-    ``torch.compile``d code (one fused loop) instead of eager ops.
+    ``torch.compile``d code (one fused loop) instead of eager ops. With ``varentropy`` in
+    ``wanted``, each tile also gives ``V_t = sum p (z - mu_t)^2`` around its mean ``mu_t``, and
+    ``Var = sum_t c_t (V_t + (mu_t - mu)^2)`` (nonnegative terms again).
 
     Returns:
-        ``entropy`` ``[rows]``; with ``topk``, ``topk_id`` and ``topk_prob`` ``[rows, K]``.
+        ``entropy`` (+ ``varentropy``) ``[rows]``; with ``topk``, ``topk_id`` and ``topk_prob``
+        ``[rows, K]``.
     """
+    spread = "varentropy" in wanted
     rows, vocab, dtype = len(x), lens.vocab_size, lens.reduce_dtype
     columns = columns or tile_columns(rows, vocab)
     starts = range(0, vocab, columns)
     tiles, k, device = len(starts), min(topk, columns), x.device
-    top, log_total, mean = (torch.empty(tiles, rows, dtype=dtype, device=device) for _ in range(3))
+    top, log_total, mean, var = (
+        torch.empty(tiles, rows, dtype=dtype, device=device) for _ in range(4)
+    )
     best = torch.empty(tiles, rows, k, dtype=lens.dtype, device=device)
     ids = torch.empty(tiles, rows, k, dtype=torch.long, device=device)
     work = probs = None  # float32 copies of a tile (half products) and its softmax, reused
@@ -88,7 +95,8 @@ def tiled_stats(
             size = rows * columns
             work = z.new_empty(size, dtype=dtype) if z.dtype != dtype else None
             probs = z.new_empty(size, dtype=dtype)
-        if compiled and tile_sums(tile_math, z, dtype, (top[i], log_total[i], mean[i])):
+        sums = (top[i], log_total[i], mean[i], *((var[i],) if spread else ()))
+        if compiled and tile_sums(tile_spread if spread else tile_math, z, dtype, sums):
             continue
         zf = z if work is None else work[: z.numel()].view(shape).copy_(z)
         torch.amax(zf, -1, out=top[i])
@@ -97,10 +105,16 @@ def tiled_stats(
         torch.amax(p, -1, out=log_total[i])  # 1 / S_t: the max's probability in its tile
         log_total[i].log_().neg_()
         torch.linalg.vecdot(p, zf, out=mean[i])  # sum p (z - m_t) <= 0
+        if spread:  # sum p (z - mu_t)^2, around the tile's mean
+            torch.linalg.vecdot(p, zf.sub_(mean[i, :, None]).square_(), out=var[i])
     lse_t = top + log_total  # [tiles, rows]
     lse = torch.logsumexp(lse_t, 0)
     mass = (lse_t - lse).exp_()
     out = {"entropy": (mass * (log_total - mean + (lse - lse_t))).sum(0)}
+    if spread:  # the tiles' means relative to the largest max, then the spread between them
+        centre = top - top.amax(0) + mean  # [tiles, rows]
+        overall = (mass * centre).sum(0)
+        out["varentropy"] = (mass * (var + (centre - overall).square())).sum(0)
     if k:
         offsets = torch.tensor(list(starts), device=device)[:, None, None]
         merged = best.to(dtype).permute(1, 0, 2).reshape(rows, tiles * k)
@@ -119,6 +133,18 @@ def tile_math(z: torch.Tensor, dtype: torch.dtype):
     weights = shifted.exp()
     total = weights.sum(-1)
     return top.squeeze(-1), total.log(), (weights * shifted).sum(-1) / total
+
+
+def tile_spread(z: torch.Tensor, dtype: torch.dtype):
+    """:func:`tile_math`, and ``sum p (z - mu_t)^2`` around the tile's mean ``mu_t``."""
+    zf = z.to(dtype)
+    top = zf.amax(-1, keepdim=True)
+    shifted = zf - top
+    weights = shifted.exp()
+    total = weights.sum(-1)
+    mean = (weights * shifted).sum(-1) / total
+    var = (weights * (shifted - mean.unsqueeze(-1)).square()).sum(-1) / total
+    return top.squeeze(-1), total.log(), mean, var
 
 
 def tiles_site_stats(
@@ -143,7 +169,7 @@ def tiles_site_stats(
             for start in range(0, len(sites), group):
                 block = sites[start : start + group]
                 stacked = stacked_inputs(lens, acts, block, index, part)
-                stats = tiled_stats(lens, stacked, topk, columns, compiled)
+                stats = tiled_stats(lens, stacked, topk, columns, compiled, request.statistics)
                 size = part.stop - part.start
                 stats = {name: v.unflatten(0, (len(block), size)) for name, v in stats.items()}
                 store(out, block, part, stats)

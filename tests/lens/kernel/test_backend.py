@@ -59,6 +59,7 @@ def _float64(folder, acts, rows, next_ids, lens, topk):
         p = logp.exp()
         out[key] = {
             "entropy": -(p * logp).sum(-1),
+            "varentropy": (p * logp.square()).sum(-1) - (p * logp).sum(-1).square(),
             "next_token_logprob": torch.where(next_ids >= 0, logp.gather(-1, at)[:, 0], torch.nan),
             "next_token_rank": torch.where(next_ids >= 0, (z > z.gather(-1, at)).sum(-1) + 1, -1),
             "kl_internal_final": (p * (logp - logq)).sum(-1),
@@ -74,18 +75,20 @@ def _float64(folder, acts, rows, next_ids, lens, topk):
 def test_triton_backend_matches_float64_on_every_family(device, model_on, name, lens):
     # Gemma's soft-capping and Granite's scaling in the kernel; 3 token rows in chunks of 2
     # (ragged: chunk_tokens 4 holds 2 rows of a site and of the final policy), the extras
-    # against the final policy, a top-3.
+    # against the final policy, the varentropy, a top-3.
     model, folder = model_on(name, device)
     acts, rows, next_ids = _acts(model, seed=len(name))
     projector = Lens(model, lens, "exact")
     got = site_stats(
-        projector, acts, list(acts), rows, Request.of(True, topk=3), next_ids=next_ids,
-        chunk_tokens=4,
+        projector, acts, list(acts), rows, Request.of(True, ["varentropy"], topk=3),
+        next_ids=next_ids, chunk_tokens=4,
         backend="triton",
     )  # fmt: skip
     want = _float64(folder, acts, rows, next_ids, lens, 3)
     for key, columns in want.items():
-        for column in ("entropy", "next_token_logprob", "kl_internal_final", "topk_prob"):
+        for column in (
+            "entropy", "varentropy", "next_token_logprob", "kl_internal_final", "topk_prob"
+        ):
             np.testing.assert_allclose(
                 got[key][column], columns[column], atol=EXACT_ATOL, rtol=1e-5, err_msg=str(key)
             )

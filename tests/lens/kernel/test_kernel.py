@@ -99,3 +99,22 @@ def test_uniform_rows_have_entropy_log_vocab_and_ties_keep_k_distinct_ids(device
     np.testing.assert_allclose(out["topk_prob"].cpu(), 1 / 300, rtol=1e-6)
     for ids in out["topk_id"].cpu():
         assert len(set(ids.tolist())) == 7 and ids.max() < 300
+
+
+@pytest.mark.parametrize(("rows", "vocab", "block"), [(1, 37, 8), (5, 105, 16), (3, 300, 64)])
+def test_row_stats_varentropy_matches_float64(device, rows, vocab, block):
+    # Var_p[-log p] = sum p (log p)^2 - H^2 in float64; the kernel's running merge over tiles of
+    # `block` columns, peaked to flat rows, and a row whose max is in its last tile.
+    generator = torch.Generator().manual_seed(rows + vocab)
+    spread = torch.logspace(1.3, -1, rows)[:, None]
+    z = spread * torch.randn(rows, vocab, generator=generator)
+    z[0, -1] = z[0].max() + 4.0
+    logp = torch.log_softmax(z.double(), -1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    want = (p * logp.square()).sum(-1) - entropy.square()
+    got = row_stats(z.to(device), block=block, wanted=("entropy", "varentropy"))
+    np.testing.assert_allclose(got["varentropy"].cpu(), want, atol=ATOL, rtol=1e-5)
+    np.testing.assert_allclose(got["entropy"].cpu(), entropy, atol=ATOL, rtol=0)
+    assert set(got) == {"entropy", "varentropy"}
+    assert "varentropy" not in row_stats(z.to(device), block=block)  # only when asked for
