@@ -31,6 +31,7 @@ def option(
     sep: str | None = None,
     path: bool = False,
     argument: bool = False,
+    parameters: bool = False,
 ):
     """A field and how the command line offers it (its help is the field's docstring).
 
@@ -44,8 +45,18 @@ def option(
         sep: A list field written as one string, its items separated by ``sep``.
         path: A file or folder (held as the text of the normalised path: ``runs/a/`` -> ``runs/a``).
         argument: Given by position, not by a flag.
+        parameters: A dict of the statistics' parameters: one option per parameter that the
+            statistics registry declares (``--nucleus-p``), not one for the field.
     """
-    given = {"flags": flags, "min": min, "max": max, "sep": sep, "path": path, "argument": argument}
+    given = {
+        "flags": flags,
+        "min": min,
+        "max": max,
+        "sep": sep,
+        "path": path,
+        "argument": argument,
+        "parameters": parameters,
+    }
     # `is not False`, not `!=`: min=0 is a limit (0 == False)
     metadata = {k: v for k, v in given.items() if v is not None and v is not False and v != ()}
     return field(default=default, default_factory=factory, metadata=metadata)
@@ -163,8 +174,10 @@ class EntropyConfig:
     """Add next-token log-prob and rank, KL(internal ‖ final), top-1 agreement and the
     residual cosines ``cos_attn`` and ``cos_ffn`` of each layer."""
     stats: list[str] | None = option(None, sep=",")
-    """Opt-in per-token statistics, comma-separated, one column each (``ipl stats`` lists
-    them)."""
+    """Opt-in per-token statistics, comma-separated, one column each (the README's table of
+    statistics lists them)."""
+    parameters: dict[str, float] = option(factory=dict, parameters=True)
+    """The opt-in statistics' parameters by name (each its own option)."""
     topk: int = option(5, min=0)
     """K most probable tokens of every policy into ``topk.parquet`` (0: none). Computed in the
     same pass as the entropies; 5 gives the report's logit-lens table."""
@@ -189,15 +202,16 @@ class EntropyConfig:
     @property
     def request(self) -> Request:
         """The statistics of this run, as the reductions take them."""
-        return Request.of(self.extras, self.stats, self.topk)
+        return Request.of(self.extras, self.stats, self.topk, **self.parameters)
 
     def identity(self) -> dict:
         """The fields that define the results; a resumed run must match them."""
         out = asdict(self)
         for name in ("overwrite", "force", "out", "device_map", "shard"):
             out.pop(name)
-        if not out["stats"]:  # as a run recorded before --stats existed
-            out.pop("stats")
+        for name in ("stats", "parameters"):  # as a run recorded before they existed
+            if not out[name]:
+                out.pop(name)
         return out
 
 

@@ -33,6 +33,16 @@ class Chart:
 
 
 @dataclass(frozen=True)
+class Parameter:
+    """A setting of a statistic; ``ipl entropy`` offers it as ``--name`` (``_`` as ``-``)."""
+
+    default: float
+    help: str
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass(frozen=True)
 class Statistic:
     """One per-token statistic of a policy.
 
@@ -50,7 +60,8 @@ class Statistic:
         summary: averaged per (layer, site) into ``summary.csv``.
         counted_from: the smallest value the summary counts (values below it are missing).
         chart: its per-layer chart in the figures and the report (None: none).
-        parameters: the settings it reads from a :class:`Request` (name -> default).
+        parameters: the settings it reads from a :class:`Request` (name -> its
+            :class:`Parameter`), offered by ``ipl entropy`` as options.
     """
 
     name: str
@@ -63,7 +74,7 @@ class Statistic:
     summary: bool = True
     counted_from: float | None = None
     chart: Chart | None = None
-    parameters: dict[str, float] = field(default_factory=dict)
+    parameters: dict[str, Parameter] = field(default_factory=dict)
 
 
 STATISTICS: dict[str, Statistic] = {}
@@ -241,6 +252,11 @@ def charted() -> tuple[tuple[str, Chart], ...]:
     return tuple((name, s.chart) for name, s in STATISTICS.items() if s.chart is not None)
 
 
+def parameters() -> dict[str, Parameter]:
+    """Every statistic's parameters by name (one name, one meaning, across statistics)."""
+    return {name: p for s in STATISTICS.values() for name, p in s.parameters.items()}
+
+
 def statistic_facts(request: Request) -> dict[str, dict]:
     """What run.json records of a request's statistics: unit, definition and parameters."""
     out = {}
@@ -272,6 +288,13 @@ class Request:
     def __post_init__(self) -> None:
         for name in self.statistics:
             statistic(name)
+        known = parameters()
+        for name, value in self.parameters:
+            if name not in known:
+                raise ValueError(f"unknown statistic parameter '{name}'")
+            low, high = known[name].min, known[name].max
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise ValueError(f"{name} must lie in [{low}, {high}], not {value}")
         if "entropy" not in self.statistics:
             object.__setattr__(self, "statistics", ("entropy", *self.statistics))
 
@@ -290,10 +313,7 @@ class Request:
         given = dict(self.parameters)
         if name in given:
             return given[name]
-        for s in STATISTICS.values():
-            if name in s.parameters:
-                return s.parameters[name]
-        raise KeyError(f"no statistic has the parameter '{name}'")
+        return parameters()[name].default
 
     def only(self, names: Iterable[str]) -> Request:
         """The same request with only the statistics among ``names`` (``entropy`` kept)."""

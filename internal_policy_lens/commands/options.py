@@ -147,6 +147,9 @@ def offered(cls: type, skip: tuple[str, ...] = (), docs_from: type | None = None
     for f in fields(cls):
         if f.name in skip:
             continue
+        if f.metadata.get("parameters"):
+            found += _parameter_options(f.name)
+            continue
         if is_dataclass(hints[f.name]):
             inner = tuple(s.partition(".")[2] for s in skip if s.startswith(f"{f.name}."))
             found += [
@@ -156,6 +159,20 @@ def offered(cls: type, skip: tuple[str, ...] = (), docs_from: type | None = None
             continue
         owner, field = (docs_from, home[f.name]) if f.name in home else (cls, f)
         found.append(_offer((f.name,), field, hints[f.name], field_docs(owner)[f.name]))
+    return found
+
+
+def _parameter_options(name: str) -> list[Offered]:
+    """One option per parameter of the statistics registry, into the dict field ``name``."""
+    from ..statistics import parameters  # the registry: its parameters are the options
+
+    found = []
+    for key, p in parameters().items():
+        limits = {k: v for k, v in (("min", p.min), ("max", p.max)) if v is not None}
+        flag = "--" + key.replace("_", "-")
+        info = typer.Option(flag, help=f"{p.help}  [default: {p.default}]", **limits)
+        parameter = _parameter(key, float | None, info, None)
+        found.append(Offered((name, key), parameter, lambda value: value))
     return found
 
 
