@@ -160,6 +160,22 @@ register(
 )
 register(
     Statistic(
+        "nucleus_size",
+        "int64",
+        "tokens",
+        "min{k: the k most probable tokens hold at least nucleus_p of the mass} (the nucleus "
+        "of top-p sampling, Holtzman et al. 2020)",
+        needs=frozenset({"whole_row"}),
+        chart=Chart("Nucleus size: tokens holding nucleus_p of the mass (mean)", "tokens", True),
+        parameters={
+            "nucleus_p": Parameter(
+                0.9, "Probability mass of --stats nucleus_size's nucleus.", 0.0, 1.0
+            )
+        },
+    )
+)
+register(
+    Statistic(
         "kl_final_internal",
         "float",
         "nats",

@@ -136,3 +136,66 @@ def test_varentropy_reaches_the_tables_the_summary_and_the_report(tiny_dirs, tmp
     assert info["statistics"]["varentropy"]["unit"] == "nats^2"
     assert 'id="chart-varentropy"' in (out / "report.html").read_text()
     assert run.summary is not None
+
+
+def _nucleus64(folder, acts, index, lens, mass):
+    # The smallest k whose k most probable tokens hold `mass`, from the float64 sorted policy.
+    hf = hf_model(folder)
+    out = {}
+    for key, x in acts.items():
+        p = torch.softmax(naive_logits(hf, x[index].double(), key[0], lens), -1)
+        held = p.sort(-1, descending=True).values.cumsum(-1)
+        out[key] = (held < mass).sum(-1) + 1
+    return out
+
+
+@pytest.mark.parametrize("mass", [0.5, 0.9, 0.99])
+def test_nucleus_size_matches_float64_and_runs_on_rows(models, tiny_dirs, arch, mass):
+    model = models(arch)
+    acts, index = _acts(model, seed=len(arch) + 1)
+    request = Request(("nucleus_size",), parameters=(("nucleus_p", mass),))
+    assert choose_backend(torch.device("cpu"), request) == "rows"
+    got = site_stats(Lens(model, "norm"), acts, list(acts), index, request)
+    want = _nucleus64(tiny_dirs[arch], acts, index, "norm", mass)
+    sizes = []
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key]["nucleus_size"], value.numpy(), err_msg=str(key))
+        sizes.append(value.numpy())
+    sizes = np.concatenate(sizes)
+    assert sizes.min() < sizes.max() <= model.vocab_size  # peaked and flat policies both
+
+
+def test_nucleus_size_is_handed_over_by_the_backends_that_cannot_sort(monkeypatch):
+    from internal_policy_lens.lens.reduce import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_support", lambda device: (True, ""))
+    request = Request(("varentropy", "nucleus_size"), topk=5)
+    assert choose_backend(torch.device("cuda"), request) == "rows"
+    for backend in ("tiles", "triton"):
+        with pytest.raises(ValueError, match="does not compute nucleus_size; the rows backend"):
+            choose_backend(torch.device("cuda"), request, backend=backend)
+    assert "whole_row" in STATISTICS["nucleus_size"].needs
+    with pytest.raises(ValueError, match="nucleus_p must lie in"):
+        Request(("nucleus_size",), parameters=(("nucleus_p", 1.5),))
+
+
+def test_nucleus_p_is_an_option_of_ipl_entropy(tiny_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from internal_policy_lens.cli import app
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "2+3?", "response": "2+3 = 5. \\boxed{5}"}) + "\n")
+    out = tmp_path / "run"
+    args = ["entropy", "--model", str(tiny_dirs["llama"]), "--data", str(data), "--out", str(out)]
+    args += ["--stats", "nucleus_size", "--nucleus-p", "0.5", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["statistics"]["nucleus_size"]["nucleus_p"] == 0.5
+    assert info["config"]["parameters"] == {"nucleus_p": 0.5}
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    assert tokens["nucleus_size"].dtype == np.int64 and (tokens["nucleus_size"] >= 1).all()
+    summary = pd.read_csv(out / "summary.csv")
+    assert (summary["quantity"] == "nucleus_size").any()
+    assert 'id="chart-nucleus-size"' in (out / "report.html").read_text()

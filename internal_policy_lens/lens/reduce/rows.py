@@ -51,6 +51,7 @@ CAPABILITY = Capability(
             "top1_agrees",
             "kl_final_internal",
             "varentropy",
+            "nucleus_size",
         }
     ),
     other_reference=True,
@@ -162,7 +163,7 @@ def fused_stats(
 
     ``wanted``: see :func:`reduce_logits`.
     """
-    names, _ = wanted
+    names, params = wanted
     z = logits.to(dtype)  # [sites, rows, vocab]
     top = z.amax(-1, keepdim=True)
     shifted = z - top
@@ -183,6 +184,10 @@ def fused_stats(
         if "next_token_rank" in names:
             rank = (z > target).sum(-1) + 1
             out["next_token_rank"] = torch.where(has_next, rank, -1)
+    if "nucleus_size" in names:  # the sorted row: no accumulator over tiles gives it
+        p = (weights / total.unsqueeze(-1)).sort(-1, descending=True).values
+        short = (p.cumsum(-1) < dict(params)["nucleus_p"]).sum(-1)
+        out["nucleus_size"] = (short + 1).clamp(max=z.shape[-1])
     if "kl_internal_final" in names:
         out["kl_internal_final"] = (weights * (shifted - final_logp)).sum(-1) / total - log_total
     if "top1_agrees" in names:
