@@ -257,9 +257,7 @@ def summarised(names: Iterable[str]) -> tuple[str, ...]:
     """Those of ``names`` (besides the entropy) that the summary averages per (layer, site)."""
     wanted = set(names)
     return tuple(
-        name
-        for name, s in STATISTICS.items()
-        if name in wanted and s.summary and s.group != "core"
+        name for name, s in STATISTICS.items() if name in wanted and s.summary and s.group != "core"
     )
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 from ..config import CompareConfig, ConvergenceConfig, PlotConfig
 from ..folders import Folder
 from ..runs.io import RunFolder, model_name, open_run
+from ..statistics import opt_in
 from . import plots
 from .convergence import (
     LayerSuggestion,
@@ -72,7 +73,8 @@ def write_run_figures(
 ) -> FigureReport:
     """Draw a run's figures into ``out_dir/figures/``: flow, change, heatmap, extras, cosines.
 
-    ``next_token`` and ``residual_cosine`` need the extras columns.
+    ``next_token`` and ``residual_cosine`` need the extras columns; ``statistics`` is drawn for
+    a run with opt-in statistics (``--stats``).
 
     A figure whose data the run lacks (sites not analysed, no ``--extras``) is skipped with the
     reason. ``sample`` and ``site`` choose the heatmap's sample and site; ``folder`` replaces
@@ -98,6 +100,8 @@ def write_run_figures(
         "next_token": lambda: plots.next_token_extras(tokens, title=title),
         "residual_cosine": lambda: plots.residual_cosine(tokens, title=title),
     }
+    if set(opt_in()) & set(tokens.columns):  # a run without --stats has no such figure
+        builders["statistics"] = lambda: plots.opt_in_statistics(tokens, title=title)
     report = FigureReport()
     folder = Path(out_dir) / "figures" if folder is None else Path(folder)
     for name, build in builders.items():

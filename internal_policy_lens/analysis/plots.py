@@ -19,6 +19,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..statistics import STATISTICS, opt_in
+
 COLUMN_WIDTH = 3.4
 TEXT_WIDTH = 7.0
 FLOW_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
@@ -232,9 +234,7 @@ def token_heatmap(
     if tokens.empty:
         raise ValueError("the table has no rows")
     sample_id = tokens["sample_id"].min() if sample_id is None else sample_id
-    rows = tokens[
-        (tokens["sample_id"].astype(str) == str(sample_id)) & (tokens["site"] == site)
-    ]
+    rows = tokens[(tokens["sample_id"].astype(str) == str(sample_id)) & (tokens["site"] == site)]
     if rows.empty:
         raise ValueError(f"no rows for sample {sample_id!r} at site {site!r}")
     grid = rows.pivot_table(index="layer", columns="position", values="entropy")
@@ -297,6 +297,39 @@ def next_token_extras(
     if title:
         fig.suptitle(title)
     _legend(fig, rank_ax, "policy read at site", ncols=len(sites))
+    return fig
+
+
+@_styled
+def opt_in_statistics(
+    tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None = None
+) -> Figure:
+    """One panel per opt-in statistic the table holds (``--stats``), per layer and site.
+
+    The statistics and their axes come from the registry
+    (:data:`~internal_policy_lens.statistics.STATISTICS`): a new statistic with a chart gets its
+    panel here without a change to this function.
+    """
+    names = [n for n in opt_in() if n in tokens.columns and STATISTICS[n].chart is not None]
+    if not names:
+        raise ValueError(f"the table has no opt-in statistic (run with --stats {opt_in()[0]})")
+    sites = _present(tokens, "site", ("attn_out", "mlp_out", "resid_post"), "sites")
+    fig, axes = _figure(TEXT_WIDTH, 2.8, ncols=len(names))
+    axes = np.atleast_1d(axes)
+    site = tokens["site"]
+    for ax, name, letter in zip(axes, names, "abcdefgh"):
+        chart = STATISTICS[name].chart
+        for where in sites:
+            rows = tokens[site == where]
+            _line(ax, band(rows, "layer", name, spread), SITE_COLOURS[where], where)
+        if chart.log:
+            ax.set_yscale("log")
+        ax.set_ylabel(f"{chart.axis}\n" + SPREADS[spread].replace("band: ", ""))
+        ax.set_title(f"({letter}) {name}", loc="left")
+        _layer_axis(ax)
+    if title:
+        fig.suptitle(title)
+    _legend(fig, axes[0], "policy read at site", ncols=len(sites))
     return fig
 
 

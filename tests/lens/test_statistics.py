@@ -135,7 +135,8 @@ def test_varentropy_reaches_the_tables_the_summary_and_the_report(tiny_dirs, tmp
     info = json.loads((out / "run.json").read_text())
     assert info["statistics"]["varentropy"]["unit"] == "nats^2"
     assert 'id="chart-varentropy"' in (out / "report.html").read_text()
-    assert run.summary is not None
+    assert (out / "figures" / "statistics.png").is_file()
+    assert "statistics" not in run.figures.skipped
 
 
 def _nucleus64(folder, acts, index, lens, mass):
@@ -199,3 +200,4 @@ def test_nucleus_p_is_an_option_of_ipl_entropy(tiny_dirs, tmp_path):
     summary = pd.read_csv(out / "summary.csv")
     assert (summary["quantity"] == "nucleus_size").any()
     assert 'id="chart-nucleus-size"' in (out / "report.html").read_text()
+    assert (out / "figures" / "statistics.png").is_file()
