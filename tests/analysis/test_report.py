@@ -159,6 +159,28 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
         # Keyboard: the right arrow moves to the next token.
         page.keyboard.press("ArrowRight")
         assert f"position {positions[4]}:" in detail.locator("h3").inner_text()
+        # Another sample: its first position is selected, the panel shows it, the keys go on.
+        page.focus("#sample-select")
+        page.select_option("#sample-select", index=2)
+        third = tokens[tokens.sample_id == sorted(tokens.sample_id.unique())[2]]
+        where = sorted(third["position"].unique())
+        assert detail.locator("h3").inner_text().startswith(f"Sample 2, position {where[0]}:")
+        cells = detail.locator("#layer-grid td[data-site]")
+        here = third[third.position == where[0]].astype({"site": str})
+        shown = {
+            (c.get_attribute("data-site"), int(c.get_attribute("data-layer"))): float(
+                c.get_attribute("data-entropy")
+            )
+            for c in cells.all()
+        }
+        assert len(shown) == len(here)
+        for row in here.itertuples():
+            assert shown[row.site, row.layer] == pytest.approx(row.entropy, abs=1e-3)
+        selected = page.locator("#token-text .tok.selected")
+        assert selected.count() == 1 and selected.get_attribute("data-sample") == "2"
+        page.keyboard.press("ArrowRight")
+        assert f"Sample 2, position {where[1]}:" in detail.locator("h3").inner_text()
+        assert page.locator("#token-text .tok.selected").get_attribute("data-index") == "1"
         # The charts render: plotly's SVG with drawn traces.
         for chart in ("chart-flow", "chart-change"):
             assert page.locator(f"#{chart} svg.main-svg").count() > 0
