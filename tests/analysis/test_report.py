@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from internal_policy_lens.analysis.report import explorer_data
 from internal_policy_lens.cli import app
 from internal_policy_lens.commands.entropy import run_entropy
+from internal_policy_lens.commands.figures import report
 from internal_policy_lens.config import EntropyConfig, ReportConfig
 
 runner = CliRunner()
@@ -93,6 +94,21 @@ def test_report_without_topk_says_how_to_add_it(run_dir, tmp_path):
     data = json.loads(page.split('id="report-data">')[1].split("</script>")[0])
     assert data["topk"] == 0 and "topk_ids" not in data["samples"][0]
     assert "--topk 5" in page  # the explorer's note on how to add top-k
+
+
+def test_report_open_without_a_browser_says_where_the_page_is(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    asked = []
+
+    def no_browser(url):
+        asked.append(url)
+        return False  # what webbrowser.open returns where no browser can be started
+
+    said = report(ReportConfig(run=str(run)), True, browser=no_browser).splitlines()
+    assert asked == [(run / "report.html").resolve().as_uri()]
+    assert said[1:] == [f"no browser found: open {run / 'report.html'}"]
+    said = report(ReportConfig(run=str(run)), True, browser=lambda url: True).splitlines()
+    assert len(said) == 1 and said[0].startswith(f"wrote {run / 'report.html'}")
 
 
 def test_report_on_a_corrupted_parquet(run_dir, tmp_path):
