@@ -25,11 +25,17 @@ GROUPS: tuple[str, ...] = ("core", "extras", "opt-in")
 
 @dataclass(frozen=True)
 class Chart:
-    """How the figures and the report draw a statistic's per-layer means."""
+    """How the figures and the report draw a statistic per layer.
+
+    ``median``: the report draws the median per layer with its quartile band from the token
+    table (as the figures do), not the summary's mean: for heavy-tailed values such as the
+    rank, where a few tokens ranked in the thousands would set a mean.
+    """
 
     title: str
     axis: str
     log: bool = False
+    median: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,12 @@ register(
         needs=frozenset({"next_token"}),
         missing=-1,
         counted_from=1,
-        chart=Chart("Rank of the actual next token (mean; 1 = top)", "rank (log axis)", True),
+        chart=Chart(
+            "Rank of the actual next token (median; band: 25th–75th percentile)",
+            "rank, 1 = top (median; log axis)",
+            log=True,
+            median=True,
+        ),
     )
 )
 register(

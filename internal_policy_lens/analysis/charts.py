@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import seaborn as sns
 
-from ..statistics import Chart, charted
+from ..statistics import STATISTICS, Chart, charted
 from . import plots
 
 
@@ -89,7 +89,7 @@ COSINE_CHART = Chart("Residual cosine: module write vs the stream it is added to
 
 
 def extra_charts() -> tuple[tuple[str, Chart], ...]:
-    """The per-layer charts beyond the entropy's: a ``summary.csv`` quantity and its chart.
+    """The per-layer charts beyond the entropy's: a quantity and its chart.
 
     Every statistic with a chart in the registry
     (:func:`~internal_policy_lens.statistics.charted`), then the residual cosines.
@@ -97,10 +97,59 @@ def extra_charts() -> tuple[tuple[str, Chart], ...]:
     return (*charted(), ("cosine", COSINE_CHART))
 
 
-def extras_charts(summary: pd.DataFrame, counts: str = "") -> dict[str, go.Figure]:
-    """One chart per charted quantity the summary holds, its points the summary's means."""
+def median_chart(
+    tokens: pd.DataFrame, quantity: str, chart: Chart, counts: str = ""
+) -> go.Figure | None:
+    """A token column's median per layer and site with its quartile band; None without it.
+
+    What ``next_token.png`` (:func:`~.plots.next_token_extras`) draws for the rank. Values
+    below the statistic's ``counted_from`` (the rank's -1: no next token) are left out, as in
+    the summary. A log axis is labelled with whole numbers (1, 2, 5, 10, ...) from 1.
+    """
+    if quantity not in tokens.columns:
+        return None
+    floor = STATISTICS[quantity].counted_from
+    rows = tokens if floor is None else tokens[tokens[quantity] >= floor]
+    site = rows["site"]
+    fig, top = go.Figure(), 1.0
+    for name in [s for s in (*plots.FLOW_SITES, "final") if (site == s).any()]:
+        mid, lo, hi = plots.band(rows[site == name], "layer", quantity, "iqr", "median")
+        _band_traces(fig, mid, lo, hi, name, _HEX[name], centre="median")
+        top = max(top, float(hi.max()))
+    if not fig.data:
+        return None
+    _layout(fig, _titled(chart.title, counts), "layer (0-based)", chart.axis)
+    if not chart.log:
+        return fig
+    low, high = -0.05, np.log10(top) + 0.05  # log10 units: the markers at 1 are not cut
+    ticks = [t for t in _whole_ticks(top) if np.log10(t) <= high]
+    return fig.update_yaxes(
+        type="log", tickvals=ticks, ticktext=[f"{t:,}" for t in ticks], range=[low, high]
+    )
+
+
+def _whole_ticks(top: float) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to ``top`` (1, 10, 100, ... beyond three decades)."""
+    steps = (1, 2, 5) if top <= 1000 else (1,)
+    decades = int(np.log10(top)) + 1
+    return [step * 10**d for d in range(decades + 1) for step in steps]
+
+
+def extras_charts(
+    summary: pd.DataFrame, tokens: pd.DataFrame, counts: str = ""
+) -> dict[str, go.Figure]:
+    """One chart per charted quantity that the run holds.
+
+    A chart marked ``median`` (the rank) reads the token table (:func:`median_chart`); the
+    others' points are the summary's means.
+    """
     charts = {}
     for quantity, chart in extra_charts():
+        if chart.median:
+            fig = median_chart(tokens, quantity, chart, counts)
+            if fig is not None:
+                charts[quantity] = fig
+            continue
         rows = summary[summary["quantity"] == quantity]
         if rows.empty:
             continue
@@ -181,12 +230,12 @@ def _titled(title: str, counts: str) -> str:
     return f"{title}<br><sup>{counts}</sup>" if counts else title
 
 
-def _band_traces(fig: go.Figure, mid, lo, hi, name: str, colour: str) -> None:
+def _band_traces(fig: go.Figure, mid, lo, hi, name: str, colour: str, centre="mean") -> None:
     x = mid.index.astype(int).tolist()
     fill = colour + "33"  # the line's colour, 20% opaque
     fig.add_scatter(
         x=x,
-        y=hi.to_numpy(),
+        y=hi.tolist(),
         mode="lines",
         line=dict(width=0),
         showlegend=False,
@@ -195,7 +244,7 @@ def _band_traces(fig: go.Figure, mid, lo, hi, name: str, colour: str) -> None:
     )
     fig.add_scatter(
         x=x,
-        y=lo.to_numpy(),
+        y=lo.tolist(),
         mode="lines",
         line=dict(width=0),
         fill="tonexty",
@@ -206,13 +255,13 @@ def _band_traces(fig: go.Figure, mid, lo, hi, name: str, colour: str) -> None:
     )
     fig.add_scatter(
         x=x,
-        y=mid.to_numpy(),
+        y=mid.tolist(),
         mode="lines+markers",
         name=name,
         legendgroup=name,
         line=dict(color=colour),
         customdata=np.c_[lo.to_numpy(), hi.to_numpy()],
-        hovertemplate="layer %{x}<br>mean %{y:.3f}<br>25%: %{customdata[0]:.3f}"
+        hovertemplate="layer %{x}<br>" + centre + " %{y:.3f}<br>25%: %{customdata[0]:.3f}"
         "<br>75%: %{customdata[1]:.3f}<extra>" + name + "</extra>",
     )
 

@@ -75,7 +75,7 @@ def write_run_report(
         _chart(flow_chart(tokens, counts), "chart-flow"),
         _chart(change_chart(deltas, stages, cfg.convergence.tau, counts), "chart-change"),
     ]
-    extras = extras_charts(summary, counts)
+    extras = extras_charts(summary, tokens, counts)
     charts += [_chart(fig, f"chart-{name.replace('_', '-')}") for name, fig in extras.items()]
     lens = info["config"]["lens"]
     if extras and lens == "raw":
@@ -197,13 +197,39 @@ def _chart(fig: go.Figure | None, div_id: str) -> str:
 
 
 def _precision_text(precision) -> str:
-    """run.json's precision: a mode (older runs) or the mode, dtypes and why."""
+    """run.json's precision, each fact once: a mode (older runs) or the mode, dtypes and why.
+
+    The recorded reason is ``"<why>: <what runs>"``; what runs is the dtypes already shown, so
+    only the why is added, and only where it is not the mode's own name (``exact``).
+    """
     if not isinstance(precision, dict):
         return str(precision)
-    return (
-        f"{precision.get('mode')}: {precision.get('products')} products, "
-        f"{precision.get('reductions')} reductions ({precision.get('reason')})"
+    mode = precision.get("mode")
+    text = f"{mode}: {precision.get('products')} products, {precision.get('reductions')} reductions"
+    why = str(precision.get("reason") or "").rpartition(": ")[0]
+    return text if why in ("", mode) else f"{text} ({why})"
+
+
+def _generation_text(info: dict) -> str:
+    """The generation settings, with how many responses they made where run.json says."""
+    gen = info.get("config", {}).get("generation")
+    if not gen:
+        return "not recorded"
+    made = info.get("generated")
+    if made == 0:
+        return "none generated: every record had its response"
+    sampler = (
+        "greedy (temperature 0)"
+        if gen.get("temperature") == 0
+        else f"temperature {gen.get('temperature')}, top-p {gen.get('top_p')}"
     )
+    text = (
+        f"{sampler}, seed {gen.get('seed')}, at most {gen.get('max_new_tokens')} new tokens, "
+        f"{gen.get('samples_per_prompt')} per prompt"
+    )
+    if made is None:  # runs written before run.json counted them
+        return f"{text} (for the records without a response)"
+    return f"{made} of {info.get('samples')} responses generated: {text}"
 
 
 def _provenance_html(info: dict) -> str:
@@ -216,6 +242,7 @@ def _provenance_html(info: dict) -> str:
         "lens": config.get("lens"),
         "precision": _precision_text(info.get("precision")),
         "data": config.get("data"),
+        "generation": _generation_text(info),
         "data sha256": config.get("data_sha256"),
         "samples, rows": f"{info.get('samples')}, {info.get('rows')}",
         "top-k": config.get("topk", 0) or "none",

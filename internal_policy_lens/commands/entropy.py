@@ -134,8 +134,13 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
     lens = make_lens(model, cfg.settings)
     lens.check(keys)  # a bad lens folder fails before any work
     out = Path(cfg.out)
+    facts = _facts(cfg, model, lens, identity)
+    # The responses generated here: the report says whether the generation settings apply.
+    facts["generated"] = sum(r["response"] is None for r in records) * (
+        cfg.generation.samples_per_prompt
+    )
     with writer_lock(folder, shard):
-        info = start_folder(out, state, _facts(cfg, model, lens, identity))
+        info = start_folder(out, state, facts)
         records = ensure_responses(model, records, cfg, out, progress, shard)
         batches, truncated, passes = _analyse(model, lens, records, cfg, out, progress, shard)
         if shard is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import CompareConfig, ConvergenceConfig, ReportConfig
@@ -29,16 +30,21 @@ def suggest_layer(run: Path, cfg: ConvergenceConfig) -> tuple[str, bool]:
     return "\n".join(lines), suggestion.layer is not None
 
 
-def report(cfg: ReportConfig, open_page: bool) -> str:
-    """Write the run's interactive page (and open it in the browser if asked)."""
+def report(cfg: ReportConfig, open_page: bool, browser: Callable[[str], bool] | None = None) -> str:
+    """Write the run's interactive page (and open it in the browser if asked).
+
+    ``browser`` opens a URL and says whether it could (default: :func:`webbrowser.open`).
+    """
     from ..analysis.report import report_run
 
     path = report_run(cfg)
+    lines = [f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)"]
     if open_page:
         import webbrowser
 
-        webbrowser.open(path.resolve().as_uri())
-    return f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)"
+        if not (browser or webbrowser.open)(path.resolve().as_uri()):
+            lines.append(f"no browser found: open {path}")
+    return "\n".join(lines)
 
 
 def plot_train(runs: list[Path], out: Path) -> str:

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from internal_policy_lens.analysis.report import explorer_data
 from internal_policy_lens.cli import app
 from internal_policy_lens.commands.entropy import run_entropy
+from internal_policy_lens.commands.figures import report
 from internal_policy_lens.config import EntropyConfig, ReportConfig
 
 runner = CliRunner()
@@ -95,6 +96,21 @@ def test_report_without_topk_says_how_to_add_it(run_dir, tmp_path):
     assert "--topk 5" in page  # the explorer's note on how to add top-k
 
 
+def test_report_open_without_a_browser_says_where_the_page_is(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    asked = []
+
+    def no_browser(url):
+        asked.append(url)
+        return False  # what webbrowser.open returns where no browser can be started
+
+    said = report(ReportConfig(run=str(run)), True, browser=no_browser).splitlines()
+    assert asked == [(run / "report.html").resolve().as_uri()]
+    assert said[1:] == [f"no browser found: open {run / 'report.html'}"]
+    said = report(ReportConfig(run=str(run)), True, browser=lambda url: True).splitlines()
+    assert len(said) == 1 and said[0].startswith(f"wrote {run / 'report.html'}")
+
+
 def test_report_on_a_corrupted_parquet(run_dir, tmp_path):
     run = _copy(run_dir, tmp_path)
     for name in ("topk.parquet", "tokens.parquet"):
@@ -159,6 +175,28 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
         # Keyboard: the right arrow moves to the next token.
         page.keyboard.press("ArrowRight")
         assert f"position {positions[4]}:" in detail.locator("h3").inner_text()
+        # Another sample: its first position is selected, the panel shows it, the keys go on.
+        page.focus("#sample-select")
+        page.select_option("#sample-select", index=2)
+        third = tokens[tokens.sample_id == sorted(tokens.sample_id.unique())[2]]
+        where = sorted(third["position"].unique())
+        assert detail.locator("h3").inner_text().startswith(f"Sample 2, position {where[0]}:")
+        cells = detail.locator("#layer-grid td[data-site]")
+        here = third[third.position == where[0]].astype({"site": str})
+        shown = {
+            (c.get_attribute("data-site"), int(c.get_attribute("data-layer"))): float(
+                c.get_attribute("data-entropy")
+            )
+            for c in cells.all()
+        }
+        assert len(shown) == len(here)
+        for row in here.itertuples():
+            assert shown[row.site, row.layer] == pytest.approx(row.entropy, abs=1e-3)
+        selected = page.locator("#token-text .tok.selected")
+        assert selected.count() == 1 and selected.get_attribute("data-sample") == "2"
+        page.keyboard.press("ArrowRight")
+        assert f"Sample 2, position {where[1]}:" in detail.locator("h3").inner_text()
+        assert page.locator("#token-text .tok.selected").get_attribute("data-index") == "1"
         # The charts render: plotly's SVG with drawn traces.
         for chart in ("chart-flow", "chart-change"):
             assert page.locator(f"#{chart} svg.main-svg").count() > 0

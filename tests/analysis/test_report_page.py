@@ -7,6 +7,7 @@ sample has a reference answer. Checked in headless Chromium against the run's ow
 
 import json
 import math
+import re
 import shutil
 
 import pandas as pd
@@ -14,13 +15,14 @@ import pytest
 from helpers import browser_page
 from typer.testing import CliRunner
 
-from internal_policy_lens.analysis import plots
+from internal_policy_lens.analysis import charts, plots
 from internal_policy_lens.analysis.explorer import explorer_data
 from internal_policy_lens.analysis.report import write_run_report
 from internal_policy_lens.cli import app
 from internal_policy_lens.commands.entropy import run_entropy
 from internal_policy_lens.config import EntropyConfig, ReportConfig
 from internal_policy_lens.data.answers import math_reward
+from internal_policy_lens.statistics import STATISTICS, in_group
 from internal_policy_lens.tables import summary_table
 
 runner = CliRunner()
@@ -30,8 +32,7 @@ ROWS = [  # right, wrong, no \boxed{} at all, right
     {"question": "What is 6+7?", "response": "6+7 is 13", "answer": "13"},
     {"question": "What is 21+30?", "response": "21+30 = 51. \\boxed{51}", "answer": "51"},
 ]
-EXTRA_CHARTS = {
-    "chart-next-token-rank": "next_token_rank",
+EXTRA_CHARTS = {  # the charts of summary.csv's means (the rank chart reads the token table)
     "chart-kl-internal-final": "kl_internal_final",
     "chart-top1-agrees": "top1_agrees",
     "chart-cosine": "cosine",
@@ -81,6 +82,38 @@ def test_summary_has_the_extras_per_layer_and_site(answered):
             ]
             assert row.count == len(values)
             assert row.mean == pytest.approx(math.fsum(values) / len(values), abs=1e-9)
+
+
+def _median_ranks(tokens):
+    """Per site, each layer's median rank of the actual next token (-1: no next token)."""
+    ranked = tokens[tokens.next_token_rank >= 1].astype({"site": str})
+    return {
+        site: group.groupby("layer").next_token_rank.median().tolist()
+        for site, group in ranked.groupby("site")
+    }
+
+
+def test_rank_chart_and_next_token_png_plot_the_median(answered):
+    tokens, _ = _tables(answered)
+    medians = _median_ranks(tokens)
+    fig = charts.median_chart(tokens, "next_token_rank", STATISTICS["next_token_rank"].chart)
+    assert "median" in fig.layout.title.text and "median" in fig.layout.yaxis.title.text
+    drawn = {t.name: list(t.y) for t in fig.data if t.showlegend is not False}
+    assert set(drawn) == set(medians) & {*plots.FLOW_SITES, "final"}
+    assert len(fig.data) == 3 * len(drawn)  # the line and its band's two edges
+    for site, ys in drawn.items():
+        assert ys == medians[site]
+    png = plots.next_token_extras(tokens).axes[0]
+    assert "median" in png.get_ylabel()
+    for line in png.lines:
+        assert list(line.get_ydata()) == medians[line.get_label()]
+    # Whole ranks label the log axis (1, 2, 5, 10, ...), from rank 1 up to the largest shown.
+    low, high = fig.layout.yaxis.range
+    top = max(max(t.y) for t in fig.data)
+    assert 0.85 < 10**low < 1 and top <= 10**high < 200
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100) if math.log10(t) <= high]
+    assert list(fig.layout.yaxis.tickvals) == ticks
+    assert list(fig.layout.yaxis.ticktext) == [str(t) for t in ticks]
 
 
 def test_explorer_data_context_defaults_and_digits(answered):
@@ -148,6 +181,14 @@ def test_logit_lens_grid_in_headless_chromium(answered):
         # Clicking a grid cell opens that position's details.
         page.locator("#logit-lens td[data-site]").nth(2).click()
         assert "position" in page.locator("#position-detail h3").inner_text()
+        # Table headers keep their words whole at this width: each lies on one line.
+        lines = page.eval_on_selector_all(
+            "table.facts th",
+            """ths => ths.filter(th => th.textContent).map(th => {
+                const r = document.createRange(); r.selectNodeContents(th);
+                return [th.textContent, r.getClientRects().length]; })""",
+        )
+        assert len(lines) > 5 and [t for t, n in lines if n != 1] == []
     assert errors == [] and requests == []
 
 
@@ -183,6 +224,24 @@ def test_sample_context_defaults_and_extras_in_headless_chromium(answered):
                 want = rows[rows.name == trace["name"]].sort_values("layer")
                 assert trace["x"] == want.layer.tolist()
                 assert trace["y"] == pytest.approx(want["mean"].tolist(), rel=1e-12)
+        # The rank chart draws the medians that next_token.png draws, on a log axis whose
+        # labels are whole ranks at their own heights (no "2 5" for 20 and 50, nothing below 1).
+        rank = _plotly(page, "chart-next-token-rank")
+        assert counts in rank["title"] and "median" in rank["title"]
+        medians = _median_ranks(tokens)
+        for trace in [t for t in rank["traces"] if t["legend"]]:
+            assert trace["y"] == medians[trace["name"]]
+        ticks = page.eval_on_selector_all(
+            "#chart-next-token-rank .ytick text",
+            """ts => ts.map(t => { const b = t.getBoundingClientRect();
+                return [t.textContent, (b.top + b.bottom) / 2]; })""",
+        )
+        values = [(int(text.replace(",", "")), y) for text, y in ticks]
+        assert len(values) >= 3 and min(v for v, _ in values) == 1
+        (v0, y0), (v1, y1) = values[0], values[-1]
+        per_decade = (y1 - y0) / math.log10(v1 / v0)
+        for v, y in values:
+            assert y == pytest.approx(y0 + per_decade * math.log10(v / v0), abs=1.0)
         for div_id in ("chart-flow", "chart-change"):
             assert counts in _plotly(page, div_id)["title"]
         assert page.locator("#raw-lens-note").count() == 1
@@ -200,15 +259,74 @@ def test_raw_lens_note_only_under_the_raw_lens_with_extras(answered, tmp_path):
     summary = pd.read_csv(answered / "summary.csv")
     deltas = pd.read_parquet(answered / "deltas.parquet")
     info = json.loads((answered / "run.json").read_text())
-    plain = summary[summary.quantity.isin(["entropy", "delta"])]
-    cases = [("raw", summary, True), ("raw", plain, False), ("norm", summary, False)]
-    for i, (lens, table, shown) in enumerate(cases):
+    plain = summary[summary.quantity.isin(["entropy", "delta"])]  # a run without --extras
+    bare = tokens.drop(columns=list(in_group("extras")))
+    cases = [("raw", tokens, summary, True), ("raw", bare, plain, False)]
+    cases.append(("norm", tokens, summary, False))
+    for i, (lens, rows, table, shown) in enumerate(cases):
         out = tmp_path / str(i)
         run_info = {**info, "config": {**info["config"], "lens": lens}}
-        write_run_report(out, tokens=tokens, summary=table, deltas=deltas, topk=topk, info=run_info)
+        write_run_report(out, tokens=rows, summary=table, deltas=deltas, topk=topk, info=run_info)
         page = (out / "report.html").read_text()
         assert ('id="raw-lens-note"' in page) == shown
-        assert ('id="chart-kl-to-final"' in page) == (table is summary)
+        assert ('id="chart-kl-internal-final"' in page) == (table is summary)
+        assert ('id="chart-next-token-rank"' in page) == (rows is tokens)
+
+
+def _provenance(page: str, row: str) -> str:
+    """The value of one row of the page's provenance table."""
+    section = page.split('<section id="provenance">')[1]
+    return re.search(rf"<td>{row}</td>\s*<td>(.*?)</td>", section, re.S).group(1)
+
+
+def test_provenance_states_generation_and_precision_once(answered, tmp_path):
+    tokens, topk = _tables(answered)
+    summary = pd.read_csv(answered / "summary.csv")
+    deltas = pd.read_parquet(answered / "deltas.parquet")
+    info = json.loads((answered / "run.json").read_text())
+    assert info["generated"] == 0  # every record of the fixture has its response
+    generation = {"max_new_tokens": 12, "temperature": 0.7, "top_p": 1.0, "seed": 3}
+    generation["samples_per_prompt"] = 1
+    settings = "temperature 0.7, top-p 1.0, seed 3, at most 12 new tokens, 1 per prompt"
+    fast = {"mode": "fast", "products": "bfloat16", "reductions": "float32"}
+    fast["reason"] = "CUDA runs bfloat16 natively: bfloat16 products"
+    cases = [  # (generated, temperature, precision) -> the two rows
+        (0, 0.7, info["precision"], "none generated: every record had its response"),
+        (2, 0.7, fast, f"2 of 4 responses generated: {settings}"),
+        (None, 0.7, "exact", f"{settings} (for the records without a response)"),
+        (4, 0, "exact", "4 of 4 responses generated: greedy (temperature 0), seed 3, "),
+    ]
+    precisions = [
+        "exact: float32 products, float32 reductions",
+        "fast: bfloat16 products, float32 reductions (CUDA runs bfloat16 natively)",
+        "exact",
+        "exact",
+    ]
+    for i, ((made, temperature, precision, want), shown) in enumerate(zip(cases, precisions)):
+        config = {**info["config"], "generation": {**generation, "temperature": temperature}}
+        run_info = {**info, "config": config, "generated": made, "precision": precision}
+        if made is None:
+            del run_info["generated"]  # a run.json written before the count was recorded
+        out = tmp_path / str(i)
+        write_run_report(
+            out, tokens=tokens, summary=summary, deltas=deltas, topk=topk, info=run_info
+        )
+        page = (out / "report.html").read_text()
+        assert _provenance(page, "generation").startswith(want)
+        assert _provenance(page, "precision") == shown
+    assert info["precision"]["reason"] == "exact: float32 products and reductions"
+
+
+def test_navigation_follows_the_page(answered, other, tmp_path):
+    with pytest.warns(UserWarning, match="differ in"):
+        result = runner.invoke(app, ["compare", str(answered), str(other), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for path in (answered / "report.html", tmp_path / "report.html"):
+        page = path.read_text()
+        nav = page.split("<nav>")[1].split("</nav>")[0]
+        sections = re.findall(r'<section id="(\w+)"', page)
+        assert re.findall(r'href="#(\w+)"', nav) == sections
+        assert len(sections) == (4 if path.parent == answered else 3)
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,7 @@ def test_entropy_simple_layouts(tiny_dirs, models, tmp_path, fmt, with_response)
     assert info["model"]["architecture"] == "Qwen2ForCausalLM" and info["model"]["n_layers"] == 3
     assert len(info["config"]["data_sha256"]) == 64 and "transformers" in info["versions"]
     assert info["config"]["generation"]["max_new_tokens"] == 8
+    assert info["generated"] == (0 if with_response else 3)
     assert tokens["token"].astype(str).str.len().gt(0).all()
 
 

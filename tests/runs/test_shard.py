@@ -61,6 +61,7 @@ def test_shards_merge_into_the_single_process_tables(tiny_dirs, prompts, tmp_pat
         merge_run(sharded)
     merged = run_entropy(_cfg(tiny_dirs, prompts, sharded, shard="0/2"), progress=False)
     assert merged is not None and merged.info["samples"] == 7
+    assert merged.info["generated"] == single.info["generated"] == 7  # no record had a response
     pd.testing.assert_frame_equal(merged.tokens, single.tokens, check_exact=True)
     _assert_same_run(tmp_path / "one", sharded)
     with pytest.raises(ValueError, match="is already merged"):

@@ -22,7 +22,7 @@
   const keyIndex = new Map(data.keys.map((k, i) => [k[0] + "/" + k[1], i]));
   const layers = [...new Set(data.keys.map((k) => k[1]))].sort((a, b) => a - b);
   const lastLayer = layers[layers.length - 1];
-  let current = null; // {sample, index}
+  let current = null; // index of the selected position, always one of the shown sample
 
   function hexToRgb(h) { return [1, 3, 5].map((i) => parseInt(h.slice(i, i + 2), 16)); }
   function colour(t) {
@@ -137,8 +137,7 @@
       text.appendChild(el("span", { class: "tail", title: "the last token: the last position " +
         "predicts it, no analysed position takes it as input" }, visible(s.context.tail)));
     }
-    if (current && current.sample === s) show(current.index);
-    else detail.querySelectorAll("table").forEach((t) => t.remove());
+    if (current !== null) show(current);
   }
 
   function topkTitle(s, i, k) {
@@ -205,8 +204,10 @@
 
   function show(i) {
     const s = sample();
-    current = { sample: s, index: i };
-    text.querySelectorAll(".tok.selected").forEach((e) => e.classList.remove("selected"));
+    current = i;
+    text.querySelectorAll(".tok.selected").forEach((e) => {
+      e.classList.remove("selected"); e.removeAttribute("aria-selected");
+    });
     const span = text.querySelector('.tok[data-index="' + i + '"]');
     if (span) { span.classList.add("selected"); span.setAttribute("aria-selected", "true"); }
     const p = s.positions[i], next = nextToken(s, i);
@@ -298,9 +299,15 @@
     render();
     renderLens();
   }
-  sampleSelect.addEventListener("change", showSample);
+  // A new sample: its first token is selected and focused, so the detail panel shows this
+  // sample and the arrow keys go on moving through its tokens.
+  sampleSelect.addEventListener("change", () => {
+    showSample();
+    show(0);
+    text.querySelector('.tok[data-index="0"]').focus({ preventScroll: true });
+  });
   siteSelect.addEventListener("change", () => { fillLayers(NaN); render(); });
   layerSelect.addEventListener("change", render);
-  lensSelect.addEventListener("change", () => { renderLens(); if (current) show(current.index); });
+  lensSelect.addEventListener("change", () => { renderLens(); if (current !== null) show(current); });
   showSample();
 })();
