@@ -3,7 +3,8 @@
 The package is built in floors, one job a room; a module imports from its own floor or the ones
 below it, never from above (``tests/test_package.py`` reads this list and checks every import):
 
-    0  folders, config, bundled: atomic files, locks and hashes; the configs; shipped models/data
+    0  folders, config, bundled, statistics: atomic files, locks and hashes; the configs; shipped
+       models/data; the registry of per-token statistics
     1  data: record files -> records -> token ids; answer checking
     2  model: families, loading (hub, folders, GGUF), devices, generation
     3  lens: sites, capture, unembedding, the reductions (CPU tiles, rows, GPU kernel), fitting
@@ -38,6 +39,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "LENSES": ("config", "LENSES"),
     "LensSettings": ("config", "LensSettings"),
     "MODULES": ("lens.sites", "MODULES"),
+    "Request": ("statistics", "Request"),
+    "STATISTICS": ("statistics", "STATISTICS"),
     "ModelLoadError": ("model.load", "ModelLoadError"),
     "PolicyModel": ("model.load", "PolicyModel"),
     "RunFolder": ("runs.io", "RunFolder"),

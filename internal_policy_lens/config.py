@@ -305,7 +305,7 @@ class EvalLensConfig:
 
 @dataclass
 class ConvergenceConfig:
-    """Thresholds of the convergence summary (see ``internal_policy_lens.convergence``)."""
+    """Thresholds of the convergence summary (see ``internal_policy_lens.analysis.convergence``)."""
 
     tau: float = option(0.1, min=0.0)
     """Half-width (nats) of the integration band: a layer's mean FFN entropy change d is
