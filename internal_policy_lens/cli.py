@@ -251,7 +251,7 @@ def suggest_layer(
 ) -> None:
     """Print the BuPO layer of the paper's rule (last FFN exploration layer), with the evidence.
 
-    Exits with code 1 when no layer qualifies (the run has no FFN exploration stage).
+    Exits with code 1 when no layer qualifies (no FFN exploration stage, or no FFN sites).
     """
     with _user_errors():
         text, found = figures.suggest_layer(run, make(ConvergenceConfig, given))

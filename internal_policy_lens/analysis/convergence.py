@@ -29,6 +29,12 @@ in the first two layers too. The drop depths ``x10, x50, x90`` say where the cur
 10%, 50% and 90% of its drop; the shape is ``progressive`` when ``x90 - x10 >=
 progressive_spread`` (default 0.5: the middle 80% of the drop spans at least half the depth),
 else ``abrupt-late`` (``x50 >= 0.5``) or ``abrupt-early``; ``flat`` as above.
+
+Missing sites. The stages and the suggested layer need the FFN change (sites ``mlp_in`` and
+``mlp_out``); abruptness, label and drop depths need layer 0's ``resid_pre`` and the last layer's
+``resid_post``. A summary with one but not the other gets what it allows, and a note says what is
+missing. A note also explains an abruptness outside [0, 1], which a curve that does not fall
+steadily gives (a share of a drop it does not make).
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ from ..config import ConvergenceConfig
 STAGES: tuple[str, ...] = ("exploration", "integration", "convergence")
 DROP_SHARES: tuple[float, ...] = (0.1, 0.5, 0.9)
 _CLASS_NAMES = {1: "exploration", 0: "integration", -1: "convergence"}
+NO_FFN = (
+    "the summary has no FFN entropy change: the FFN stages and the suggested layer need the "
+    "sites mlp_in and mlp_out (add them to ipl entropy --sites)"
+)
 
 
 @dataclass
@@ -64,6 +74,8 @@ class LayerSuggestion:
             if self.layer is not None
             else "no layer suggested"
         )
+        if self.evidence.empty:
+            return f"{head}: {self.reason}"
         return f"{head}: {self.reason}\n{self.evidence.to_string(index=False)}"
 
 
@@ -73,10 +85,11 @@ class Convergence:
 
     n_layers: int
     tau: float
-    stages: dict[str, tuple[int, int] | None]
-    """Per stage, its first and last layer (0-based, inclusive), or None when empty."""
+    stages: dict[str, tuple[int, int] | None] | None
+    """Per stage, its first and last layer (0-based, inclusive), or None when empty; None
+    instead of the dict when the summary has no FFN entropy change."""
     ffn_delta: pd.Series = field(repr=False)
-    """Mean FFN entropy change per layer (nats), indexed by layer."""
+    """Mean FFN entropy change per layer (nats), indexed by layer (empty without FFN sites)."""
     entropy_start: float
     """H(0): mean entropy of layer 0's ``resid_pre`` (nats); NaN when not analysed."""
     entropy_end: float
@@ -90,13 +103,22 @@ class Convergence:
     shape: str | None
     """The label the drop depths give (:func:`drop_shape`)."""
     suggestion: LayerSuggestion = field(repr=False)
+    notes: list[str] = field(default_factory=list)
+    """What is missing and why, and how to read an abruptness outside [0, 1] (a sentence each)."""
 
     def row(self) -> dict:
-        """One flat row for a CSV: stage ranges as ``"first-last"`` strings ("" when empty)."""
-        ranges = {
-            name: "" if span is None else f"{span[0]}-{span[1]}"
-            for name, span in self.stages.items()
-        }
+        """One flat row for a CSV: stage ranges as ``"first-last"`` strings.
+
+        A stage range is "" when the stage is empty, None when the summary has no FFN change;
+        ``note`` joins :attr:`notes`.
+        """
+        if self.stages is None:  # no FFN change: the stages are unknown, not empty
+            ranges = dict.fromkeys(STAGES)
+        else:
+            ranges = {
+                name: "" if span is None else f"{span[0]}-{span[1]}"
+                for name, span in self.stages.items()
+            }
         return {
             "n_layers": self.n_layers,
             "tau": self.tau,
@@ -109,6 +131,7 @@ class Convergence:
             "label": self.label,
             **{f"drop_depth_{round(q * 100)}": x for q, x in zip(DROP_SHARES, self.drop_depths)},
             "shape": self.shape,
+            "note": "; ".join(self.notes),
         }
 
 
@@ -116,9 +139,7 @@ def ffn_curve(summary: pd.DataFrame) -> pd.Series:
     """Mean FFN entropy change per layer (nats) from a summary table, indexed by layer."""
     rows = summary[(summary["quantity"] == "delta") & (summary["name"].astype(str) == "ffn")]
     if rows.empty:
-        raise ValueError(
-            "the summary has no FFN entropy change: analyse the sites mlp_in and mlp_out"
-        )
+        raise ValueError(NO_FFN)
     return rows.set_index("layer")["mean"].astype(float).sort_index().rename("ffn_delta")
 
 
@@ -243,11 +264,16 @@ def suggest_layer(summary: pd.DataFrame, cfg: ConvergenceConfig | None = None) -
 
     Returns:
         The layer (0-based) and the evidence (mean FFN delta two layers either side of it), or
-        ``layer=None`` with the reason when the model has no exploration stage, or when its
-        exploration stage reaches the last layer (nothing comes after it).
+        ``layer=None`` with the reason when the model has no exploration stage, when its
+        exploration stage reaches the last layer (nothing comes after it), or when the summary
+        has no FFN entropy change (no evidence then).
     """
     cfg = cfg or ConvergenceConfig()
-    curve = ffn_curve(summary)
+    try:
+        curve = ffn_curve(summary)
+    except ValueError as err:
+        columns = ["layer", "ffn_delta", "class", "stage"]
+        return LayerSuggestion(None, str(err), pd.DataFrame(columns=columns), cfg.tau)
     stages = find_stages(curve, cfg.tau)
     classes = classify(curve, cfg.tau)
     exploration = stages["exploration"]
@@ -306,19 +332,30 @@ def convergence_summary(
     """
     cfg = cfg or ConvergenceConfig()
     n_layers = n_layers or int(summary["layer"].max()) + 1
-    curve = ffn_curve(summary)
+    suggestion = suggest_layer(summary, cfg)
+    try:
+        curve = ffn_curve(summary)
+        stages = find_stages(curve, cfg.tau)
+        notes = []
+    except ValueError as err:  # no FFN sites: everything else still comes from the residual
+        curve, stages, notes = pd.Series(dtype=float, name="ffn_delta"), None, [str(err)]
     start, end, share = abruptness(summary, n_layers, cfg.late_depth)
     if np.isnan(start):
         label = None
+        notes.append(
+            "abruptness, label and drop depths need the sites resid_pre (layer 0) and "
+            "resid_post (the last layer)"
+        )
     elif start - end <= cfg.tau:
         label = "flat"
     else:
         label = "abrupt" if share >= cfg.abrupt_share else "progressive"
+    note = _abruptness_note(start, end, share, cfg)
     depths = drop_depths(summary, n_layers)
     return Convergence(
         n_layers=n_layers,
         tau=cfg.tau,
-        stages=find_stages(curve, cfg.tau),
+        stages=stages,
         ffn_delta=curve,
         entropy_start=start,
         entropy_end=end,
@@ -326,5 +363,30 @@ def convergence_summary(
         label=label,
         drop_depths=depths,
         shape=drop_shape(depths, start - end, cfg),
-        suggestion=suggest_layer(summary, cfg),
+        suggestion=suggestion,
+        notes=notes + ([note] if note else []),
     )
+
+
+def _abruptness_note(start: float, end: float, share: float, cfg: ConvergenceConfig) -> str | None:
+    """Why an abruptness reads as it does, when it is no share in [0, 1] of a real drop."""
+    if np.isnan(share):
+        return None
+    drop, late = start - end, end + share * (start - end)  # late: H(late_depth)
+    heights = f"H(0) {start:.3f}, H({cfg.late_depth:g}) {late:.3f}, H(1) {end:.3f} nats"
+    if drop <= cfg.tau:
+        return (
+            f"abruptness {share:.3g} measures nothing: the entropy does not fall by more than "
+            f"tau ({heights}), hence the label flat"
+        )
+    if share < 0:
+        return (
+            f"abruptness {share:.3g} < 0: the entropy rises after depth {cfg.late_depth:g} "
+            f"({heights})"
+        )
+    if share > 1:
+        return (
+            f"abruptness {share:.3g} > 1: the entropy at depth {cfg.late_depth:g} is above its "
+            f"start ({heights}): it rises before it falls"
+        )
+    return None

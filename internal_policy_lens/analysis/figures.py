@@ -164,7 +164,8 @@ def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
     Writes ``OUT/comparison.{png,pdf}``, ``OUT/comparison_cosine.{png,pdf}`` (when a run has
     the extras' residual cosines), ``OUT/report.html`` (unless ``cfg.report`` is False)
     and ``OUT/convergence.csv`` (columns ``model, run, lens``
-    then :meth:`Convergence.row`; ``note`` says why a run has no summary).
+    then :meth:`Convergence.row`; ``note`` says what a run's sites leave out and how to read an
+    abruptness outside [0, 1]).
     """
     folder = Folder(cfg.out).check_writable()
     runs = [open_run(path) for path in cfg.runs]
@@ -173,18 +174,7 @@ def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:
 
 
 def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, pd.DataFrame]:
-    names = [run.name for run in runs]
-    # One model under several lenses: name each run by its lens, then by its folder if needed.
-    names = [
-        f"{name} ({run.lens})"
-        if len({r.lens for r, n in zip(runs, names) if n == name}) > 1
-        else name
-        for name, run in zip(names, runs)
-    ]
-    names = [
-        f"{name} ({run.path.name})" if names.count(name) > 1 else name
-        for name, run in zip(names, runs)
-    ]
+    names = run_names(runs)
     summaries = [run.summary() for run in runs]
     stacked = pd.concat(
         [s.assign(model=n, n_layers=r.n_layers) for s, n, r in zip(summaries, names, runs)],
@@ -198,15 +188,17 @@ def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, p
         report.written += save_figure(plots.compare_cosines(stacked), out / "comparison_cosine")
     except ValueError as err:  # no run has the extras
         report.skipped["comparison_cosine"] = str(err)
-    rows = []
-    for run, name, summary in zip(runs, names, summaries):
-        row = {"model": name, "run": str(run.path), "lens": run.lens}
-        try:
-            row.update(convergence_summary(summary, run.n_layers, cfg.convergence).row())
-        except ValueError as err:  # e.g. the run has no FFN sites
-            row["note"] = str(err)
-        rows.append(row)
-    table = pd.DataFrame(rows)
+    rows = [
+        {
+            "model": name,
+            "run": str(run.path),
+            "lens": run.lens,
+            **convergence_summary(summary, run.n_layers, cfg.convergence).row(),
+        }
+        for run, name, summary in zip(runs, names, summaries)
+    ]
+    # Layer numbers stay integers beside a run without a suggested layer (not 6.0 and NaN).
+    table = pd.DataFrame(rows).astype({"n_layers": "Int64", "suggested_layer": "Int64"})
     report.written.append(Folder(out).write_csv("convergence.csv", table))
     differences = run_differences(runs, names)
     for difference in differences:
@@ -218,32 +210,86 @@ def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, p
     return report, table
 
 
+def run_names(runs: list[RunFolder]) -> list[str]:
+    """One distinct name per run, for legends and tables: the model's, then what tells apart.
+
+    Runs of one model are named by lens, then by folder name (by path where folder names do
+    not tell them apart); a folder given twice is numbered (``#2``).
+    """
+    names = [run.name for run in runs]
+    names = [
+        f"{name} ({run.lens})"
+        if len({r.lens for r, n in zip(runs, names) if n == name}) > 1
+        else name
+        for name, run in zip(names, runs)
+    ]
+
+    def told_apart(name: str, run: RunFolder) -> str:
+        same = [r for r, n in zip(runs, names) if n == name]
+        if len(same) == 1:
+            return name
+        folders = {r.path.name for r in same}
+        by_name = len(folders) == len({r.path.resolve() for r in same})
+        return f"{name} ({run.path.name if by_name else run.path})"
+
+    names = [told_apart(name, run) for name, run in zip(names, runs)]
+    return [
+        f"{name} #{names[:i].count(name) + 1}" if name in names[:i] else name
+        for i, name in enumerate(names)
+    ]
+
+
 def run_differences(runs: list[RunFolder], names: list[str]) -> list[str]:
-    """What makes the runs' curves not like for like: lens, samples, sites, extras."""
-    facts = {
+    """What makes the runs' curves not like for like.
+
+    A folder given twice, or runs that differ in lens, samples (the sample ids and tokens
+    analysed, not the data file), sites or extras.
+    """
+    found = []
+    folders = [run.path.resolve() for run in runs]
+    for folder in dict.fromkeys(folders):
+        same = [name for name, f in zip(names, folders) if f == folder]
+        if len(same) > 1:
+            found.append(f"{folder} is given {len(same)} times ({', '.join(same)}): the same run")
+    summaries = [run.summary() for run in runs]
+    analysed = [_analysed(run, summary) for run, summary in zip(runs, summaries)]
+    told = {
         "lens": [run.lens for run in runs],
-        "samples": [f"{run.info.get('samples')} samples of {_data_name(run)}" for run in runs],
-        "sites": [", ".join(sorted(_sites(run.summary()))) for run in runs],
+        "samples": [text for text, _ in analysed],
+        "sites": [", ".join(sorted(_sites(summary))) for summary in summaries],
         "extras": [
-            "extras" if (run.summary()["quantity"] == "cosine").any() else "no extras"
-            for run in runs
+            "extras" if (summary["quantity"] == "cosine").any() else "no extras"
+            for summary in summaries
         ],
     }
-    return [
-        f"the runs differ in {what}: "
-        + "; ".join(f"{name}: {value}" for name, value in zip(names, values))
-        for what, values in facts.items()
-        if len(set(values)) > 1
-    ]
+    # Samples are compared by what was analysed (ids, tokens per sample), not by the data file.
+    compared = {**told, "samples": [per_sample for _, per_sample in analysed]}
+    for what, values in told.items():
+        if len({repr(value) for value in compared[what]}) == 1:
+            continue
+        same_text = len(set(values)) == 1
+        found.append(
+            f"the runs differ in {what}: "
+            + "; ".join(f"{name}: {value}" for name, value in zip(names, values))
+            + (" (other sample ids or tokens per sample)" if same_text else "")
+        )
+    return found
+
+
+def _analysed(run: RunFolder, summary: pd.DataFrame) -> tuple[str, list[tuple[str, int]]]:
+    """What a run analysed: ``"N samples of FILE, M tokens"``, and (sample id, tokens) each.
+
+    Each token has one row per (site, layer) key, and each key one entropy row in the summary.
+    """
+    keys = max(int((summary["quantity"] == "entropy").sum()), 1)
+    tokens = [(str(sample), rows // keys) for sample, rows in run.sample_rows()]
+    data = Path(str(run.info.get("config", {}).get("data"))).name
+    told = f"{len(tokens)} samples of {data}, {sum(n for _, n in tokens):,} tokens"
+    return told, tokens
 
 
 def _sites(summary: pd.DataFrame) -> set[str]:
     return set(summary[summary["quantity"] == "entropy"]["name"].astype(str))
-
-
-def _data_name(run: RunFolder) -> str:
-    config = run.info.get("config", {})
-    return f"{Path(str(config.get('data'))).name} (sha256 {str(config.get('data_sha256'))[:8]})"
 
 
 def suggest_run_layer(

@@ -247,6 +247,7 @@ def _facts(cfg: EntropyConfig, model: PolicyModel, lens: Lens, identity: dict) -
         "status": "running",
         "started": now(),
         "command": sys.argv,
+        "cwd": os.getcwd(),  # where the command's relative paths are
         "model": {
             "name_or_path": cfg.model,
             "revision": cfg.revision,

@@ -13,7 +13,8 @@ def compare(cfg: CompareConfig) -> str:
     from ..analysis.figures import compare as compare_runs
 
     report, table = compare_runs(cfg)
-    return f"{report}\n{table.to_string(index=False)}"
+    notes = [f"note: {model}: {note}" for model, note in zip(table["model"], table["note"]) if note]
+    return "\n".join([str(report), table.drop(columns="note").to_string(index=False), *notes])
 
 
 def suggest_layer(run: Path, cfg: ConvergenceConfig) -> tuple[str, bool]:

@@ -7,6 +7,7 @@ lock) is :class:`~internal_policy_lens.folders.Folder`'s. Nothing here imports t
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -161,25 +162,89 @@ def open_run(path: str | os.PathLike) -> RunFolder:
     """Check that ``path`` holds a finished ``ipl entropy`` run and read its ``run.json``.
 
     Raises:
-        FileNotFoundError: the folder or one of its tables is missing.
-        ValueError: the run has not finished.
+        FileNotFoundError: the folder or one of its tables is missing, or it holds another
+            command's work (a training run).
+        ValueError: the run has not finished; the message gives the command to rerun.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run folder")
     missing = [name for name in RUN_TABLES if not (path / name).is_file()]
-    if missing:
+    if "run.json" in missing:
+        if _is_training_run(path):
+            raise FileNotFoundError(_training_run(path))
         raise FileNotFoundError(
             f"{path}: not a finished run folder (missing {', '.join(missing)}); "
             f"write one with `ipl entropy --out {path}`"
         )
     folder = RunFolder(path)
-    if folder.info.get("status") != "complete":
+    status = folder.info.get("status")
+    if status != "complete":
         raise ValueError(
-            f"{path}: the run is not complete (status {folder.info.get('status')!r}); "
-            "rerun the same `ipl entropy` command to finish it"
+            f"{path}: unfinished run (status {status!r}, started {folder.info.get('started')}); "
+            f"unless it is still running, rerun {rerun_command(folder.info, path)} to finish it "
+            "(its finished batches are kept)"
+        )
+    if missing:
+        raise FileNotFoundError(
+            f"{path}: a complete run whose {', '.join(missing)} is missing; rerun "
+            f"{rerun_command(folder.info, path, '--force')} to redo it"
         )
     return folder
+
+
+def rerun_command(info: dict, folder: Path, *extra: str) -> str:
+    """The ``ipl entropy`` command recorded in run.json, quoted for a shell.
+
+    Its ``--out`` is ``folder`` (a moved or copied run is finished where it is), ``extra``
+    options are added, and it says where to run it when that is not here (for the command's
+    relative paths); a run that did not record its command gets words.
+    """
+    argv = info.get("command")
+    extra = tuple(option for option in extra if option not in (argv or []))
+    if not argv:  # a run written before run.json kept its command line
+        told = f"the `ipl entropy` command that wrote the folder (--out {folder})"
+        return f"{told} with {' '.join(extra)}" if extra else told
+    cwd = info.get("cwd")
+    elsewhere = cwd is not None and Path(cwd).resolve() != Path.cwd().resolve()
+    out = str(folder.resolve() if elsewhere else folder)
+    args = list(argv[1:])  # argv[0]: ipl, or the path python ran
+    given = [i for i, a in enumerate(args) if a == "--out" or a.startswith("--out=")]
+    for i in given:
+        if args[i] == "--out":
+            args[i + 1] = out
+        else:
+            args[i] = f"--out={out}"
+    if not given:
+        args += ["--out", out]
+    where = f" in {cwd}" if elsewhere else ""
+    return f"`{shlex.join(['ipl', *args, *extra])}`{where}"
+
+
+def _is_training_run(path: Path) -> bool:
+    """An ``ipl train-bupo`` folder: its metrics log or checkpoints (either engine)."""
+    return (path / "metrics.jsonl").is_file() or any(_checkpoints(path))
+
+
+def _checkpoints(path: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of a training folder's checkpoints, by step.
+
+    ``checkpoints/step-N`` (built-in loop) or ``checkpoint-N`` (TRL).
+    """
+    found = [*(path / "checkpoints").glob("step-*"), *path.glob("checkpoint-*")]
+    steps = [(p.name.rpartition("-")[2], p) for p in found if p.is_dir()]
+    return sorted((int(step), p) for step, p in steps if step.isdigit())
+
+
+def _training_run(path: Path) -> str:
+    """What to say about a training folder given where an ``ipl entropy`` run is read."""
+    checkpoints = _checkpoints(path)
+    model = checkpoints[-1][1] if checkpoints else path / "checkpoints" / "step-N"
+    return (
+        f"{path}: a training run of `ipl train-bupo`, not an `ipl entropy` run: plot it with "
+        f"`ipl plot-train {path}`, or analyse a checkpoint with `ipl entropy --model {model} "
+        "--out RUN`"
+    )
 
 
 def model_name(info: dict) -> str:

@@ -6,6 +6,7 @@ from internal_policy_lens.analysis.convergence import (
     abruptness,
     convergence_summary,
     drop_depths,
+    ffn_curve,
     find_stages,
     suggest_layer,
 )
@@ -134,8 +135,58 @@ def test_layer_subsets_and_missing_sites():
     no_residual = summary[summary["quantity"] == "delta"]
     conv = convergence_summary(no_residual, n_layers=5)
     assert conv.label is None and np.isnan(conv.abruptness)
+    assert conv.notes == [
+        "abruptness, label and drop depths need the sites resid_pre (layer 0) and resid_post "
+        "(the last layer)"
+    ]
+
+
+def test_residual_sites_without_ffn_give_all_but_the_stages():
+    # A tuned-lens run of resid_pre, resid_post and final: no FFN change, but the whole curve.
+    residual = abrupt()
+    residual = residual[residual["quantity"] == "entropy"]
+    conv = convergence_summary(residual)
+    assert conv.n_layers == 32 and conv.label == "abrupt"
+    assert conv.abruptness == pytest.approx(convergence_summary(abrupt()).abruptness)
+    assert conv.shape == convergence_summary(abrupt()).shape
+    assert conv.stages is None and conv.ffn_delta.empty
+    assert conv.suggestion.layer is None and "mlp_in and mlp_out" in conv.suggestion.reason
+    assert str(conv.suggestion).startswith("no layer suggested: the summary has no FFN")
+    assert "Empty DataFrame" not in str(conv.suggestion)
+    row = conv.row()
+    assert [row[s] for s in ("exploration", "integration", "convergence")] == [None] * 3
+    assert row["suggested_layer"] is None and row["label"] == "abrupt"
+    assert "need the sites mlp_in and mlp_out" in row["note"]
     with pytest.raises(ValueError, match="no FFN entropy change"):
-        convergence_summary(summary[summary["quantity"] == "entropy"])
+        ffn_curve(residual)
+
+
+def test_abruptness_outside_zero_one_is_explained():
+    # Entropy rises from 0.003 to 0.041 nats (the norm lens on a tiny model): no drop to share.
+    rising = synthetic_summary([0.0] * 10, [0.003] * 8 + [0.6, 0.041], start=0.003)
+    conv = convergence_summary(rising)
+    # share = (H(0.9) - H(1)) / (H(0) - H(1)) = (0.6 - 0.041) / (0.003 - 0.041) = -14.7
+    assert conv.abruptness == pytest.approx(-14.71, abs=0.01) and conv.label == "flat"
+    assert conv.notes == [
+        "abruptness -14.7 measures nothing: the entropy does not fall by more than tau "
+        "(H(0) 0.003, H(0.9) 0.600, H(1) 0.041 nats), hence the label flat"
+    ]
+    # Falls 10 -> 0 by depth 0.9, then rises to 2: share = (0 - 2) / (10 - 2) = -0.25.
+    late_rise = synthetic_summary([0.0] * 10, [9, 8, 7, 6, 5, 4, 3, 1.5, 0, 2], start=10)
+    conv = convergence_summary(late_rise)
+    assert conv.abruptness == pytest.approx(-0.25)
+    assert conv.notes == [
+        "abruptness -0.25 < 0: the entropy rises after depth 0.9 (H(0) 10.000, H(0.9) 0.000, "
+        "H(1) 2.000 nats)"
+    ]
+    # Rises 5 -> 12 by depth 0.9, then falls to 1: share = (12 - 1) / (5 - 1) = 2.75.
+    hump = synthetic_summary([0.0] * 10, [6, 7, 8, 9, 10, 11, 11.5, 11.8, 12, 1], start=5)
+    conv = convergence_summary(hump)
+    assert conv.abruptness == pytest.approx(2.75)
+    assert conv.notes[0].startswith("abruptness 2.75 > 1: the entropy at depth 0.9 is above")
+    assert conv.row()["note"] == conv.notes[0]
+    assert convergence_summary(progressive()).notes == []  # 0.1: a share, nothing to say
+    assert convergence_summary(progressive()).row()["note"] == ""
 
 
 def late_fall():

@@ -222,3 +222,118 @@ def test_compare_one_model_under_several_lenses(runs, tiny_dirs, tmp_path):
     assert table["lens"].tolist() == ["raw", "norm", "tuned"]
     assert table["model"].tolist() == ["llama (raw)", "llama (norm)", "llama (tuned)"]
     assert table["abruptness"].notna().all()
+
+
+def _column(output: str, header: str, column: str) -> list[str]:
+    """The values of a right-aligned column of a table printed by DataFrame.to_string."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(header))
+    end = lines[start].index(column) + len(column)
+    rows = [line for line in lines[start + 1 :] if not line.startswith(("note:", "warning:"))]
+    return [line[:end].split()[-1] for line in rows if line.strip()]
+
+
+def test_compare_of_residual_sites_only(runs, tiny_dirs, tmp_path):
+    # The README's tuned-lens example analyses resid_pre, resid_post and final: no FFN change.
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    residual = tmp_path / "residual"
+    args = ["entropy", "--model", tiny_dirs["qwen2"], "--data", data, "--out", residual]
+    args += ["--sites", "resid_pre,resid_post,final", "--quiet"]
+    result = runner.invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(runs["qwen2"]), str(residual), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "convergence.csv")
+    full, partial = table.iloc[0], table.iloc[1]
+    assert partial["n_layers"] == 3 and partial["label"] in {"progressive", "abrupt", "flat"}
+    for column in ("entropy_start", "entropy_end", "abruptness", "drop_depth_50"):
+        assert partial[column] == pytest.approx(full[column]), column  # same model, lens, data
+    assert partial[["exploration", "integration", "convergence", "suggested_layer"]].isna().all()
+    assert "mlp_in and mlp_out" in partial["note"]
+    assert f"note: qwen2 (residual): {partial['note']}" in result.output
+    suggested = runner.invoke(app, ["suggest-layer", str(residual)])
+    assert suggested.exit_code == 1, suggested.output
+    assert "no layer suggested: the summary has no FFN entropy change" in suggested.output
+    assert "mlp_in and mlp_out" in suggested.output and "error" not in suggested.output
+
+
+def test_compare_prints_layers_as_integers_and_explains_abruptness(runs, tmp_path):
+    with_layer = _with_ffn(runs["qwen2"], tmp_path / "a", [0.4, 0.02, -0.3])
+    without = _with_ffn(runs["llama"], tmp_path / "b", [0.01, -0.02, 0.0])
+    # Entropy that rises in the middle and ends above its start (the norm lens on tiny models):
+    # H(0) 0, H(2/3) 2, H(1) 0.1, so H(0.9) = 0.67 and the abruptness (0.67 - 0.1) / (0 - 0.1).
+    summary = pd.read_csv(without / "summary.csv")
+    entropy = summary["quantity"] == "entropy"
+    for site, means in (("resid_pre", [0.0, 0.0, 2.0]), ("resid_post", [0.0, 2.0, 0.1])):
+        rows = entropy & (summary["name"] == site)
+        summary.loc[rows, "mean"] = summary.loc[rows, "layer"].map(dict(enumerate(means)))
+    summary.to_csv(without / "summary.csv", index=False)
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(with_layer), str(without), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert _column(result.output, "model", "n_layers") == ["3", "3"]
+    assert _column(result.output, "model", "suggested_layer") == ["0", "<NA>"]
+    lines = (out / "convergence.csv").read_text().splitlines()
+    assert lines[1].split(",")[3] == "3" and lines[1].split(",")[8] == "0"  # not 3.0, 0.0
+    table = pd.read_csv(out / "convergence.csv")
+    assert table.loc[1, "label"] == "flat" and not 0 <= table.loc[1, "abruptness"] <= 1
+    note = [line for line in result.output.splitlines() if line.startswith("note: llama")]
+    assert len(note) == 1 and "measures nothing: the entropy does not fall" in note[0]
+    assert table.loc[1, "note"] in note[0] and pd.isna(table.loc[0, "note"])
+
+
+def test_compare_of_one_run_twice_warns_and_names_each(runs, tmp_path):
+    out = tmp_path / "cmp"
+    with pytest.warns(UserWarning) as caught:
+        result = runner.invoke(
+            app, ["compare", str(runs["qwen2"]), str(runs["qwen2"]), "--out", str(out)]
+        )
+    assert result.exit_code == 0, result.output
+    said = [str(w.message) for w in caught]
+    names = "qwen2 (qwen2), qwen2 (qwen2) #2"
+    assert said == [f"{runs['qwen2'].resolve()} is given 2 times ({names}): the same run"]
+    assert pd.read_csv(out / "convergence.csv")["model"].tolist() == [
+        "qwen2 (qwen2)",
+        "qwen2 (qwen2) #2",
+    ]
+
+
+def test_runs_of_the_same_samples_from_another_file_do_not_differ(runs, tiny_dirs, tmp_path):
+    # The lens comparison: norm on the raw run's responses.jsonl, another file with another hash.
+    info = json.loads((runs["llama"] / "run.json").read_text())
+    norm = tmp_path / "norm"
+    args = ["entropy", "--model", tiny_dirs["llama"], "--lens", "norm", "--quiet"]
+    args += ["--data", runs["llama"] / "responses.jsonl", "--out", norm]
+    result = runner.invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads((norm / "run.json").read_text())["config"]["data_sha256"]
+        != info["config"]["data_sha256"]
+    )
+    with pytest.warns(UserWarning) as caught:
+        result = runner.invoke(
+            app, ["compare", str(runs["llama"]), str(norm), "--out", str(tmp_path / "cmp")]
+        )
+    assert result.exit_code == 0, result.output
+    assert [str(w.message).split(":")[0] for w in caught] == ["the runs differ in lens"]
+    # Fewer samples from the same file do differ.
+    fewer = tmp_path / "fewer"
+    result = runner.invoke(app, list(map(str, [*args[:-1], fewer, "--max-samples", "2"])))
+    assert result.exit_code == 0, result.output
+    with pytest.warns(UserWarning) as caught:
+        result = runner.invoke(
+            app, ["compare", *map(str, (runs["llama"], norm, fewer)), "--out", str(tmp_path / "c")]
+        )
+    assert result.exit_code == 0, result.output
+    said = [str(w.message) for w in caught]
+    assert [s.split(":")[0] for s in said] == [
+        "the runs differ in lens",
+        "the runs differ in samples",
+    ]
+    positions = pd.read_parquet(runs["llama"] / "tokens.parquet", columns=["sample_id", "position"])
+    tokens = len(positions.drop_duplicates())
+    assert f"llama (raw): 3 samples of data.jsonl, {tokens:,} tokens" in said[1]
+    assert "llama (norm) (norm): 3 samples of responses.jsonl" in said[1]
+    assert "llama (norm) (fewer): 2 samples of responses.jsonl" in said[1]

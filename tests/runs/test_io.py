@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from internal_policy_lens.cli import app
 from internal_policy_lens.folders import Folder, FolderError
+from internal_policy_lens.runs.io import rerun_command
 
 runner = CliRunner()
 
@@ -218,3 +220,85 @@ def test_two_concurrent_runs_one_writer(tiny_dirs, tmp_path):
     for name in ("tokens.parquet", "deltas.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(killed / name), pd.read_parquet(out / name))
     assert (killed / "responses.jsonl").read_text() == (out / "responses.jsonl").read_text()
+
+
+READERS = {
+    "report": ["report", "{run}"],
+    "plot": ["plot", "{run}"],
+    "suggest-layer": ["suggest-layer", "{run}"],
+    "compare": ["compare", "{run}", "--out", "{tmp}/cmp"],
+}
+
+
+def _read(args, run, tmp_path):
+    result = runner.invoke(app, [a.format(run=run, tmp=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    return result.output
+
+
+@pytest.mark.slow
+def test_unfinished_run_says_the_command_that_finishes_it(tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    args = ["--model", tiny_dirs["qwen2"], "--data", _data(tmp_path), "--out", out, "--quiet"]
+    killed = subprocess.run(
+        ipl_command("entropy", *args),
+        env=one_thread_env(IPL_KILL_BEFORE_PUBLISH="tokens.parquet"),
+        capture_output=True,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    command = shlex.join(["ipl", "entropy", *map(str, args)])  # as run.json recorded it
+    assert json.loads((out / "run.json").read_text())["cwd"] == os.getcwd()
+    for name, reader in READERS.items():
+        said = _read(reader, out, tmp_path)
+        assert f"error: {out}: unfinished run (status 'running', started " in said, name
+        assert f"rerun `{command}` to finish it (its finished batches are kept)" in said, name
+        assert "--overwrite" not in said
+    # The command given finishes the run, and the readers read it.
+    given = shlex.split(said.split("`")[1])
+    assert given[0] == "ipl"
+    done = subprocess.run(ipl_command(*given[1:]), env=one_thread_env(), capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert runner.invoke(app, ["suggest-layer", str(out)]).exit_code in (0, 1)
+
+
+def test_rerun_command_finishes_the_folder_where_it_is(tmp_path, monkeypatch):
+    info = {"command": ["/venv/bin/ipl", "entropy", "--data", "d.jsonl", "--out", "runs/a"]}
+    monkeypatch.chdir(tmp_path)
+    moved = Path("runs/b")
+    assert rerun_command(info, moved) == "`ipl entropy --data d.jsonl --out runs/b`"
+    assert rerun_command(info, moved, "--force").endswith("--out runs/b --force`")
+    # Run from elsewhere: its relative paths need its folder, so the out is absolute.
+    elsewhere = {**info, "cwd": "/home/me/project"}
+    assert rerun_command(elsewhere, moved) == (
+        f"`ipl entropy --data d.jsonl --out {tmp_path / 'runs/b'}` in /home/me/project"
+    )
+    assert (
+        rerun_command({}, moved) == "the `ipl entropy` command that wrote the folder (--out runs/b)"
+    )
+
+
+def test_complete_run_with_a_table_missing_says_force(tiny_dirs, tmp_path):
+    _commands(tiny_dirs, tmp_path, tmp_path / "unused")  # writes tmp_path/finished
+    run = tmp_path / "finished"
+    (run / "summary.csv").unlink()
+    said = _read(READERS["report"], run, tmp_path)
+    assert f"{run}: a complete run whose summary.csv is missing; rerun `ipl " in said
+    assert f"--out {run}" in said and "--force` to redo it" in said
+
+
+def test_training_folder_is_named_and_its_checkpoints_offered(tiny_dirs, tmp_path):
+    out = tmp_path / "train"
+    args = ["train-bupo", "--model", tiny_dirs["llama"], "--out", out, "--quiet"]
+    args += ["--data", write_problems(tmp_path / "p.jsonl", 4), "--layer", "0"]
+    args += ["--iterative-steps", "1", "--steps", "1", "--group-size", "2"]
+    args += ["--prompts-per-step", "1", "--mini-batch-size", "2", "--max-new-tokens", "4"]
+    result = runner.invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    for name, reader in READERS.items():
+        said = _read(reader, out, tmp_path)
+        assert f"error: {out}: a training run of `ipl train-bupo`, not an `ipl entropy` run" in said
+        assert f"`ipl plot-train {out}`" in said, name
+        assert f"`ipl entropy --model {checkpoint} --out RUN`" in said, name
+        assert "--out " + str(out) not in said
