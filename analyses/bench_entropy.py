@@ -33,6 +33,11 @@ each turns every (site, layer) of the table (7 sites x L layers + final) into pe
               (``--topk``, default 5 and 20): the cost of ``ipl entropy --topk K``
   norm        fast with the norm lens (the final RMSNorm before the unembedding)
   tuned       fast with the tuned lens: a random d x d translator per (site, layer), then as norm
+  fast+varentropy
+              fast with --stats varentropy (the tiles backend, both statistics in one pass)
+  fast-rows, fast-rows+nucleus
+              fast on the rows backend, without and with --stats nucleus_size (which only rows
+              computes: it sorts each row)
 
 The CPU's kernels (torch.backends.cpu.get_cpu_capability(), lowered by ATEN_CPU_CAPABILITY=avx2;
 ONEDNN_MAX_CPU_ISA=AVX2 lowers oneDNN's, which run the bf16 products) and its bf16 flags are
@@ -72,6 +77,7 @@ from internal_policy_lens.lens.reduce import site_stats  # noqa: E402
 from internal_policy_lens.lens.unembed import Lens, Precision, choose_precision  # noqa: E402
 from internal_policy_lens.model.hardware import cpu_capability, cpu_flags  # noqa: E402
 from internal_policy_lens.model.tiny import char_tokenizer  # noqa: E402
+from internal_policy_lens.statistics import Request  # noqa: E402
 
 CHUNK = 1024  # logits rows per product, the entropy_table default
 
@@ -134,10 +140,11 @@ def naive(model, acts, keys, rows):
     return out
 
 
-def engine(lens, acts, keys, rows, topk=0, compiled=None):
+def engine(lens, acts, keys, rows, topk=0, compiled=None, stats=(), backend=None):
     index = (torch.zeros(rows, dtype=torch.long), torch.arange(rows))
+    request = Request(("entropy", *stats), topk=topk)
     stats = site_stats(
-        lens, acts, keys, index, topk=topk, chunk_tokens=CHUNK, compiled=compiled
+        lens, acts, keys, index, request, chunk_tokens=CHUNK, compiled=compiled, backend=backend
     )  # compiled=None: as it decides
     return {key: torch.from_numpy(cols["entropy"]) for key, cols in stats.items()}
 
@@ -217,6 +224,14 @@ def make_modes(model, acts, topks=()):
             modes[f"{name}+top{k}"] = lambda rows, lens=lenses[name], k=k: engine(
                 lens, acts, keys, rows, k
             )
+    # The opt-in statistics' cost: varentropy beside the entropy on the tiles; the nucleus size
+    # on rows, against the entropy alone on rows (the backend it must run on).
+    fast = lenses["fast"]
+    modes["fast+varentropy"] = lambda rows: engine(fast, acts, keys, rows, stats=("varentropy",))
+    modes["fast-rows"] = lambda rows: engine(fast, acts, keys, rows, backend="rows")
+    modes["fast-rows+nucleus"] = lambda rows: engine(
+        fast, acts, keys, rows, stats=("nucleus_size",)
+    )
     for name, (w, x) in floors.items():
         modes[name] = lambda rows, w=w, x=x: floor(w, x, rows)
     return modes

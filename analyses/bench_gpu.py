@@ -138,6 +138,7 @@ def make_paths(model, acts, keys, device, n_rows):
 
     from internal_policy_lens.lens.reduce import site_stats
     from internal_policy_lens.lens.unembed import Lens
+    from internal_policy_lens.statistics import Request
 
     fast, exact = Lens(model, "raw", "auto"), Lens(model, "raw", "exact")
     weight = model.unembed.weight.detach()
@@ -148,8 +149,9 @@ def make_paths(model, acts, keys, device, n_rows):
         def run(rows):
             index = (torch.zeros(rows, dtype=torch.long), torch.arange(rows))
             stats = site_stats(
-                lens, acts, keys, index, next_ids=next_ids[:rows] if extras else None,
-                topk=topk, chunk_tokens=CHUNK, backend="triton",
+                lens, acts, keys, index, Request.of(extras, topk=topk),
+                next_ids=next_ids[:rows] if extras else None, chunk_tokens=CHUNK,
+                backend="triton",
             )  # fmt: skip
             return {key: torch.from_numpy(stats[key]["entropy"]) for key in keys}
 
