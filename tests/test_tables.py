@@ -205,7 +205,8 @@ def test_extras_match_naive(arch, models, tiny_dirs):
     model = models(arch, "float64")
     reference = hf_model(tiny_dirs[arch])
     ids = model.tokenizer(TEXTS[0])["input_ids"]
-    table = entropy_table(model, [ids], extras=True, lens="norm")
+    opt_in = ["varentropy", "nucleus_size", "kl_final_internal"]
+    table = entropy_table(model, [ids], extras=True, lens="norm", stats=opt_in, nucleus_p=0.8)
     acts, logits = naive_sites(reference, ids)
     final_logp = torch.log_softmax(logits, -1)
     for site, layer in [("mlp_out", 0), ("resid_post", 1), ("attn_in", 2), ("final", 2)]:
@@ -225,6 +226,14 @@ def test_extras_match_naive(arch, models, tiny_dirs):
         np.testing.assert_allclose(rows["kl_internal_final"], kl, atol=5e-6)
         agree = z.argmax(-1) == final_logp.argmax(-1)
         np.testing.assert_array_equal(rows["top1_agrees"], agree)
+        # The opt-in statistics, from their definitions.
+        p, h = logp.exp(), -(logp.exp() * logp).sum(-1)
+        back = (final_logp.exp() * (final_logp - logp)).sum(-1)
+        np.testing.assert_allclose(rows["kl_final_internal"], back, atol=5e-6)
+        var = (p * logp.square()).sum(-1) - h.square()
+        np.testing.assert_allclose(rows["varentropy"], var, atol=5e-6, rtol=1e-5)
+        nucleus = (p.sort(-1, descending=True).values.cumsum(-1) < 0.8).sum(-1) + 1
+        np.testing.assert_array_equal(rows["nucleus_size"], nucleus)
     final_rows = table[table.site == "final"]
     assert final_rows["top1_agrees"].all()
     np.testing.assert_allclose(final_rows["kl_internal_final"], 0, atol=1e-10)
