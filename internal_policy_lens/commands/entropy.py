@@ -62,6 +62,7 @@ from ..tables.compute import batch_columns, decode_tokens
 if TYPE_CHECKING:
     from ..analysis.figures import FigureReport
 
+
 @dataclass
 class EntropyRun:
     """A finished run: where it was written, its summary, and its tables read when asked for.

@@ -138,9 +138,7 @@ def entropy_table(
     bar = tqdm(total=len(encoded), unit="sample", disable=not progress)
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        cols = batch_columns(
-            model, ready, batch, keys, settings, response_only, request, extras
-        )
+        cols = batch_columns(model, ready, batch, keys, settings, response_only, request, extras)
         decode_tokens(model.tokenizer, cols, vocab)  # the same token texts as a run folder's
         parts.append(token_rows(cols, vocab, as_text))
         if topk > 0 and cols.n:

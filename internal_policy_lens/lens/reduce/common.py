@@ -123,7 +123,7 @@ def rows_of(acts, key: SiteKey, index, part: slice, lens: Lens) -> torch.Tensor:
     return rows.to(lens.weight.device)
 
 
-def stacked_inputs(lens: Lens, acts, block: Sequence[SiteKey], index, part: slice) -> torch.Tensor:
-    """The unembedding's inputs of ``block``'s rows, ``[sites * rows, d_model]``."""
-    stacked = torch.stack([lens.inputs(rows_of(acts, k, index, part, lens), *k) for k in block])
+def stacked_inputs(lens: Lens, acts, keys: Sequence[SiteKey], index, part: slice) -> torch.Tensor:
+    """The unembedding's inputs of the rows of ``keys``, ``[sites * rows, d_model]``."""
+    stacked = torch.stack([lens.inputs(rows_of(acts, k, index, part, lens), *k) for k in keys])
     return stacked.flatten(0, 1)

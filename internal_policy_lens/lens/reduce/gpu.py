@@ -45,26 +45,26 @@ def fused_site_stats(
     out = {key: allocate(lens, n, request) for key in keys}
     wanted = request.statistics
     buffer = torch.empty(rows * group * lens.vocab_size, dtype=torch.float32, device=device)
-    head = _head(lens)
+    head = _head_constants(lens)
     for part in chunks(n, rows):
         size = part.stop - part.start
-        shared = {}
+        reference = {}
         if extras:
             nxt = next_ids[part].to(device)
             x = lens.inputs(rows_of(acts, final, index, part, lens), "final")
             logp = torch.log_softmax(_final_logits(lens, x, buffer), -1)  # [size, vocab]
-            shared = dict(next_ids=nxt, final_logp=logp, final_top=logp.argmax(-1))
-            stats = row_stats(logp, topk=topk, block=block, wanted=wanted, **shared)
+            reference = dict(next_ids=nxt, final_logp=logp, final_top=logp.argmax(-1))
+            stats = row_stats(logp, topk=topk, block=block, wanted=wanted, **reference)
             store(out, [final], part, {k: v[None] for k, v in stats.items()})
         for start in range(0, len(sites), group):
-            block_keys = sites[start : start + group]
-            x = stacked_inputs(lens, acts, block_keys, index, part)  # [sites * size, d_model]
+            group_keys = sites[start : start + group]
+            x = stacked_inputs(lens, acts, group_keys, index, part)  # [sites * size, d_model]
             logits = float_product(x, lens.weight, buffer)
             stats = row_stats(
-                logits, bias=lens.bias, topk=topk, block=block, wanted=wanted, **head, **shared
+                logits, bias=lens.bias, topk=topk, block=block, wanted=wanted, **head, **reference
             )
-            stats = {k: v.unflatten(0, (len(block_keys), size)) for k, v in stats.items()}
-            store(out, block_keys, part, stats)
+            stats = {k: v.unflatten(0, (len(group_keys), size)) for k, v in stats.items()}
+            store(out, group_keys, part, stats)
     return to_numpy(out)
 
 
@@ -114,7 +114,7 @@ def _final_logits(lens: Lens, x: torch.Tensor, buffer: torch.Tensor) -> torch.Te
     return logits if lens.config is None else head_transform(lens.config, logits, inplace=True)
 
 
-def _head(lens: Lens) -> dict[str, float | None]:
+def _head_constants(lens: Lens) -> dict[str, float | None]:
     # The head transformation's constants, for the kernel (see families.head_transform).
     config = lens.config
     scale = getattr(config, "logits_scaling", None)

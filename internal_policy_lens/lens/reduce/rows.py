@@ -85,14 +85,14 @@ def rows_site_stats(
     with lens.reused_output(rows * group):  # each chunk's logits are reduced before the next
         for part in chunks(n, rows):
             nxt = None if next_ids is None else next_ids[part].to(lens.weight.device)
-            shared = ()
+            reference = ()
             if final is not None:
-                shared = _final_block(lens, acts, final, index, part, reduce, nxt, out)
+                reference = _reference_rows(lens, acts, final, index, part, reduce, nxt, out)
             for start in range(0, len(sites), group):
-                block = sites[start : start + group]
-                logits = lens.logits(stacked_inputs(lens, acts, block, index, part), None)
-                logits = logits.view(len(block), -1, logits.shape[-1])  # [sites, rows, vocab]
-                store(out, block, part, reduce(logits, lens.reduce_dtype, nxt, *shared))
+                group_keys = sites[start : start + group]
+                x = stacked_inputs(lens, acts, group_keys, index, part)
+                logits = lens.logits(x, None).view(len(group_keys), -1, lens.vocab_size)
+                store(out, group_keys, part, reduce(logits, lens.reduce_dtype, nxt, *reference))
     return to_numpy(out)
 
 
@@ -156,9 +156,7 @@ def reduce_logits(
     return {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]}
 
 
-def fused_stats(
-    logits, dtype, next_ids, final_logp, final_top, topk=0, wanted=((), ())
-) -> Stats:
+def fused_stats(logits, dtype, next_ids, final_logp, final_top, topk=0, wanted=((), ())) -> Stats:
     """The reductions as one expression graph; torch.compile fuses them into two loops per row.
 
     ``wanted``: see :func:`reduce_logits`.
@@ -203,8 +201,9 @@ def fused_stats(
     return out
 
 
-def _final_block(lens, acts, final, index, part, reduce, next_ids, out):
-    # The reference policy of a chunk's rows: its own statistics, and what every site shares.
+def _reference_rows(lens, acts, final, index, part, reduce, next_ids, out):
+    # The reference policy of a chunk's rows: its own statistics, and its log-probabilities and
+    # argmax, which every site's reduction reads.
     x = lens.inputs(rows_of(acts, final, index, part, lens), *final)
     logits = lens.logits(x, None)  # [rows, vocab]
     shared = final_policy(logits, lens.reduce_dtype)

@@ -167,10 +167,10 @@ def tiles_site_stats(
     with lens.reused_output(rows * group, columns):
         for part in chunks(n, rows):
             for start in range(0, len(sites), group):
-                block = sites[start : start + group]
-                stacked = stacked_inputs(lens, acts, block, index, part)
+                group_keys = sites[start : start + group]
+                stacked = stacked_inputs(lens, acts, group_keys, index, part)
                 stats = tiled_stats(lens, stacked, topk, columns, compiled, request.statistics)
                 size = part.stop - part.start
-                stats = {name: v.unflatten(0, (len(block), size)) for name, v in stats.items()}
-                store(out, block, part, stats)
+                stats = {name: v.unflatten(0, (len(group_keys), size)) for name, v in stats.items()}
+                store(out, group_keys, part, stats)
     return to_numpy(out)
