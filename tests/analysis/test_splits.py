@@ -1,0 +1,129 @@
+"""Splits of a run's tokens: groups and per-group summaries against a naive float64 computation."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from internal_policy_lens.analysis.splits import split_run, split_table, token_groups
+from internal_policy_lens.cli import app
+from internal_policy_lens.runs.io import open_run
+
+runner = CliRunner()
+# Responses of different lengths; answers right for a*b with a even, wrong otherwise, one missing.
+RECORDS = [
+    {
+        "problem": f"Compute {a}*{b}.",
+        "response": f"{a}*{b} = {a * b}. " * (1 + a % 3) + f"\\boxed{{{a * b}}}",
+        **({"answer": str(a * b if a % 2 == 0 else a * b + 1)} if a != 5 else {}),
+    }
+    for a, b in [(2, 3), (3, 4), (4, 7), (5, 5), (6, 2)]
+]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("splits")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    args = ["entropy", "--model", tiny_dirs["qwen2"], "--data", data, "--out", root / "run"]
+    result = runner.invoke(app, [*map(str, args), "--extras", "--batch-size", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return open_run(root / "run")
+
+
+def _naive_groups(tokens, split, q):
+    """{(sample, position): group}, written out with plain Python."""
+    final = tokens[tokens.site.astype(str) == "final"]
+    keys = list(zip(final.sample_id, final.position))
+    if split == "forking":
+        values = sorted(float(v) for v in final.entropy)
+        at = (1 - q) * (len(values) - 1)  # numpy's linear interpolation, by hand
+        lo = int(np.floor(at))
+        cut = values[lo] + (at - lo) * (values[min(lo + 1, len(values) - 1)] - values[lo])
+        return {k: "forking" if h >= cut else "other" for k, h in zip(keys, final.entropy)}, cut
+    if split == "correctness":
+        verdict = {0: "right", 1: "wrong", 2: "right", 3: "no answer", 4: "right"}
+        return {k: verdict[k[0]] for k in keys}, None
+    out = {}
+    for sample in sorted({s for s, _ in keys}):
+        positions = sorted(p for s, p in keys if s == sample)
+        for rank, p in enumerate(positions):
+            out[sample, p] = ["0-25%", "25-50%", "50-75%", "75-100%"][4 * rank // len(positions)]
+    return out, None
+
+
+def _naive_stats(values):
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else None
+    return mean, (None if var is None else var**0.5), len(values)
+
+
+@pytest.mark.parametrize("split", ["forking", "correctness", "position"])
+def test_split_summary_equals_a_naive_float64_one(run, split):
+    tokens = run.tokens()
+    found = split_run(run, split, q=0.3)
+    groups, cut = _naive_groups(tokens, split, 0.3)
+    if split == "forking":
+        assert found.threshold == pytest.approx(cut, abs=1e-12)
+        assert found.facts()["q"] == 0.3
+        share = found.tokens["forking"] / sum(found.tokens.values())
+        assert 0.25 <= share <= 0.4
+    assert found.tokens == pd.Series(groups).value_counts().to_dict()
+    summary = found.summary().set_index(["group", "quantity", "layer", "name"])
+    label = [groups[s, p] for s, p in zip(tokens.sample_id, tokens.position)]
+    tokens = tokens.assign(group=label)
+    checked = 0
+    for (group, layer, site), rows in tokens.groupby(["group", "layer", "site"], observed=True):
+        for quantity in ("entropy", "kl_to_final"):
+            mean, std, count = _naive_stats(rows[quantity])
+            row = summary.loc[(group, quantity, layer, site)]
+            assert row["count"] == count
+            assert row["mean"] == pytest.approx(mean, rel=1e-12, abs=1e-12)
+            if std is not None:
+                assert row["std"] == pytest.approx(std, rel=1e-9, abs=1e-12)
+            checked += 1
+        if site == "mlp_out":  # the FFN change, H(mlp_out) - H(mlp_in), by hand
+            inputs = tokens[
+                (tokens.group == group) & (tokens.layer == layer) & (tokens.site == "mlp_in")
+            ]
+            before = dict(zip(zip(inputs.sample_id, inputs.position), inputs.entropy))
+            pairs = zip(rows.sample_id, rows.position, rows.entropy)
+            mean, std, count = _naive_stats([h - before[s, p] for s, p, h in pairs])
+            row = summary.loc[(group, "delta", layer, "ffn")]
+            # The table's change is a float32 difference of float32 entropies.
+            assert row["count"] == count and row["mean"] == pytest.approx(mean, rel=1e-6)
+    assert checked > 0
+    # The same split of the table held in memory gives the same summary.
+    whole = split_table(run.tokens(), split, q=0.3, correct=_correct(run))
+    pd.testing.assert_frame_equal(whole.summary(), found.summary(), atol=1e-12, rtol=1e-12)
+
+
+def _correct(run):
+    from internal_policy_lens.analysis.splits import _verdicts
+
+    return _verdicts(run.path / "responses.jsonl")
+
+
+def test_no_split_is_the_run_summary(run):
+    found = split_run(run, None).summary()
+    assert set(found.group) == {"all"}
+    expected = run.summary()
+    pd.testing.assert_frame_equal(
+        found.drop(columns="group"), expected, check_dtype=False, atol=1e-9, rtol=1e-9
+    )
+
+
+def test_split_errors_name_the_fix():
+    index = pd.DataFrame({"sample_id": [0, 0], "position": [0, 1], "entropy": [np.nan] * 2})
+    with pytest.raises(ValueError, match="final among --sites"):
+        token_groups(index, "forking")
+    with pytest.raises(ValueError, match="'answer' field"):
+        token_groups(index, "correctness", correct={"0": None})
+    with pytest.raises(ValueError, match="unknown split 'length'"):
+        token_groups(index, "length")
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        token_groups(index.fillna(1.0), "forking", q=1.0)
