@@ -294,6 +294,15 @@ def _evidence(curve, classes, stages, layer, width: int = 2) -> pd.DataFrame:
     )
 
 
+def convergence_label(start: float, end: float, share: float, cfg: ConvergenceConfig) -> str | None:
+    """``progressive``, ``abrupt`` or ``flat`` from :func:`abruptness` (module docstring)."""
+    if np.isnan(start):
+        return None
+    if start - end <= cfg.tau:
+        return "flat"
+    return "abrupt" if share >= cfg.abrupt_share else "progressive"
+
+
 def convergence_summary(
     summary: pd.DataFrame, n_layers: int | None = None, cfg: ConvergenceConfig | None = None
 ) -> Convergence:
@@ -308,12 +317,7 @@ def convergence_summary(
     n_layers = n_layers or int(summary["layer"].max()) + 1
     curve = ffn_curve(summary)
     start, end, share = abruptness(summary, n_layers, cfg.late_depth)
-    if np.isnan(start):
-        label = None
-    elif start - end <= cfg.tau:
-        label = "flat"
-    else:
-        label = "abrupt" if share >= cfg.abrupt_share else "progressive"
+    label = convergence_label(start, end, share, cfg)
     depths = drop_depths(summary, n_layers)
     return Convergence(
         n_layers=n_layers,

@@ -7,9 +7,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from internal_policy_lens.analysis.splits import split_run, split_table, token_groups
+from internal_policy_lens.analysis.convergence import convergence_summary
+from internal_policy_lens.analysis.splits import Split, split_run, split_table, token_groups
+from internal_policy_lens.analysis.uncertainty import LABELS, differences, resample, run_seed
 from internal_policy_lens.cli import app
 from internal_policy_lens.runs.io import open_run
+from internal_policy_lens.tables import summary_table
 
 runner = CliRunner()
 # Responses of different lengths; answers right for a*b with a even, wrong otherwise, one missing.
@@ -127,3 +130,76 @@ def test_split_errors_name_the_fix():
         token_groups(index, "length")
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         token_groups(index.fillna(1.0), "forking", q=1.0)
+
+
+def test_resampled_means_equal_means_of_the_drawn_responses(run):
+    """Resampling per-sample sums = pooling the tokens of the drawn responses, in float64."""
+    tokens = run.tokens()
+    split = split_run(run, "position")
+    found = resample(split, run.n_layers, resamples=5, seed=7)
+    ids = sorted(pd.unique(tokens.sample_id))
+    draws = np.random.default_rng(7).integers(0, len(ids), 5 * len(ids)).reshape(5, len(ids))
+    groups, _ = _naive_groups(tokens, "position", 0.2)
+    tokens = tokens.assign(group=[groups[s, p] for s, p in zip(tokens.sample_id, tokens.position)])
+    keys = found.keys
+    for b in (0, 4):
+        # A response drawn twice counts twice: each copy under its own id.
+        pooled = pd.concat(
+            [tokens[tokens.sample_id == ids[i]].assign(sample_id=k) for k, i in enumerate(draws[b])]
+        )
+        for column in np.flatnonzero(keys.quantity.to_numpy() == "entropy")[::7]:
+            g, _, layer, site = keys.iloc[column]
+            rows = pooled[(pooled.group == g) & (pooled.layer == layer) & (pooled.site == site)]
+            expected = np.mean(rows.entropy.to_numpy(np.float64)) if len(rows) else np.nan
+            np.testing.assert_allclose(found.means[b, column], expected, rtol=1e-12)
+        # Each resample's abruptness and label are those of its pooled tokens' summary.
+        whole = summary_table(pooled[pooled.group == "0-25%"])
+        expected = convergence_summary(whole, run.n_layers)
+        stats = found.stats[(found.stats.group == "0-25%") & (found.stats["resample"] == b)].iloc[0]
+        np.testing.assert_allclose(stats.abruptness, expected.abruptness, rtol=1e-9)
+        np.testing.assert_allclose(stats.drop_depth_50, expected.drop_depths[1], rtol=1e-9)
+        assert stats.label == expected.label
+
+
+def test_intervals_and_label_shares(run):
+    found = resample(split_run(run, "forking"), run.n_layers, resamples=50, seed=1)
+    summary = found.summary()
+    assert (summary.ci_low <= summary.ci_high + 1e-12).all()
+    table = found.convergence()
+    assert list(table.group) == ["forking", "other"]
+    shares = table[[f"label_share_{name}" for name in LABELS]].sum(axis=1)
+    assert np.allclose(shares, 1.0) or table.label.isna().all()
+    assert (table.resamples == 50).all() and (table.seed == 1).all()
+    assert table.threshold.notna().all() and (table.q == 0.2).all()
+
+
+def _synthetic(drop_late: bool, noise: float, seed: int) -> Split:
+    """Eight responses of a 10-layer model: entropy falling late (abrupt) or steadily."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for sample in range(8):
+        depth = np.arange(11) / 10
+        curve = np.where(depth < 0.95, 10.0, 1.0) if drop_late else 10.0 - 9.0 * depth
+        curve = curve + rng.normal(0, noise, 11)
+        rows.append(["all", sample, "entropy", 0, "resid_pre", 20, curve[0], 1.0])
+        for layer in range(10):
+            rows.append(["all", sample, "entropy", layer, "resid_post", 20, curve[layer + 1], 1.0])
+    columns = ["group", "sample_id", "quantity", "layer", "name", "count", "mean", "m2"]
+    return Split("all", ["all"], None, None, {"all": 160}, pd.DataFrame(rows, columns=columns))
+
+
+def test_differences_outside_the_intervals_are_said():
+    late = resample(_synthetic(True, 0.05, 0), 10, resamples=200, seed=run_seed(0, 0))
+    steady = resample(_synthetic(False, 0.05, 1), 10, resamples=200, seed=run_seed(0, 1))
+    again = resample(_synthetic(False, 0.05, 2), 10, resamples=200, seed=run_seed(0, 2))
+    found = (
+        differences({"late": late, "steady": steady, "again": again})
+        .set_index(["run_a", "run_b", "statistic"])
+        .sort_index()
+    )
+    row = found.loc["late", "steady", "abruptness"]
+    assert row.outside and row.ci_low > 0.5  # about 1.0 vs 0.1
+    assert row.difference == pytest.approx(late.point.abruptness[0] - steady.point.abruptness[0])
+    # Two draws of the same steady model: no measure differs outside the intervals.
+    assert not found.loc["steady", "again"].outside.any()
+    assert late.convergence().label_share_abrupt[0] == 1.0
