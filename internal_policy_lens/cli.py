@@ -31,6 +31,7 @@ from .config import (
     LensSettings,
     PlotConfig,
     ReportConfig,
+    SplitRunConfig,
 )
 from .model.families import TINY_ARCHITECTURES
 
@@ -259,6 +260,20 @@ def diff(given: dict, quiet: _QUIET = False) -> None:
     _check_device(cfg.device)
     with _user_errors():
         typer.echo(str(run_diff(cfg, progress=not quiet)))
+
+
+@app.command()
+@offers(SplitRunConfig, skip=("convergence.late_depth", "convergence.progressive_spread"))
+def split(given: dict) -> None:
+    """A run's summary by group (forking tokens, correctness, position), with 95% intervals.
+
+    Writes RUN/splits/SPLIT/: summary.csv and convergence.csv with intervals from resampled
+    responses, split.json and split.png/.pdf.
+    """
+    from .analysis.split_outputs import write_split
+
+    with _user_errors():
+        typer.echo(write_split(make(SplitRunConfig, given)))
 
 
 @app.command("suggest-layer")

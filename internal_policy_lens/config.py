@@ -297,6 +297,34 @@ class ConvergenceConfig:
 
 
 @dataclass
+class SplitConfig:
+    """A split of the run's tokens and the resampling of its responses (``analysis.splits``)."""
+
+    split: str | None = None
+    """forking (final-policy entropy in the run's top q), correctness (right/wrong answers) or
+    position (quarters of the response); every group is a line and a table value [default:
+    no split]."""
+    q: float = option(0.2, min=0.0, max=1.0)
+    """Share of the run's tokens that the forking split calls forking (highest final entropy)."""
+    resamples: int = option(1000, min=1)
+    """Bootstrap resamples of the responses behind the 95% intervals."""
+    resample_seed: int = 0
+    """Seed of the resampling (recorded in the outputs)."""
+
+
+@dataclass
+class SplitRunConfig:
+    """One ``ipl split`` call: a finished run's summary by group, with 95% intervals."""
+
+    run: str = option(path=True, argument=True)
+    """Run folder written by ``ipl entropy``."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """The split and the resampling."""
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
+    """Thresholds of the convergence measures."""
+
+
+@dataclass
 class DiffConfig:
     """One ``ipl diff`` call: two checkpoints of one model read the same responses."""
 
@@ -355,6 +383,8 @@ class CompareConfig:
     """Folder for the comparison figures and ``convergence.csv``."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the convergence summary."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """A split of each run, and the resampling behind the intervals of the differences."""
     report: bool = True
     """Also write ``OUT/report.html``, the interactive page of the runs."""
 

@@ -1,6 +1,7 @@
 """Splits of a run's tokens: groups and per-group summaries against a naive float64 computation."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -203,3 +204,23 @@ def test_differences_outside_the_intervals_are_said():
     # Two draws of the same steady model: no measure differs outside the intervals.
     assert not found.loc["steady", "again"].outside.any()
     assert late.convergence().label_share_abrupt[0] == 1.0
+
+
+def test_split_and_compare_commands_write_intervals(run, tmp_path):
+    result = runner.invoke(app, ["split", str(run.path), "--split", "forking", "--resamples", "40"])
+    assert result.exit_code == 0, result.output
+    folder = run.path / "splits" / "forking"
+    facts = json.loads((folder / "split.json").read_text())
+    assert facts["q"] == 0.2 and facts["seed"] == 0 and facts["resamples"] == 40
+    assert set(pd.read_csv(folder / "summary.csv").group) == {"forking", "other"}
+    assert (folder / "split.png").is_file()
+    out, again = tmp_path / "cmp", tmp_path / "again"
+    shutil.copytree(run.path, again)
+    args = ["compare", str(run.path), str(again), "--out", str(out), "--resamples", "40"]
+    result = runner.invoke(app, [*args, "--split", "position"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "differences.csv")
+    assert set(table.group) == {"0-25%", "25-50%", "50-75%", "75-100%"}
+    assert not table.outside.any()  # a run against itself, independent draws
+    assert "differences outside the 95% intervals" in result.output
+    assert set(pd.read_csv(out / "splits.csv").resamples) == {40}
