@@ -102,7 +102,7 @@ def resample(
     split: Split,
     n_layers: int,
     *,
-    resamples: int = 1000,
+    resamples: int = 200,
     seed: int = 0,
     cfg: ConvergenceConfig | None = None,
 ) -> Resampled:
@@ -126,7 +126,11 @@ def resample(
     ]
     stats = []
     for g in split.groups:
-        columns = np.flatnonzero(keys["group"].to_numpy() == g)
+        # Only the rows the measures read: the residual stream's entropies and the final's.
+        needed = (keys["quantity"] == "entropy") & keys["name"].isin(
+            ["resid_pre", "resid_post", "final"]
+        )
+        columns = np.flatnonzero((keys["group"] == g) & needed)
         base = keys.iloc[columns].reset_index(drop=True)
         for b in range(resamples):
             measures = _measures(base.assign(mean=means[b, columns]), n_layers, cfg)
