@@ -23,6 +23,7 @@ from .config import (
     BupoConfig,
     CompareConfig,
     ConvergenceConfig,
+    DiffConfig,
     EntropyConfig,
     EvalConfig,
     EvalLensConfig,
@@ -30,6 +31,7 @@ from .config import (
     LensSettings,
     PlotConfig,
     ReportConfig,
+    SplitRunConfig,
 )
 from .model.families import TINY_ARCHITECTURES
 
@@ -242,6 +244,36 @@ def compare(given: dict) -> None:
     """Overlay runs on relative depth; write comparison.png/.pdf, report.html, convergence.csv."""
     with _user_errors():
         typer.echo(figures.compare(make(CompareConfig, given)))
+
+
+@app.command()
+@offers(DiffConfig)
+def diff(given: dict, quiet: _QUIET = False) -> None:
+    """Two checkpoints of one model on the same token ids, compared at every (layer, site).
+
+    Writes the change in mean entropy, KL between the two models' policies in both directions,
+    the actual next token's rank change and the overlap of the top-q entropy positions.
+    """
+    from .commands.diff import run_diff  # loads torch: only when models are diffed
+
+    cfg = make(DiffConfig, given)
+    _check_device(cfg.device)
+    with _user_errors():
+        typer.echo(str(run_diff(cfg, progress=not quiet)))
+
+
+@app.command()
+@offers(SplitRunConfig, skip=("convergence.late_depth", "convergence.progressive_spread"))
+def split(given: dict) -> None:
+    """A run's summary by group (forking tokens, correctness, position), with 95% intervals.
+
+    Writes RUN/splits/SPLIT/: summary.csv and convergence.csv with intervals from resampled
+    responses, split.json and split.png/.pdf.
+    """
+    from .analysis.split_outputs import write_split
+
+    with _user_errors():
+        typer.echo(write_split(make(SplitRunConfig, given)))
 
 
 @app.command("suggest-layer")

@@ -322,6 +322,66 @@ class ConvergenceConfig:
 
 
 @dataclass
+class SplitConfig:
+    """A split of the run's tokens and the resampling of its responses (``analysis.splits``)."""
+
+    split: str | None = None
+    """forking (final-policy entropy in the run's top q), correctness (right/wrong answers) or
+    position (quarters of the response); every group is a line and a table value [default:
+    no split]."""
+    q: float = option(0.2, min=0.0, max=1.0)
+    """Share of the run's tokens that the forking split calls forking (highest final entropy)."""
+    resamples: int = option(200, min=1)
+    """Bootstrap resamples of the responses behind the 95% intervals."""
+    resample_seed: int = 0
+    """Seed of the resampling (recorded in the outputs)."""
+
+
+@dataclass
+class SplitRunConfig:
+    """One ``ipl split`` call: a finished run's summary by group, with 95% intervals."""
+
+    run: str = option(path=True, argument=True)
+    """Run folder written by ``ipl entropy``."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """The split and the resampling."""
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
+    """Thresholds of the convergence measures."""
+
+
+@dataclass
+class DiffConfig:
+    """One ``ipl diff`` call: two checkpoints of one model read the same responses."""
+
+    model: str = option()
+    """Model A (e.g. the base model): bundled name, hub id or folder."""
+    model_b: str = option()
+    """Model B (e.g. its BuPO checkpoint); it must read the data as the same token ids."""
+    data: str = option(factory=lambda: str(bundled_data()), path=True)
+    """Records with responses (JSONL/Parquet/CSV; an ``ipl entropy`` run's responses.jsonl)."""
+    out: str = option("runs/diff", path=True)
+    """Folder for tokens.parquet, diff.csv, overlap.csv, diff.png/.pdf and report.html."""
+    lens: str = "raw"
+    """raw or norm: how both models' site vectors become policies."""
+    sites: list[str] | None = option(None, sep=",")
+    """Sites to compare, comma-separated [default: all]."""
+    layers: str | None = None
+    """Layers to compare, e.g. 0-5,10 [default: all]."""
+    q: float = option(0.2, min=0.0, max=1.0)
+    """Share of highest-entropy positions whose overlap between the models is measured."""
+    batch_size: int = option(4, min=1)
+    """Sequences per forward pass."""
+    max_samples: int | None = option(None, min=1)
+    """Read only the first N records."""
+    response_only: bool = option(True, flags=("--response-only/--all-tokens",))
+    """Compare only the positions that predict a response token."""
+    dtype: str = "auto"
+    """Weights' dtype for both models (auto, float32, bfloat16, float64)."""
+    device: str = "auto"
+    """cpu, cuda, mps or auto."""
+
+
+@dataclass
 class PlotConfig:
     """One ``ipl plot`` call: the figures of a run folder, written to ``RUN/figures/``."""
 
@@ -348,6 +408,8 @@ class CompareConfig:
     """Folder for the comparison figures and ``convergence.csv``."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the convergence summary."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """A split of each run, and the resampling behind the intervals of the differences."""
     report: bool = True
     """Also write ``OUT/report.html``, the interactive page of the runs."""
 

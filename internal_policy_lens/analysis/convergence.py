@@ -320,6 +320,15 @@ def _evidence(curve, classes, stages, layer, width: int = 2) -> pd.DataFrame:
     )
 
 
+def convergence_label(start: float, end: float, share: float, cfg: ConvergenceConfig) -> str | None:
+    """``progressive``, ``abrupt`` or ``flat`` from :func:`abruptness` (module docstring)."""
+    if np.isnan(start):
+        return None
+    if start - end <= cfg.tau:
+        return "flat"
+    return "abrupt" if share >= cfg.abrupt_share else "progressive"
+
+
 def convergence_summary(
     summary: pd.DataFrame, n_layers: int | None = None, cfg: ConvergenceConfig | None = None
 ) -> Convergence:
@@ -340,16 +349,12 @@ def convergence_summary(
     except ValueError as err:  # no FFN sites: everything else still comes from the residual
         curve, stages, notes = pd.Series(dtype=float, name="ffn_delta"), None, [str(err)]
     start, end, share = abruptness(summary, n_layers, cfg.late_depth)
+    label = convergence_label(start, end, share, cfg)
     if np.isnan(start):
-        label = None
         notes.append(
             "abruptness, label and drop depths need the sites resid_pre (layer 0) and "
             "resid_post (the last layer)"
         )
-    elif start - end <= cfg.tau:
-        label = "flat"
-    else:
-        label = "abrupt" if share >= cfg.abrupt_share else "progressive"
     note = _abruptness_note(start, end, share, cfg)
     depths = drop_depths(summary, n_layers)
     return Convergence(

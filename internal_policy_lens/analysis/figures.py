@@ -38,10 +38,13 @@ class FigureReport:
     """Every file written (each figure as PNG and PDF)."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Figure name -> why it was not drawn (e.g. its sites were not analysed)."""
+    notes: list[str] = field(default_factory=list)
+    """Lines to print after them (``ipl compare``: the differences outside the intervals)."""
 
     def __str__(self) -> str:
         lines = [f"wrote {path}" for path in self.written]
         lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
+        lines += self.notes
         return "\n".join(lines)
 
 
@@ -200,6 +203,10 @@ def _compare(cfg: CompareConfig, runs: list[RunFolder]) -> tuple[FigureReport, p
     # Layer numbers stay integers beside a run without a suggested layer (not 6.0 and NaN).
     table = pd.DataFrame(rows).astype({"n_layers": "Int64", "suggested_layer": "Int64"})
     report.written.append(Folder(out).write_csv("convergence.csv", table))
+    if cfg.splits.split is not None or len(runs) > 1:
+        from .split_outputs import compare_splits
+
+        report.notes = compare_splits(cfg, runs, names)
     differences = run_differences(runs, names)
     for difference in differences:
         warnings.warn(difference, stacklevel=2)

@@ -9,6 +9,8 @@ token table held in memory.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -64,7 +66,9 @@ def delta_table(table: pd.DataFrame) -> pd.DataFrame:
     return out[list(DELTA_COLUMNS)].reset_index(drop=True)
 
 
-def summary_table(table: pd.DataFrame, deltas: pd.DataFrame | None = None) -> pd.DataFrame:
+def summary_table(
+    table: pd.DataFrame, deltas: pd.DataFrame | None = None, by: Sequence[str] = ()
+) -> pd.DataFrame:
     """Mean, std and count of entropy, delta and (with the extras) residual cosine per layer.
 
     Entropy per (layer, site), delta per (layer, module), cosine per layer and module; and
@@ -76,8 +80,24 @@ def summary_table(table: pd.DataFrame, deltas: pd.DataFrame | None = None) -> pd
     Returns columns ``quantity`` (``entropy``, ``delta``, ``cosine`` or a statistic), ``layer``,
     ``name`` (the site, the module, or ``attn``/``ffn`` for ``cos_attn``/``cos_ffn``), ``mean``,
     ``std``, ``count``. A cosine counts each (token, layer) once, not once per site.
+
+    ``by``: columns of ``table`` that hold one value per (sample, position), such as a split's
+    ``group`` (:mod:`~internal_policy_lens.analysis.splits`): one summary per value, those
+    columns first.
     """
+    return finish_summary(summary_moments(table, deltas, by), by)
+
+
+def summary_moments(
+    table: pd.DataFrame, deltas: pd.DataFrame | None = None, by: Sequence[str] = ()
+) -> pd.DataFrame:
+    """:func:`summary_table` before it is finished: ``by`` then ``MOMENT_COLUMNS``."""
+    by = list(by)
     deltas = delta_table(table) if deltas is None else deltas
+    if by and not set(by) <= set(deltas.columns):
+        columns = list(dict.fromkeys(["sample_id", "position", *by]))
+        tokens = table[columns].drop_duplicates(["sample_id", "position"])
+        deltas = deltas.merge(tokens, on=["sample_id", "position"])
     sources = [("entropy", table, "site", "entropy"), ("delta", deltas, "module", "delta")]
     for column in summarised(table.columns):
         low = STATISTICS[column].counted_from  # next_token_rank: -1 where no next token
@@ -88,68 +108,73 @@ def summary_table(table: pd.DataFrame, deltas: pd.DataFrame | None = None) -> pd
             ["sample_id", "position", "layer"]
         )
         cosines = per_layer.melt(
-            id_vars=["layer"], value_vars=list(COSINE_COLUMNS), var_name="module"
+            id_vars=[*by, "layer"], value_vars=list(COSINE_COLUMNS), var_name="module"
         ).dropna(subset=["value"])
         cosines["module"] = cosines["module"].str.removeprefix("cos_")
         sources.append(("cosine", cosines, "module", "value"))
     parts = []
-    for quantity, frame, by, value in sources:
+    for quantity, frame, name, value in sources:
         if frame.empty:
             continue
         values = frame[value].astype("float64")
-        grouped = values.groupby([frame["layer"], frame[by]], observed=True)
+        keys = [*(frame[c] for c in by), frame["layer"], frame[name]]
+        grouped = values.groupby(keys, observed=True)
         moments = grouped.agg(["count", "mean", "var"])
         moments["m2"] = moments.pop("var").fillna(0.0) * (moments["count"] - 1)
         moments = moments.reset_index()
-        moments.columns = ["layer", "name", "count", "mean", "m2"]
+        moments.columns = [*by, "layer", "name", "count", "mean", "m2"]
         moments["name"] = moments["name"].astype(str)
         parts.append(moments.assign(quantity=quantity))
     if not parts:
-        return pd.DataFrame(columns=list(SUMMARY_COLUMNS))
-    return finish_summary(pd.concat(parts, ignore_index=True)[list(MOMENT_COLUMNS)])
+        return pd.DataFrame(columns=[*by, *MOMENT_COLUMNS])
+    return pd.concat(parts, ignore_index=True)[[*by, *MOMENT_COLUMNS]]
 
 
-def merge_summaries(parts: list[pd.DataFrame]) -> pd.DataFrame:
+def merge_summaries(parts: list[pd.DataFrame], by: Sequence[str] = ()) -> pd.DataFrame:
     """The moments of several batches (``MOMENT_COLUMNS`` each) merged into a finished summary.
 
     Exact: the merged mean and ``m2`` are those of all the values together (float64), whatever
-    the batches (Chan, Golub and LeVeque's update, summed over the batches at once).
+    the batches (Chan, Golub and LeVeque's update, summed over the batches at once). ``by``:
+    further key columns of the parts (a split's ``group``), kept first.
     """
     parts = [p for p in parts if len(p)]
     if not parts:
-        return pd.DataFrame(columns=list(SUMMARY_COLUMNS))
+        return pd.DataFrame(columns=[*by, *SUMMARY_COLUMNS])
     frame = pd.concat(parts, ignore_index=True)
-    keys = ["quantity", "layer", "name"]
+    keys = [*by, "quantity", "layer", "name"]
     frame["weighted"] = frame["count"] * frame["mean"]
     total = frame.groupby(keys, sort=False)[["count", "weighted", "m2"]].sum()
     total["mean"] = total["weighted"] / total["count"]
     mean = frame.join(total["mean"].rename("grand"), on=keys)["grand"]
     frame["spread"] = frame["count"] * (frame["mean"] - mean) ** 2
     total["m2"] += frame.groupby(keys, sort=False)["spread"].sum()
-    return finish_summary(total.reset_index()[list(MOMENT_COLUMNS)])
+    return finish_summary(total.reset_index()[[*by, *MOMENT_COLUMNS]], by)
 
 
-def finish_summary(moments: pd.DataFrame) -> pd.DataFrame:
+def finish_summary(moments: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     """Moments -> ``SUMMARY_COLUMNS`` (std with one degree of freedom, NaN for one value).
 
-    Rows in a fixed order: quantities as first seen, then layer, then name (sites in
-    :data:`SITES` order, modules in :data:`MODULES` order).
+    Rows in a fixed order: ``by`` as first seen, quantities as first seen, then layer, then
+    name (sites in :data:`SITES` order, modules in :data:`MODULES` order).
     """
     out = moments.copy()
     out["count"] = out["count"].astype("int64")
     out["std"] = np.sqrt(out["m2"] / (out["count"] - 1)).where(out["count"] > 1)
-    order = {q: i for i, q in enumerate(dict.fromkeys(out["quantity"]))}
-    out = out.sort_values(["quantity", "layer", "name"], key=_ranked(order), kind="stable")
-    return out[list(SUMMARY_COLUMNS)].reset_index(drop=True)
+    seen = {c: {v: i for i, v in enumerate(dict.fromkeys(out[c]))} for c in (*by, "quantity")}
+    keys = [*by, "quantity", "layer", "name"]
+    out = out.sort_values(keys, key=_ranked(seen), kind="stable")
+    return out[[*by, *SUMMARY_COLUMNS]].reset_index(drop=True)
 
 
 _NAMES = {name: i for i, name in enumerate((*SITES, *MODULES))}
 
 
-def _ranked(order: dict):
+def _ranked(seen: dict[str, dict]):
+    """Sort keys: the columns of ``seen`` in their first-seen order, sites and modules by rank."""
+
     def key(column: pd.Series) -> pd.Series:
-        if column.name == "quantity":
-            return column.map(order)
+        if column.name in seen:
+            return column.map(seen[column.name])
         return column.map(_NAMES).fillna(len(_NAMES)) if column.name == "name" else column
 
     return key
