@@ -109,8 +109,17 @@ def _user_errors(resume_hint: str | None = None):
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
+        _close_bars()  # each ends its line, so the message starts on a line of its own
         typer.echo(f"interrupted{'; ' + resume_hint if resume_hint else ''}", err=True)
         raise typer.Exit(130) from None
+
+
+def _close_bars() -> None:
+    """Close the progress bars still open (a command interrupted inside a loop)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _check_device(device: str) -> None:
