@@ -298,7 +298,12 @@ def train_bupo(
     hint = f"checkpoints are kept in {cfg.out}/checkpoints/: rerun with --resume to continue"
     with _user_errors(hint):
         folder = run(cfg, progress=not quiet)
+    from .train.folder import training_summary
+
     typer.echo(f"training run in {folder}/ (metrics.jsonl, checkpoints/)")
+    summary = training_summary(folder)
+    if summary is not None:
+        typer.echo(summary)
 
 
 @app.command("eval")

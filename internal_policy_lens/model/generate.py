@@ -190,4 +190,5 @@ class GenerationBar(tqdm):
     def done(self, responses: int) -> None:
         """The current batch finished with ``responses`` responses."""
         self.steps = 0
+        self.set_postfix_str("", refresh=False)
         self.update(responses)
