@@ -41,10 +41,11 @@ class _RowSampler:
     ``generate`` takes exactly that token.
     """
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device):
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
         from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-        self.generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+        self.seeds = [int(s) for s in seeds]
+        self.generators: list[torch.Generator] = []  # made on the logits' device at step 1
         self.warpers = [TemperatureLogitsWarper(temperature)]
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
@@ -53,6 +54,8 @@ class _RowSampler:
         for warper in self.warpers:
             scores = warper(input_ids, scores)
         probs = scores.float().softmax(-1)  # [batch, vocab]
+        if not self.generators:  # a model split over devices gives logits on its last one
+            self.generators = [torch.Generator(probs.device).manual_seed(s) for s in self.seeds]
         race = torch.empty_like(probs)
         for row, generator in zip(race, self.generators):  # one stream per response
             row.exponential_(generator=generator)
@@ -106,7 +109,7 @@ def generate(
         seeds = [response_seed(0, i) for i in range(len(prompts))] if seeds is None else seeds
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
-        processors.append(_RowSampler(seeds, temperature, top_p, model.device))
+        processors.append(_RowSampler(seeds, temperature, top_p))
     if on_step is not None:
         processors.append(_EachStep(on_step))
     ids, mask = pad(prompts, tokenizer.pad_token_id, model.device, side="left")

@@ -47,11 +47,15 @@ def test_sampling_is_seeded(models):
     assert all(len(r) <= 10 for r in a)
 
 
-def test_a_response_depends_on_its_own_seed_only(models):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_response_depends_on_its_own_seed_only(models, tiny_dirs, device):
     # Each row draws from its own generator: a prompt's response is the same alone, in another
     # batch, at another row, or with another batch size (before the fix, one global seed per
     # batch made it depend on its neighbours).
-    model = models("llama")
+    if device == "cpu":
+        model = models("llama")
+    else:
+        model = load_model(tiny_dirs["llama"], dtype="float32", device=device)
     prompts = [model.tokenizer(t)["input_ids"] for t in TEXTS]
     sampling = dict(max_new_tokens=10, temperature=1.0, top_p=0.9)
     together = generate(model, prompts, seeds=[11, 12, 13], **sampling)
@@ -69,7 +73,7 @@ def test_row_sampler_draws_from_the_softmax():
     from internal_policy_lens.model.generate import _RowSampler
 
     logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(4000, 1)
-    sampler = _RowSampler(range(4000), temperature=1.0, top_p=1.0, device="cpu")
+    sampler = _RowSampler(range(4000), temperature=1.0, top_p=1.0)
     out = sampler(torch.zeros(4000, 1, dtype=torch.long), logits)
     chosen = out.argmax(-1)
     assert bool(((out == 0).sum(-1) == 1).all())  # one finite score per row: the greedy pick
@@ -77,7 +81,7 @@ def test_row_sampler_draws_from_the_softmax():
     # softmax([0, 1, 2]) = [0.090, 0.245, 0.665]; 4000 draws: sd < 0.008 each
     assert torch.allclose(freq, torch.tensor([0.090, 0.245, 0.665]), atol=0.03)
     # top-p 0.6 keeps only the most probable token (0.665 >= 0.6)
-    top = _RowSampler(range(50), temperature=1.0, top_p=0.6, device="cpu")
+    top = _RowSampler(range(50), temperature=1.0, top_p=0.6)
     assert top(torch.zeros(50, 1, dtype=torch.long), logits[:50]).argmax(-1).eq(2).all()
 
 
