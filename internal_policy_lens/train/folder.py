@@ -90,8 +90,11 @@ def training_summary(run: str | Path) -> str | None:
     metrics = pd.DataFrame(lines)
     window = max(1, len(metrics) // 4)
     first, last = metrics.iloc[:window], metrics.iloc[-window:]
+    one = len(metrics) == 1
     changes = [
-        f"{name} {first[column].mean():.3f} -> {last[column].mean():.3f}"
+        f"{name} {last[column].mean():.3f}"
+        if one
+        else f"{name} {first[column].mean():.3f} -> {last[column].mean():.3f}"
         for name, column in (("reward", "reward_mean"), ("accuracy", "accuracy"))
         if column in metrics and metrics[column].notna().any()
     ]
@@ -101,10 +104,9 @@ def training_summary(run: str | Path) -> str | None:
         phases.append(f"{_count(len(ipa), 'IPA step')} on layer {int(ipa['layer'].iloc[0])}")
     if len(ipa) < len(metrics):
         phases.append(_count(len(metrics) - len(ipa), "GRPO step"))
-    return (
-        f"{', '.join(changes)} (means of {_span(first)} and {_span(last)}; "
-        f"{', then '.join(phases)})"
-    )
+    when = _span(last) if one else f"{_span(first)} -> {_span(last)}"
+    when = f"means of {when}" if window > 1 else when
+    return f"{', '.join(changes)} ({when}; {', then '.join(phases)})"
 
 
 def _count(n: int, noun: str) -> str:

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from internal_policy_lens.cli import app
 from internal_policy_lens.config import EvalConfig
 from internal_policy_lens.train.evaluate import evaluate
+from internal_policy_lens.train.folder import training_summary
 
 runner = CliRunner()
 
@@ -109,7 +110,7 @@ def test_grpo_baseline_trains_no_layer_and_says_what_ran(tiny_dirs, data_file, t
     accuracy = [m["accuracy"] for m in metrics]
     assert (
         f"reward {reward[0]:.3f} -> {reward[1]:.3f}, accuracy {accuracy[0]:.3f} -> "
-        f"{accuracy[1]:.3f} (means of step 0 and step 1; 2 GRPO steps)"
+        f"{accuracy[1]:.3f} (step 0 -> step 1; 2 GRPO steps)"
     ) in result.output
     again = runner.invoke(app, list(map(str, args)))  # complete: nothing to do, same summary
     assert again.exit_code == 0 and "nothing to do" in again.output, again.output
@@ -140,3 +141,21 @@ def test_eval_bar_is_labelled_and_counts_agree(tiny_dirs, problems, tmp_path):
     assert "1 problem, 1 sample each" in result.output
     bars = result.output.replace("\r", "\n").splitlines()
     assert any(line.startswith("eval: ") and "resp" in line for line in bars)
+
+
+def test_training_summary_of_a_bupo_run(tmp_path):
+    # Means over the first and the last quarter of the steps (2 of 8): hand-worked below.
+    rewards = [0.1, 0.3, 0.2, 0.4, 0.5, 0.5, 0.6, 0.8]
+    accuracies = [0.0, 0.2, 0.1, 0.3, 0.4, 0.4, 0.5, 0.7]
+    rows = [
+        {"step": s, "phase": "ipa" if s < 3 else "grpo", "layer": 5 if s < 3 else None}
+        | {"reward_mean": r, "accuracy": a}
+        for s, (r, a) in enumerate(zip(rewards, accuracies))
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # reward (0.1 + 0.3) / 2 = 0.2 -> (0.6 + 0.8) / 2 = 0.7; accuracy 0.1 -> 0.6
+    assert training_summary(tmp_path) == (
+        "reward 0.200 -> 0.700, accuracy 0.100 -> 0.600 (means of steps 0-1 -> steps 6-7; "
+        "3 IPA steps on layer 5, then 5 GRPO steps)"
+    )
+    assert training_summary(tmp_path / "none") is None
