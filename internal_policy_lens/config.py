@@ -123,7 +123,8 @@ class GenerationConfig:
     samples_per_prompt: int = option(1, flags=("-n", "--samples-per-prompt"), min=1)
     """Responses per prompt; with more than one, sample ids become '<id>:<k>'."""
     seed: int = 0
-    """Seed of the sampler; each generation batch is seeded from it and its index."""
+    """Seed of the sampler; each response is seeded from it, its record's id and its sample
+    number, so it does not depend on the batch it is generated in."""
     batch_size: int = option(32, flags=("--gen-batch-size",), min=1)
     """Prompts per generation batch."""
 

@@ -109,8 +109,9 @@ def test_layer_auto_says_which_layer_and_why(caplog):
     caplog.set_level("INFO", logger="internal_policy_lens")
     layer = auto_layer(cfg, model, n=4)
     said = [r.getMessage() for r in caplog.records if "--layer auto" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith(f"--layer auto: layer {layer} (0-based)")
-    assert "FFN entropy change > tau" in said[0] and "first 4 training prompts" in said[0]
+    assert len(said) == 2 and said[0].startswith("--layer auto: choosing layer k")  # before
+    assert said[1].startswith(f"--layer auto: layer {layer} (0-based)")
+    assert "FFN entropy change > tau" in said[1] and "first 4 training prompts" in said[1]
 
 
 def test_position_defaults_of_entropy_table_and_ipl_entropy_are_explained():

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import ConvergenceConfig, EntropyConfig, derive_seed
+from ..config import ConvergenceConfig, EntropyConfig
 from ..data.encode import Encoded, encode_inputs, encode_prompt
 from ..data.records import read_records, write_records_jsonl
 from ..folders import Folder, FolderState, folder_state, now, sha256, versions
@@ -40,7 +40,7 @@ from ..lens.sites import parse_layers, resolve_layers, resolve_sites
 from ..lens.tuned import check_lens_path, lens_facts, make_lens
 from ..lens.unembed import Lens
 from ..model.files import config_layers
-from ..model.generate import generate_texts
+from ..model.generate import SEEDING, GenerationBar, generate_texts, response_seed
 from ..model.load import PolicyModel, load_model
 from ..runs.io import RunFolder
 from ..runs.shard import (
@@ -141,7 +141,7 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         cfg.generation.samples_per_prompt
     )
     with writer_lock(folder, shard):
-        info = start_folder(out, state, facts)
+        info = start_folder(out, state, facts, shard)
         records = ensure_responses(model, records, cfg, out, progress, shard)
         batches, truncated, passes = _analyse(model, lens, records, cfg, out, progress, shard)
         if shard is not None:
@@ -204,8 +204,9 @@ def describe(run: EntropyRun) -> str:
     tau = ConvergenceConfig().tau  # the stages' and ipl suggest-layer's threshold
     widening = ffn[ffn["mean"] > tau]["layer"].tolist()
     final_text = f"{final.iloc[0]:.3f} nats" if len(final) else "n/a (site not analysed)"
+    samples = f"{run.info['samples']} sample{'s' if run.info['samples'] != 1 else ''}"
     text = (
-        f"Wrote {run.info['rows']:,} rows for {run.info['samples']} samples to {run.out}/ "
+        f"Wrote {run.info['rows']:,} rows for {samples} to {run.out}/ "
         f"({'topk.parquet, ' if run.info['config'].get('topk') else ''}tokens.parquet, "
         "deltas.parquet, "
         f"summary.csv, responses.jsonl, run.json, report.html). "
@@ -270,38 +271,45 @@ def _facts(cfg: EntropyConfig, model: PolicyModel, lens: Lens, identity: dict) -
         "lens": lens_facts(lens),
         # Every statistic the tables hold: its unit and definition.
         "statistics": statistic_facts(cfg.request),
+        # How records without a response get one (cfg.generation holds the settings).
+        "seeding": SEEDING,
         "versions": versions(),
     }
 
 
 def ensure_responses(model, records, cfg, out, progress, shard: Shard | None) -> list[dict]:
-    """Generate the missing responses batch by batch (a shard's own first); responses.jsonl."""
+    """Generate the missing responses batch by batch (a shard's own first); responses.jsonl.
+
+    Response k to a record is seeded from (seed, the record's id, k) (see
+    :func:`~internal_policy_lens.model.generate.response_seed`), whatever batch it falls in.
+    """
     gen = cfg.generation
     todo = [(r, k) for r in records if r["response"] is None for k in range(gen.samples_per_prompt)]
     done = {}
     if todo:
         folder = out / "generation"
         folder.mkdir(exist_ok=True)
-        bar = tqdm(total=len(todo), desc="generate", unit="resp", disable=not progress)
-        for number in work_order(-(-len(todo) // gen.batch_size), shard):
-            index = number * gen.batch_size
-            batch = todo[index : index + gen.batch_size]
-            part = folder / f"part-{number:05d}.json"
-            if not part.is_file():
-                prompts = [encode_prompt(model.tokenizer, r["prompt"]) for r, _ in batch]
-                texts = generate_texts(
-                    model,
-                    prompts,
-                    max_new_tokens=gen.max_new_tokens,
-                    temperature=gen.temperature,
-                    top_p=gen.top_p,
-                    seed=derive_seed(gen.seed, number),
-                )
-                Folder(folder).write_json(part.name, texts)
-            for (record, k), text in zip(batch, json.loads(part.read_text())):
-                done[record["sample_id"], k] = text
-            bar.update(len(batch))
-        bar.close()
+        bar = GenerationBar(len(todo), gen.max_new_tokens, desc="generate", disable=not progress)
+        with bar:  # closed (its line ended) however the loop ends, Ctrl-C included
+            for number in work_order(-(-len(todo) // gen.batch_size), shard):
+                index = number * gen.batch_size
+                batch = todo[index : index + gen.batch_size]
+                part = folder / f"part-{number:05d}.json"
+                if not part.is_file():
+                    prompts = [encode_prompt(model.tokenizer, r["prompt"]) for r, _ in batch]
+                    texts = generate_texts(
+                        model,
+                        prompts,
+                        max_new_tokens=gen.max_new_tokens,
+                        temperature=gen.temperature,
+                        top_p=gen.top_p,
+                        seeds=[response_seed(gen.seed, r["sample_id"], k) for r, k in batch],
+                        on_step=bar.step,
+                    )
+                    Folder(folder).write_json(part.name, texts)
+                for (record, k), text in zip(batch, json.loads(part.read_text())):
+                    done[record["sample_id"], k] = text
+                bar.done(len(batch))
     result = []
     for r in records:
         if r["response"] is not None:

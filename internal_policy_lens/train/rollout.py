@@ -13,7 +13,7 @@ from ..lens.logprob import lens_logprobs, logprobs
 from ..lens.reduce import site_stats
 from ..lens.unembed import Lens
 from ..model.batch import pad, position_ids
-from ..model.generate import generate
+from ..model.generate import generate, response_seed
 from ..model.load import PolicyModel
 from .loss import group_advantages
 
@@ -60,7 +60,8 @@ def collect(
 ) -> RolloutBatch:
     """Sample ``group_size`` responses per record from the full model and score them.
 
-    ``reward(text, answer)`` scores a response against its record's answer.
+    ``reward(text, answer)`` scores a response against its record's answer. Response k to
+    the j-th record is seeded with ``response_seed(seed, j, k)``.
     """
     tokenizer = model.tokenizer
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in records for _ in range(group_size)]
@@ -70,7 +71,7 @@ def collect(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
-        seed=seed,
+        seeds=[response_seed(seed, j, k) for j in range(len(records)) for k in range(group_size)],
     )
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     answers = [r["answer"] for r in records for _ in range(group_size)]

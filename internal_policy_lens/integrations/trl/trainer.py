@@ -108,7 +108,7 @@ class BupoGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with BuPO's phases: IPA on layer k, then GRPO.
 
     Args:
-        layer: internal layer k (0-based).
+        layer: internal layer k (0-based); None when ``iterative_steps`` is 0 (plain GRPO).
         iterative_steps: s_inter, in rollout steps (generations), as in the built-in loop. The
             IPA phase lasts ``iterative_steps * steps_per_rollout`` optimiser steps, where
             ``steps_per_rollout = steps_per_generation * num_iterations /
@@ -117,7 +117,7 @@ class BupoGRPOTrainer(GRPOTrainer):
         *args, **kwargs: as for ``trl.GRPOTrainer``.
     """
 
-    def __init__(self, *args, layer: int, iterative_steps: int, lens: str = "raw", **kwargs):
+    def __init__(self, *args, layer: int | None, iterative_steps: int, lens: str = "raw", **kwargs):
         check_trl_contract()
         self.layer, self.iterative_steps, self.lens = layer, iterative_steps, lens
         super().__init__(*args, **kwargs)
@@ -130,8 +130,9 @@ class BupoGRPOTrainer(GRPOTrainer):
         self.steps_per_rollout = window // self.args.gradient_accumulation_steps
         if iterative_steps and self.args.off_policy_mask_threshold is not None:
             raise ValueError("off_policy_mask_threshold compares with the sampler; off for IPA")
-        with internal_policy(self.accelerator.unwrap_model(self.model), layer, lens):
-            pass  # checks the architecture and the layer before any step
+        if iterative_steps:
+            with internal_policy(self.accelerator.unwrap_model(self.model), layer, lens):
+                pass  # checks the architecture and the layer before any step
 
     @property
     def in_ipa(self) -> bool:
