@@ -80,17 +80,18 @@ class LensSettings:
     precision: str = "auto"
     """``exact`` (float32 products and reductions; float64 for a float64 model), ``fast``
     (products in bf16, or the model's fp16, where the device runs them natively, else in
-    float32; reductions in float32; several times faster on CPUs with bf16 instructions, errors
-    of a few hundredths of a nat) or ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``).
+    float32; reductions in float32; faster where bf16 is native, as measured in the README's
+    Performance of the reductions; errors of a few hundredths of a nat) or ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``).
     ``run.json`` records the dtypes chosen and why."""
     chunk_tokens: int = option(1024, min=1)
     """Logits rows formed at once (the rows of every site of a chunk of tokens, stacked)."""
     capture_mb: float = option(512, min=0.0)
-    """Bound (MiB) on the captured site vectors held at once; above it the layers are taken in
-    groups, one forward pass per group (same tables, more forward passes)."""
+    """Bound (MiB) on the captured site rows held at once: they are reduced whenever they reach
+    it, during the one forward pass (same tables whatever the bound)."""
     attention_mb: float = option(256, min=0.0)
-    """Bound (MiB, float32) on one layer's attention scores; above it the decoder runs over blocks
-    of positions with a key/value cache (same tables up to float rounding)."""
+    """Bound (MiB, float32) on one layer's attention scores under eager attention; above it the
+    decoder runs over blocks of positions with a key/value cache (same tables up to float
+    rounding). sdpa attention forms no scores and ignores it."""
 
     def update(self, **given) -> LensSettings:
         """A copy with the fields that are given (not None) replaced."""
