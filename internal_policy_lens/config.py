@@ -81,8 +81,8 @@ class LensSettings:
     """``exact`` (float32 products and reductions; float64 for a float64 model), ``fast``
     (products in bf16, or the model's fp16, where the device runs them natively, else in
     float32; reductions in float32; faster where bf16 is native, as measured in the README's
-    Performance of the reductions; errors of a few hundredths of a nat) or ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``).
-    ``run.json`` records the dtypes chosen and why."""
+    Performance of the reductions; errors of a few hundredths of a nat) or ``auto`` (``fast``
+    for a bf16/fp16 model, else ``exact``). ``run.json`` records the dtypes chosen and why."""
     chunk_tokens: int = option(1024, min=1)
     """Logits rows formed at once (the rows of every site of a chunk of tokens, stacked)."""
     capture_mb: float = option(512, min=0.0)

@@ -10,7 +10,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .plots import SITE_COLOURS, TEXT_WIDTH, _figure, _layer_axis, _legend, _styled
+from .plots import SITE_COLOURS, TEXT_WIDTH, figure_legend, layer_axis, new_figure, styled
 
 _PANELS = (
     ("entropy", "resid_post", "H(resid_post) (nats)"),
@@ -25,7 +25,7 @@ DIFF_PANELS = (
 )
 
 
-@_styled
+@styled
 def split_curves(summary: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Per group, mean H(resid_post) and FFN ΔH per layer, with ``ci_low``/``ci_high`` bands.
 
@@ -39,7 +39,7 @@ def split_curves(summary: pd.DataFrame, *, title: str | None = None) -> Figure:
         raise ValueError("the split's summary has no resid_post entropy and no FFN change")
     groups = list(dict.fromkeys(summary["group"]))
     colours = dict(zip(groups, sns.color_palette("colorblind", len(groups))))
-    fig, axes = _figure(TEXT_WIDTH, 2.6, ncols=len(panels))
+    fig, axes = new_figure(TEXT_WIDTH, 2.6, ncols=len(panels))
     for ax, (quantity, name, label) in zip(axes, panels):
         for group in groups:
             rows = summary[
@@ -51,20 +51,21 @@ def split_curves(summary: pd.DataFrame, *, title: str | None = None) -> Figure:
                     rows.layer, rows.ci_low, rows.ci_high, color=colours[group], alpha=0.2, lw=0
                 )
         ax.set_ylabel(label)
-        _layer_axis(ax)
+        layer_axis(ax)
     if title:
         fig.suptitle(title)
-    _legend(fig, axes[0], "group (bands: 95% intervals over resampled responses)", len(groups))
+    legend = "group (bands: 95% intervals over resampled responses)"
+    figure_legend(fig, axes[0], legend, len(groups))
     return fig
 
 
-@_styled
+@styled
 def diff_panels(table: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Per site, the diff's measures against layer (``diff.csv``: layer, site, the measures)."""
     sites = [s for s in SITE_COLOURS if s in set(table.site) and s != "final"]
     if not sites:
         raise ValueError("the diff has no site other than final to draw against layer")
-    fig, axes = _figure(TEXT_WIDTH, 2.2, ncols=len(DIFF_PANELS))
+    fig, axes = new_figure(TEXT_WIDTH, 2.2, ncols=len(DIFF_PANELS))
     for ax, (column, label) in zip(axes, DIFF_PANELS):
         for site in sites:
             rows = table[table.site == site].sort_values("layer")
@@ -73,8 +74,8 @@ def diff_panels(table: pd.DataFrame, *, title: str | None = None) -> Figure:
         if len(final):
             ax.plot(final.layer, final[column], "*", color=SITE_COLOURS["final"], label="final")
         ax.set_title(label)
-        _layer_axis(ax)
+        layer_axis(ax)
     if title:
         fig.suptitle(title)
-    _legend(fig, axes[0], "site", len(sites) + 1)
+    figure_legend(fig, axes[0], "site", len(sites) + 1)
     return fig

@@ -17,7 +17,7 @@ import pandas as pd
 from ..config import CompareConfig, ConvergenceConfig, SplitConfig, SplitRunConfig
 from ..folders import Folder
 from ..runs.io import RunFolder, open_run
-from .figures import save_figure
+from .files import save_figure
 from .split_figures import split_curves
 from .splits import split_run
 from .uncertainty import Resampled, differences, resample, run_seed
