@@ -62,12 +62,21 @@ def read_config(path: Path) -> dict:
 
 def config_layers(name_or_path: str | os.PathLike, revision: str | None = None) -> int | None:
     """The model's decoder layer count read from its config.json alone; None if not at hand."""
+    return _config_int(name_or_path, revision, LAYER_FIELDS)
+
+
+def config_vocab(name_or_path: str | os.PathLike, revision: str | None = None) -> int | None:
+    """The model's vocabulary size read from its config.json alone; None if not at hand."""
+    return _config_int(name_or_path, revision, ("vocab_size",))
+
+
+def _config_int(name_or_path, revision: str | None, fields: tuple[str, ...]) -> int | None:
     path = local_config(name_or_path, revision)
     if path is None:
         return None
     config = read_config(path)
     for part in (config, config.get("text_config") or {}):
-        for name in LAYER_FIELDS:
+        for name in fields:
             if isinstance(part.get(name), int):
                 return part[name]
     return None
