@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..config import ConvergenceConfig, EntropyConfig
-from ..data.encode import Encoded, encode_inputs, encode_prompt
+from ..data.encode import Encoded, encode_inputs, encode_prompt, unknown_tokens
 from ..data.records import read_records, write_records_jsonl
 from ..folders import Folder, FolderState, folder_state, now, sha256, versions
 from ..lens.capture import site_keys
@@ -360,6 +360,14 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
     """
     limit = cfg.max_length or model.max_length
     encoded = encode_inputs(model.tokenizer, records)
+    unknown, holding = unknown_tokens(model.tokenizer, encoded)
+    if unknown:
+        warnings.warn(
+            f"{unknown} tokens in {holding} of {len(encoded)} sequences are the tokenizer's "
+            f"unknown token {model.tokenizer.unk_token!r}: characters its vocabulary lacks, "
+            "which the model reads as that one token",
+            stacklevel=2,
+        )
     truncated = sum(len(e.input_ids) > limit for e in encoded)
     if truncated:
         warnings.warn(

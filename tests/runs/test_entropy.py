@@ -140,6 +140,21 @@ def test_topk_beyond_the_vocabulary_is_clamped_and_recorded(tiny_dirs, tmp_path,
     assert again.exit_code == 0 and "Nothing to do" in again.output, again.output
 
 
+def test_characters_outside_the_vocabulary_are_counted_in_a_warning(tiny_dirs, tmp_path):
+    rows = _simple(True)
+    rows[0]["response"] = "2×3 = 6 ✓"  # two characters the character tokenizer lacks
+    rows[2]["problem"] = "Compute 6·7."
+    data = _write(rows, tmp_path / "data.jsonl")
+    args = ["--model", tiny_dirs["qwen2"], "--data", data, "--out", tmp_path / "run", "--topk", 0]
+    with pytest.warns(UserWarning, match="unknown token") as seen:
+        result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    [warning] = [w for w in seen if "unknown token" in str(w.message)]
+    assert str(warning.message).startswith(
+        "3 tokens in 2 of 3 sequences are the tokenizer's unknown token '<|unk|>'"
+    )
+
+
 def test_benchmark_layout_norm_lens_extras_and_reuse(tiny_dirs, tmp_path):
     data = _write(BENCH, tmp_path / "bench.jsonl")
     out = tmp_path / "run"
