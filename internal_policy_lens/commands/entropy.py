@@ -39,7 +39,7 @@ from ..lens.capture import site_keys
 from ..lens.sites import parse_layers, resolve_layers, resolve_sites
 from ..lens.tuned import check_lens_path, lens_facts, make_lens
 from ..lens.unembed import Lens
-from ..model.files import config_layers, config_vocab
+from ..model.files import check_out_outside_model, config_layers, config_vocab
 from ..model.generate import SEEDING, GenerationBar, generate_texts, response_seed
 from ..model.load import PolicyModel, load_model
 from ..runs.io import RunFolder
@@ -116,6 +116,7 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         parse_layers(cfg.layers)
     cfg = fit_topk(cfg, config_vocab(cfg.model, cfg.revision) or _recorded_vocab(cfg))
     shard = resolve_shard(cfg.shard)
+    check_out_outside_model(cfg.out, cfg.model)
     folder = RunFolder(cfg.out).check_writable()
     records = read_records(cfg.data, max_samples=cfg.max_samples)
     data_sha256 = sha256(cfg.data)

@@ -82,6 +82,24 @@ def _config_int(name_or_path, revision: str | None, fields: tuple[str, ...]) -> 
     return None
 
 
+def check_out_outside_model(out: str | os.PathLike, name_or_path: str | os.PathLike) -> None:
+    """Refuse an output folder inside the model's own folder (results among the weights).
+
+    A bundled model's folder lies inside the installed package; a hub name or a single file
+    (GGUF) has no folder to protect.
+    """
+    name = str(name_or_path)
+    folder = bundled_model_path(name) if name in BUNDLED_MODELS else Path(name).expanduser()
+    if not folder.is_dir():
+        return
+    folder, target = folder.resolve(), Path(out).expanduser().resolve()
+    if target == folder or folder in target.parents:
+        raise ModelFileError(
+            f"{out}: inside the model's folder {folder} (results would mix with the weights); "
+            "choose an --out outside it"
+        )
+
+
 def check_weights(folder: Path) -> None:
     """Open every ``*.safetensors`` file's header; a corrupt or truncated one is one line."""
     from safetensors import safe_open
