@@ -138,7 +138,7 @@ class EntropyConfig:
     """Hub name, local folder, .gguf file or bundled model (``ipl models`` lists them)."""
     data: str = option(factory=lambda: str(bundled_data()), path=True)
     """JSONL, Parquet or CSV records (default: 100 bundled held-out arithmetic problems)."""
-    out: str = option("runs/entropy", path=True)
+    out: str = option("runs/demo", path=True)
     """Run folder."""
     lens: str = LensSettings.lens
     """``raw`` (the paper's definition, no final norm), ``norm`` (logit lens) or ``tuned``."""

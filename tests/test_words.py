@@ -131,3 +131,24 @@ def test_make_tiny_lists_exactly_the_families_of_ipl_models():
     families = [row for row in rows if len(row) == 3]
     assert [row[0].strip() for row in families] == [f.name for f in FAMILIES]
     assert sorted(row[2] for row in families) == sorted(listed)  # one each, none left over
+
+
+def test_the_readme_names_the_default_run_folder_of_ipl_entropy():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    main_job = r"`ipl entropy` with no `--model` or `--data`.*?writes\s+`([^`]+)/`"
+    said = re.search(main_job, readme, re.S)
+    assert said is not None
+    assert said.group(1) == EntropyConfig().out
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    run = re.search(r"^run:.*\n\t(.*)$", makefile, re.M).group(1)
+    assert run.split() == ["$(VENV)/bin/ipl", "entropy"]  # make run writes that same folder
+
+
+def test_make_test_uses_both_cores_and_test_quick_skips_the_slow_tests():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    pytest_lines = {
+        target: re.search(rf"^{target}:.*\n(?:\t.*\n)*?\t(.*pytest.*)$", makefile, re.M).group(1)
+        for target in ("test", "test-quick")
+    }
+    assert pytest_lines["test"].split()[1:] == ["-q", "-n", "2"]
+    assert pytest_lines["test-quick"].split()[1:] == ["-q", "-n", "2", "-m", '"not', 'slow"']

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,14 +32,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..config import ConvergenceConfig, EntropyConfig
-from ..data.encode import Encoded, encode_inputs, encode_prompt
+from ..data.encode import Encoded, encode_inputs, encode_prompt, unknown_tokens
 from ..data.records import read_records, write_records_jsonl
 from ..folders import Folder, FolderState, folder_state, now, sha256, versions
 from ..lens.capture import site_keys
 from ..lens.sites import parse_layers, resolve_layers, resolve_sites
 from ..lens.tuned import check_lens_path, lens_facts, make_lens
 from ..lens.unembed import Lens
-from ..model.files import config_layers
+from ..model.files import check_out_outside_model, config_layers, config_vocab
 from ..model.generate import SEEDING, GenerationBar, generate_texts, response_seed
 from ..model.load import PolicyModel, load_model
 from ..runs.io import RunFolder
@@ -114,10 +114,13 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         resolve_layers(cfg.layers, n_layers)
     elif isinstance(cfg.layers, str):
         parse_layers(cfg.layers)
+    cfg = fit_topk(cfg, config_vocab(cfg.model, cfg.revision) or _recorded_vocab(cfg))
     shard = resolve_shard(cfg.shard)
+    check_out_outside_model(cfg.out, cfg.model)
     folder = RunFolder(cfg.out).check_writable()
     records = read_records(cfg.data, max_samples=cfg.max_samples)
-    identity = {**cfg.identity(), "data_sha256": sha256(cfg.data)}
+    data_sha256 = sha256(cfg.data)
+    identity = {**cfg.identity(), "data_sha256": data_sha256}
     state, old = _folder_state(cfg, identity)  # another configuration's run is refused here
     if state is FolderState.COMPLETE:
         return _reused(folder, old)
@@ -130,6 +133,12 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         progress=progress,
         gguf_file=cfg.gguf_file,
     )
+    if cfg.topk > model.vocab_size:  # no config.json was at hand (a GGUF file, a hub name)
+        cfg = fit_topk(cfg, model.vocab_size)
+        identity = {**cfg.identity(), "data_sha256": data_sha256}
+        state, old = _folder_state(cfg, identity)
+        if state is FolderState.COMPLETE:
+            return _reused(folder, old)
     keys = site_keys(model, cfg.sites, cfg.layers)
     # The run's one lens: its precision, unembedding cast and lens folder serve every batch.
     lens = make_lens(model, cfg.settings)
@@ -149,6 +158,18 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         # The decoder's forward passes of each batch this process analysed.
         info.update(samples=len(records), truncated=truncated, forward_passes=passes)
         return finish_run(out, info, batches, cfg.topk > 0)
+
+
+def fit_topk(cfg: EntropyConfig, vocab_size: int | None) -> EntropyConfig:
+    """``cfg`` with ``topk`` at most the vocabulary (run.json records the K used), said once."""
+    if vocab_size is None or cfg.topk <= vocab_size:
+        return cfg
+    warnings.warn(
+        f"--topk {cfg.topk} is more than the model's {vocab_size}-token vocabulary; "
+        f"using --topk {vocab_size}",
+        stacklevel=2,
+    )
+    return replace(cfg, topk=vocab_size)
 
 
 @contextlib.contextmanager
@@ -235,6 +256,16 @@ def _folder_state(cfg: EntropyConfig, identity: dict) -> tuple[FolderState, dict
         force=cfg.force,
     )
     return state, old
+
+
+def _recorded_vocab(cfg: EntropyConfig) -> int | None:
+    """The vocabulary size that ``cfg.out``'s run.json records for the same model, if any.
+
+    A GGUF file or a hub name has no config.json to read it from before the model loads.
+    """
+    record = Path(cfg.out) / "run.json"
+    model = json.loads(record.read_text()).get("model", {}) if record.is_file() else {}
+    return model.get("vocab_size") if model.get("name_or_path") == cfg.model else None
 
 
 def _reused(folder: RunFolder, info: dict) -> EntropyRun:
@@ -330,6 +361,14 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
     """
     limit = cfg.max_length or model.max_length
     encoded = encode_inputs(model.tokenizer, records)
+    unknown, holding = unknown_tokens(model.tokenizer, encoded)
+    if unknown:
+        warnings.warn(
+            f"{unknown} tokens in {holding} of {len(encoded)} sequences are the tokenizer's "
+            f"unknown token {model.tokenizer.unk_token!r}: characters its vocabulary lacks, "
+            "which the model reads as that one token",
+            stacklevel=2,
+        )
     truncated = sum(len(e.input_ids) > limit for e in encoded)
     if truncated:
         warnings.warn(

@@ -24,6 +24,7 @@ from ..config import MODEL_LENSES, BupoConfig, derive_seed
 from ..data.answers import math_reward
 from ..data.records import read_records
 from ..folders import Folder
+from ..model.files import check_out_outside_model
 from ..model.load import PolicyModel, load_model
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .folder import append_metrics, start_training
@@ -54,6 +55,7 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
             f"lens '{cfg.lens}' cannot train pi^k (a tuned lens's translators are not part of the "
             f"model); use --lens {' or --lens '.join(MODEL_LENSES)}"
         )
+    check_out_outside_model(cfg.out, cfg.model)
     folder = Folder(cfg.out).check_writable()  # before any work
     check_layer(cfg)
     if training_complete(cfg):

@@ -113,6 +113,48 @@ def test_topk_option(tiny_dirs, models, tmp_path, k):
     assert len(topk) == k * len(tokens)
 
 
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+def test_topk_beyond_the_vocabulary_is_clamped_and_recorded(tiny_dirs, tmp_path, source):
+    if source == "folder":  # the vocabulary is read from config.json before the model loads
+        model = tiny_dirs["qwen2"]
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    else:  # a GGUF file has no config.json: the loaded model's vocabulary decides
+        pytest.importorskip("gguf")
+        from tiny_gguf import random_model, write_gguf
+
+        model = tmp_path / "tiny.gguf"
+        write_gguf(random_model("qwen2"), model, "qwen2")
+        vocab = None
+    data = _write(_simple(True), tmp_path / "data.jsonl")
+    args = ["--model", model, "--data", data, "--out", tmp_path / "run", "--topk", 500]
+    with pytest.warns(UserWarning, match=r"--topk 500 is more than the model's \d+-token") as seen:
+        result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    vocab = vocab or info["model"]["vocab_size"]
+    assert info["config"]["topk"] == vocab < 500
+    assert f"using --topk {vocab}" in str(seen[0].message)
+    topk = pd.read_parquet(tmp_path / "run" / "topk.parquet")
+    assert topk["rank"].max() == vocab  # ranks count from 1
+    again = _invoke(*args)  # the same command finds its run complete
+    assert again.exit_code == 0 and "Nothing to do" in again.output, again.output
+
+
+def test_characters_outside_the_vocabulary_are_counted_in_a_warning(tiny_dirs, tmp_path):
+    rows = _simple(True)
+    rows[0]["response"] = "2×3 = 6 ✓"  # two characters the character tokenizer lacks
+    rows[2]["problem"] = "Compute 6·7."
+    data = _write(rows, tmp_path / "data.jsonl")
+    args = ["--model", tiny_dirs["qwen2"], "--data", data, "--out", tmp_path / "run", "--topk", 0]
+    with pytest.warns(UserWarning, match="unknown token") as seen:
+        result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    [warning] = [w for w in seen if "unknown token" in str(w.message)]
+    assert str(warning.message).startswith(
+        "3 tokens in 2 of 3 sequences are the tokenizer's unknown token '<|unk|>'"
+    )
+
+
 def test_benchmark_layout_norm_lens_extras_and_reuse(tiny_dirs, tmp_path):
     data = _write(BENCH, tmp_path / "bench.jsonl")
     out = tmp_path / "run"

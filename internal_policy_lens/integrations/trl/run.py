@@ -20,6 +20,7 @@ from trl import GRPOConfig
 
 from ...config import BupoConfig
 from ...folders import Folder
+from ...model.files import check_out_outside_model
 from ...model.load import load_causal_lm, load_model
 from ...train.checkpoint import checkpoint_step
 from ...train.folder import append_metrics, start_training
@@ -81,6 +82,7 @@ def train_bupo_trl(
             f"choose it with CUDA_VISIBLE_DEVICES={cfg.device[5:]} and --device cuda"
         )
     out = Path(cfg.out)
+    check_out_outside_model(out, cfg.model)
     folder = Folder(out).check_writable()  # before any work
     check_layer(cfg)
     records = training_records(cfg)
