@@ -5,6 +5,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import ipl_command, write_questions
@@ -345,3 +346,28 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dirs, tmp_path):
     assert not topk.duplicated(["sample_id", "position", "layer", "site", "rank"]).any()
     assert len(topk) == 5 * len(pd.read_parquet(out / "tokens.parquet"))
     assert (out / "responses.jsonl").read_text() == (full / "responses.jsonl").read_text()
+
+
+def test_a_batch_with_no_kept_row_leaves_a_complete_run(tiny_dirs, tmp_path):
+    # The first record's response is cut away entirely by --max-length, alone in its batch: its
+    # empty columns are typed, the tables' columns stay numeric and the figures and the report
+    # are made before the run is complete.
+    long_prompt = "Add the numbers " + " ".join(str(i) for i in range(40)) + "."
+    records = [
+        {"sample_id": 0, "prompt": long_prompt, "response": "780"},
+        {"sample_id": 1, "prompt": "2+3?", "response": "2+3 = 5"},
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    args = ["entropy", "--model", str(tiny_dirs["qwen2"]), "--data", str(data), "--out", str(out)]
+    args += ["--max-length", "24", "--batch-size", "1", "--extras", "--quiet"]
+    with pytest.warns(UserWarning, match="longer than 24 tokens"):
+        result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "complete"
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    assert set(tokens["sample_id"]) == {1}
+    assert tokens["entropy"].dtype == np.float32 and tokens["next_token_rank"].dtype == np.int64
+    assert (out / "report.html").is_file() and (out / "figures" / "entropy_flow.png").is_file()
