@@ -72,7 +72,7 @@ class LensSettings:
     """How site vectors become statistics; travels as one object from a run to the reductions."""
 
     lens: str = option("raw", choices=lens_descriptions)
-    """How a site vector becomes a policy."""
+    """How a site vector becomes a policy (a lens that reads translators: see ``lens_path``)."""
     lens_path: str | None = None
     """Folder of the tuned lens (written by ``ipl fit-lens``, or the tuned-lens package's
     ``config.json`` + ``params.pt``); default for a bundled model: the lens shipped with it."""

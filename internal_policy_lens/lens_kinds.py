@@ -17,13 +17,23 @@ descriptions); the methods that compute receive tensors and modules.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from .lens.unembed import Lens
+
+class Lens(Protocol):
+    """What a kind reads of the :class:`~internal_policy_lens.lens.unembed.Lens` it serves."""
+
+    norm: Callable[[Tensor], Tensor]
+    """The model's final norm."""
+    translators: dict[tuple[str, int], tuple[Tensor, Tensor]]
+    """The translators ``(A, b)`` by (site, layer), for a kind that reads a lens folder."""
+
+    def translator(self, site: str, layer: int | None) -> tuple[Tensor, Tensor] | None:
+        """The translator reading ``site`` at ``layer`` (None where there is none)."""
 
 LENSES: dict[str, type[LensKind]] = {}
 """The registered lens kinds by name, in registration order (raw, norm, tuned, then any other)."""
