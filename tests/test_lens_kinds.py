@@ -113,7 +113,8 @@ def test_a_new_lens_is_one_class_and_its_registration(scaled, models, tiny_dirs)
     assert not np.allclose(raw["entropy"], table[table["site"] == "resid_post"]["entropy"])
     # The plots order it after the lenses registered before it.
     names = ["scaled", "x", "tuned", "raw"]
-    frame = pd.DataFrame({"layer": 0, "site": "resid_post", "lens": names, "kl_to_final": 1.0})
+    frame = pd.DataFrame({"layer": 0, "site": "resid_post", "lens": names})
+    frame["kl_final_internal"] = 1.0
     drawn = [line.get_label() for line in lens_quality(frame).axes[0].get_lines()]
     assert drawn == ["raw", "tuned", "scaled", "x"]
 
