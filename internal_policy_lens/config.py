@@ -7,16 +7,13 @@ and flags. Nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .bundled import DEFAULT_MODEL, bundled_data
+from .lens_kinds import LENSES, lens_descriptions, model_lens_descriptions
 from .statistics import Request
 
-LENSES: tuple[str, ...] = ("raw", "norm", "tuned")
-"""How a site vector becomes logits (see :class:`~internal_policy_lens.lens.unembed.Lens`)."""
-MODEL_LENSES: tuple[str, ...] = ("raw", "norm")
-"""The lenses made of the model's own weights only: those BuPO can train the internal policy
-through (a tuned lens's translators are fitted to a fixed model and are not part of it)."""
 PRECISIONS: tuple[str, ...] = ("auto", "exact", "fast")
 """Precision of the products and reductions (see :class:`LensSettings`)."""
 
@@ -32,6 +29,7 @@ def option(
     path: bool = False,
     argument: bool = False,
     parameters: bool = False,
+    choices: Callable[[], dict[str, str]] | None = None,
 ):
     """A field and how the command line offers it (its help is the field's docstring).
 
@@ -47,6 +45,7 @@ def option(
         argument: Given by position, not by a flag.
         parameters: A dict of the statistics' parameters: one option per parameter that the
             statistics registry declares (``--nucleus-p``), not one for the field.
+        choices: The values and a line on each, read when the help is shown (registered lenses).
     """
     given = {
         "flags": flags,
@@ -56,6 +55,7 @@ def option(
         "path": path,
         "argument": argument,
         "parameters": parameters,
+        "choices": choices,
     }
     # `is not False`, not `!=`: min=0 is a limit (0 == False)
     metadata = {k: v for k, v in given.items() if v is not None and v is not False and v != ()}
@@ -71,9 +71,8 @@ def derive_seed(seed: int, index: int) -> int:
 class LensSettings:
     """How site vectors become statistics; travels as one object from a run to the reductions."""
 
-    lens: str = "raw"
-    """``raw`` (the paper's definition, no final norm), ``norm`` (logit lens) or ``tuned`` (a
-    learned affine translator per site and layer, then the final norm; see ``lens_path``)."""
+    lens: str = option("raw", choices=lens_descriptions)
+    """How a site vector becomes a policy (a lens that reads translators: see ``lens_path``)."""
     lens_path: str | None = None
     """Folder of the tuned lens (written by ``ipl fit-lens``, or the tuned-lens package's
     ``config.json`` + ``params.pt``); default for a bundled model: the lens shipped with it."""
@@ -140,8 +139,8 @@ class EntropyConfig:
     """JSONL, Parquet or CSV records (default: 100 bundled held-out arithmetic problems)."""
     out: str = option("runs/demo", path=True)
     """Run folder."""
-    lens: str = LensSettings.lens
-    """``raw`` (the paper's definition, no final norm), ``norm`` (logit lens) or ``tuned``."""
+    lens: str = option(LensSettings.lens, choices=lens_descriptions)
+    """How a site vector becomes a policy."""
     lens_path: str | None = LensSettings.lens_path
     """Folder of the tuned lens (see :class:`LensSettings`)."""
     sites: list[str] | None = option(None, sep=",")
@@ -487,8 +486,8 @@ class BupoConfig:
     """Loss aggregation: token (the paper's code) or sequence."""
     kl_coef: float = option(0.0, min=0.0)
     """beta of the KL penalty to the initial model (0 = none, the paper's default)."""
-    lens: str = LensSettings.lens
-    """Lens of the internal policy during IPA."""
+    lens: str = option(LensSettings.lens, choices=model_lens_descriptions)
+    """Lens of the internal policy during IPA (made of the model's weights only)."""
     seed: int = 0
     """Seed of prompt order, sampling and mini-batch order."""
     dtype: str = "float32"

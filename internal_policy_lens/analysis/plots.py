@@ -19,6 +19,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..lens_kinds import LENSES
 from ..statistics import STATISTICS, opt_in
 
 COLUMN_WIDTH = 3.4
@@ -564,8 +565,8 @@ def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
     frame = table[table["site"].astype(str) == site]
     if frame.empty:
         raise ValueError(f"the table has no rows for site {site!r}")
-    order = ("raw", "norm", "tuned")
-    lenses = sorted(set(frame["lens"]), key=lambda n: (order.index(n) if n in order else 3, n))
+    rank = {name: i for i, name in enumerate(LENSES)}  # registration order; others come last
+    lenses = sorted(set(frame["lens"]), key=lambda n: (rank.get(n, len(rank)), n))
     fig, (ax,) = new_figure(COLUMN_WIDTH, 2.6)
     palette = sns.color_palette("colorblind", n_colors=len(lenses))
     floor = 1e-4

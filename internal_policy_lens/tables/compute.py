@@ -120,7 +120,7 @@ def entropy_table(
     """
     ready = None if lens is None or isinstance(lens, str) else lens
     settings = (settings or LensSettings()).update(
-        lens=lens if ready is None else ready.kind,
+        lens=lens if ready is None else ready.name,
         lens_path=lens_path,
         precision=precision,
         chunk_tokens=chunk_tokens,

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import MODEL_LENSES, BupoConfig, derive_seed
+from ..config import BupoConfig, derive_seed
 from ..data.answers import math_reward
 from ..data.records import read_records
 from ..folders import Folder
+from ..lens_kinds import model_lens
 from ..model.files import check_out_outside_model
 from ..model.load import PolicyModel, load_model
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -50,11 +51,7 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
     ``reward`` scores each sampled response against its record's answer (default: the last
     ``\boxed{}`` must match, :func:`~internal_policy_lens.data.answers.math_reward`).
     """
-    if cfg.lens not in MODEL_LENSES:
-        raise ValueError(
-            f"lens '{cfg.lens}' cannot train pi^k (a tuned lens's translators are not part of the "
-            f"model); use --lens {' or --lens '.join(MODEL_LENSES)}"
-        )
+    model_lens(cfg.lens)  # refuses a lens that is not made of the model's weights
     check_out_outside_model(cfg.out, cfg.model)
     folder = Folder(cfg.out).check_writable()  # before any work
     check_layer(cfg)
@@ -188,7 +185,7 @@ def update_policy(model, opt, sched, batch, old_logp, ref_logp, k, cfg, seed: in
                 mb.input_ids,
                 mb.attention_mask,
                 layer=k,
-                lens=cfg.lens,
+                lens_name=cfg.lens,
                 temperature=cfg.temperature,
             )
             loss, stats = policy_loss(
@@ -222,7 +219,7 @@ def _logprobs(model, batch, layer, cfg):
         batch.input_ids,
         batch.attention_mask,
         layer=layer,
-        lens=cfg.lens,
+        lens_name=cfg.lens,
         temperature=cfg.temperature,
     )
 

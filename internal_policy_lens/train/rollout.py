@@ -92,14 +92,15 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     *,
     layer: int | None = None,
-    lens: str = "raw",
+    lens_name: str = "raw",
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next token and the policy's entropy, ``[N, T-1]`` each.
 
     With ``layer=None`` the policy is the model's own output; with ``layer=k`` it is the internal
-    layer policy pi^k (``resid_post`` of layer k through the lens), and the forward pass stops
-    after layer k, so layers above k and the final norm take no part and get no gradient.
+    layer policy pi^k (``resid_post`` of layer k through the lens named ``lens_name``), and the
+    forward pass stops after layer k, so layers above k and the final norm take no part and get
+    no gradient.
     Without gradients the entropy (a statistic, never differentiated) is reduced by the
     dispatcher (:func:`~internal_policy_lens.lens.reduce.site_stats`) from the same pass.
     """
@@ -117,21 +118,21 @@ def token_logprobs(
     targets = input_ids[:, 1:]  # [N, T-1]: position t predicts t+1
     grad = torch.is_grad_enabled()
     # A Lens casts the unembedding to its products' dtype: made only where one projects.
-    projector = None if layer is None and grad else Lens(model, lens, temperature=temperature)
+    lens = None if layer is None and grad else Lens(model, lens_name, temperature=temperature)
     if layer is None:  # the model's own logits, the ones the rollouts were sampled from
         out = logprobs(logits[:, :-1].float() / temperature, targets, entropy=grad)
     else:
         hidden = acts[key][:, :-1]  # [N, T-1, d_model]
-        out = lens_logprobs(projector, hidden, key[0], layer, targets=targets, entropy=grad)
+        out = lens_logprobs(lens, hidden, key[0], layer, targets=targets, entropy=grad)
     if grad:
         return out.token, out.entropy
-    return out.token, policy_entropy(projector, acts, key)
+    return out.token, policy_entropy(lens, acts, key)
 
 
-def policy_entropy(projector: Lens, acts: dict, key: tuple[str, int]) -> torch.Tensor:
+def policy_entropy(lens: Lens, acts: dict, key: tuple[str, int]) -> torch.Tensor:
     """Entropy ``[N, T-1]`` (float32) of ``key``'s policy at every position but the last."""
     x = acts[key]  # [N, T, d_model]
     every = torch.ones(x.shape[0], x.shape[1] - 1, dtype=torch.bool, device=x.device)
     index = every.nonzero(as_tuple=True)  # [N * (T-1)] each
-    entropy = site_stats(projector, acts, [key], index)[key]["entropy"]  # [N * (T-1)]
+    entropy = site_stats(lens, acts, [key], index)[key]["entropy"]  # [N * (T-1)]
     return torch.from_numpy(entropy).float().to(x.device).view(x.shape[0], -1)
