@@ -331,7 +331,7 @@ class SplitConfig:
     no split]."""
     q: float = option(0.2, min=0.0, max=1.0)
     """Share of the run's tokens that the forking split calls forking (highest final entropy)."""
-    resamples: int = option(200, min=1)
+    resamples: int = option(1000, min=1)
     """Bootstrap resamples of the responses behind the 95% intervals."""
     resample_seed: int = 0
     """Seed of the resampling (recorded in the outputs)."""
