@@ -396,6 +396,9 @@ class PlotConfig:
     token rows; the summary behind the stages covers every token]."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the stages shaded in the entropy-change figure."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """A split of the run's tokens: the flow and change figures again, one line per group, with
+    95% intervals over resampled responses (entropy_flow_SPLIT, entropy_change_SPLIT)."""
 
 
 @dataclass
@@ -438,6 +441,9 @@ class ReportConfig:
     samples up to 1,000,000 token rows]."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the stages and the layer rule shown in the page."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """A split of the run's tokens: the flow and change charts by group, with 95% intervals
+    over resampled responses, and a table of each group's measures with their intervals."""
 
 
 @dataclass
