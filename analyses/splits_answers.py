@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from internal_policy_lens.analysis.convergence import DROP_SHARES, curve_rows, drop_depths_array
 from internal_policy_lens.analysis.figures import save_figure
 from internal_policy_lens.analysis.split_figures import SPLIT_PANELS, split_curves
 from internal_policy_lens.analysis.splits import Split, split_run
@@ -43,8 +44,16 @@ MODELS = ("ipl-tiny-qwen2", "ipl-tiny-llama")
 LENSES = ("raw", "norm")
 LENSES = ("raw", "norm")
 METHODS = {"GRPO": "0", "BuPO": "5", "IPA only": None}  # None: IPA for every step
-MEASURES = ("abruptness", "drop_depth_10", "drop_depth_50", "drop_depth_90", "entropy_final")
-SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+MEASURES = (
+    "abruptness",
+    "drop_depth_50",
+    "drop_depth_90",
+    "kl_depth_50",
+    "kl_depth_90",
+    "entropy_final",
+)
+SITES = ("attn_out", "mlp_out", "resid_post")
+"""Sites whose per-layer differences are listed (resid_pre[l] is resid_post[l - 1])."""
 KL_PANELS = (
     ("kl_a_b", "resid_post", "KL(base ‖ trained), resid_post (nats)"),
     ("kl_b_a", "resid_post", "KL(trained ‖ base), resid_post (nats)"),
@@ -60,6 +69,8 @@ def ipl(*args: str) -> None:
 
 def interval(value: float, values: np.ndarray) -> str:
     """``value [2.5%, 97.5%]`` of the resampled ``values`` (NaN resamples left out)."""
+    if np.isnan(value):
+        return "n/a"
     low, high = np.nanpercentile(values, [2.5, 97.5])
     return f"{value:.3g} [{low:.3g}, {high:.3g}]"
 
@@ -69,24 +80,51 @@ def outside(values: np.ndarray) -> bool:
     return bool(low > 0 or high < 0)
 
 
-def group_rows(name: str, found: Resampled) -> list[str]:
+def kl_depths(found: Resampled, n_layers: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Drop depths of each group's mean KL(internal ‖ final) curve: on the run, per resample.
+
+    The entropy's definitions (``analysis.convergence``) on the KL curve of the residual stream:
+    where the internal policy becomes the model's own, whatever its entropy. Returns the point
+    (one row per group) and the resamples (``group, resample`` rows), columns ``kl_depth_*``.
+    """
+    keys, summary = found.keys, found.split.summary()
+    points, resampled = [], []
+    for group in found.split.groups:
+        mine = np.flatnonzero((keys.group == group) & (keys.quantity == "kl_internal_final"))
+        base = keys.iloc[mine].assign(quantity="entropy").reset_index(drop=True)
+        depth, rows = curve_rows(base, n_layers)
+        means = summary[(summary.group == group) & (summary.quantity == "kl_internal_final")]
+        point = base.iloc[rows].merge(means, on=["layer", "name"], how="left")["mean"]
+        columns = [f"kl_depth_{round(q * 100)}" for q in DROP_SHARES]
+        one = drop_depths_array(depth, point.to_numpy()[None, :])
+        every = drop_depths_array(depth, found.means[:, mine[rows]])
+        points.append(pd.DataFrame(one, columns=columns).assign(group=group))
+        frame = pd.DataFrame(every, columns=columns)
+        resampled.append(frame.assign(group=group, resample=np.arange(len(frame))))
+    return pd.concat(points), pd.concat(resampled)
+
+
+def group_rows(name: str, found: Resampled, n_layers: int) -> list[str]:
     """One markdown row per group, then the paired difference of the first two groups."""
-    point = found.point.set_index("group")
-    stats = found.stats.set_index(["group", "resample"])
+    point_kl, stats_kl = kl_depths(found, n_layers)
+    point = found.point.merge(point_kl, on="group").set_index("group")
+    stats = found.stats.merge(stats_kl, on=["group", "resample"])
+    stats = stats.set_index(["group", "resample"])
     groups = found.split.groups
     rows = []
     for group in groups:
         mine = stats.loc[group]
         cells = [interval(point.loc[group, m], mine[m].to_numpy()) for m in MEASURES]
-        label = f"{point.loc[group, 'label']} / {point.loc[group, 'shape']}"
         tokens = f"{found.split.tokens[group]:,}"
-        rows.append(f"| {name} | {group} | {tokens} | {' | '.join(cells)} | {label} |")
+        rows.append(
+            f"| {name} | {group} | {tokens} | {' | '.join(cells)} | {point.loc[group, 'shape']} |"
+        )
     first, second = groups[:2]
     cells = []
     for m in MEASURES:
         paired = (stats.loc[first, m] - stats.loc[second, m]).to_numpy()
         text = interval(point.loc[first, m] - point.loc[second, m], paired)
-        cells.append(f"**{text}**" if outside(paired) else text)
+        cells.append(f"**{text}**" if outside(paired) and text != "n/a" else text)
     rows.append(f"| {name} | {first} − {second} | | {' | '.join(cells)} | |")
     return rows
 
@@ -116,7 +154,7 @@ def part_a(runs: dict[str, Path], resamples: int, figures: Path) -> list[str]:
     """The table of (a), the layers outside the intervals; a figure per split and lens."""
     head = " | ".join(MEASURES)
     lines = [
-        f"| run | group | tokens | {head} | label / shape |",
+        f"| run | group | tokens | {head} | shape |",
         "|" + " --- |" * (len(MEASURES) + 4),
     ]
     outside_lines = []
@@ -125,18 +163,21 @@ def part_a(runs: dict[str, Path], resamples: int, figures: Path) -> list[str]:
         run = open_run(path)
         for split in ("forking", "correctness"):
             found = resample(split_run(run, split), run.n_layers, resamples=resamples, seed=0)
-            lines += group_rows(name, found)
+            lines += group_rows(name, found, run.n_layers)
             summary = found.summary()
             frames.setdefault((split, run.lens), []).append(
                 summary.assign(group=run.name + ": " + summary.group)
             )
-            if split == "correctness" and {"right", "wrong"} <= set(found.split.groups):
-                for site, layers in layers_outside(found, "right", "wrong", "entropy").items():
-                    text = ", ".join(layers) if layers else "none"
-                    outside_lines.append(f"- {name}, H({site}) right − wrong: {text}")
-            elif split == "forking":
+            first, second = found.split.groups[:2]
+            if split == "forking":
                 threshold = found.split.threshold
                 outside_lines.append(f"- {name}: forking = H(final) >= {threshold:.4g} nats")
+            for quantity, told in (("entropy", "H"), ("kl_internal_final", "KL-to-final")):
+                for site, layers in layers_outside(found, first, second, quantity).items():
+                    if quantity != "entropy" and site != "resid_post":
+                        continue
+                    text = ", ".join(layers) if layers else "none"
+                    outside_lines.append(f"- {name}, {told}({site}) {first} − {second}: {text}")
     for (split, lens), parts in frames.items():
         fig = split_curves(pd.concat(parts), panels=SPLIT_PANELS, title=f"{lens} lens, by {split}")
         save_figure(fig, figures / f"splits_answers_{split}_{lens}")

@@ -25,7 +25,7 @@ from .plots import (
 
 SPLIT_PANELS = (
     ("entropy", "resid_post", "H(resid_post) (nats)"),
-    ("delta", "ffn", "FFN ΔH = H(mlp_out) − H(mlp_in) (nats)"),
+    ("delta", "ffn", "FFN ΔH (nats)"),
 )
 """``split.png``'s panels: ``quantity, name, axis label``."""
 FLOW_PANELS = tuple(("entropy", site, f"H({site}) (nats)") for site in FLOW_SITES)
@@ -72,6 +72,8 @@ def split_curves(
     colours = dict(zip(groups, sns.color_palette("colorblind", len(groups))))
     fig, axes = _figure(TEXT_WIDTH, 2.6, ncols=len(shown))
     name = summary["name"].astype(str)
+    finals = (summary["quantity"] == "entropy") & (name == "final")
+    star = finals.any() and ("entropy", "resid_post") in [(q, w) for q, w, _ in shown]
     for ax, (quantity, which, label) in zip(axes, shown):
         if quantity == "delta":
             ax.axhline(0.0, color="0.25", lw=0.8, ls="--", zorder=1)
@@ -83,9 +85,8 @@ def split_curves(
                 ax.fill_between(
                     rows.layer, rows.ci_low, rows.ci_high, color=colours[group], alpha=0.2, lw=0
                 )
-            final = summary[mine & (name == "final")]
-            if which == "resid_post" and quantity == "entropy" and len(final):
-                _final_star(ax, final.iloc[0], colours[group])
+            if star and (quantity, which) == ("entropy", "resid_post"):
+                _final_star(ax, summary[finals & (summary["group"] == group)], colours[group])
         ax.set_ylabel(label)
         _layer_axis(ax)
     if title:
@@ -93,15 +94,17 @@ def split_curves(
     told = "group"
     if "ci_low" in summary:
         told += " (bands: 95% intervals over resampled responses)"
-    if any(which == "resid_post" for _, which, _ in shown) and (name == "final").any():
+    if star:
         told += "; star: the final policy"
     _legend(fig, axes[0], told, len(groups))
     return fig
 
 
-def _final_star(ax, row: pd.Series, colour) -> None:
+def _final_star(ax, rows: pd.DataFrame, colour) -> None:
     """The final policy's mean entropy at its layer, with its interval as an error bar."""
-    errors = None
+    if rows.empty:
+        return
+    row, errors = rows.iloc[0], None
     if "ci_low" in row and pd.notna(row["ci_low"]):
         errors = [[row["mean"] - row["ci_low"]], [row["ci_high"] - row["mean"]]]
     ax.errorbar(

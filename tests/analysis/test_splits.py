@@ -244,6 +244,14 @@ def test_flow_and_change_figures_by_group_draw_each_group_with_its_intervals(run
                 n for n, line in lines.items() if n.startswith("_") and line.get_ydata()[0] == 0
             ]
             assert bool(zero) == zero_line
+            # The final policy: a star per group, at its mean, on the resid_post entropy panel.
+            stars = [line for line in ax.get_lines() if line.get_marker() == "*"]
+            finals = summary[(summary.quantity == "entropy") & (name == "final")]
+            if (quantity, which) == ("entropy", "resid_post"):
+                found_stars = sorted(float(line.get_ydata()[0]) for line in stars)
+                np.testing.assert_allclose(found_stars, sorted(finals["mean"]))
+            else:
+                assert not stars
             bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
             for k, group in enumerate(dict.fromkeys(summary.group)):  # the drawing order
                 rows = summary[(summary.group == group) & (summary.quantity == quantity)]
