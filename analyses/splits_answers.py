@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from internal_policy_lens.analysis.convergence import DROP_SHARES, curve_rows, drop_depths_array
-from internal_policy_lens.analysis.figures import save_figure
+from internal_policy_lens.analysis.figures import DPI
 from internal_policy_lens.analysis.split_figures import SPLIT_PANELS, split_curves
 from internal_policy_lens.analysis.splits import Split, split_run
 from internal_policy_lens.analysis.uncertainty import Resampled, resample
@@ -53,7 +53,7 @@ MEASURES = (
     "entropy_final",
 )
 SITES = ("attn_out", "mlp_out", "resid_post")
-"""Sites whose per-layer differences are listed (resid_pre[l] is resid_post[l - 1])."""
+"""Sites whose per-layer entropy differences are listed (resid_pre[l] is resid_post[l - 1])."""
 KL_PANELS = (
     ("kl_a_b", "resid_post", "KL(base ‖ trained), resid_post (nats)"),
     ("kl_b_a", "resid_post", "KL(trained ‖ base), resid_post (nats)"),
@@ -65,6 +65,12 @@ def ipl(*args: str) -> None:
     command = [sys.executable, "-m", "internal_policy_lens.cli", *args, "--quiet"]
     print("$ ipl " + " ".join(args), file=sys.stderr)
     subprocess.run(command, check=True, env={"OMP_NUM_THREADS": "1", **os.environ})
+
+
+def save(fig, stem: Path) -> None:
+    """``stem.png`` (the README shows PNGs; ``ipl`` commands write PDFs too)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(stem.with_suffix(".png"), dpi=DPI)
 
 
 def interval(value: float, values: np.ndarray) -> str:
@@ -129,25 +135,21 @@ def group_rows(name: str, found: Resampled, n_layers: int) -> list[str]:
     return rows
 
 
-def layers_outside(found: Resampled, first: str, second: str, quantity: str) -> dict[str, list]:
-    """Per site: the layers whose paired mean difference (first - second) excludes 0."""
+def layers_outside(found: Resampled, first: str, second: str, quantity: str, site: str) -> str:
+    """The layers whose paired mean difference (first - second) excludes 0, signed: ``2+ 5−``."""
     keys = found.keys
-    result = {}
-    for site in (*SITES, "final"):
-        mine = (keys.quantity == quantity) & (keys.name == site)
-        out = []
-        for layer in sorted(keys[mine].layer.unique()):
-            column = {
-                g: np.flatnonzero(mine & (keys.layer == layer) & (keys.group == g))
-                for g in (first, second)
-            }
-            if all(len(c) for c in column.values()):
-                diff = found.means[:, column[first][0]] - found.means[:, column[second][0]]
-                low, high = np.nanpercentile(diff, [2.5, 97.5])
-                if low > 0 or high < 0:
-                    out.append(f"{int(layer)} ({np.nanmean(diff):+.3g})")
-        result[site] = out
-    return result
+    mine = (keys.quantity == quantity) & (keys.name == site)
+    out = []
+    for layer in sorted(keys[mine].layer.unique()):
+        column = {
+            g: np.flatnonzero(mine & (keys.layer == layer) & (keys.group == g))
+            for g in (first, second)
+        }
+        if all(len(c) for c in column.values()):
+            diff = found.means[:, column[first][0]] - found.means[:, column[second][0]]
+            if outside(diff):
+                out.append(f"{int(layer)}{'+' if np.nanmean(diff) > 0 else '−'}")
+    return " ".join(out) or "none"
 
 
 def part_a(runs: dict[str, Path], resamples: int, figures: Path) -> list[str]:
@@ -157,7 +159,12 @@ def part_a(runs: dict[str, Path], resamples: int, figures: Path) -> list[str]:
         f"| run | group | tokens | {head} | shape |",
         "|" + " --- |" * (len(MEASURES) + 4),
     ]
-    outside_lines = []
+    columns = [f"H({site})" for site in SITES] + ["KL-to-final(resid_post)"]
+    outside_lines = [
+        f"| run | difference | {' | '.join(columns)} |",
+        "|" + " --- |" * (len(columns) + 2),
+    ]
+    thresholds = []
     frames = {}
     for name, path in runs.items():
         run = open_run(path)
@@ -170,18 +177,19 @@ def part_a(runs: dict[str, Path], resamples: int, figures: Path) -> list[str]:
             )
             first, second = found.split.groups[:2]
             if split == "forking":
-                threshold = found.split.threshold
-                outside_lines.append(f"- {name}: forking = H(final) >= {threshold:.4g} nats")
-            for quantity, told in (("entropy", "H"), ("kl_internal_final", "KL-to-final")):
-                for site, layers in layers_outside(found, first, second, quantity).items():
-                    if quantity != "entropy" and site != "resid_post":
-                        continue
-                    text = ", ".join(layers) if layers else "none"
-                    outside_lines.append(f"- {name}, {told}({site}) {first} − {second}: {text}")
+                thresholds.append(f"{name} {found.split.threshold:.4g}")
+            cells = [layers_outside(found, first, second, "entropy", site) for site in SITES]
+            cells.append(layers_outside(found, first, second, "kl_internal_final", "resid_post"))
+            outside_lines.append(f"| {name} | {first} − {second} | {' | '.join(cells)} |")
     for (split, lens), parts in frames.items():
         fig = split_curves(pd.concat(parts), panels=SPLIT_PANELS, title=f"{lens} lens, by {split}")
-        save_figure(fig, figures / f"splits_answers_{split}_{lens}")
-    return [*lines, "", *outside_lines]
+        save(fig, figures / f"splits_answers_{split}_{lens}")
+    told = (
+        "Layers whose mean difference lies outside its 95% interval (paired resamples), with "
+        "its sign:"
+    )
+    cut = "Forking threshold, H(final) in nats: " + ", ".join(thresholds) + "."
+    return [*lines, "", cut, "", told, "", *outside_lines]
 
 
 def train_and_diff(out: Path, steps: int, entropy_run: Path) -> dict[str, Path]:
@@ -228,7 +236,7 @@ def part_b(diffs: dict[str, Path], resamples: int, figures: Path) -> list[str]:
     found = resample(diff_split(diffs), 8, resamples=resamples, seed=0)
     keys, means = found.keys, found.means
     summary = found.summary()
-    save_figure(
+    save(
         split_curves(summary, panels=KL_PANELS, title="ipl-tiny-qwen2: base vs trained"),
         figures / "splits_answers_diff",
     )
