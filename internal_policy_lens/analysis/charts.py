@@ -90,7 +90,8 @@ def split_chart(summary: pd.DataFrame, panels: tuple, title: str) -> go.Figure |
 
     ``summary``: :meth:`~internal_policy_lens.analysis.uncertainty.Resampled.summary`;
     ``panels``: :data:`~internal_policy_lens.analysis.split_figures.FLOW_PANELS` or
-    ``CHANGE_PANELS``. A group's traces share a legend entry (a click hides it in every panel).
+    ``CHANGE_PANELS``. A group's traces share a legend entry (a click hides it in every panel);
+    the final policy's mean is a star with its interval beside the ``resid_post`` entropy.
     None when the summary has none of the panels.
     """
     from plotly.subplots import make_subplots
@@ -118,8 +119,35 @@ def split_chart(summary: pd.DataFrame, panels: tuple, title: str) -> go.Figure |
             for trace in traces.data:
                 trace.showlegend = trace.showlegend is not False and column == 1
                 fig.add_trace(trace, row=1, col=column)
+            final = summary[
+                (summary["group"] == group) & (summary["quantity"] == "entropy") & (name == "final")
+            ]
+            if (quantity, which) == ("entropy", "resid_post") and len(final):
+                _final_star(fig, final.iloc[0], group, palette[group], column)
     fig.update_xaxes(title_text="layer (0-based)")
     return _layout(fig, title, "layer (0-based)", "")
+
+
+def _final_star(fig: go.Figure, row: pd.Series, group: str, colour: str, column: int) -> None:
+    """The final policy's mean entropy of ``group`` as a star, its interval as an error bar."""
+    fig.add_scatter(
+        x=[int(row["layer"])],
+        y=[row["mean"]],
+        error_y=dict(
+            type="data",
+            symmetric=False,
+            array=[row["ci_high"] - row["mean"]],
+            arrayminus=[row["mean"] - row["ci_low"]],
+        ),
+        mode="markers",
+        marker=dict(symbol="star", size=12, color=colour),
+        name=f"{group}: final",
+        legendgroup=group,
+        showlegend=False,
+        hovertemplate="final policy %{y:.3f}<extra>" + group + "</extra>",
+        row=1,
+        col=column,
+    )
 
 
 COSINE_CHART = Chart("Residual cosine: module write vs the stream it is added to (mean)", "cosine")

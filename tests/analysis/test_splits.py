@@ -270,6 +270,10 @@ def test_flow_and_change_figures_by_group_draw_each_group_with_its_intervals(run
         rows = rows[name[rows.index] == panels[0][1]].sort_values("layer")
         np.testing.assert_allclose(first.y, rows["mean"])
         np.testing.assert_allclose(first.customdata[:, 1], rows.ci_high)
+        stars = [t for t in fig_chart.data if t.mode == "markers"]
+        finals = summary[(summary.quantity == "entropy") & (name == "final")]
+        expected = sorted(finals["mean"]) if panels == FLOW_PANELS else []
+        np.testing.assert_allclose(sorted(t.y[0] for t in stars), expected)
 
 
 def test_plot_and_report_by_group(run, tmp_path):
