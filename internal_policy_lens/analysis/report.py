@@ -84,7 +84,7 @@ def write_run_report(
     cfg = cfg or ReportConfig(run=str(out))
     stages, convergence = _convergence_html(summary, int(info["model"]["n_layers"]), cfg)
     counts = token_counts(tokens)
-    note = "Bands are the 25th–75th percentile over tokens."
+    bands = "Bands are the 25th–75th percentile over tokens."
     if split is None:
         charts = [
             _chart(flow_chart(tokens, counts), "chart-flow"),
@@ -92,7 +92,7 @@ def write_run_report(
         ]
     else:
         charts, convergence = _split_charts(split), convergence + _split_html(split)
-        note = (
+        bands = (
             f"The charts by {split.split.name} read every token of the run; their bands are 95% "
             "intervals over resampled responses. Other bands are the 25th–75th percentile over "
             "tokens."
@@ -109,7 +109,7 @@ def write_run_report(
         title=f"{model_name(info)} ({lens} lens): internal policies",
         provenance=_provenance_html(info),
         charts="".join(charts),
-        chart_note=note + _shown_note(tokens, info),
+        chart_note=bands + _shown_note(tokens, info),
         convergence=convergence,
         data=data,
     )
