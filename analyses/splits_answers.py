@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from internal_policy_lens.analysis.convergence import DROP_SHARES, curve_rows, drop_depths_array
-from internal_policy_lens.analysis.figures import DPI
+from internal_policy_lens.analysis.files import DPI
 from internal_policy_lens.analysis.split_figures import SPLIT_PANELS, split_curves
 from internal_policy_lens.analysis.splits import Split, split_run
 from internal_policy_lens.analysis.uncertainty import Resampled, resample

@@ -3,8 +3,7 @@
 The package is built in floors, one job a room; a module imports from its own floor or the ones
 below it, never from above (``tests/test_package.py`` reads this list and checks every import):
 
-    0  folders, config, bundled, statistics: atomic files, locks and hashes; the configs; shipped
-       models/data; the registry of per-token statistics
+    0  folders, config, bundled, statistics, lens_kinds: files, locks; configs; shipped; registries
     1  data: record files -> records -> token ids; answer checking
     2  model: families, loading (hub, folders, GGUF), devices, generation
     3  lens: sites, capture, unembedding, the reductions (CPU tiles, rows, GPU kernel), fitting

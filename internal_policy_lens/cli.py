@@ -111,8 +111,17 @@ def _user_errors(resume_hint: str | None = None):
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
+        _close_bars()  # each ends its line, so the message starts on a line of its own
         typer.echo(f"interrupted{'; ' + resume_hint if resume_hint else ''}", err=True)
         raise typer.Exit(130) from None
+
+
+def _close_bars() -> None:
+    """Close the progress bars still open (a command interrupted inside a loop)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _check_device(device: str) -> None:
@@ -321,7 +330,12 @@ def train_bupo(
     hint = f"checkpoints are kept in {cfg.out}/checkpoints/: rerun with --resume to continue"
     with _user_errors(hint):
         folder = run(cfg, progress=not quiet)
+    from .train.folder import training_summary
+
     typer.echo(f"training run in {folder}/ (metrics.jsonl, checkpoints/)")
+    summary = training_summary(folder)
+    if summary is not None:
+        typer.echo(summary)
 
 
 @app.command("eval")

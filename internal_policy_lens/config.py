@@ -7,16 +7,13 @@ and flags. Nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .bundled import DEFAULT_MODEL, bundled_data
+from .lens_kinds import LENSES, lens_descriptions, model_lens_descriptions
 from .statistics import Request
 
-LENSES: tuple[str, ...] = ("raw", "norm", "tuned")
-"""How a site vector becomes logits (see :class:`~internal_policy_lens.lens.unembed.Lens`)."""
-MODEL_LENSES: tuple[str, ...] = ("raw", "norm")
-"""The lenses made of the model's own weights only: those BuPO can train the internal policy
-through (a tuned lens's translators are fitted to a fixed model and are not part of it)."""
 PRECISIONS: tuple[str, ...] = ("auto", "exact", "fast")
 """Precision of the products and reductions (see :class:`LensSettings`)."""
 
@@ -32,6 +29,7 @@ def option(
     path: bool = False,
     argument: bool = False,
     parameters: bool = False,
+    choices: Callable[[], dict[str, str]] | None = None,
 ):
     """A field and how the command line offers it (its help is the field's docstring).
 
@@ -47,6 +45,7 @@ def option(
         argument: Given by position, not by a flag.
         parameters: A dict of the statistics' parameters: one option per parameter that the
             statistics registry declares (``--nucleus-p``), not one for the field.
+        choices: The values and a line on each, read when the help is shown (registered lenses).
     """
     given = {
         "flags": flags,
@@ -56,6 +55,7 @@ def option(
         "path": path,
         "argument": argument,
         "parameters": parameters,
+        "choices": choices,
     }
     # `is not False`, not `!=`: min=0 is a limit (0 == False)
     metadata = {k: v for k, v in given.items() if v is not None and v is not False and v != ()}
@@ -71,26 +71,26 @@ def derive_seed(seed: int, index: int) -> int:
 class LensSettings:
     """How site vectors become statistics; travels as one object from a run to the reductions."""
 
-    lens: str = "raw"
-    """``raw`` (the paper's definition, no final norm), ``norm`` (logit lens) or ``tuned`` (a
-    learned affine translator per site and layer, then the final norm; see ``lens_path``)."""
+    lens: str = option("raw", choices=lens_descriptions)
+    """How a site vector becomes a policy (a lens that reads translators: see ``lens_path``)."""
     lens_path: str | None = None
     """Folder of the tuned lens (written by ``ipl fit-lens``, or the tuned-lens package's
     ``config.json`` + ``params.pt``); default for a bundled model: the lens shipped with it."""
     precision: str = "auto"
     """``exact`` (float32 products and reductions; float64 for a float64 model), ``fast``
     (products in bf16, or the model's fp16, where the device runs them natively, else in
-    float32; reductions in float32; several times faster on CPUs with bf16 instructions, errors
-    of a few hundredths of a nat) or ``auto`` (``fast`` for a bf16/fp16 model, else ``exact``).
-    ``run.json`` records the dtypes chosen and why."""
+    float32; reductions in float32; faster where bf16 is native, as measured in the README's
+    Performance of the reductions; errors of a few hundredths of a nat) or ``auto`` (``fast``
+    for a bf16/fp16 model, else ``exact``). ``run.json`` records the dtypes chosen and why."""
     chunk_tokens: int = option(1024, min=1)
     """Logits rows formed at once (the rows of every site of a chunk of tokens, stacked)."""
     capture_mb: float = option(512, min=0.0)
-    """Bound (MiB) on the captured site vectors held at once; above it the layers are taken in
-    groups, one forward pass per group (same tables, more forward passes)."""
+    """Bound (MiB) on the captured site rows held at once: they are reduced whenever they reach
+    it, during the one forward pass (same tables whatever the bound)."""
     attention_mb: float = option(256, min=0.0)
-    """Bound (MiB, float32) on one layer's attention scores; above it the decoder runs over blocks
-    of positions with a key/value cache (same tables up to float rounding)."""
+    """Bound (MiB, float32) on one layer's attention scores under eager attention; above it the
+    decoder runs over blocks of positions with a key/value cache (same tables up to float
+    rounding). sdpa attention forms no scores and ignores it."""
 
     def update(self, **given) -> LensSettings:
         """A copy with the fields that are given (not None) replaced."""
@@ -123,7 +123,8 @@ class GenerationConfig:
     samples_per_prompt: int = option(1, flags=("-n", "--samples-per-prompt"), min=1)
     """Responses per prompt; with more than one, sample ids become '<id>:<k>'."""
     seed: int = 0
-    """Seed of the sampler; each generation batch is seeded from it and its index."""
+    """Seed of the sampler; each response is seeded from it, its record's id and its sample
+    number, so it does not depend on the batch it is generated in."""
     batch_size: int = option(32, flags=("--gen-batch-size",), min=1)
     """Prompts per generation batch."""
 
@@ -136,10 +137,10 @@ class EntropyConfig:
     """Hub name, local folder, .gguf file or bundled model (``ipl models`` lists them)."""
     data: str = option(factory=lambda: str(bundled_data()), path=True)
     """JSONL, Parquet or CSV records (default: 100 bundled held-out arithmetic problems)."""
-    out: str = option("runs/entropy", path=True)
+    out: str = option("runs/demo", path=True)
     """Run folder."""
-    lens: str = LensSettings.lens
-    """``raw`` (the paper's definition, no final norm), ``norm`` (logit lens) or ``tuned``."""
+    lens: str = option(LensSettings.lens, choices=lens_descriptions)
+    """How a site vector becomes a policy."""
     lens_path: str | None = LensSettings.lens_path
     """Folder of the tuned lens (see :class:`LensSettings`)."""
     sites: list[str] | None = option(None, sep=",")
@@ -491,8 +492,8 @@ class BupoConfig:
     """Loss aggregation: token (the paper's code) or sequence."""
     kl_coef: float = option(0.0, min=0.0)
     """beta of the KL penalty to the initial model (0 = none, the paper's default)."""
-    lens: str = LensSettings.lens
-    """Lens of the internal policy during IPA."""
+    lens: str = option(LensSettings.lens, choices=model_lens_descriptions)
+    """Lens of the internal policy during IPA (made of the model's weights only)."""
     seed: int = 0
     """Seed of prompt order, sampling and mini-batch order."""
     dtype: str = "float32"

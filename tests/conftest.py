@@ -18,7 +18,9 @@ from helpers import ARCHS, FAMILY_ARCHS, FAMILY_SIZES, seed_everything, write_pr
 from internal_policy_lens import load_model  # noqa: E402
 from internal_policy_lens.model.tiny import make_tiny_model  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads in all: one per process under pytest -n 2 (pytest-xdist), so that the workers do
+# not oversubscribe the cores.
+torch.set_num_threads(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -211,7 +211,7 @@ def assert_trl_logprobs_are_ours(trainer, policy, batch, layer_k: int, lens: str
             logp, entropy, _ = trainer._get_per_token_logps_and_entropies(
                 trainer.model, ids, mask, c, compute_entropy=True
             )
-            ours, ours_h = token_logprobs(policy, ids, mask, layer=layer, lens=lens)
+            ours, ours_h = token_logprobs(policy, ids, mask, layer=layer, lens_name=lens)
             torch.testing.assert_close(logp[target], ours[:, p - 1 :][target], atol=2e-5, rtol=0)
             torch.testing.assert_close(
                 entropy[target], ours_h[:, p - 1 :][target], atol=2e-5, rtol=0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import fields
@@ -13,7 +14,7 @@ from helpers import write_problems
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from internal_policy_lens.bundled import bundled_data
+from internal_policy_lens.bundled import bundled_data, bundled_model_path
 from internal_policy_lens.cli import app
 from internal_policy_lens.config import (
     BupoConfig,
@@ -147,6 +148,31 @@ def test_every_option_is_checked_before_anything_is_written(tiny_dirs, tmp_path,
         assert message in result.output
         assert not out.exists()
     assert loads == []  # refused before the model was even loaded
+
+
+@pytest.mark.parametrize("command", ["entropy", "train-bupo"])
+def test_an_out_inside_the_model_folder_is_refused(tiny_dirs, tmp_path, command):
+    model = tmp_path / "model"  # a copy: a command that wrongly ran would write into it
+    shutil.copytree(tiny_dirs["qwen2"], model)
+    data = write_problems(tmp_path / "d.jsonl", 2)
+    out = model / "runs" / "a"
+    args = [command, "--model", str(model), "--data", str(data), "--out", str(out), "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        f"error: {out}: inside the model's folder {model} (results would mix with the weights); "
+        "choose an --out outside it"
+    )
+    assert not (model / "runs").exists()
+
+
+def test_an_out_inside_a_bundled_model_is_refused():
+    from internal_policy_lens.model.files import ModelFileError, check_out_outside_model
+
+    folder = bundled_model_path("ipl-tiny-llama")
+    with pytest.raises(ModelFileError, match="inside the model's folder"):
+        check_out_outside_model(folder / "tuned-lens" / "run", "ipl-tiny-llama")
+    check_out_outside_model(folder.parent / "run", "ipl-tiny-llama")  # beside it is fine
 
 
 def test_ctrl_c_says_what_was_kept(monkeypatch, tmp_path):

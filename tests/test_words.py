@@ -109,8 +109,9 @@ def test_layer_auto_says_which_layer_and_why(caplog):
     caplog.set_level("INFO", logger="internal_policy_lens")
     layer = auto_layer(cfg, model, n=4)
     said = [r.getMessage() for r in caplog.records if "--layer auto" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith(f"--layer auto: layer {layer} (0-based)")
-    assert "FFN entropy change > tau" in said[0] and "first 4 training prompts" in said[0]
+    assert len(said) == 2 and said[0].startswith("--layer auto: choosing layer k")  # before
+    assert said[1].startswith(f"--layer auto: layer {layer} (0-based)")
+    assert "FFN entropy change > tau" in said[1] and "first 4 training prompts" in said[1]
 
 
 def test_position_defaults_of_entropy_table_and_ipl_entropy_are_explained():
@@ -130,3 +131,24 @@ def test_make_tiny_lists_exactly_the_families_of_ipl_models():
     families = [row for row in rows if len(row) == 3]
     assert [row[0].strip() for row in families] == [f.name for f in FAMILIES]
     assert sorted(row[2] for row in families) == sorted(listed)  # one each, none left over
+
+
+def test_the_readme_names_the_default_run_folder_of_ipl_entropy():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    main_job = r"`ipl entropy` with no `--model` or `--data`.*?writes\s+`([^`]+)/`"
+    said = re.search(main_job, readme, re.S)
+    assert said is not None
+    assert said.group(1) == EntropyConfig().out
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    run = re.search(r"^run:.*\n\t(.*)$", makefile, re.M).group(1)
+    assert run.split() == ["$(VENV)/bin/ipl", "entropy"]  # make run writes that same folder
+
+
+def test_make_test_uses_both_cores_and_test_quick_skips_the_slow_tests():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    pytest_lines = {
+        target: re.search(rf"^{target}:.*\n(?:\t.*\n)*?\t(.*pytest.*)$", makefile, re.M).group(1)
+        for target in ("test", "test-quick")
+    }
+    assert pytest_lines["test"].split()[1:] == ["-q", "-n", "2"]
+    assert pytest_lines["test-quick"].split()[1:] == ["-q", "-n", "2", "-m", '"not', 'slow"']

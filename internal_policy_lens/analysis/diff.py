@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from ..folders import Folder
 from ..tables.frames import MOMENT_COLUMNS, merge_summaries
-from .figures import save_figure
+from .files import save_figure
 from .split_figures import diff_panels
 
 QUANTITIES: tuple[str, ...] = (

@@ -25,9 +25,7 @@ from .convergence import (
     find_stages,
     suggest_layer,
 )
-
-FORMATS: tuple[str, ...] = ("png", "pdf")
-DPI = 200
+from .files import FORMATS, save_figure
 
 
 @dataclass
@@ -46,19 +44,6 @@ class FigureReport:
         lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
         lines += self.notes
         return "\n".join(lines)
-
-
-def save_figure(fig, stem: Path) -> list[Path]:
-    """Write ``fig`` as ``stem.png`` and ``stem.pdf`` (each atomically); return the paths."""
-    folder = Folder(stem.parent).create()
-    paths = []
-    with warnings.catch_warnings():  # tokens in scripts the font lacks are drawn as boxes
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        for fmt in FORMATS:
-            with folder.atomic(f"{stem.name}.{fmt}") as tmp:
-                fig.savefig(tmp, dpi=DPI, format=fmt)
-            paths.append(stem.with_name(f"{stem.name}.{fmt}"))
-    return paths
 
 
 def write_run_figures(

@@ -19,6 +19,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..lens_kinds import LENSES
 from ..statistics import STATISTICS, opt_in
 
 COLUMN_WIDTH = 3.4
@@ -72,7 +73,7 @@ _STYLE = {
 }
 
 
-def _styled(fn):
+def styled(fn):
     """Build the figure under the house style (text sizes are read when artists are made)."""
 
     @functools.wraps(fn)
@@ -83,7 +84,8 @@ def _styled(fn):
     return wrapper
 
 
-def _figure(width: float, height: float, ncols: int = 1):
+def new_figure(width: float, height: float, ncols: int = 1):
+    """A house-style figure of ``ncols`` axes side by side: ``(fig, axes)``."""
     fig = Figure(figsize=(width, height), layout="constrained", facecolor="white")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     for ax in axes:
@@ -114,12 +116,14 @@ def _line(ax, stats, colour, label, marker="o"):
     ax.fill_between(mid.index, lo.to_numpy(), hi.to_numpy(), color=colour, alpha=0.18, lw=0)
 
 
-def _layer_axis(ax) -> None:
+def layer_axis(ax) -> None:
+    """Label the x axis as 0-based layers, integer ticks."""
     ax.set_xlabel("layer (0-based)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _legend(fig, ax, title: str, ncols: int = 2) -> None:
+def figure_legend(fig, ax, title: str, ncols: int = 2) -> None:
+    """The legend of ``ax``'s lines, below the figure."""
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=ncols, title=title)
 
@@ -132,7 +136,7 @@ def _present(frame: pd.DataFrame, column: str, wanted, what: str) -> list[str]:
     return found
 
 
-@_styled
+@styled
 def entropy_flow(tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None = None) -> Figure:
     """Mean entropy per layer of the layer input, attention output, FFN output and layer output.
 
@@ -145,7 +149,7 @@ def entropy_flow(tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None
     ``final`` (the model's output policy), when present, is a star at the last layer.
     """
     sites = _present(tokens, "site", FLOW_SITES, "sites")
-    fig, (ax,) = _figure(COLUMN_WIDTH, 3.0)
+    fig, (ax,) = new_figure(COLUMN_WIDTH, 3.0)
     site = tokens["site"]  # compared as is: a categorical or strings alike
     for name in sites:
         stats = band(tokens[site == name], "layer", "entropy", spread)
@@ -155,13 +159,13 @@ def entropy_flow(tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None
         star = dict(marker="*", ms=9, ls="none", color=SITE_COLOURS["final"])
         ax.plot(final["layer"].max(), final["entropy"].mean(), **star, label="final (output)")
     ax.set_ylabel("entropy (nats)")
-    _layer_axis(ax)
+    layer_axis(ax)
     ax.set_title(title or "")
-    _legend(fig, ax, f"mean entropy per layer; {SPREADS[spread]}")
+    figure_legend(fig, ax, f"mean entropy per layer; {SPREADS[spread]}")
     return fig
 
 
-@_styled
+@styled
 def entropy_change(
     deltas: pd.DataFrame,
     *,
@@ -180,7 +184,7 @@ def entropy_change(
         title: axes title.
     """
     modules = _present(deltas, "module", MODULE_LABELS, "modules")
-    fig, (ax,) = _figure(COLUMN_WIDTH, 3.2)
+    fig, (ax,) = new_figure(COLUMN_WIDTH, 3.2)
     module = deltas["module"]
     threshold = "tau" if tau is None else f"tau = {tau:g} nats"
     for stage, (label, hatch) in _STAGE_SHADES.items():
@@ -200,9 +204,9 @@ def entropy_change(
         label, colour = MODULE_LABELS[name]
         _line(ax, band(deltas[module == name], "layer", "delta", spread), colour, label)
     ax.set_ylabel("entropy change ΔH (nats)")
-    _layer_axis(ax)
+    layer_axis(ax)
     ax.set_title(title or "")
-    _legend(fig, ax, f"mean ΔH per layer; {SPREADS[spread]}", ncols=1)
+    figure_legend(fig, ax, f"mean ΔH per layer; {SPREADS[spread]}", ncols=1)
     return fig
 
 
@@ -213,7 +217,7 @@ def token_label(text: str, limit: int = 10) -> str:
     return shown.replace("$", r"\$")
 
 
-@_styled
+@styled
 def token_heatmap(
     tokens: pd.DataFrame,
     *,
@@ -241,7 +245,7 @@ def token_heatmap(
     text_column = "token" if "token" in rows.columns else "token_id"
     text = rows.drop_duplicates("position").set_index("position")[text_column].astype(str)
     height = min(max(1.4 + 0.16 * len(grid), 2.2), 5.0)
-    fig, (ax,) = _figure(TEXT_WIDTH, height)
+    fig, (ax,) = new_figure(TEXT_WIDTH, height)
     image = ax.imshow(
         grid.to_numpy(), aspect="auto", origin="lower", cmap="viridis", interpolation="nearest"
     )
@@ -261,7 +265,7 @@ def token_heatmap(
     return fig
 
 
-@_styled
+@styled
 def next_token_extras(
     tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None = None
 ) -> Figure:
@@ -279,7 +283,7 @@ def next_token_extras(
     if missing:
         raise ValueError(f"the table has no {', '.join(sorted(missing))} (run with --extras)")
     sites = _present(tokens, "site", ("attn_out", "mlp_out", "resid_post"), "sites")
-    fig, (rank_ax, kl_ax) = _figure(TEXT_WIDTH, 2.8, ncols=2)
+    fig, (rank_ax, kl_ax) = new_figure(TEXT_WIDTH, 2.8, ncols=2)
     site = tokens["site"]  # compared as is: a categorical or strings alike
     for name in sites:
         rows = tokens[site == name]
@@ -292,15 +296,15 @@ def next_token_extras(
     rank_ax.set_ylabel("rank of the actual next token\n(1 = top; median, 25th–75th pct.)")
     kl_ax.set_ylabel("KL(internal ‖ final) (nats)\n" + SPREADS[spread].replace("band: ", ""))
     for ax, letter in ((rank_ax, "a"), (kl_ax, "b")):
-        _layer_axis(ax)
+        layer_axis(ax)
         ax.set_title(f"({letter})", loc="left")
     if title:
         fig.suptitle(title)
-    _legend(fig, rank_ax, "policy read at site", ncols=len(sites))
+    figure_legend(fig, rank_ax, "policy read at site", ncols=len(sites))
     return fig
 
 
-@_styled
+@styled
 def opt_in_statistics(
     tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None = None
 ) -> Figure:
@@ -314,7 +318,7 @@ def opt_in_statistics(
     if not names:
         raise ValueError(f"the table has no opt-in statistic (run with --stats {opt_in()[0]})")
     sites = _present(tokens, "site", ("attn_out", "mlp_out", "resid_post"), "sites")
-    fig, axes = _figure(TEXT_WIDTH, 2.8, ncols=len(names))
+    fig, axes = new_figure(TEXT_WIDTH, 2.8, ncols=len(names))
     axes = np.atleast_1d(axes)
     site = tokens["site"]
     for ax, name, letter in zip(axes, names, "abcdefgh"):
@@ -326,10 +330,10 @@ def opt_in_statistics(
             ax.set_yscale("log")
         ax.set_ylabel(f"{chart.axis}\n" + SPREADS[spread].replace("band: ", ""))
         ax.set_title(f"({letter}) {name}", loc="left")
-        _layer_axis(ax)
+        layer_axis(ax)
     if title:
         fig.suptitle(title)
-    _legend(fig, axes[0], "policy read at site", ncols=len(sites))
+    figure_legend(fig, axes[0], "policy read at site", ncols=len(sites))
     return fig
 
 
@@ -340,7 +344,7 @@ COSINE_LABELS = {
 """The residual cosines' legend labels and colours (a module shares its output site's)."""
 
 
-@_styled
+@styled
 def residual_cosine(
     tokens: pd.DataFrame, *, spread: str = "iqr", title: str | None = None
 ) -> Figure:
@@ -363,20 +367,20 @@ def residual_cosine(
     rows = rows.drop_duplicates(["sample_id", "position", "layer"])
     if rows.empty:
         raise ValueError("the table has no layer rows for the residual cosines")
-    fig, (ax,) = _figure(COLUMN_WIDTH, 2.6)
+    fig, (ax,) = new_figure(COLUMN_WIDTH, 2.6)
     ax.axhline(0.0, color="0.25", lw=0.8, ls="--", zorder=1)
     for column, (label, colour) in COSINE_LABELS.items():
         _line(ax, band(rows.dropna(subset=[column]), "layer", column, spread), colour, label)
     ax.set_ylabel("cosine with the residual stream\n" + SPREADS[spread].replace("band: ", ""))
     ax.set_ylim(-1.05, 1.05)
-    _layer_axis(ax)
+    layer_axis(ax)
     if title:
         fig.suptitle(title)
-    _legend(fig, ax, "module write (mean over tokens)", ncols=1)
+    figure_legend(fig, ax, "module write (mean over tokens)", ncols=1)
     return fig
 
 
-@_styled
+@styled
 def compare_cosines(summaries: pd.DataFrame) -> Figure:
     """Several models' residual cosines (mean over tokens) on one relative-depth axis.
 
@@ -389,7 +393,7 @@ def compare_cosines(summaries: pd.DataFrame) -> Figure:
         raise ValueError("no run has residual cosines (run ipl entropy with --extras)")
     models = list(dict.fromkeys(summaries["model"]))
     palette = sns.color_palette("colorblind", n_colors=max(len(models), 1))
-    fig, axes = _figure(TEXT_WIDTH, 2.6, ncols=2)
+    fig, axes = new_figure(TEXT_WIDTH, 2.6, ncols=2)
     lacking = [m for m in models if m not in set(cosines["model"])]
     if lacking:  # named, not drawn as empty legend entries
         fig.text(
@@ -414,11 +418,11 @@ def compare_cosines(summaries: pd.DataFrame) -> Figure:
         ax.set_ylabel("cosine (mean over tokens)")
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-1.05, 1.05)
-    _legend(fig, axes[0], "model", ncols=min(len(models), 4))
+    figure_legend(fig, axes[0], "model", ncols=min(len(models), 4))
     return fig
 
 
-@_styled
+@styled
 def compare_runs(summaries: pd.DataFrame, *, late_depth: float = 0.9) -> Figure:
     """Several models on one relative-depth axis: layer-output entropy, FFN and attention ΔH.
 
@@ -430,7 +434,7 @@ def compare_runs(summaries: pd.DataFrame, *, late_depth: float = 0.9) -> Figure:
         late_depth: shades the depth range counted as late by the abruptness measure.
     """
     models = list(dict.fromkeys(summaries["model"]))
-    fig, axes = _figure(TEXT_WIDTH, 2.9, ncols=3)
+    fig, axes = new_figure(TEXT_WIDTH, 2.9, ncols=3)
     palette = sns.color_palette("colorblind", n_colors=max(len(models), 1))
     axes[0].axvspan(
         late_depth, 1.0, color="0.92", lw=0, label=f"last {1 - late_depth:.0%} of depth"
@@ -456,11 +460,11 @@ def compare_runs(summaries: pd.DataFrame, *, late_depth: float = 0.9) -> Figure:
         ax.set_xlim(-0.02, 1.02)
     for ax in axes[1:]:
         ax.axhline(0.0, color="0.25", lw=0.8, ls="--", zorder=1)
-    _legend(fig, axes[0], "model (mean over tokens)", ncols=min(len(models) + 1, 4))
+    figure_legend(fig, axes[0], "model (mean over tokens)", ncols=min(len(models) + 1, 4))
     return fig
 
 
-@_styled
+@styled
 def training_curves(runs: dict[str, pd.DataFrame]) -> Figure:
     """Reward, accuracy, entropies and response length against step, one colour per run.
 
@@ -493,7 +497,7 @@ PROBE_PANELS = (
 """Panels of :func:`probe_panels`: a probe quantity and its axis label (the paper's Figs. 4-5)."""
 
 
-@_styled
+@styled
 def probe_panels(runs: dict[str, pd.DataFrame], layers: dict[str, int]) -> Figure:
     """Training probes over steps, one row per run (``probes.parquet`` of ``ipl train-bupo``).
 
@@ -549,7 +553,7 @@ def probe_panels(runs: dict[str, pd.DataFrame], layers: dict[str, int]) -> Figur
     return fig
 
 
-@_styled
+@styled
 def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
     """KL(final || lens) per layer of ``site``, one line per lens, log scale (``ipl eval-lens``).
 
@@ -561,9 +565,9 @@ def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
     frame = table[table["site"].astype(str) == site]
     if frame.empty:
         raise ValueError(f"the table has no rows for site {site!r}")
-    order = ("raw", "norm", "tuned")
-    lenses = sorted(set(frame["lens"]), key=lambda n: (order.index(n) if n in order else 3, n))
-    fig, (ax,) = _figure(COLUMN_WIDTH, 2.6)
+    rank = {name: i for i, name in enumerate(LENSES)}  # registration order; others come last
+    lenses = sorted(set(frame["lens"]), key=lambda n: (rank.get(n, len(rank)), n))
+    fig, (ax,) = new_figure(COLUMN_WIDTH, 2.6)
     palette = sns.color_palette("colorblind", n_colors=len(lenses))
     floor = 1e-4
     for lens, colour in zip(lenses, palette):
@@ -578,6 +582,6 @@ def lens_quality(table: pd.DataFrame, *, site: str = "resid_post") -> Figure:
     ax.set_yscale("log")
     ax.set_ylabel("KL(final ‖ lens) (nats)")
     ax.set_title(f"{site}: distance to the output policy", loc="left")
-    _layer_axis(ax)
-    _legend(fig, ax, "lens (held-out tokens)", ncols=len(lenses))
+    layer_axis(ax)
+    figure_legend(fig, ax, "lens (held-out tokens)", ncols=len(lenses))
     return fig

@@ -21,6 +21,7 @@ from plotly.offline import get_plotlyjs
 
 from ..config import CompareConfig, ReportConfig
 from ..folders import Folder
+from ..lens_kinds import LENSES
 from ..runs.io import RunFolder, model_name, open_run
 from .charts import change_chart, compare_charts, extras_charts, flow_chart, split_chart
 from .convergence import convergence_summary
@@ -30,18 +31,6 @@ from .uncertainty import LABELS, STATS, Resampled
 
 ASSETS = Path(__file__).with_name("templates")
 """The page template, its styles and the token explorer's script."""
-
-
-RAW_LENS_NOTE = (
-    "Raw lens (the paper's definition): each site vector is unembedded as it is, without the "
-    "final norm, so a policy's sharpness follows the vector's norm as much as its direction: a "
-    "short vector gives a near-uniform policy, a long one a sharp policy. Layer 0's input is the "
-    "token embedding; where its norm is small its policy is near uniform (high entropy, the next "
-    "token ranked far down, large KL to the final policy), and these curves drop where the "
-    "stream's norm grows (often as soon as layer 0 writes to it), whether or not the top token "
-    "is the final one. The top-1 agreement and the rank say how close the policies are."
-)
-"""Shown under the extras charts of a raw-lens run."""
 
 
 def report_run(cfg: ReportConfig) -> Path:
@@ -100,8 +89,9 @@ def write_run_report(
     extras = extras_charts(summary, tokens, counts)
     charts += [_chart(fig, f"chart-{name.replace('_', '-')}") for name, fig in extras.items()]
     lens = info["config"]["lens"]
-    if extras and lens == "raw":
-        charts.append(f'<p class="note" id="raw-lens-note">{html.escape(RAW_LENS_NOTE)}</p>')
+    note = getattr(LENSES.get(lens), "note", None)  # what the lens says under the extras charts
+    if extras and note:
+        charts.append(f'<p class="note" id="{lens}-lens-note">{html.escape(note)}</p>')
     data = explorer_data(tokens, topk, cfg, _records(Path(out) / "responses.jsonl"))
     data["lens"] = lens
     return _write_page(

@@ -17,10 +17,10 @@ from .plots import (
     MODULE_LABELS,
     SITE_COLOURS,
     TEXT_WIDTH,
-    _figure,
-    _layer_axis,
-    _legend,
-    _styled,
+    figure_legend,
+    layer_axis,
+    new_figure,
+    styled,
 )
 
 SPLIT_PANELS = (
@@ -50,7 +50,7 @@ def present_panels(summary: pd.DataFrame, panels: tuple) -> list[tuple]:
     return [p for p in panels if ((summary["quantity"] == p[0]) & (name == p[1])).any()]
 
 
-@_styled
+@styled
 def split_curves(
     summary: pd.DataFrame, *, panels: tuple = SPLIT_PANELS, title: str | None = None
 ) -> Figure:
@@ -70,7 +70,7 @@ def split_curves(
         raise ValueError(f"the split's summary has none of {wanted}")
     groups = list(dict.fromkeys(summary["group"]))
     colours = dict(zip(groups, sns.color_palette("colorblind", len(groups))))
-    fig, axes = _figure(TEXT_WIDTH, 2.6, ncols=len(shown))
+    fig, axes = new_figure(TEXT_WIDTH, 2.6, ncols=len(shown))
     name = summary["name"].astype(str)
     finals = (summary["quantity"] == "entropy") & (name == "final")
     star = finals.any() and ("entropy", "resid_post") in [(q, w) for q, w, _ in shown]
@@ -88,7 +88,7 @@ def split_curves(
             if star and (quantity, which) == ("entropy", "resid_post"):
                 _final_star(ax, summary[finals & (summary["group"] == group)], colours[group])
         ax.set_ylabel(label)
-        _layer_axis(ax)
+        layer_axis(ax)
     if title:
         fig.suptitle(title)
     told = "group"
@@ -96,7 +96,7 @@ def split_curves(
         told += " (bands: 95% intervals over resampled responses)"
     if star:
         told += "; star: the final policy"
-    _legend(fig, axes[0], told, len(groups))
+    figure_legend(fig, axes[0], told, len(groups))
     return fig
 
 
@@ -112,13 +112,13 @@ def _final_star(ax, rows: pd.DataFrame, colour) -> None:
     )
 
 
-@_styled
+@styled
 def diff_panels(table: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Per site, the diff's measures against layer (``diff.csv``: layer, site, the measures)."""
     sites = [s for s in SITE_COLOURS if s in set(table.site) and s != "final"]
     if not sites:
         raise ValueError("the diff has no site other than final to draw against layer")
-    fig, axes = _figure(TEXT_WIDTH, 2.2, ncols=len(DIFF_PANELS))
+    fig, axes = new_figure(TEXT_WIDTH, 2.2, ncols=len(DIFF_PANELS))
     for ax, (column, label) in zip(axes, DIFF_PANELS):
         for site in sites:
             rows = table[table.site == site].sort_values("layer")
@@ -127,8 +127,8 @@ def diff_panels(table: pd.DataFrame, *, title: str | None = None) -> Figure:
         if len(final):
             ax.plot(final.layer, final[column], "*", color=SITE_COLOURS["final"], label="final")
         ax.set_title(label)
-        _layer_axis(ax)
+        layer_axis(ax)
     if title:
         fig.suptitle(title)
-    _legend(fig, axes[0], "site", len(sites) + 1)
+    figure_legend(fig, axes[0], "site", len(sites) + 1)
     return fig

@@ -19,7 +19,8 @@ import pandas as pd
 from ..config import CompareConfig, ConvergenceConfig, PlotConfig, SplitConfig, SplitRunConfig
 from ..folders import Folder
 from ..runs.io import RunFolder, open_run
-from .figures import FigureReport, save_figure
+from .figures import FigureReport
+from .files import save_figure
 from .split_figures import CHANGE_PANELS, FLOW_PANELS, split_curves
 from .splits import split_run
 from .uncertainty import Resampled, differences, resample, run_seed

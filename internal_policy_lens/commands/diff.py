@@ -17,13 +17,14 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..analysis.diff import DiffResult, write_diff
-from ..config import MODEL_LENSES, DiffConfig, LensSettings
+from ..config import DiffConfig, LensSettings
 from ..data.encode import encode_inputs
 from ..data.records import read_records
 from ..folders import Folder, now, sha256, versions
 from ..lens.capture import site_keys
 from ..lens.diff import DIFF_STATS, diff_batch
 from ..lens.tuned import make_lens
+from ..lens_kinds import model_lenses
 from ..model.load import load_model
 
 
@@ -34,8 +35,8 @@ def run_diff(cfg: DiffConfig, *, progress: bool = True) -> DiffResult:
         ValueError: a lens other than raw or norm, records without responses, or models that
             read the data as different token ids or have different vocabularies.
     """
-    if cfg.lens not in MODEL_LENSES:
-        raise ValueError(f"ipl diff takes --lens {' or '.join(MODEL_LENSES)}, not {cfg.lens!r}")
+    if cfg.lens not in model_lenses():  # a fitted lens belongs to one model, not to both
+        raise ValueError(f"ipl diff takes --lens {' or '.join(model_lenses())}, not {cfg.lens!r}")
     folder = Folder(cfg.out).check_writable()
     records = read_records(cfg.data, max_samples=cfg.max_samples)
     missing = [r["sample_id"] for r in records if r["response"] is None]

@@ -24,23 +24,23 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import ConvergenceConfig, EntropyConfig, derive_seed
-from ..data.encode import Encoded, encode_inputs, encode_prompt
+from ..config import ConvergenceConfig, EntropyConfig
+from ..data.encode import Encoded, encode_inputs, encode_prompt, unknown_tokens
 from ..data.records import read_records, write_records_jsonl
 from ..folders import Folder, FolderState, folder_state, now, sha256, versions
 from ..lens.capture import site_keys
 from ..lens.sites import parse_layers, resolve_layers, resolve_sites
 from ..lens.tuned import check_lens_path, lens_facts, make_lens
 from ..lens.unembed import Lens
-from ..model.files import config_layers
-from ..model.generate import generate_texts
+from ..model.files import check_out_outside_model, config_layers, config_vocab
+from ..model.generate import SEEDING, GenerationBar, generate_texts, response_seed
 from ..model.load import PolicyModel, load_model
 from ..runs.io import RunFolder
 from ..runs.shard import (
@@ -114,10 +114,13 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         resolve_layers(cfg.layers, n_layers)
     elif isinstance(cfg.layers, str):
         parse_layers(cfg.layers)
+    cfg = fit_topk(cfg, config_vocab(cfg.model, cfg.revision) or _recorded_vocab(cfg))
     shard = resolve_shard(cfg.shard)
+    check_out_outside_model(cfg.out, cfg.model)
     folder = RunFolder(cfg.out).check_writable()
     records = read_records(cfg.data, max_samples=cfg.max_samples)
-    identity = {**cfg.identity(), "data_sha256": sha256(cfg.data)}
+    data_sha256 = sha256(cfg.data)
+    identity = {**cfg.identity(), "data_sha256": data_sha256}
     state, old = _folder_state(cfg, identity)  # another configuration's run is refused here
     if state is FolderState.COMPLETE:
         return _reused(folder, old)
@@ -130,6 +133,12 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         progress=progress,
         gguf_file=cfg.gguf_file,
     )
+    if cfg.topk > model.vocab_size:  # no config.json was at hand (a GGUF file, a hub name)
+        cfg = fit_topk(cfg, model.vocab_size)
+        identity = {**cfg.identity(), "data_sha256": data_sha256}
+        state, old = _folder_state(cfg, identity)
+        if state is FolderState.COMPLETE:
+            return _reused(folder, old)
     keys = site_keys(model, cfg.sites, cfg.layers)
     # The run's one lens: its precision, unembedding cast and lens folder serve every batch.
     lens = make_lens(model, cfg.settings)
@@ -141,7 +150,7 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         cfg.generation.samples_per_prompt
     )
     with writer_lock(folder, shard):
-        info = start_folder(out, state, facts)
+        info = start_folder(out, state, facts, shard)
         records = ensure_responses(model, records, cfg, out, progress, shard)
         batches, truncated, passes = _analyse(model, lens, records, cfg, out, progress, shard)
         if shard is not None:
@@ -149,6 +158,18 @@ def run_entropy(cfg: EntropyConfig, *, progress: bool = True) -> EntropyRun | No
         # The decoder's forward passes of each batch this process analysed.
         info.update(samples=len(records), truncated=truncated, forward_passes=passes)
         return finish_run(out, info, batches, cfg.topk > 0)
+
+
+def fit_topk(cfg: EntropyConfig, vocab_size: int | None) -> EntropyConfig:
+    """``cfg`` with ``topk`` at most the vocabulary (run.json records the K used), said once."""
+    if vocab_size is None or cfg.topk <= vocab_size:
+        return cfg
+    warnings.warn(
+        f"--topk {cfg.topk} is more than the model's {vocab_size}-token vocabulary; "
+        f"using --topk {vocab_size}",
+        stacklevel=2,
+    )
+    return replace(cfg, topk=vocab_size)
 
 
 @contextlib.contextmanager
@@ -204,8 +225,9 @@ def describe(run: EntropyRun) -> str:
     tau = ConvergenceConfig().tau  # the stages' and ipl suggest-layer's threshold
     widening = ffn[ffn["mean"] > tau]["layer"].tolist()
     final_text = f"{final.iloc[0]:.3f} nats" if len(final) else "n/a (site not analysed)"
+    samples = f"{run.info['samples']} sample{'s' if run.info['samples'] != 1 else ''}"
     text = (
-        f"Wrote {run.info['rows']:,} rows for {run.info['samples']} samples to {run.out}/ "
+        f"Wrote {run.info['rows']:,} rows for {samples} to {run.out}/ "
         f"({'topk.parquet, ' if run.info['config'].get('topk') else ''}tokens.parquet, "
         "deltas.parquet, "
         f"summary.csv, responses.jsonl, run.json, report.html). "
@@ -234,6 +256,16 @@ def _folder_state(cfg: EntropyConfig, identity: dict) -> tuple[FolderState, dict
         force=cfg.force,
     )
     return state, old
+
+
+def _recorded_vocab(cfg: EntropyConfig) -> int | None:
+    """The vocabulary size that ``cfg.out``'s run.json records for the same model, if any.
+
+    A GGUF file or a hub name has no config.json to read it from before the model loads.
+    """
+    record = Path(cfg.out) / "run.json"
+    model = json.loads(record.read_text()).get("model", {}) if record.is_file() else {}
+    return model.get("vocab_size") if model.get("name_or_path") == cfg.model else None
 
 
 def _reused(folder: RunFolder, info: dict) -> EntropyRun:
@@ -270,38 +302,45 @@ def _facts(cfg: EntropyConfig, model: PolicyModel, lens: Lens, identity: dict) -
         "lens": lens_facts(lens),
         # Every statistic the tables hold: its unit and definition.
         "statistics": statistic_facts(cfg.request),
+        # How records without a response get one (cfg.generation holds the settings).
+        "seeding": SEEDING,
         "versions": versions(),
     }
 
 
 def ensure_responses(model, records, cfg, out, progress, shard: Shard | None) -> list[dict]:
-    """Generate the missing responses batch by batch (a shard's own first); responses.jsonl."""
+    """Generate the missing responses batch by batch (a shard's own first); responses.jsonl.
+
+    Response k to a record is seeded from (seed, the record's id, k) (see
+    :func:`~internal_policy_lens.model.generate.response_seed`), whatever batch it falls in.
+    """
     gen = cfg.generation
     todo = [(r, k) for r in records if r["response"] is None for k in range(gen.samples_per_prompt)]
     done = {}
     if todo:
         folder = out / "generation"
         folder.mkdir(exist_ok=True)
-        bar = tqdm(total=len(todo), desc="generate", unit="resp", disable=not progress)
-        for number in work_order(-(-len(todo) // gen.batch_size), shard):
-            index = number * gen.batch_size
-            batch = todo[index : index + gen.batch_size]
-            part = folder / f"part-{number:05d}.json"
-            if not part.is_file():
-                prompts = [encode_prompt(model.tokenizer, r["prompt"]) for r, _ in batch]
-                texts = generate_texts(
-                    model,
-                    prompts,
-                    max_new_tokens=gen.max_new_tokens,
-                    temperature=gen.temperature,
-                    top_p=gen.top_p,
-                    seed=derive_seed(gen.seed, number),
-                )
-                Folder(folder).write_json(part.name, texts)
-            for (record, k), text in zip(batch, json.loads(part.read_text())):
-                done[record["sample_id"], k] = text
-            bar.update(len(batch))
-        bar.close()
+        bar = GenerationBar(len(todo), gen.max_new_tokens, desc="generate", disable=not progress)
+        with bar:  # closed (its line ended) however the loop ends, Ctrl-C included
+            for number in work_order(-(-len(todo) // gen.batch_size), shard):
+                index = number * gen.batch_size
+                batch = todo[index : index + gen.batch_size]
+                part = folder / f"part-{number:05d}.json"
+                if not part.is_file():
+                    prompts = [encode_prompt(model.tokenizer, r["prompt"]) for r, _ in batch]
+                    texts = generate_texts(
+                        model,
+                        prompts,
+                        max_new_tokens=gen.max_new_tokens,
+                        temperature=gen.temperature,
+                        top_p=gen.top_p,
+                        seeds=[response_seed(gen.seed, r["sample_id"], k) for r, k in batch],
+                        on_step=bar.step,
+                    )
+                    Folder(folder).write_json(part.name, texts)
+                for (record, k), text in zip(batch, json.loads(part.read_text())):
+                    done[record["sample_id"], k] = text
+                bar.done(len(batch))
     result = []
     for r in records:
         if r["response"] is not None:
@@ -322,6 +361,14 @@ def _analyse(model, lens: Lens, records, cfg, out, progress, shard: Shard | None
     """
     limit = cfg.max_length or model.max_length
     encoded = encode_inputs(model.tokenizer, records)
+    unknown, holding = unknown_tokens(model.tokenizer, encoded)
+    if unknown:
+        warnings.warn(
+            f"{unknown} tokens in {holding} of {len(encoded)} sequences are the tokenizer's "
+            f"unknown token {model.tokenizer.unk_token!r}: characters its vocabulary lacks, "
+            "which the model reads as that one token",
+            stacklevel=2,
+        )
     truncated = sum(len(e.input_ids) > limit for e in encoded)
     if truncated:
         warnings.warn(

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import CompareConfig, ConvergenceConfig, ReportConfig
+from ..lens_kinds import PAPER_LENS
 
 
 def compare(cfg: CompareConfig) -> str:
@@ -23,9 +24,10 @@ def suggest_layer(run: Path, cfg: ConvergenceConfig) -> tuple[str, bool]:
 
     folder, suggestion = suggest_run_layer(run, cfg)
     lines = [f"{folder.name}: {folder.n_layers} layers, {folder.lens} lens"]
-    if folder.lens != "raw":
+    if folder.lens != PAPER_LENS:
         lines.append(
-            f"note: the paper's rule reads the raw lens; this run used the {folder.lens} lens"
+            f"note: the paper's rule reads the {PAPER_LENS} lens; this run used the "
+            f"{folder.lens} lens"
         )
     lines.append(str(suggestion))
     return "\n".join(lines), suggestion.layer is not None

@@ -50,7 +50,7 @@ def run_fit_lens(cfg: FitLensConfig, *, progress: bool = True) -> dict:
 
 
 def kl_text(table: pd.DataFrame) -> str:
-    """``ipl eval-lens``'s table: KL to the final policy per (site, layer), lenses raw, norm, tuned.
+    """``ipl eval-lens``'s table: KL to the final policy per (site, layer), a column per lens.
 
     Rounding error just below zero prints as 0.0000, not -0.0000.
     """
@@ -60,7 +60,9 @@ def kl_text(table: pd.DataFrame) -> str:
 
 
 def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
-    """Raw, norm and tuned lens on the same held-out tokens, per (layer, site); ``EVAL_COLUMNS``.
+    """Every registered lens (raw, norm, tuned...) on the same held-out tokens; ``EVAL_COLUMNS``.
+
+    One row per (layer, site, lens); the lenses that read a folder use ``cfg.lens_path``'s.
 
     Writes ``lens_eval.csv`` and ``lens_eval.png``/``.pdf`` to ``cfg.out`` when it is given.
     """
@@ -95,7 +97,10 @@ def run_eval_lens(cfg: EvalLensConfig) -> pd.DataFrame:
     keys = [key for key in translators if key != ("resid_post", model.n_layers - 1)]
     keys.append(("resid_post", model.n_layers - 1))
     rows = collect_rows(model, records, keys, cfg.batch_size)
-    lenses = [Lens(model, "raw"), Lens(model, "norm"), Lens(model, "tuned", "exact", translators)]
+    lenses = [
+        Lens(model, kind, "exact", translators if kind.needs_folder else None)
+        for kind in LENSES.values()
+    ]
     table = pd.concat([lens_metrics(lens, rows) for lens in lenses], ignore_index=True)
     table["site"] = pd.Categorical(table["site"], categories=SITES)
     table = table.sort_values(["site", "layer"], kind="stable").reset_index(drop=True)
@@ -180,7 +185,7 @@ def _warn_worse(kl: dict[str, list[float]], mean: dict[str, float]) -> None:
 
 
 def evaluate(cfg: EvalLensConfig) -> str:
-    """Evaluate the three lenses; the KL table, and where the results went."""
+    """Evaluate the lenses; the KL table, and where the results went."""
     table = run_eval_lens(cfg)
     lines = ["KL(final || lens), nats, per site and layer:", kl_text(table)]
     if cfg.out is not None:

@@ -112,6 +112,8 @@ def _offer(path: tuple[str, ...], f: Field, hint: Any, doc: str) -> Offered:
     if meta.get("argument"):
         info = typer.Argument(help=doc)
         return Offered(path, _parameter(name, kind, info, inspect.Parameter.empty), convert)
+    if "choices" in meta:  # read when the command line is built (a lens registered before)
+        doc = f"{doc} One of: " + "; ".join(f"{k}: {v}" for k, v in meta["choices"]().items())
     shown = _shown_default(f)
     help_text = doc if shown is None else f"{doc}  [default: {shown}]"
     limits = {k: meta[k] for k in ("min", "max") if k in meta}

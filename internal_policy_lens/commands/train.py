@@ -54,8 +54,8 @@ def evaluate(cfg: EvalConfig) -> str:
     from ..train.evaluate import evaluate as evaluate_model
 
     table, metrics = evaluate_model(cfg)
-    lines = [
-        f"{len(table)} problems, {cfg.samples} samples each ({cfg.out}/results.csv, metrics.json)"
-    ]
+    problems = f"{len(table)} problem{'s' if len(table) != 1 else ''}"
+    samples = f"{cfg.samples} sample{'s' if cfg.samples != 1 else ''}"
+    lines = [f"{problems}, {samples} each ({cfg.out}/results.csv, metrics.json)"]
     lines += [f"{name:>10}  {value:.4f}" for name, value in metrics.items()]
     return "\n".join(lines)

@@ -52,6 +52,18 @@ def encode_inputs(tokenizer, inputs: Sequence) -> list[Encoded]:
     return out
 
 
+def unknown_tokens(tokenizer, encoded: Sequence[Encoded]) -> tuple[int, int]:
+    """(unknown tokens, sequences holding one) in ``encoded``: characters the vocabulary lacks.
+
+    A tokenizer without an unknown token (byte-level BPE) has none.
+    """
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        return 0, 0
+    counts = [e.input_ids.count(unknown) for e in encoded]
+    return sum(counts), sum(count > 0 for count in counts)
+
+
 def prompt_text(tokenizer, prompt: str | Sequence[Mapping[str, str]]) -> str:
     """Render a prompt for generation.
 

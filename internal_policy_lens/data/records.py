@@ -230,7 +230,8 @@ def _read_csv(path: Path, where: _Where) -> list[tuple[int, Any]]:
 
     text = _read_text(path, where)
     try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        # pandas' missing-value markers (NaN, NA, null, N/A...) are missing cells, as empty ones
+        frame = pd.read_csv(io.StringIO(text), dtype=str)
     except pd.errors.EmptyDataError:
         return []
     except Exception as exc:  # pandas raises ParserError, ValueError, csv.Error, ...
@@ -240,8 +241,8 @@ def _read_csv(path: Path, where: _Where) -> list[tuple[int, Any]]:
         ) from exc
     rows = [
         {
-            # An empty response cell is kept as "" so that every format follows one rule.
-            key: value if isinstance(value, str) and (value or key in RESPONSE_FIELDS) else None
+            # A missing response cell is kept as "" so that every format follows one rule.
+            key: value if isinstance(value, str) else "" if key in RESPONSE_FIELDS else None
             for key, value in raw.items()
         }
         for raw in frame.to_dict("records")

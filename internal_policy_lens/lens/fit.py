@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..config import FitLensConfig, derive_seed
 from ..data.encode import encode_inputs
 from ..folders import Folder, FolderState, folder_state, now, versions
+from ..lens_kinds import Norm, Tuned
 from ..model.batch import pad
 from ..model.load import PolicyModel
 from ..statistics import Request
@@ -114,7 +115,7 @@ def lens_metrics(lens: Lens, rows: Rows, chunk: int = 4096) -> pd.DataFrame:
             dict(
                 layer=layer,
                 site=site,
-                lens=lens.kind,
+                lens=lens.name,
                 kl_final_internal=_mean(columns["kl_final_internal"], n),
                 next_token_ce=-_mean(columns["next_token_logprob"], n),
                 top1_agrees=_mean(columns["top1_agrees"], n),
@@ -195,7 +196,7 @@ def fit_lens(
         rows = collect_rows(model, fit, keys, cfg.batch_size)
         translators = _train(model, rows, keys, cfg, out, progress, on_step)
         heldout = collect_rows(model, held, keys, cfg.batch_size)
-        lenses = [Lens(model, "norm"), Lens(model, "tuned", translators=translators)]
+        lenses = [Lens(model, Norm), Lens(model, Tuned, translators=translators)]
         evaluation = pd.concat([lens_metrics(lens, heldout) for lens in lenses])
     meta = {
         "model": model_facts(model),
@@ -232,7 +233,7 @@ def _train(model, rows: Rows, keys, cfg: FitLensConfig, out: Folder, progress, o
         params, lr=base_lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
     )
     start = _resume(out, cfg, keys, translators, opt)
-    lens = Lens(model, "tuned", "exact", translators)
+    lens = Lens(model, Tuned, "exact", translators)
     lens.translators = translators  # the trained tensors themselves, not copies
     bar = tqdm(total=cfg.steps, initial=start, desc="fit-lens", unit="step", disable=not progress)
     for step in range(start, cfg.steps):

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from ..bundled import BUNDLED_MODELS, bundled_model_path
 from ..config import LensSettings
 from ..folders import Folder
+from ..lens_kinds import folder_lenses, lens_kind
 from ..model.load import PolicyModel
 from .sites import SITES, SiteKey
 from .unembed import Lens
@@ -171,40 +172,42 @@ def read_lens(
 
 
 def check_lens_path(settings: LensSettings) -> None:
-    """Refuse a ``--lens-path`` without the tuned lens, or one that is not a folder.
+    """Refuse a ``--lens-path`` with a lens that reads no folder, or one that is not a folder.
 
     Needs no model, so commands call it before loading one.
     """
     if settings.lens_path is None:
         return
-    if settings.lens != "tuned":
+    if not lens_kind(settings.lens).needs_folder:
         raise ValueError(
-            f"a lens folder ({settings.lens_path}) goes with the tuned lens; "
-            "pass --lens tuned, or leave out --lens-path"
+            f"a lens folder ({settings.lens_path}) goes with the {' or '.join(folder_lenses())} "
+            f"lens; pass --lens {' or --lens '.join(folder_lenses())}, or leave out --lens-path"
         )
     if not Path(settings.lens_path).is_dir():
         raise LensFolderError(f"{settings.lens_path}: no such lens folder; {FIT_HINT}")
 
 
 def make_lens(model: PolicyModel, settings: LensSettings) -> Lens:
-    """The :class:`Lens` of ``settings``; for ``tuned``, its translators read from the folder.
+    """The :class:`Lens` of ``settings``; a folder lens's translators read from its folder.
 
     Choosing the precision, casting the unembedding and reading the folder happen here: a run
     makes its lens once and passes it to every batch.
     """
     check_lens_path(settings)
-    if settings.lens != "tuned":
-        return Lens(model, settings.lens, settings.precision)
+    kind = lens_kind(settings.lens)
+    if not kind.needs_folder:
+        return Lens(model, kind, settings.precision)
     folder = lens_folder(settings.lens_path, model.name)
     translators, _ = read_lens(folder, model)
-    return Lens(model, "tuned", settings.precision, translators, source=folder)
+    return Lens(model, kind, settings.precision, translators, source=folder)
 
 
 def lens_facts(lens: Lens) -> dict:
-    """What ``run.json`` records of a lens; for one read from a folder, the folder and its hash."""
+    """What ``run.json`` records of a lens: its kind's record, and the folder and its hash."""
+    facts = lens.kind.record(lens)
     if lens.source is None:
-        return {"name": lens.kind}
-    return {"name": lens.kind, "path": str(lens.source), "sha256": folder_hash(lens.source)}
+        return facts
+    return {**facts, "path": str(lens.source), "sha256": folder_hash(lens.source)}
 
 
 def _read_json(file: Path) -> dict:

@@ -1,6 +1,7 @@
-"""Site vector -> logits: the ``raw``, ``norm`` and ``tuned`` lenses, ``exact`` or ``fast``.
+"""Site vector -> logits under a lens kind (``raw``, ``norm``, ``tuned``...), ``exact`` or ``fast``.
 
-The reductions of the logits to entropies and the other per-token statistics live in
+What each kind reads for a site vector is :mod:`internal_policy_lens.lens_kinds`'s. The
+reductions of the logits to entropies and the other per-token statistics live in
 :mod:`internal_policy_lens.lens.reduce`.
 """
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import LENSES, PRECISIONS
+from ..config import PRECISIONS
+from ..lens_kinds import LensKind, folder_lenses, lens_kind
 from ..model.families import has_head_transform, head_transform
 from ..model.hardware import half_support
 from ..model.load import PolicyModel
@@ -97,47 +99,48 @@ def _name(dtype: torch.dtype) -> str:
 
 
 class Lens:
-    """Turns site vectors into logits with the ``raw``, ``norm`` or ``tuned`` lens.
+    """Turns site vectors into logits under a lens kind (``raw``, ``norm``, ``tuned``, ...).
 
-    ``raw`` (the paper's definition): ``x @ W_U^T (+ b_U)``. ``norm`` (the logit lens):
-    ``final_norm(x) @ W_U^T (+ b_U)``. ``tuned`` (Belrose et al. 2023): the norm lens applied to
-    ``x + x A^T + b``, with one translator ``(A, b)`` per (site, layer) (see
-    :mod:`~internal_policy_lens.lens.tuned`); with zero translators it is the norm lens. Every
-    lens then applies the model's own output head transformation where it has one (Granite's
-    logit scaling, Gemma's final soft-capping). The ``final`` site is the final norm's output
-    already, so it is projected as it is under every lens and gives the model's own logits.
+    The kind (:mod:`~internal_policy_lens.lens_kinds`) says what the unembedding reads for a site
+    vector: ``raw`` (the paper's definition) the vector itself, ``norm`` (the logit lens) its
+    final norm, ``tuned`` (Belrose et al. 2023) the final norm of ``x + x A^T + b``, with one
+    translator ``(A, b)`` per (site, layer) (see :mod:`~internal_policy_lens.lens.tuned`; with
+    zero translators it is the norm lens). Then ``x @ W_U^T (+ b_U)``, and the model's own output
+    head transformation where it has one (Granite's logit scaling, Gemma's final soft-capping).
+    The ``final`` site is the final norm's output already, so it is projected as it is under
+    every lens and gives the model's own logits.
 
     Precision (see :func:`choose_precision`): ``exact`` runs float32 products and reductions
     (float64 for a float64 model); ``fast`` runs bf16 (or the model's fp16) products where the
-    device multiplies them natively (4-10x faster than float32 on CPUs with bf16 instructions),
-    float32 products elsewhere, and float32 reductions. ``precision`` is a mode name or an
+    device multiplies them natively (faster there: see the README's Performance of the
+    reductions for what was measured), float32 products elsewhere, and float32 reductions. ``precision`` is a mode name or an
     already chosen :class:`Precision`.
 
     Attributes:
+        kind: the :class:`~internal_policy_lens.lens_kinds.LensKind`; ``name`` is its name.
         chosen: the :class:`Precision` it runs.
         dtype: dtype of the products and of the logits.
         reduce_dtype: dtype in which logits are reduced to statistics.
         out_dtype: dtype of the statistics (float64 for a float64 model, else float32).
         temperature: the logits are divided by it after the head transformation (the policy
             sampled at that temperature).
-        source: the folder the tuned lens's translators were read from (None otherwise).
+        source: the folder the translators were read from (None otherwise).
     """
 
     def __init__(
         self,
         model: PolicyModel,
-        lens: str = "raw",
+        lens: str | LensKind | type[LensKind] = "raw",
         precision: str | Precision = "exact",
         translators: dict[SiteKey, tuple[torch.Tensor, torch.Tensor]] | None = None,
         temperature: float = 1.0,
         *,
         source: str | os.PathLike | None = None,
     ) -> None:
-        if lens not in LENSES:
-            raise ValueError(f"unknown lens '{lens}'; use one of {', '.join(LENSES)}")
-        if (lens == "tuned") != (translators is not None):
-            raise ValueError("translators go with the tuned lens, and only with it")
-        self.kind = lens
+        self.kind = lens_kind(lens)
+        self.name = self.kind.name
+        if self.kind.needs_folder != (translators is not None):
+            raise ValueError(f"translators go with the {', '.join(folder_lenses())} lens only")
         self.source = source
         self.norm = model.final_norm
         unembed = model.unembed
@@ -170,29 +173,23 @@ class Lens:
         return self.weight.shape[0]
 
     def check(self, keys: Iterable[SiteKey]) -> None:
-        """Raise ValueError naming the first (site, layer) of ``keys`` without a translator."""
-        if self.kind != "tuned":
-            return
-        have = sorted({s for s, _ in self.translators})
-        for site, layer in keys:
-            if site != "final" and source_key(site, layer) not in self.translators:
-                raise ValueError(
-                    f"the tuned lens has no translator for {site} at layer {layer} (it has "
-                    f"{', '.join(have)}); choose --sites among those, or fit the lens with "
-                    f"`ipl fit-lens --sites {site}`"
-                )
+        """Raise ValueError naming the first (site, layer) of ``keys`` the lens cannot read."""
+        self.kind.check(self, keys)
+
+    def translator(self, site: str, layer: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The translator ``(A, b)`` reading ``site`` at ``layer``; None where there is none.
+
+        ``resid_pre`` of layer ``l > 0`` is ``resid_post`` of layer ``l - 1``: one translator.
+        """
+        return self.translators.get(source_key(site, layer))
 
     def inputs(self, x: torch.Tensor, site: str, layer: int | None = None) -> torch.Tensor:
         """What the unembedding reads for ``x`` ``[..., d_model]`` of ``site``, in :attr:`dtype`.
 
         The tuned lens needs the ``layer`` (its translator depends on it).
         """
-        if self.kind == "tuned" and site != "final":
-            weight, bias = self.translators[source_key(site, layer)]
-            x = x.to(weight.dtype)
-            x = x + F.linear(x, weight, bias)
-        if self.kind != "raw" and site != "final":
-            x = self.norm(x)
+        if site != "final":
+            x = self.kind.inputs(self, x, site, layer)
         return x.to(self.dtype)
 
     def logits(self, x: torch.Tensor, site: str | None, vocab: slice | None = None) -> torch.Tensor:

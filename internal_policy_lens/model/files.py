@@ -62,15 +62,42 @@ def read_config(path: Path) -> dict:
 
 def config_layers(name_or_path: str | os.PathLike, revision: str | None = None) -> int | None:
     """The model's decoder layer count read from its config.json alone; None if not at hand."""
+    return _config_int(name_or_path, revision, LAYER_FIELDS)
+
+
+def config_vocab(name_or_path: str | os.PathLike, revision: str | None = None) -> int | None:
+    """The model's vocabulary size read from its config.json alone; None if not at hand."""
+    return _config_int(name_or_path, revision, ("vocab_size",))
+
+
+def _config_int(name_or_path, revision: str | None, fields: tuple[str, ...]) -> int | None:
     path = local_config(name_or_path, revision)
     if path is None:
         return None
     config = read_config(path)
     for part in (config, config.get("text_config") or {}):
-        for name in LAYER_FIELDS:
+        for name in fields:
             if isinstance(part.get(name), int):
                 return part[name]
     return None
+
+
+def check_out_outside_model(out: str | os.PathLike, name_or_path: str | os.PathLike) -> None:
+    """Refuse an output folder inside the model's own folder (results among the weights).
+
+    A bundled model's folder lies inside the installed package; a hub name or a single file
+    (GGUF) has no folder to protect.
+    """
+    name = str(name_or_path)
+    folder = bundled_model_path(name) if name in BUNDLED_MODELS else Path(name).expanduser()
+    if not folder.is_dir():
+        return
+    folder, target = folder.resolve(), Path(out).expanduser().resolve()
+    if target == folder or folder in target.parents:
+        raise ModelFileError(
+            f"{out}: inside the model's folder {folder} (results would mix with the weights); "
+            "choose an --out outside it"
+        )
 
 
 def check_weights(folder: Path) -> None:

@@ -502,8 +502,25 @@ def _check_local_folder(folder: Path) -> None:
             f"{folder}')."
         )
     # A damaged download or copy fails here in one line, not in a safetensors traceback.
-    read_config(folder / "config.json")
+    _check_model_type(folder / "config.json", read_config(folder / "config.json"))
     check_weights(folder)
+
+
+def _check_model_type(path: Path, config: dict) -> None:
+    """A ``model_type`` that transformers does not know: one line naming the file.
+
+    transformers' own error advises upgrading it, to a release this package excludes.
+    """
+    from transformers import __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{path}: model_type '{model_type}' is not a model type transformers {__version__} "
+            "knows; `ipl models` lists the supported families (use the config.json that "
+            "model.save_pretrained(...) wrote)"
+        )
 
 
 def _load_tokenizer(name: str, revision: str | None):

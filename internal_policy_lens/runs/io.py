@@ -54,7 +54,7 @@ class RunFolder(Folder):
 
     @property
     def lens(self) -> str:
-        """The lens of the run (``raw`` or ``norm``)."""
+        """The lens of the run (``raw``, ``norm``, ``tuned``...: a registered lens kind's name)."""
         return str(self.info["config"]["lens"])
 
     def summary(self) -> pd.DataFrame:

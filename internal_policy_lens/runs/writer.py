@@ -11,6 +11,7 @@ before then resumes and redraws. Nothing here imports torch.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 from ..folders import Folder, FolderState, now
 from ..tables.batch import BatchColumns, batch_moments, delta_rows, token_rows, topk_rows
 from ..tables.frames import merge_summaries
-from .shard import part_path, topk_path
+from .shard import Shard, owns, part_path, topk_path
 
 _log = logging.getLogger(__name__)
 OUTPUTS = (
@@ -39,10 +40,13 @@ OUTPUTS = (
 WORK_DIRS = ("parts", "generation")
 
 
-def start_folder(out: Path, state: FolderState, info: dict) -> dict:
-    """Keep or clear ``out`` as ``state`` says, then write ``info`` as run.json (running)."""
+def start_folder(out: Path, state: FolderState, info: dict, shard: Shard | None = None) -> dict:
+    """Keep or clear ``out`` as ``state`` says, then write ``info`` as run.json (running).
+
+    Resuming says what was kept; a shard joining a run its sibling started says so.
+    """
     if state is FolderState.RESUME:
-        _log.info("resuming the unfinished run in %s/ (finished batches are kept)", out)
+        _log.info(resume_message(out, shard))
     if state is FolderState.REDO:
         for name in OUTPUTS:
             (out / name).unlink(missing_ok=True)
@@ -51,6 +55,35 @@ def start_folder(out: Path, state: FolderState, info: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     Folder(out).write_json("run.json", info)
     return info
+
+
+def resume_message(out: Path, shard: Shard | None) -> str:
+    """What a rerun in ``out`` keeps: generated responses and (this shard's) analysed batches."""
+    generated = sorted((out / "generation").glob("part-*.json"))
+    responses = sum(len(json.loads(path.read_text())) for path in generated)
+    analysed = [
+        path
+        for path in (out / "parts").glob("tokens-*.arrow")
+        if owns(shard, int(path.stem.removeprefix("tokens-")))
+    ]
+    kept = []
+    if generated:
+        batches = _count(len(generated), "batch", "batches")
+        kept.append(f"{_count(responses, 'generated response')} ({batches})")
+    if analysed:
+        kept.append(_count(len(analysed), "analysed batch", "analysed batches"))
+    what = " and ".join(kept) if kept else "nothing (no batch was finished)"
+    if shard is None:
+        return f"resuming the unfinished run in {out}/: kept {what}"
+    name = f"shard {shard[0]}/{shard[1]}"
+    if not analysed:  # none of its own batches yet: it starts its share of the run
+        reused = f" (reusing {kept[0]})" if generated else ""
+        return f"{name}: starting its batches of the run in {out}/{reused}"
+    return f"{name}: resuming its batches of the unfinished run in {out}/: kept {what}"
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
 
 
 def deltas_path(parts: Path, batch: int) -> Path:

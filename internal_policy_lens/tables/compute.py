@@ -92,12 +92,13 @@ def entropy_table(
             else float32; reductions in float32) or ``auto`` (the default: ``fast`` for a
             bf16/fp16 model, else ``exact``). See
             :func:`~internal_policy_lens.lens.unembed.choose_precision`.
-        capture_mb: bound on the captured site vectors held at once (MiB, default 512). When a
-            batch's vectors of all sites would exceed it, the layers are taken in groups, one
-            forward pass per group, stopped after the group's last layer (same numbers, more
-            forward passes: with G groups about (G + 1) / 2 forward passes instead of one).
-        attention_mb: bound on one layer's attention scores (MiB, counted in float32, which the
-            attention's softmax uses; default 256). When a batch's [heads, positions, positions]
+        capture_mb: bound on the captured site rows held at once (MiB, default 512): the rows
+            gathered during the forward pass are reduced whenever they reach it (one forward
+            pass, two with the statistics against the final policy; same numbers whatever the
+            bound).
+        attention_mb: bound on one layer's attention scores under eager attention (MiB,
+            counted in float32, which the attention's softmax uses; default 256; sdpa forms no
+            scores and ignores it). When a batch's [heads, positions, positions]
             scores would exceed it, the decoder runs over blocks of positions with a key/value
             cache, each block attending to every earlier position (same numbers up to float
             rounding; the captured vectors are then per block too).
@@ -119,7 +120,7 @@ def entropy_table(
     """
     ready = None if lens is None or isinstance(lens, str) else lens
     settings = (settings or LensSettings()).update(
-        lens=lens if ready is None else ready.kind,
+        lens=lens if ready is None else ready.name,
         lens_path=lens_path,
         precision=precision,
         chunk_tokens=chunk_tokens,

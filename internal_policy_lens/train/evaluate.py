@@ -13,7 +13,7 @@ from ..config import EvalConfig
 from ..data.answers import math_reward
 from ..data.records import read_records
 from ..folders import Folder, sha256
-from ..model.generate import sample
+from ..model.generate import SEEDING, sample
 from ..model.load import load_model
 
 _log = logging.getLogger(__name__)
@@ -76,7 +76,9 @@ def _evaluate(cfg: EvalConfig, model, records: list[dict], reward, out: Folder):
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        keys=[r["sample_id"] for r in records],
         progress=True,
+        desc="eval",
     )
     rows, lines = [], []
     for record, texts in zip(records, responses):
@@ -99,7 +101,12 @@ def _evaluate(cfg: EvalConfig, model, records: list[dict], reward, out: Folder):
     metrics = {c: float(table[c].mean()) for c in table.columns if "@" in c}
     out.write_csv("results.csv", table)
     out.write_text("samples.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
-    info = {"metrics": metrics, "problems": len(table), "config": cfg.identity()}
+    info = {
+        "metrics": metrics,
+        "problems": len(table),
+        "config": cfg.identity(),
+        "seeding": SEEDING,
+    }
     out.write_json("metrics.json", {**info, "data_sha256": sha256(cfg.data)})
     return table, metrics
 
@@ -110,5 +117,7 @@ def _complete(cfg: EvalConfig, out: Folder) -> tuple[pd.DataFrame, dict] | None:
         return None
     info = out.read_json("metrics.json")
     if info.get("config") != cfg.identity() or info.get("data_sha256") != sha256(cfg.data):
+        return None
+    if info.get("seeding") != SEEDING:  # sampled another way: its responses differ
         return None
     return pd.read_csv(out.path / "results.csv"), info["metrics"]

@@ -78,6 +78,47 @@ def read_metrics(run: str | Path) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
+def training_summary(run: str | Path) -> str | None:
+    """Reward and accuracy at the start and the end of a run, and its phases (None: no steps).
+
+    Per-step rewards are noisy, so the start and the end are means over the first and the last
+    quarter of the steps (at least one step each).
+    """
+    path = Path(run) / METRICS
+    lines = Folder(run).read_lines(METRICS) if path.is_file() else []
+    if not lines:
+        return None
+    metrics = pd.DataFrame(lines)
+    window = max(1, len(metrics) // 4)
+    first, last = metrics.iloc[:window], metrics.iloc[-window:]
+    one = len(metrics) == 1
+    changes = [
+        f"{name} {last[column].mean():.3f}"
+        if one
+        else f"{name} {first[column].mean():.3f} -> {last[column].mean():.3f}"
+        for name, column in (("reward", "reward_mean"), ("accuracy", "accuracy"))
+        if column in metrics and metrics[column].notna().any()
+    ]
+    ipa = metrics[metrics["phase"] == "ipa"]
+    phases = []
+    if not ipa.empty:
+        phases.append(f"{_count(len(ipa), 'IPA step')} on layer {int(ipa['layer'].iloc[0])}")
+    if len(ipa) < len(metrics):
+        phases.append(_count(len(metrics) - len(ipa), "GRPO step"))
+    when = _span(last) if one else f"{_span(first)} -> {_span(last)}"
+    when = f"means of {when}" if window > 1 else when
+    return f"{', '.join(changes)} ({when}; {', then '.join(phases)})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
+def _span(frame: pd.DataFrame) -> str:
+    steps = frame["step"].tolist()
+    return f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+
+
 def _truncate_metrics(folder: Folder, step: int) -> None:
     """Drop metric lines of steps at or after ``step`` (they are redone)."""
     path = folder.path / METRICS

@@ -22,23 +22,47 @@ def check_layer(cfg: BupoConfig) -> None:
         raise ValueError(f"--layer {cfg.layer} is out of range (0..{n_layers - 1})")
 
 
-def resolve_layer(cfg: BupoConfig, model: PolicyModel) -> int:
-    """``cfg.layer`` checked against the model, or :func:`auto_layer` for ``auto``."""
+def reads_layer(cfg: BupoConfig) -> bool:
+    """Whether the run reads an internal layer: its IPA steps train one, its probes read one.
+
+    Plain GRPO (``iterative_steps=0``) without probes reads none.
+    """
+    return cfg.iterative_steps > 0 or cfg.probe_every > 0
+
+
+def resolve_layer(cfg: BupoConfig, model: PolicyModel, *, progress: bool = False) -> int | None:
+    """``cfg.layer`` checked against the model, or :func:`auto_layer` for ``auto``.
+
+    None when the run reads no layer (see :func:`reads_layer`): no entropy pass is run then.
+    """
+    if not reads_layer(cfg):
+        if cfg.layer != "auto":
+            _log.info("--layer %s is not used: --iterative-steps 0 trains no layer", cfg.layer)
+        return None
     if cfg.layer != "auto":
         layer = int(cfg.layer)
         if not 0 <= layer < model.n_layers:
             raise ValueError(f"--layer {layer} is out of range (0..{model.n_layers - 1})")
         return layer
-    return auto_layer(cfg, model)
+    return auto_layer(cfg, model, progress=progress)
 
 
-def auto_layer(cfg: BupoConfig, model: PolicyModel, n: int = 16) -> int:
+def auto_layer(cfg: BupoConfig, model: PolicyModel, n: int = 16, *, progress: bool = False) -> int:
     """The paper's layer rule on a quick entropy pass over the first ``n`` training prompts.
 
     See :func:`suggested_layer`; raises ValueError naming ``--layer`` when no layer is found.
     """
     records = read_records(cfg.data, max_samples=n)
-    suggestion = layer_suggestion(model, records, max_new_tokens=cfg.max_new_tokens, lens=cfg.lens)
+    _log.info(
+        "--layer auto: choosing layer k by the paper's rule: greedy responses (up to %d tokens) "
+        "to the first %d training prompts, then their FFN entropy change per layer (--layer K "
+        "skips this)",
+        cfg.max_new_tokens,
+        len(records),
+    )
+    suggestion = layer_suggestion(
+        model, records, max_new_tokens=cfg.max_new_tokens, lens=cfg.lens, progress=progress
+    )
     if suggestion.layer is None:
         raise ValueError(f"--layer auto: {suggestion.reason}; pass --layer K instead")
     _log.info(
@@ -70,11 +94,24 @@ def suggested_layer(
 
 
 def layer_suggestion(
-    model: PolicyModel, records: list[dict], *, max_new_tokens: int, lens: str
+    model: PolicyModel,
+    records: list[dict],
+    *,
+    max_new_tokens: int,
+    lens: str,
+    progress: bool = False,
 ) -> LayerSuggestion:
     """The layer rule's answer on greedy responses to the ``records``' prompts, with why."""
     prompts = [r["prompt"] for r in records]
-    responses = sample(model, prompts, samples=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    responses = sample(
+        model,
+        prompts,
+        samples=1,
+        temperature=0.0,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        desc="layer auto",
+    )
     inputs = [{**r, "response": text[0]} for r, text in zip(records, responses)]
     table = entropy_table(model, inputs, lens=lens, sites=["mlp_in", "mlp_out"], response_only=True)
     return suggest_layer(summary_table(table))

@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import MODEL_LENSES, BupoConfig, derive_seed
+from ..config import BupoConfig, derive_seed
 from ..data.answers import math_reward
 from ..data.records import read_records
 from ..folders import Folder
+from ..lens_kinds import model_lens
+from ..model.files import check_out_outside_model
 from ..model.load import PolicyModel, load_model
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .folder import append_metrics, start_training
-from .layer import check_layer, resolve_layer
+from .layer import check_layer, reads_layer, resolve_layer
 from .loss import policy_loss
 from .probes import ProbePlan, Prober
 from .rollout import collect, token_logprobs
@@ -49,11 +51,8 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
     ``reward`` scores each sampled response against its record's answer (default: the last
     ``\boxed{}`` must match, :func:`~internal_policy_lens.data.answers.math_reward`).
     """
-    if cfg.lens not in MODEL_LENSES:
-        raise ValueError(
-            f"lens '{cfg.lens}' cannot train pi^k (a tuned lens's translators are not part of the "
-            f"model); use --lens {' or --lens '.join(MODEL_LENSES)}"
-        )
+    model_lens(cfg.lens)  # refuses a lens that is not made of the model's weights
+    check_out_outside_model(cfg.out, cfg.model)
     folder = Folder(cfg.out).check_writable()  # before any work
     check_layer(cfg)
     if training_complete(cfg):
@@ -66,12 +65,14 @@ def train_bupo(cfg: BupoConfig, *, progress: bool = True, reward: Reward = math_
         return Path(cfg.out)
     records = training_records(cfg)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=progress)
-    layer = resolve_layer(cfg, model)
+    layer = resolve_layer(cfg, model, progress=progress)
     with folder.lock():  # one writer per run folder
         return _train(cfg, model, layer, records, reward, progress)
 
 
-def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress: bool) -> Path:
+def _train(
+    cfg: BupoConfig, model, layer: int | None, records, reward: Reward, progress: bool
+) -> Path:
     out = Path(cfg.out)
     params = [p for p in model.bridge.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -81,12 +82,18 @@ def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress
     ref = _reference_model(cfg)
     prober = Prober(ProbePlan.of(cfg), model, layer, out, start) if cfg.probe_every > 0 else None
     bar = tqdm(
-        range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="bupo"
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not progress,
+        desc=phase_of(start, cfg),  # the bar is labelled by the phase that runs
+        unit="step",
     )
     for step in bar:
         # --- probes of the weights after `step` updates (no gradients, random state restored)
         probe_time = prober(step) if prober is not None and prober.due(step) else None
         phase = phase_of(step, cfg)
+        bar.set_description(phase, refresh=False)
         k = layer if phase == "ipa" else None
         # --- rollouts from the full policy
         t0 = time.perf_counter()
@@ -104,7 +111,10 @@ def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress
         )
         warn_if_no_signal(batch.rewards, cfg.group_size, step)
         with torch.no_grad():
-            internal_logp, entropy_k = _logprobs(model, batch, layer, cfg)
+            # Plain GRPO without probes has no layer: no internal policy to read.
+            internal_logp, entropy_k = (
+                _logprobs(model, batch, layer, cfg) if layer is not None else (None, None)
+            )
             full_logp, entropy_full = _logprobs(model, batch, None, cfg)
             old = internal_logp if k is not None else full_logp
             ref_logp = _logprobs(ref, batch, k, cfg)[0] if ref is not None else None
@@ -127,7 +137,6 @@ def _train(cfg: BupoConfig, model, layer: int, records, reward: Reward, progress
         }
         append_metrics(out, metrics)
         bar.set_postfix(
-            phase=phase,
             reward=f"{metrics['reward_mean']:.2f}",
             H=f"{metrics['entropy_policy']:.2f}",
         )
@@ -176,7 +185,7 @@ def update_policy(model, opt, sched, batch, old_logp, ref_logp, k, cfg, seed: in
                 mb.input_ids,
                 mb.attention_mask,
                 layer=k,
-                lens=cfg.lens,
+                lens_name=cfg.lens,
                 temperature=cfg.temperature,
             )
             loss, stats = policy_loss(
@@ -210,25 +219,31 @@ def _logprobs(model, batch, layer, cfg):
         batch.input_ids,
         batch.attention_mask,
         layer=layer,
-        lens=cfg.lens,
+        lens_name=cfg.lens,
         temperature=cfg.temperature,
     )
 
 
-def _rollout_stats(batch, entropy_k: torch.Tensor, entropy_full: torch.Tensor) -> dict:
-    """A step's rollout metrics, computed where the batch lives and copied to the host once."""
+def _rollout_stats(batch, entropy_k: torch.Tensor | None, entropy_full: torch.Tensor) -> dict:
+    """A step's rollout metrics, computed where the batch lives and copied to the host once.
+
+    ``entropy_internal`` is None when the run reads no layer (``entropy_k`` is None).
+    """
     tokens = batch.response_mask.sum().clamp(min=1)
-    values = torch.stack(
-        [
-            batch.rewards.mean(),
-            (batch.rewards == 1).float().mean(),
-            batch.response_lengths.float().mean(),
-            (entropy_k * batch.response_mask).sum() / tokens,
-            (entropy_full * batch.response_mask).sum() / tokens,
-        ]
-    ).tolist()
-    names = ("reward_mean", "accuracy", "response_length", "entropy_internal", "entropy_policy")
-    return dict(zip(names, values))
+
+    def token_mean(entropy: torch.Tensor | None) -> torch.Tensor | None:
+        return None if entropy is None else (entropy * batch.response_mask).sum() / tokens
+
+    means = {
+        "reward_mean": batch.rewards.mean(),
+        "accuracy": (batch.rewards == 1).float().mean(),
+        "response_length": batch.response_lengths.float().mean(),
+        "entropy_internal": token_mean(entropy_k),
+        "entropy_policy": token_mean(entropy_full),
+    }
+    present = [name for name, value in means.items() if value is not None]
+    values = torch.stack([means[name] for name in present]).tolist()  # one copy to the host
+    return {**means, **dict(zip(present, values))}
 
 
 def _reference_model(cfg: BupoConfig) -> PolicyModel | None:
@@ -242,7 +257,8 @@ def _reference_model(cfg: BupoConfig) -> PolicyModel | None:
 def training_complete(cfg: BupoConfig) -> bool:
     """Whether ``cfg.out`` holds this run (its config.json) with the checkpoint of its last step.
 
-    With ``layer="auto"`` the layer the run chose is accepted.
+    With ``layer="auto"`` the layer the run chose is accepted; a run that reads no layer
+    (plain GRPO without probes) records none.
     """
     out = Path(cfg.out)
     if not (out / "config.json").is_file():
@@ -250,7 +266,9 @@ def training_complete(cfg: BupoConfig) -> bool:
     saved = Folder(out).read_json("config.json")
     config = asdict(cfg)
     config.pop("resume")
-    if cfg.layer == "auto":
+    if not reads_layer(cfg):
+        config["layer"] = None  # plain GRPO records no layer
+    elif cfg.layer == "auto":
         config["layer"] = saved.get("layer")
     last = latest_checkpoint(out)
     return saved == config and last is not None and checkpoint_step(last) == cfg.steps

@@ -13,7 +13,7 @@ from ..lens.logprob import lens_logprobs, logprobs
 from ..lens.reduce import site_stats
 from ..lens.unembed import Lens
 from ..model.batch import pad, position_ids
-from ..model.generate import generate
+from ..model.generate import generate, response_seed
 from ..model.load import PolicyModel
 from .loss import group_advantages
 
@@ -60,7 +60,8 @@ def collect(
 ) -> RolloutBatch:
     """Sample ``group_size`` responses per record from the full model and score them.
 
-    ``reward(text, answer)`` scores a response against its record's answer.
+    ``reward(text, answer)`` scores a response against its record's answer. Response k to
+    the j-th record is seeded with ``response_seed(seed, j, k)``.
     """
     tokenizer = model.tokenizer
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in records for _ in range(group_size)]
@@ -70,7 +71,7 @@ def collect(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
-        seed=seed,
+        seeds=[response_seed(seed, j, k) for j in range(len(records)) for k in range(group_size)],
     )
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     answers = [r["answer"] for r in records for _ in range(group_size)]
@@ -91,14 +92,15 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     *,
     layer: int | None = None,
-    lens: str = "raw",
+    lens_name: str = "raw",
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next token and the policy's entropy, ``[N, T-1]`` each.
 
     With ``layer=None`` the policy is the model's own output; with ``layer=k`` it is the internal
-    layer policy pi^k (``resid_post`` of layer k through the lens), and the forward pass stops
-    after layer k, so layers above k and the final norm take no part and get no gradient.
+    layer policy pi^k (``resid_post`` of layer k through the lens named ``lens_name``), and the
+    forward pass stops after layer k, so layers above k and the final norm take no part and get
+    no gradient.
     Without gradients the entropy (a statistic, never differentiated) is reduced by the
     dispatcher (:func:`~internal_policy_lens.lens.reduce.site_stats`) from the same pass.
     """
@@ -116,21 +118,21 @@ def token_logprobs(
     targets = input_ids[:, 1:]  # [N, T-1]: position t predicts t+1
     grad = torch.is_grad_enabled()
     # A Lens casts the unembedding to its products' dtype: made only where one projects.
-    projector = None if layer is None and grad else Lens(model, lens, temperature=temperature)
+    lens = None if layer is None and grad else Lens(model, lens_name, temperature=temperature)
     if layer is None:  # the model's own logits, the ones the rollouts were sampled from
         out = logprobs(logits[:, :-1].float() / temperature, targets, entropy=grad)
     else:
         hidden = acts[key][:, :-1]  # [N, T-1, d_model]
-        out = lens_logprobs(projector, hidden, key[0], layer, targets=targets, entropy=grad)
+        out = lens_logprobs(lens, hidden, key[0], layer, targets=targets, entropy=grad)
     if grad:
         return out.token, out.entropy
-    return out.token, policy_entropy(projector, acts, key)
+    return out.token, policy_entropy(lens, acts, key)
 
 
-def policy_entropy(projector: Lens, acts: dict, key: tuple[str, int]) -> torch.Tensor:
+def policy_entropy(lens: Lens, acts: dict, key: tuple[str, int]) -> torch.Tensor:
     """Entropy ``[N, T-1]`` (float32) of ``key``'s policy at every position but the last."""
     x = acts[key]  # [N, T, d_model]
     every = torch.ones(x.shape[0], x.shape[1] - 1, dtype=torch.bool, device=x.device)
     index = every.nonzero(as_tuple=True)  # [N * (T-1)] each
-    entropy = site_stats(projector, acts, [key], index)[key]["entropy"]  # [N * (T-1)]
+    entropy = site_stats(lens, acts, [key], index)[key]["entropy"]  # [N * (T-1)]
     return torch.from_numpy(entropy).float().to(x.device).view(x.shape[0], -1)

@@ -44,7 +44,9 @@ def test_help_is_the_docstring_of_the_settings_home():
     assert "-n, --samples-per-prompt" in help_text and "--gen-batch-size" in help_text
     # A field named in a docstring reads as its flag; other literals lose their markup only.
     assert "see --lens-path" in help_text and "not needed when --model is the file" in help_text
-    assert "raw (the paper's definition" in help_text
+    # The lenses' own one-line descriptions follow, read from the registry.
+    raw = "One of: raw: the site vector as it is, no final norm (the paper's definition)"
+    assert raw in help_text
 
 
 def _entropy_config(monkeypatch, args):

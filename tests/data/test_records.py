@@ -156,6 +156,16 @@ def test_csv(tmp_path, with_response):
     ]
 
 
+def test_csv_missing_value_markers_are_missing_cells(tmp_path):
+    path = tmp_path / "d.csv"
+    rows = ["id,question,answer,response", "a,1+1?,NaN,2", "b,2+2?,4,NA", "c,3+3?,,", "d,4+4?,8,9"]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.warns(UserWarning, match="2 of 4 records have an empty response"):
+        records = read_records(path)
+    assert [r["answer"] for r in records] == [None, "4", None, "8"]
+    assert [r["response"] for r in records] == ["2", None, None, "9"]
+
+
 def test_parquet(tmp_path):
     frame = pd.DataFrame(
         {

@@ -230,6 +230,20 @@ def test_cli_engine_trl(tiny_dirs, data_file, tmp_path):
     assert config["engine"] == "trl" and config["trl_options"] == {"log_completions": False}
 
 
+def test_cli_engine_trl_plain_grpo_reads_no_layer(tiny_dirs, data_file, tmp_path):
+    # --iterative-steps 0 (--layer auto, no probes): no entropy pass, no layer, and the summary.
+    out = tmp_path / "grpo"
+    args = ["train-bupo", "--engine", "trl", "--model", str(tiny_dirs["llama"])]
+    args += ["--data", str(data_file), "--out", str(out), "--steps", "1"]
+    args += ["--iterative-steps", "0", "--group-size", "4", "--prompts-per-step", "2"]
+    args += ["--mini-batch-size", "8", "--max-new-tokens", "6", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["layer"] is None
+    assert "--layer auto" not in result.output
+    assert "accuracy 0.000 (step 0; 1 GRPO step)" in result.output  # the real reward: all 0
+
+
 def test_resume_redoes_the_steps_after_the_last_checkpoint(tiny_dirs, data_file, tmp_path):
     import shutil
 

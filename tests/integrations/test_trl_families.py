@@ -74,6 +74,6 @@ def test_trimmed_forward_is_the_lens_policy(family, lens, family_dirs, family_mo
         logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
     layers = getattr(model.get_decoder(), family_of(type(model).__name__).layers_attr)
     assert len(layers) == 3  # restored
-    ours, _ = token_logprobs(family_models(family), ids, mask, layer=K, lens=lens)
+    ours, _ = token_logprobs(family_models(family), ids, mask, layer=K, lens_name=lens)
     expected = logp.gather(-1, ids[0, 1:, None])[:, 0]
     torch.testing.assert_close(ours[0], expected, atol=2e-5, rtol=0)

@@ -32,33 +32,33 @@ def _naive_logits(hf, x, key, lens, translators):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("lens", ["raw", "norm", "tuned"])
+@pytest.mark.parametrize("lens_name", ["raw", "norm", "tuned"])
 @pytest.mark.parametrize("name", ["qwen2", "llama", "gemma2", "granite"])
-def test_lens_logprobs_equal_float64(tiny, name, lens, temperature):
+def test_lens_logprobs_equal_float64(tiny, name, lens_name, temperature):
     model, folder = tiny(name)
     hf = hf_model(folder)
     seq = model.tokenizer(TEXTS[0])["input_ids"]
     sites, _ = naive_sites(hf, seq)
     targets = torch.tensor(seq[1:])  # [pos - 1]: position t predicts t+1
-    translators = random_translators(model, KEYS[:2]) if lens == "tuned" else None
-    projector = Lens(model, lens, translators=translators, temperature=temperature)
+    translators = random_translators(model, KEYS[:2]) if lens_name == "tuned" else None
+    lens = Lens(model, lens_name, translators=translators, temperature=temperature)
     for key in KEYS:
         x = sites[key][:-1]  # [pos - 1, d_model]
-        got = lens_logprobs(projector, x[None].float(), *key, targets=targets[None], entropy=True)
-        logits = _naive_logits(hf, x, key, lens, translators) / temperature
+        got = lens_logprobs(lens, x[None].float(), *key, targets=targets[None], entropy=True)
+        logits = _naive_logits(hf, x, key, lens_name, translators) / temperature
         want = torch.log_softmax(logits, -1)  # [pos - 1, vocab] float64
         assert got.all.shape == (1, *want.shape) and got.all.dtype == torch.float32
         torch.testing.assert_close(got.all[0].double(), want, atol=ATOL, rtol=0)
         token = want.gather(-1, targets[:, None])[:, 0]
         torch.testing.assert_close(got.token[0].double(), token, atol=ATOL, rtol=0)
         torch.testing.assert_close(got.entropy[0].double(), entropy(logits), atol=ATOL, rtol=0)
-    without = lens_logprobs(projector, x.float(), *key)
+    without = lens_logprobs(lens, x.float(), *key)
     assert without.token is None and without.entropy is None
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("lens", ["raw", "norm"])
-def test_lens_logprobs_gradients_equal_float64(models, tiny_dirs, lens, temperature):
+@pytest.mark.parametrize("lens_name", ["raw", "norm"])
+def test_lens_logprobs_gradients_equal_float64(models, tiny_dirs, lens_name, temperature):
     """Gradients of a loss reading log pi(target) and the entropy, in the site vectors, the
     unembedding and (norm lens) the final norm's weight, against autograd on float64 by hand."""
     model = models("qwen2")
@@ -78,7 +78,7 @@ def test_lens_logprobs_gradients_equal_float64(models, tiny_dirs, lens, temperat
         t.detach().clone().requires_grad_() for t in (x64, hf.lm_head.weight, norm_hf.weight)
     )
     h = x
-    if lens == "norm":
+    if lens_name == "norm":
         h = h / torch.sqrt((h * h).mean(-1, keepdim=True) + norm_hf.variance_epsilon) * gain
     logp = torch.log_softmax(h @ unembed.T / temperature, -1)  # [pos - 1, vocab]
     loss(logp.gather(-1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)).backward()
@@ -86,11 +86,11 @@ def test_lens_logprobs_gradients_equal_float64(models, tiny_dirs, lens, temperat
     mine = x64.float().requires_grad_()
     model.bridge.zero_grad(set_to_none=True)
     try:
-        projector = Lens(model, lens, temperature=temperature)
-        out = lens_logprobs(projector, mine, "resid_post", 1, targets=targets, entropy=True)
+        lens = Lens(model, lens_name, temperature=temperature)
+        out = lens_logprobs(lens, mine, "resid_post", 1, targets=targets, entropy=True)
         loss(out.token, out.entropy).backward()
         pairs = [(mine.grad, x.grad), (model.unembed.weight.grad, unembed.grad)]
-        if lens == "norm":
+        if lens_name == "norm":
             pairs.append((norm.weight.grad, gain.grad))
         else:
             assert norm.weight.grad is None  # the raw lens reads no norm

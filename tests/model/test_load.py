@@ -52,6 +52,20 @@ def test_unsupported_architecture(tiny_dirs, tmp_path):
         load_model(folder)
 
 
+def test_unknown_model_type_is_one_line_naming_the_file(tiny_dirs, tmp_path):
+    folder = tmp_path / "foobar"
+    shutil.copytree(tiny_dirs["qwen2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "foobar"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(folder)
+    message = str(err.value)
+    assert message.startswith(f"{folder / 'config.json'}: model_type 'foobar' is not a model type")
+    assert "`ipl models`" in message
+    assert "\n" not in message and "pip install" not in message
+
+
 def test_hub_name_while_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="not a local folder.*Pass a local folder"):

@@ -5,6 +5,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import ipl_command, write_questions
@@ -111,6 +112,48 @@ def test_topk_option(tiny_dirs, models, tmp_path, k):
     tokenizer = models("qwen2").tokenizer
     assert topk["token"].tolist() == [tokenizer.decode([i]) for i in topk["token_id"]]
     assert len(topk) == k * len(tokens)
+
+
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+def test_topk_beyond_the_vocabulary_is_clamped_and_recorded(tiny_dirs, tmp_path, source):
+    if source == "folder":  # the vocabulary is read from config.json before the model loads
+        model = tiny_dirs["qwen2"]
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    else:  # a GGUF file has no config.json: the loaded model's vocabulary decides
+        pytest.importorskip("gguf")
+        from tiny_gguf import random_model, write_gguf
+
+        model = tmp_path / "tiny.gguf"
+        write_gguf(random_model("qwen2"), model, "qwen2")
+        vocab = None
+    data = _write(_simple(True), tmp_path / "data.jsonl")
+    args = ["--model", model, "--data", data, "--out", tmp_path / "run", "--topk", 500]
+    with pytest.warns(UserWarning, match=r"--topk 500 is more than the model's \d+-token") as seen:
+        result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    vocab = vocab or info["model"]["vocab_size"]
+    assert info["config"]["topk"] == vocab < 500
+    assert f"using --topk {vocab}" in str(seen[0].message)
+    topk = pd.read_parquet(tmp_path / "run" / "topk.parquet")
+    assert topk["rank"].max() == vocab  # ranks count from 1
+    again = _invoke(*args)  # the same command finds its run complete
+    assert again.exit_code == 0 and "Nothing to do" in again.output, again.output
+
+
+def test_characters_outside_the_vocabulary_are_counted_in_a_warning(tiny_dirs, tmp_path):
+    rows = _simple(True)
+    rows[0]["response"] = "2×3 = 6 ✓"  # two characters the character tokenizer lacks
+    rows[2]["problem"] = "Compute 6·7."
+    data = _write(rows, tmp_path / "data.jsonl")
+    args = ["--model", tiny_dirs["qwen2"], "--data", data, "--out", tmp_path / "run", "--topk", 0]
+    with pytest.warns(UserWarning, match="unknown token") as seen:
+        result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    [warning] = [w for w in seen if "unknown token" in str(w.message)]
+    assert str(warning.message).startswith(
+        "3 tokens in 2 of 3 sequences are the tokenizer's unknown token '<|unk|>'"
+    )
 
 
 def test_benchmark_layout_norm_lens_extras_and_reuse(tiny_dirs, tmp_path):
@@ -303,3 +346,28 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dirs, tmp_path):
     assert not topk.duplicated(["sample_id", "position", "layer", "site", "rank"]).any()
     assert len(topk) == 5 * len(pd.read_parquet(out / "tokens.parquet"))
     assert (out / "responses.jsonl").read_text() == (full / "responses.jsonl").read_text()
+
+
+def test_a_batch_with_no_kept_row_leaves_a_complete_run(tiny_dirs, tmp_path):
+    # The first record's response is cut away entirely by --max-length, alone in its batch: its
+    # empty columns are typed, the tables' columns stay numeric and the figures and the report
+    # are made before the run is complete.
+    long_prompt = "Add the numbers " + " ".join(str(i) for i in range(40)) + "."
+    records = [
+        {"sample_id": 0, "prompt": long_prompt, "response": "780"},
+        {"sample_id": 1, "prompt": "2+3?", "response": "2+3 = 5"},
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    args = ["entropy", "--model", str(tiny_dirs["qwen2"]), "--data", str(data), "--out", str(out)]
+    args += ["--max-length", "24", "--batch-size", "1", "--extras", "--quiet"]
+    with pytest.warns(UserWarning, match="longer than 24 tokens"):
+        result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "complete"
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    assert set(tokens["sample_id"]) == {1}
+    assert tokens["entropy"].dtype == np.float32 and tokens["next_token_rank"].dtype == np.int64
+    assert (out / "report.html").is_file() and (out / "figures" / "entropy_flow.png").is_file()

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from internal_policy_lens.cli import app
 from internal_policy_lens.config import EvalConfig
 from internal_policy_lens.train.evaluate import evaluate
+from internal_policy_lens.train.folder import training_summary
 
 runner = CliRunner()
 
@@ -86,3 +87,75 @@ def test_train_bupo_cli_with_toml(tiny_dirs, problems, tmp_path):
         app, ["train-bupo", "--config", str(config), "--layer", "9", "--out", str(tmp_path / "y")]
     )
     assert result.exit_code == 2 and "--layer 9 is out of range" in result.output
+
+
+def test_grpo_baseline_trains_no_layer_and_says_what_ran(tiny_dirs, data_file, tmp_path):
+    # --iterative-steps 0 with --layer auto: no entropy pass, no layer recorded (before: the
+    # pass ran and its layer went into config.json); the bar is labelled grpo, not bupo, and
+    # the run ends with its reward and accuracy.
+    out = tmp_path / "grpo"
+    args = ["train-bupo", "--model", tiny_dirs["qwen2"], "--data", data_file, "--out", out]
+    args += ["--iterative-steps", "0", "--steps", "2", "--group-size", "2"]
+    args += ["--prompts-per-step", "2", "--mini-batch-size", "4", "--max-new-tokens", "4"]
+    result = runner.invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["layer"] is None
+    assert "--layer auto" not in result.output
+    bars = [line for line in result.output.replace("\r", "\n").splitlines() if "step" in line]
+    assert any(line.startswith("grpo: ") for line in bars)
+    assert not any(line.startswith("bupo") for line in bars)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["entropy_internal"] for m in metrics] == [None, None]
+    reward = [m["reward_mean"] for m in metrics]
+    accuracy = [m["accuracy"] for m in metrics]
+    assert (
+        f"reward {reward[0]:.3f} -> {reward[1]:.3f}, accuracy {accuracy[0]:.3f} -> "
+        f"{accuracy[1]:.3f} (step 0 -> step 1; 2 GRPO steps)"
+    ) in result.output
+    again = runner.invoke(app, list(map(str, args)))  # complete: nothing to do, same summary
+    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
+    assert "2 GRPO steps" in again.output
+
+
+def test_layer_auto_says_what_it_does_before_it_does_it(tiny_dirs, data_file, tmp_path):
+    out = tmp_path / "bupo"
+    args = ["train-bupo", "--model", tiny_dirs["qwen2"], "--data", data_file, "--out", out]
+    args += ["--iterative-steps", "1", "--steps", "2", "--group-size", "2"]
+    args += ["--prompts-per-step", "2", "--mini-batch-size", "4", "--max-new-tokens", "4"]
+    # Whether this random model has a layer to choose does not matter here: what is said first.
+    lines = runner.invoke(app, list(map(str, args))).output.replace("\r", "\n").splitlines()
+    said = [line for line in lines if line.startswith("--layer auto")]
+    assert said[0] == (
+        "--layer auto: choosing layer k by the paper's rule: greedy responses (up to 4 tokens) "
+        "to the first 12 training prompts, then their FFN entropy change per layer (--layer K "
+        "skips this)"
+    )
+    assert any(line.startswith("layer auto: 100%") and "12/12" in line for line in lines)
+
+
+def test_eval_bar_is_labelled_and_counts_agree(tiny_dirs, problems, tmp_path):
+    args = ["eval", "--model", tiny_dirs["qwen2"], "--data", problems, "--out", tmp_path / "e"]
+    args += ["--samples", "1", "--max-samples", "1", "--max-new-tokens", "4"]
+    result = runner.invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    assert "1 problem, 1 sample each" in result.output
+    bars = result.output.replace("\r", "\n").splitlines()
+    assert any(line.startswith("eval: ") and "resp" in line for line in bars)
+
+
+def test_training_summary_of_a_bupo_run(tmp_path):
+    # Means over the first and the last quarter of the steps (2 of 8): hand-worked below.
+    rewards = [0.1, 0.3, 0.2, 0.4, 0.5, 0.5, 0.6, 0.8]
+    accuracies = [0.0, 0.2, 0.1, 0.3, 0.4, 0.4, 0.5, 0.7]
+    rows = [
+        {"step": s, "phase": "ipa" if s < 3 else "grpo", "layer": 5 if s < 3 else None}
+        | {"reward_mean": r, "accuracy": a}
+        for s, (r, a) in enumerate(zip(rewards, accuracies))
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # reward (0.1 + 0.3) / 2 = 0.2 -> (0.6 + 0.8) / 2 = 0.7; accuracy 0.1 -> 0.6
+    assert training_summary(tmp_path) == (
+        "reward 0.200 -> 0.700, accuracy 0.100 -> 0.600 (means of steps 0-1 -> steps 6-7; "
+        "3 IPA steps on layer 5, then 5 GRPO steps)"
+    )
+    assert training_summary(tmp_path / "none") is None

@@ -17,8 +17,9 @@ from pathlib import Path
 import pandas as pd
 from transformers import TrainerCallback
 
-from ...config import MODEL_LENSES, ProbeSettings
+from ...config import ProbeSettings
 from ...folders import Folder
+from ...lens_kinds import model_lens
 from ...model.load import PolicyModel, policy_view
 from ...train.layer import suggested_layer
 from ...train.probes import ProbePlan, Prober, probe_set
@@ -68,8 +69,7 @@ class InternalPolicyCallback(TrainerCallback):
     ):
         if probe_every < 1 or probe_samples < 1 or step_unit < 1:
             raise ValueError("probe_every, probe_samples and step_unit must be at least 1")
-        if lens not in MODEL_LENSES:
-            raise ValueError(f"lens '{lens}': the callback probes with {' or '.join(MODEL_LENSES)}")
+        model_lens(lens)  # the probes' lens is the one BuPO trains through
         self.probe_every, self.probe_samples, self.step_unit = probe_every, probe_samples, step_unit
         self.probe_data, self.layer, self.lens, self.output_dir = (
             probe_data,

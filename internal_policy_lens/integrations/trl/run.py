@@ -20,10 +20,11 @@ from trl import GRPOConfig
 
 from ...config import BupoConfig
 from ...folders import Folder
+from ...model.files import check_out_outside_model
 from ...model.load import load_causal_lm, load_model
 from ...train.checkpoint import checkpoint_step
 from ...train.folder import append_metrics, start_training
-from ...train.layer import check_layer, resolve_layer
+from ...train.layer import check_layer, reads_layer, resolve_layer
 from ...train.loop import training_records
 from .callback import InternalPolicyCallback
 from .trainer import BupoGRPOTrainer, grpo_config, math_reward_func, prompt_dataset
@@ -36,7 +37,7 @@ class _Metrics(TrainerCallback):
         self,
         out: Path,
         per_rollout: int,
-        layer: int,
+        layer: int | None,
         iterative_steps: int,
         probes: InternalPolicyCallback | None = None,
     ):
@@ -81,10 +82,14 @@ def train_bupo_trl(
             f"choose it with CUDA_VISIBLE_DEVICES={cfg.device[5:]} and --device cuda"
         )
     out = Path(cfg.out)
+    check_out_outside_model(out, cfg.model)
     folder = Folder(out).check_writable()  # before any work
     check_layer(cfg)
     records = training_records(cfg)
-    layer = resolve_layer(cfg, load_model(cfg.model, dtype="float32", device="cpu"))
+    layer = None  # plain GRPO without probes reads no layer: no model to load for it
+    if reads_layer(cfg):
+        policy = load_model(cfg.model, dtype="float32", device="cpu")
+        layer = resolve_layer(cfg, policy, progress=progress)
     # One writer per run folder: the process of rank 0 (the one that writes the run's files).
     with folder.lock() if _writer() else contextlib.nullcontext():
         return _train(cfg, out, records, layer, progress, reward_funcs, overrides or {})
@@ -94,7 +99,9 @@ def _writer() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _train(cfg, out: Path, records, layer: int, progress, reward_funcs, overrides: dict) -> Path:
+def _train(
+    cfg, out: Path, records, layer: int | None, progress, reward_funcs, overrides: dict
+) -> Path:
     args = grpo_config(cfg, disable_tqdm=not progress, **overrides)
     per_rollout = args.steps_per_generation * args.num_iterations
     resume = _start(cfg, out, layer, per_rollout, overrides)
@@ -142,7 +149,9 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _start(cfg: BupoConfig, out: Path, layer: int, per_rollout: int, overrides: dict) -> bool:
+def _start(
+    cfg: BupoConfig, out: Path, layer: int | None, per_rollout: int, overrides: dict
+) -> bool:
     """Check or write ``config.json``; return whether to resume from TRL's latest checkpoint."""
     config = {**asdict(cfg), "layer": layer, "engine": "trl", "trl_options": overrides}
     config.pop("resume")

@@ -6,8 +6,10 @@ reference and current) come from the internal layer policy pi^k for the first
 policy (Eq. 10). Rollouts always come from the full model, through TRL (transformers or vLLM).
 
 pi^k is computed *inside the model's own forward*: while :func:`internal_policy` is active the
-decoder stops after layer k and, under the raw lens, skips the final norm, so the LM head projects
-``resid_post[k]`` exactly as :class:`~internal_policy_lens.lens.unembed.Lens` does. Keeping it
+decoder stops after layer k and its final norm is replaced by the lens kind's module form
+(:meth:`~internal_policy_lens.lens_kinds.LensKind.module`: nothing under the raw lens, the final
+norm itself under the norm lens), so the LM head projects ``resid_post[k]`` exactly as
+:class:`~internal_policy_lens.lens.unembed.Lens` does. Keeping it
 inside the forward is what DDP, DeepSpeed and FSDP need (they track the parameters a forward
 uses), and it keeps TRL's fused LM head (log-probs without materialising the logits). Layers above
 k and the final norm then take no part in the IPA forward and get no gradient; see
@@ -27,9 +29,10 @@ import torch
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
-from ...config import MODEL_LENSES, BupoConfig
+from ...config import BupoConfig
 from ...data.answers import math_reward
 from ...data.encode import prompt_text
+from ...lens_kinds import LensKind, model_lens
 from ...model.families import family_of
 
 # The TRL releases this module is tested with (pyproject's ``[trl]`` extra pins the same range).
@@ -74,16 +77,23 @@ def check_trl_contract() -> None:
 
 
 @contextmanager
-def internal_policy(model: nn.Module, layer: int, lens: str = "raw") -> Iterator[nn.Module]:
+def internal_policy(
+    model: nn.Module, layer: int, lens: str | LensKind | type[LensKind] = "raw"
+) -> Iterator[nn.Module]:
     """While active, ``model``'s forward computes the internal layer policy pi^k.
 
-    The decoder keeps only layers ``0..layer`` (the forward stops after layer k) and, under the
-    ``raw`` lens, its final norm is skipped, so the LM head projects ``resid_post[layer]``
-    (``norm``: the final norm is kept, the logit lens). ``model`` is a transformers causal LM of
-    a supported architecture, or a PEFT model around one. Restored on exit, also on errors.
+    The decoder keeps only layers ``0..layer`` (the forward stops after layer k) and its final
+    norm is replaced by the lens's module form, so the LM head reads what
+    :meth:`~internal_policy_lens.lens.unembed.Lens.inputs` gives for ``resid_post[layer]``
+    (``raw``: the vector itself; ``norm``: the final norm is kept, the logit lens). ``model`` is
+    a transformers causal LM of a supported architecture, or a PEFT model around one. Restored
+    on exit, also on errors.
+
+    Raises:
+        ValueError: for a lens not made of the model's weights only, an unsupported
+            architecture or a layer out of range.
     """
-    if lens not in MODEL_LENSES:
-        raise ValueError(f"lens '{lens}' cannot train pi^k; use one of {', '.join(MODEL_LENSES)}")
+    kind = model_lens(lens)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         family = family_of(type(base).__name__)
@@ -95,8 +105,7 @@ def internal_policy(model: nn.Module, layer: int, lens: str = "raw") -> Iterator
     if not 0 <= layer < len(layers):
         raise ValueError(f"layer {layer} is out of range (0..{len(layers) - 1})")
     setattr(decoder, names[0], layers[: layer + 1])
-    if lens == "raw":
-        setattr(decoder, names[1], nn.Identity())
+    setattr(decoder, names[1], kind.module(norm))
     try:
         yield model
     finally:
@@ -108,16 +117,19 @@ class BupoGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with BuPO's phases: IPA on layer k, then GRPO.
 
     Args:
-        layer: internal layer k (0-based).
+        layer: internal layer k (0-based); None when ``iterative_steps`` is 0 (plain GRPO).
         iterative_steps: s_inter, in rollout steps (generations), as in the built-in loop. The
             IPA phase lasts ``iterative_steps * steps_per_rollout`` optimiser steps, where
             ``steps_per_rollout = steps_per_generation * num_iterations /
             gradient_accumulation_steps``.
-        lens: lens of pi^k, ``raw`` (the paper) or ``norm``.
+        lens: lens of pi^k, ``raw`` (the paper), ``norm`` or another registered lens made of
+            the model's weights only.
         *args, **kwargs: as for ``trl.GRPOTrainer``.
     """
 
-    def __init__(self, *args, layer: int, iterative_steps: int, lens: str = "raw", **kwargs):
+    def __init__(
+        self, *args, layer: int | None, iterative_steps: int, lens: str | LensKind = "raw", **kwargs
+    ):
         check_trl_contract()
         self.layer, self.iterative_steps, self.lens = layer, iterative_steps, lens
         super().__init__(*args, **kwargs)
@@ -130,8 +142,9 @@ class BupoGRPOTrainer(GRPOTrainer):
         self.steps_per_rollout = window // self.args.gradient_accumulation_steps
         if iterative_steps and self.args.off_policy_mask_threshold is not None:
             raise ValueError("off_policy_mask_threshold compares with the sampler; off for IPA")
-        with internal_policy(self.accelerator.unwrap_model(self.model), layer, lens):
-            pass  # checks the architecture and the layer before any step
+        if iterative_steps:
+            with internal_policy(self.accelerator.unwrap_model(self.model), layer, lens):
+                pass  # checks the architecture and the layer before any step
 
     @property
     def in_ipa(self) -> bool:
