@@ -16,9 +16,10 @@
     for every method), and IPA - GRPO per layer.
 (c) ``runs/real/`` (``analyses/real_models.py``): its runs join (a) when they exist.
 
-Every command is rerun as written; a complete run folder is left as it is, so a second call only
-reads. Prints the markdown (also written to ``FIGURES/splits_answers.md``) and writes
-``FIGURES/splits_answers_{forking,correctness,diff}.png``.
+Every command is rerun as written (a complete entropy run is left as it is) except a training
+run whose final checkpoint exists, so a second call reads and diffs again (about a minute).
+Prints the markdown (also written to ``FIGURES/splits_answers.md``) and writes
+``FIGURES/splits_answers_{forking,correctness}_{raw,norm}.png`` and ``splits_answers_diff.png``.
 """
 
 from __future__ import annotations
@@ -198,14 +199,18 @@ def train_and_diff(out: Path, steps: int, entropy_run: Path) -> dict[str, Path]:
     for method, iterative in METHODS.items():
         short = method.split()[0].lower()
         train = out / f"train-{short}"
-        ipl(
-            "train-bupo", "--model", MODELS[0], "--out", str(train), "--steps", str(steps),
-            "--iterative-steps", iterative or str(steps), "--prompts-per-step", "4",
-            "--group-size", "8", "--mini-batch-size", "32", "--save-every", str(steps),
-        )  # fmt: skip
+        final = train / "checkpoints" / f"step-{steps}"
+        if final.is_dir():  # trained already (delete the folder to train again)
+            print(f"{final} exists: not trained again", file=sys.stderr)
+        else:
+            ipl(
+                "train-bupo", "--model", MODELS[0], "--out", str(train), "--steps", str(steps),
+                "--iterative-steps", iterative or str(steps), "--prompts-per-step", "4",
+                "--group-size", "8", "--mini-batch-size", "32", "--save-every", str(steps),
+            )  # fmt: skip
         diffs[method] = out / f"diff-{short}"
         ipl(
-            "diff", "--model", MODELS[0], "--model-b", str(train / "checkpoints" / f"step-{steps}"),
+            "diff", "--model", MODELS[0], "--model-b", str(final),
             "--data", str(entropy_run / "responses.jsonl"), "--out", str(diffs[method]),
         )  # fmt: skip
     return diffs
