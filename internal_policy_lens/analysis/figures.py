@@ -151,7 +151,10 @@ def plot_run(cfg: PlotConfig) -> FigureReport:
     if cfg.splits.split is not None:
         from .split_outputs import write_split_figures
 
-        write_split_figures(run, cfg, report)
+        written, skipped, note = write_split_figures(run, cfg)
+        report.written += written
+        report.skipped |= skipped
+        report.notes.append(note)
     return report
 
 

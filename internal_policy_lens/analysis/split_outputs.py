@@ -19,7 +19,6 @@ import pandas as pd
 from ..config import CompareConfig, ConvergenceConfig, PlotConfig, SplitConfig, SplitRunConfig
 from ..folders import Folder
 from ..runs.io import RunFolder, open_run
-from .figures import FigureReport
 from .files import save_figure
 from .split_figures import CHANGE_PANELS, FLOW_PANELS, split_curves
 from .splits import split_run
@@ -60,12 +59,14 @@ def write_split(cfg: SplitRunConfig) -> str:
     )
 
 
-def write_split_figures(run: RunFolder, cfg: PlotConfig, report: FigureReport) -> None:
+def write_split_figures(run: RunFolder, cfg: PlotConfig) -> tuple[list[Path], dict, str]:
     """``ipl plot --split``: the flow and change figures by group into ``RUN/figures/``.
 
     Every token of the run counts (the split is streamed from ``tokens.parquet``), not only
     the samples the other figures read; bands are the 95% intervals over resampled responses.
+    Returns the files written, the figures skipped (name -> why) and a line to print.
     """
+    written, skipped = [], {}
     found = resampled_run(run, cfg.splits, cfg.convergence, cfg.splits.resample_seed)
     summary, split = found.summary(), found.split
     counts = ", ".join(f"{group} {n:,}" for group, n in split.tokens.items())
@@ -75,14 +76,15 @@ def write_split_figures(run: RunFolder, cfg: PlotConfig, report: FigureReport) -
         try:
             fig = split_curves(summary, panels=panels, title=title)
         except ValueError as err:  # the run lacks these sites
-            report.skipped[stem] = str(err)
+            skipped[stem] = str(err)
             continue
-        report.written += save_figure(fig, run.path / "figures" / stem)
+        written += save_figure(fig, run.path / "figures" / stem)
     cut = f", forking at H(final) >= {split.threshold:.4g} nats" if split.q else ""
-    report.notes.append(
+    note = (
         f"split {split.name}: {cfg.splits.resamples} resamples of the responses, seed "
         f"{cfg.splits.resample_seed}{cut}"
     )
+    return written, skipped, note
 
 
 def compare_splits(cfg: CompareConfig, runs: list[RunFolder], names: list[str]) -> list[str]:
