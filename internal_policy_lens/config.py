@@ -332,7 +332,7 @@ class SplitConfig:
     no split]."""
     q: float = option(0.2, min=0.0, max=1.0)
     """Share of the run's tokens that the forking split calls forking (highest final entropy)."""
-    resamples: int = option(200, min=1)
+    resamples: int = option(1000, min=1)
     """Bootstrap resamples of the responses behind the 95% intervals."""
     resample_seed: int = 0
     """Seed of the resampling (recorded in the outputs)."""
@@ -397,6 +397,9 @@ class PlotConfig:
     token rows; the summary behind the stages covers every token]."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the stages shaded in the entropy-change figure."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """A split of the run's tokens: the flow and change figures again, one line per group, with
+    95% intervals over resampled responses (entropy_flow_SPLIT, entropy_change_SPLIT)."""
 
 
 @dataclass
@@ -439,6 +442,9 @@ class ReportConfig:
     samples up to 1,000,000 token rows]."""
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     """Thresholds of the stages and the layer rule shown in the page."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """A split of the run's tokens: the flow and change charts by group, with 95% intervals
+    over resampled responses, and a table of each group's measures with their intervals."""
 
 
 @dataclass

@@ -74,7 +74,7 @@ def _shown(param) -> str:
 
 
 def test_help_keeps_square_brackets():
-    plot = runner.invoke(app, ["plot", "--help"]).output
+    plot = " ".join(runner.invoke(app, ["plot", "--help"]).output.split())  # wrapping aside
     assert "Sample id of the token heatmap [default: the smallest]." in plot
     bupo = runner.invoke(app, ["train-bupo", "--help"]).output
     assert "[trl] extra" in bupo

@@ -85,6 +85,71 @@ def change_chart(deltas: pd.DataFrame, stages, tau: float, counts: str = "") -> 
     return _layout(fig, _titled(title, counts), "layer (0-based)", "entropy change ΔH (nats)")
 
 
+def split_chart(summary: pd.DataFrame, panels: tuple, title: str) -> go.Figure | None:
+    """A split's curves, one subplot per panel and one line per group, 95% intervals as bands.
+
+    ``summary``: :meth:`~internal_policy_lens.analysis.uncertainty.Resampled.summary`;
+    ``panels``: :data:`~internal_policy_lens.analysis.split_figures.FLOW_PANELS` or
+    ``CHANGE_PANELS``. A group's traces share a legend entry (a click hides it in every panel);
+    the final policy's mean is a star with its interval beside the ``resid_post`` entropy.
+    None when the summary has none of the panels.
+    """
+    from plotly.subplots import make_subplots
+
+    from .split_figures import present_panels
+
+    shown = present_panels(summary, panels)
+    if not shown:
+        return None
+    groups = list(dict.fromkeys(summary["group"]))
+    palette = dict(zip(groups, map(hex_colour, sns.color_palette("colorblind", len(groups)))))
+    fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[p[2] for p in shown])
+    name = summary["name"].astype(str)
+    for column, (quantity, which, _) in enumerate(shown, start=1):
+        if quantity == "delta":
+            fig.add_hline(y=0, line_dash="dash", line_color="#444444", row=1, col=column)
+        for group in groups:
+            rows = summary[
+                (summary["group"] == group) & (summary["quantity"] == quantity) & (name == which)
+            ].sort_values("layer")
+            mid = rows.set_index("layer")["mean"]
+            lo, hi = rows["ci_low"], rows["ci_high"]
+            traces = go.Figure()
+            _band_traces(traces, mid, lo, hi, group, palette[group], edges=("95% low", "95% high"))
+            for trace in traces.data:
+                trace.showlegend = trace.showlegend is not False and column == 1
+                fig.add_trace(trace, row=1, col=column)
+            final = summary[
+                (summary["group"] == group) & (summary["quantity"] == "entropy") & (name == "final")
+            ]
+            if (quantity, which) == ("entropy", "resid_post") and len(final):
+                _final_star(fig, final.iloc[0], group, palette[group], column)
+    fig.update_xaxes(title_text="layer (0-based)")
+    return _layout(fig, title, "layer (0-based)", "")
+
+
+def _final_star(fig: go.Figure, row: pd.Series, group: str, colour: str, column: int) -> None:
+    """The final policy's mean entropy of ``group`` as a star, its interval as an error bar."""
+    fig.add_scatter(
+        x=[int(row["layer"])],
+        y=[row["mean"]],
+        error_y=dict(
+            type="data",
+            symmetric=False,
+            array=[row["ci_high"] - row["mean"]],
+            arrayminus=[row["mean"] - row["ci_low"]],
+        ),
+        mode="markers",
+        marker=dict(symbol="star", size=12, color=colour),
+        name=f"{group}: final",
+        legendgroup=group,
+        showlegend=False,
+        hovertemplate="final policy %{y:.3f}<extra>" + group + "</extra>",
+        row=1,
+        col=column,
+    )
+
+
 COSINE_CHART = Chart("Residual cosine: module write vs the stream it is added to (mean)", "cosine")
 
 
@@ -230,8 +295,12 @@ def _titled(title: str, counts: str) -> str:
     return f"{title}<br><sup>{counts}</sup>" if counts else title
 
 
-def _band_traces(fig: go.Figure, mid, lo, hi, name: str, colour: str, centre="mean") -> None:
+def _band_traces(
+    fig: go.Figure, mid, lo, hi, name: str, colour: str, centre="mean", edges=("25%", "75%")
+) -> None:
+    """A band from ``lo`` to ``hi`` and the ``mid`` line over it (hover: ``edges`` name them)."""
     x = mid.index.astype(int).tolist()
+    low, high = edges
     fill = colour + "33"  # the line's colour, 20% opaque
     fig.add_scatter(
         x=x,
@@ -261,8 +330,8 @@ def _band_traces(fig: go.Figure, mid, lo, hi, name: str, colour: str, centre="me
         legendgroup=name,
         line=dict(color=colour),
         customdata=np.c_[lo.to_numpy(), hi.to_numpy()],
-        hovertemplate="layer %{x}<br>" + centre + " %{y:.3f}<br>25%: %{customdata[0]:.3f}"
-        "<br>75%: %{customdata[1]:.3f}<extra>" + name + "</extra>",
+        hovertemplate="layer %{x}<br>" + centre + " %{y:.3f}<br>" + low + ": "
+        "%{customdata[0]:.3f}<br>" + high + ": %{customdata[1]:.3f}<extra>" + name + "</extra>",
     )
 
 

@@ -184,19 +184,32 @@ def find_stages(curve: pd.Series, tau: float) -> dict[str, tuple[int, int] | Non
     }
 
 
-def _entropy_curve(summary: pd.DataFrame, n_layers: int):
-    """(depth, H) of the residual stream (module docstring), or None without both ends."""
-    entropy = summary[summary["quantity"] == "entropy"]
-    names = entropy["name"].astype(str)
-    pre = entropy[(names == "resid_pre") & (entropy["layer"] == 0)]
-    post = entropy[names == "resid_post"]
-    depth = np.concatenate([[0.0] * len(pre), (post["layer"].to_numpy() + 1) / n_layers])
-    value = np.concatenate([pre["mean"].to_numpy(), post["mean"].to_numpy()])
+def curve_rows(summary: pd.DataFrame, n_layers: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Depths of the residual-stream curve (module docstring) and the summary rows behind them.
+
+    Returns ``(depth, rows)``: ascending depths and, for each, the position in ``summary`` of
+    its row; None without layer 0's ``resid_pre`` or the last layer's ``resid_post``.
+    """
+    quantity, names = summary["quantity"].to_numpy(), summary["name"].astype(str).to_numpy()
+    layer = summary["layer"].to_numpy()
+    pre = np.flatnonzero((quantity == "entropy") & (names == "resid_pre") & (layer == 0))
+    post = np.flatnonzero((quantity == "entropy") & (names == "resid_post"))
+    depth = np.concatenate([[0.0] * len(pre), (layer[post] + 1) / n_layers])
+    rows = np.concatenate([pre, post])
     order = np.argsort(depth, kind="stable")
-    depth, value = depth[order], value[order].astype(float)
+    depth, rows = depth[order], rows[order]
     if len(depth) < 2 or depth[0] != 0.0 or not np.isclose(depth[-1], 1.0):
         return None
-    return depth, value
+    return depth, rows
+
+
+def _entropy_curve(summary: pd.DataFrame, n_layers: int):
+    """(depth, H) of the residual stream (module docstring), or None without both ends."""
+    curve = curve_rows(summary, n_layers)
+    if curve is None:
+        return None
+    depth, rows = curve
+    return depth, summary["mean"].to_numpy()[rows].astype(float)
 
 
 def abruptness(
@@ -236,6 +249,53 @@ def drop_depths(
         step = (value[i - 1] - level) / (value[i - 1] - value[i])
         out.append(float(depth[i - 1] + step * (depth[i] - depth[i - 1])))
     return tuple(out)
+
+
+def abruptness_array(
+    depth: np.ndarray, values: np.ndarray, late_depth: float = 0.9
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`abruptness` of many curves at once: H(0), H(1) and the late share of each row.
+
+    Args:
+        depth: ``[points]`` ascending depths from 0 to 1 (:func:`curve_rows`).
+        values: ``[curves, points]`` the entropy at each depth, one curve per row.
+        late_depth: the depth from which the drop counts as late.
+    """
+    start, end = values[:, 0], values[:, -1]
+    # np.interp's arithmetic, row by row: the point itself, else the slope from the left point.
+    j = np.clip(np.searchsorted(depth, late_depth, side="right") - 1, 0, len(depth) - 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = (values[:, j + 1] - values[:, j]) / (depth[j + 1] - depth[j])
+        late = slope * (late_depth - depth[j]) + values[:, j]
+        if late_depth <= depth[0] or depth[j] == late_depth:
+            late = values[:, j]
+        elif late_depth >= depth[-1]:
+            late = values[:, -1]
+        share = np.where(start != end, (late - end) / (start - end), np.nan)
+    return start, end, share
+
+
+def drop_depths_array(
+    depth: np.ndarray, values: np.ndarray, shares: tuple[float, ...] = DROP_SHARES
+) -> np.ndarray:
+    """:func:`drop_depths` of many curves at once: ``[curves, shares]``, NaN where none falls.
+
+    Args:
+        depth: ``[points]`` ascending depths from 0 to 1 (:func:`curve_rows`).
+        values: ``[curves, points]`` the entropy at each depth, one curve per row.
+        shares: the shares of the drop whose depths are wanted.
+    """
+    out = np.full((len(values), len(shares)), np.nan)
+    falls = values[:, 0] > values[:, -1]  # False for NaN curves too
+    curves = values[falls]  # [falling curves, points]
+    rows = np.arange(len(curves))
+    for k, share in enumerate(shares):
+        level = curves[:, 0] - share * (curves[:, 0] - curves[:, -1])  # [falling curves]
+        i = np.argmax(curves <= level[:, None], axis=1)  # curves[:, 0] > level, so i >= 1
+        above, below = curves[rows, i - 1], curves[rows, i]
+        step = (above - level) / (above - below)
+        out[falls, k] = depth[i - 1] + step * (depth[i] - depth[i - 1])
+    return out
 
 
 def drop_shape(depths: tuple[float, ...], drop: float, cfg: ConvergenceConfig) -> str | None:

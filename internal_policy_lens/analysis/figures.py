@@ -129,12 +129,16 @@ def _stages(summary: pd.DataFrame, cfg: ConvergenceConfig):
 
 
 def plot_run(cfg: PlotConfig) -> FigureReport:
-    """``ipl plot``: read a run folder and write its figures to ``RUN/figures/``."""
+    """``ipl plot``: read a run folder and write its figures to ``RUN/figures/``.
+
+    With ``cfg.splits.split``, also the flow and change figures by group
+    (:func:`~internal_policy_lens.analysis.split_outputs.write_split_figures`).
+    """
     run = open_run(cfg.run)
     samples = run.shown_samples(None if cfg.samples is None else cfg.samples.split(","))
     if cfg.sample is not None and cfg.sample not in map(str, samples):
         samples = [*samples, *run.shown_samples([cfg.sample])]
-    return write_run_figures(
+    report = write_run_figures(
         run.path,
         run.tokens(samples=samples),
         run.deltas(samples=samples),
@@ -144,6 +148,14 @@ def plot_run(cfg: PlotConfig) -> FigureReport:
         site=cfg.site,
         cfg=cfg.convergence,
     )
+    if cfg.splits.split is not None:
+        from .split_outputs import write_split_figures
+
+        written, skipped, note = write_split_figures(run, cfg)
+        report.written += written
+        report.skipped |= skipped
+        report.notes.append(note)
+    return report
 
 
 def compare(cfg: CompareConfig) -> tuple[FigureReport, pd.DataFrame]:

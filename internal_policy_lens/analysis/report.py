@@ -23,9 +23,11 @@ from ..config import CompareConfig, ReportConfig
 from ..folders import Folder
 from ..lens_kinds import LENSES
 from ..runs.io import RunFolder, model_name, open_run
-from .charts import change_chart, compare_charts, extras_charts, flow_chart
+from .charts import change_chart, compare_charts, extras_charts, flow_chart, split_chart
 from .convergence import convergence_summary
 from .explorer import explorer_data
+from .split_figures import CHANGE_PANELS, FLOW_PANELS
+from .uncertainty import LABELS, STATS, Resampled
 
 ASSETS = Path(__file__).with_name("templates")
 """The page template, its styles and the token explorer's script."""
@@ -35,6 +37,11 @@ def report_run(cfg: ReportConfig) -> Path:
     """``ipl report``: read a finished run folder and write ``RUN/report.html``."""
     run = open_run(cfg.run)
     samples = run.shown_samples(None if cfg.samples is None else cfg.samples.split(","))
+    split = None
+    if cfg.splits.split is not None:
+        from .split_outputs import resampled_run
+
+        split = resampled_run(run, cfg.splits, cfg.convergence, cfg.splits.resample_seed)
     return write_run_report(
         run.path,
         tokens=run.tokens(samples=samples),
@@ -43,6 +50,7 @@ def report_run(cfg: ReportConfig) -> Path:
         topk=run.topk(samples=samples),
         info=run.info,
         cfg=cfg,
+        split=split,
     )
 
 
@@ -55,15 +63,29 @@ def write_run_report(
     topk: pd.DataFrame | None,
     info: dict,
     cfg: ReportConfig | None = None,
+    split: Resampled | None = None,
 ) -> Path:
-    """Write ``out/report.html`` for one run's tables (and its ``responses.jsonl``)."""
+    """Write ``out/report.html`` for one run's tables (and its ``responses.jsonl``).
+
+    With ``split`` (a resampled split of the run), the flow and change charts draw one line per
+    group with its 95% intervals, and the convergence section gets the groups' intervals.
+    """
     cfg = cfg or ReportConfig(run=str(out))
     stages, convergence = _convergence_html(summary, int(info["model"]["n_layers"]), cfg)
     counts = token_counts(tokens)
-    charts = [
-        _chart(flow_chart(tokens, counts), "chart-flow"),
-        _chart(change_chart(deltas, stages, cfg.convergence.tau, counts), "chart-change"),
-    ]
+    bands = "Bands are the 25th–75th percentile over tokens."
+    if split is None:
+        charts = [
+            _chart(flow_chart(tokens, counts), "chart-flow"),
+            _chart(change_chart(deltas, stages, cfg.convergence.tau, counts), "chart-change"),
+        ]
+    else:
+        charts, convergence = _split_charts(split), convergence + _split_html(split)
+        bands = (
+            f"The charts by {split.split.name} read every token of the run; their bands are 95% "
+            "intervals over resampled responses. Other bands are the 25th–75th percentile over "
+            "tokens."
+        )
     extras = extras_charts(summary, tokens, counts)
     charts += [_chart(fig, f"chart-{name.replace('_', '-')}") for name, fig in extras.items()]
     lens = info["config"]["lens"]
@@ -77,7 +99,7 @@ def write_run_report(
         title=f"{model_name(info)} ({lens} lens): internal policies",
         provenance=_provenance_html(info),
         charts="".join(charts),
-        chart_note="Bands are the 25th–75th percentile over tokens." + _shown_note(tokens, info),
+        chart_note=bands + _shown_note(tokens, info),
         convergence=convergence,
         data=data,
     )
@@ -117,6 +139,40 @@ def write_compare_report(
         convergence=_table_html(pd.DataFrame(rows)),
         data=None,
     )
+
+
+def _split_charts(split: Resampled) -> list[str]:
+    """The flow and change charts of a split: one line per group, intervals as bands."""
+    tokens = ", ".join(f"{group} {n:,}" for group, n in split.split.tokens.items())
+    what = f"by {split.split.name}; tokens {tokens}; bands: 95% intervals"
+    summary = split.summary()
+    return [
+        _chart(split_chart(summary, FLOW_PANELS, f"Entropy flow {what}"), "chart-flow"),
+        _chart(split_chart(summary, CHANGE_PANELS, f"Entropy change {what}"), "chart-change"),
+    ]
+
+
+def _split_html(split: Resampled) -> str:
+    """The groups' measures, each as ``value [low, high]``, and the labels' shares."""
+    table = split.convergence()
+    rows = {"group": table["group"], "tokens": table["group"].map(split.split.tokens)}
+    for stat in STATS:
+        rows[stat] = [
+            f"{v:.4g} [{lo:.4g}, {hi:.4g}]"
+            for v, lo, hi in zip(table[stat], table[f"{stat}_low"], table[f"{stat}_high"])
+        ]
+    shares = [
+        ", ".join(f"{name} {row['label_share_' + name]:.0%}" for name in LABELS)
+        for _, row in table.iterrows()
+    ]
+    rows["label (share of resamples)"] = [f"{t} ({s})" for t, s in zip(table["label"], shares)]
+    facts = split.facts()
+    cut = f"; forking at H(final) >= {facts['threshold']:.4g} nats" if facts["q"] else ""
+    head = (
+        f"By {facts['split']}: 95% intervals over {facts['resamples']} resamples of the "
+        f"responses (seed {facts['seed']}){cut}"
+    )
+    return f'<h3 id="split-intervals">{html.escape(head)}</h3>' + _table_html(pd.DataFrame(rows))
 
 
 def _shown_note(tokens: pd.DataFrame, info: dict) -> str:

@@ -4,6 +4,8 @@
 and ``ci_high``), ``convergence.csv`` (one row per group: each measure with its interval, the
 shares of labels and shapes over the resamples, q, threshold, resamples, seed), ``split.json``
 (the same facts and the tokens per group) and ``split.png/.pdf`` (one line per group).
+``ipl plot RUN --split SPLIT`` adds ``RUN/figures/entropy_flow_SPLIT`` and
+``entropy_change_SPLIT`` (.png/.pdf): the flow and change figures with one line per group.
 ``ipl compare`` writes ``OUT/splits.csv`` (every run's convergence rows) and
 ``OUT/differences.csv`` (:func:`~internal_policy_lens.analysis.uncertainty.differences`).
 """
@@ -14,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import CompareConfig, ConvergenceConfig, SplitConfig, SplitRunConfig
+from ..config import CompareConfig, ConvergenceConfig, PlotConfig, SplitConfig, SplitRunConfig
 from ..folders import Folder
 from ..runs.io import RunFolder, open_run
 from .files import save_figure
-from .split_figures import split_curves
+from .split_figures import CHANGE_PANELS, FLOW_PANELS, split_curves
 from .splits import split_run
 from .uncertainty import Resampled, differences, resample, run_seed
 
@@ -55,6 +57,34 @@ def write_split(cfg: SplitRunConfig) -> str:
         f"{cfg.splits.resamples} resamples of the responses, seed {cfg.splits.resample_seed}\n"
         + table[shown].to_string(index=False, float_format=lambda v: f"{v:.3g}")
     )
+
+
+def write_split_figures(run: RunFolder, cfg: PlotConfig) -> tuple[list[Path], dict, str]:
+    """``ipl plot --split``: the flow and change figures by group into ``RUN/figures/``.
+
+    Every token of the run counts (the split is streamed from ``tokens.parquet``), not only
+    the samples the other figures read; bands are the 95% intervals over resampled responses.
+    Returns the files written, the figures skipped (name -> why) and a line to print.
+    """
+    written, skipped = [], {}
+    found = resampled_run(run, cfg.splits, cfg.convergence, cfg.splits.resample_seed)
+    summary, split = found.summary(), found.split
+    counts = ", ".join(f"{group} {n:,}" for group, n in split.tokens.items())
+    title = f"{run.name} ({run.lens} lens) by {split.name}: tokens {counts}"
+    for name, panels in (("entropy_flow", FLOW_PANELS), ("entropy_change", CHANGE_PANELS)):
+        stem = f"{name}_{split.name}"
+        try:
+            fig = split_curves(summary, panels=panels, title=title)
+        except ValueError as err:  # the run lacks these sites
+            skipped[stem] = str(err)
+            continue
+        written += save_figure(fig, run.path / "figures" / stem)
+    cut = f", forking at H(final) >= {split.threshold:.4g} nats" if split.q else ""
+    note = (
+        f"split {split.name}: {cfg.splits.resamples} resamples of the responses, seed "
+        f"{cfg.splits.resample_seed}{cut}"
+    )
+    return written, skipped, note
 
 
 def compare_splits(cfg: CompareConfig, runs: list[RunFolder], names: list[str]) -> list[str]:

@@ -6,7 +6,8 @@ response are not independent. It is cheap because it draws from per-sample sums
 (group, quantity, layer, name)): a resample's mean of a key is ``sum_s w_s count_s mean_s /
 sum_s w_s count_s`` with ``w_s`` the times sample ``s`` was drawn, one matrix product for all
 resamples. Each resample's curves give its abruptness, drop depths, label and shape
-(:mod:`~internal_policy_lens.analysis.convergence`); intervals are the 2.5th and 97.5th
+(:mod:`~internal_policy_lens.analysis.convergence`), computed over the ``[resamples, depths]``
+array of all resamples' curves at once; intervals are the 2.5th and 97.5th
 percentiles over the resamples (NaN resamples left out), and a label's share is the fraction of
 resamples that give it. The seed and the number of resamples are recorded with the results.
 
@@ -24,7 +25,16 @@ import numpy as np
 import pandas as pd
 
 from ..config import ConvergenceConfig, derive_seed
-from .convergence import DROP_SHARES, abruptness, convergence_label, drop_depths, drop_shape
+from .convergence import (
+    DROP_SHARES,
+    abruptness,
+    abruptness_array,
+    convergence_label,
+    curve_rows,
+    drop_depths,
+    drop_depths_array,
+    drop_shape,
+)
 from .splits import Split
 
 CONFIDENCE = 0.95
@@ -102,7 +112,7 @@ def resample(
     split: Split,
     n_layers: int,
     *,
-    resamples: int = 200,
+    resamples: int = 1000,
     seed: int = 0,
     cfg: ConvergenceConfig | None = None,
 ) -> Resampled:
@@ -124,17 +134,7 @@ def resample(
     rows = [
         _measures(point[point["group"] == g], n_layers, cfg) | {"group": g} for g in split.groups
     ]
-    stats = []
-    for g in split.groups:
-        # Only the rows the measures read: the residual stream's entropies and the final's.
-        needed = (keys["quantity"] == "entropy") & keys["name"].isin(
-            ["resid_pre", "resid_post", "final"]
-        )
-        columns = np.flatnonzero((keys["group"] == g) & needed)
-        base = keys.iloc[columns].reset_index(drop=True)
-        for b in range(resamples):
-            measures = _measures(base.assign(mean=means[b, columns]), n_layers, cfg)
-            stats.append(measures | {"group": g, "resample": b})
+    stats = [_resampled_measures(keys, means, g, n_layers, cfg) for g in split.groups]
     return Resampled(
         split=split,
         resamples=resamples,
@@ -142,7 +142,7 @@ def resample(
         keys=keys,
         means=means,
         point=pd.DataFrame(rows),
-        stats=pd.DataFrame(stats),
+        stats=pd.concat(stats, ignore_index=True),
     )
 
 
@@ -205,6 +205,44 @@ def _measures(summary: pd.DataFrame, n_layers: int, cfg: ConvergenceConfig) -> d
         "label": convergence_label(start, end, share, cfg),
         "shape": drop_shape(depths, start - end, cfg),
     }
+
+
+def _resampled_measures(
+    keys: pd.DataFrame, means: np.ndarray, group: str, n_layers: int, cfg: ConvergenceConfig
+) -> pd.DataFrame:
+    """:func:`_measures` of every resample of one group (``group``, ``resample`` columns added).
+
+    The curves of all resamples are one ``[resamples, depths]`` array: the measures are array
+    operations over it (:func:`abruptness_array`, :func:`drop_depths_array`), not a summary
+    table per resample.
+    """
+    resamples = len(means)
+    mine = np.flatnonzero(keys["group"].to_numpy() == group)
+    base = keys.iloc[mine].reset_index(drop=True)
+    curve = curve_rows(base, n_layers)
+    if curve is None:
+        start = end = share = np.full(resamples, np.nan)
+        depths = np.full((resamples, len(DROP_SHARES)), np.nan)
+    else:
+        depth, rows = curve
+        values = means[:, mine[rows]]  # [resamples, depths]
+        start, end, share = abruptness_array(depth, values, cfg.late_depth)
+        depths = drop_depths_array(depth, values)
+    final = np.flatnonzero((base["quantity"] == "entropy") & (base["name"] == "final"))
+    drop = start - end
+    frame = pd.DataFrame(
+        {
+            "entropy_start": start,
+            "entropy_end": end,
+            "entropy_drop": drop,
+            "entropy_final": means[:, mine[final[0]]] if len(final) else np.nan,
+            "abruptness": share,
+            **{f"drop_depth_{round(q * 100)}": depths[:, k] for k, q in enumerate(DROP_SHARES)},
+            "label": [convergence_label(*row, cfg) for row in zip(start, end, share)],
+            "shape": [drop_shape(tuple(row), d, cfg) for row, d in zip(depths, drop)],
+        }
+    )
+    return frame.assign(group=group, resample=np.arange(resamples))
 
 
 def _interval(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,8 +4,11 @@ import pytest
 
 from internal_policy_lens.analysis.convergence import (
     abruptness,
+    abruptness_array,
     convergence_summary,
+    curve_rows,
     drop_depths,
+    drop_depths_array,
     ffn_curve,
     find_stages,
     suggest_layer,
@@ -227,3 +230,31 @@ def test_shape_of_early_steady_and_missing_falls():
     assert convergence_summary(flat()).shape == "flat"
     rising = synthetic_summary([0.0] * 4, [2.0, 3.0, 4.0, 5.0], start=1.0)
     assert all(np.isnan(x) for x in drop_depths(rising, 4))
+
+
+def test_array_measures_equal_the_per_curve_ones_on_random_curves():
+    """abruptness_array / drop_depths_array = abruptness / drop_depths of each curve's summary."""
+    rng = np.random.default_rng(3)
+    for n_layers, late in [(7, 0.9), (10, 0.9), (12, 0.5), (5, 0.0), (5, 1.0)]:
+        # Falling, rising, flat, wiggling and all-NaN curves (a resample without the group).
+        values = np.sort(rng.uniform(0, 12, (40, n_layers + 1)), axis=1)[:, ::-1].copy()
+        values[5:10] = rng.uniform(0, 12, (5, n_layers + 1))
+        values[10:12] = values[10:12, ::-1]
+        values[12] = 3.0
+        values[13] = np.nan
+        summaries = [synthetic_summary([0.0] * n_layers, list(v[1:]), start=v[0]) for v in values]
+        curve = curve_rows(summaries[0], n_layers)
+        depth, rows = curve
+        np.testing.assert_allclose(depth, np.arange(n_layers + 1) / n_layers)
+        stacked = np.stack([s["mean"].to_numpy()[rows] for s in summaries])  # [curves, depths]
+        start, end, share = abruptness_array(depth, stacked, late)
+        depths = drop_depths_array(depth, stacked)
+        for k, summary in enumerate(summaries):
+            expected = abruptness(summary, n_layers, late)
+            found = (start[k], end[k], share[k])
+            np.testing.assert_allclose(found, expected, rtol=0, atol=1e-12, equal_nan=True)
+            np.testing.assert_allclose(
+                depths[k], drop_depths(summary, n_layers), rtol=0, atol=1e-12, equal_nan=True
+            )
+        assert np.isfinite(share[:12]).all() and np.isnan(depths[13]).all()
+        assert np.isfinite(depths[:5]).all() and np.isnan(depths[10:13]).all()

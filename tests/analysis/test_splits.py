@@ -6,9 +6,12 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.collections import PolyCollection
 from typer.testing import CliRunner
 
+from internal_policy_lens.analysis.charts import split_chart
 from internal_policy_lens.analysis.convergence import convergence_summary
+from internal_policy_lens.analysis.split_figures import CHANGE_PANELS, FLOW_PANELS, split_curves
 from internal_policy_lens.analysis.splits import Split, split_run, split_table, token_groups
 from internal_policy_lens.analysis.uncertainty import LABELS, differences, resample, run_seed
 from internal_policy_lens.cli import app
@@ -224,3 +227,74 @@ def test_split_and_compare_commands_write_intervals(run, tmp_path):
     assert not table.outside.any()  # a run against itself, independent draws
     assert "differences outside the 95% intervals" in result.output
     assert set(pd.read_csv(out / "splits.csv").resamples) == {40}
+
+
+def test_flow_and_change_figures_by_group_draw_each_group_with_its_intervals(run):
+    found = resample(split_run(run, "correctness"), run.n_layers, resamples=30, seed=2)
+    summary = found.summary()
+    name = summary.name.astype(str)
+    for panels, zero_line in [(FLOW_PANELS, False), (CHANGE_PANELS, True)]:
+        fig = split_curves(summary, panels=panels)
+        axes = [ax for ax in fig.axes if ax.get_ylabel()]
+        assert [ax.get_ylabel() for ax in axes] == [label for _, _, label in panels]
+        for ax, (quantity, which, _) in zip(axes, panels):
+            lines = {line.get_label(): line for line in ax.get_lines()}
+            assert {"right", "wrong", "no answer"} <= set(lines)
+            zero = [
+                n for n, line in lines.items() if n.startswith("_") and line.get_ydata()[0] == 0
+            ]
+            assert bool(zero) == zero_line
+            # The final policy: a star per group, at its mean, on the resid_post entropy panel.
+            stars = [line for line in ax.get_lines() if line.get_marker() == "*"]
+            finals = summary[(summary.quantity == "entropy") & (name == "final")]
+            if (quantity, which) == ("entropy", "resid_post"):
+                found_stars = sorted(float(line.get_ydata()[0]) for line in stars)
+                np.testing.assert_allclose(found_stars, sorted(finals["mean"]))
+            else:
+                assert not stars
+            bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+            for k, group in enumerate(dict.fromkeys(summary.group)):  # the drawing order
+                rows = summary[(summary.group == group) & (summary.quantity == quantity)]
+                rows = rows[name[rows.index] == which].sort_values("layer")
+                np.testing.assert_allclose(lines[group].get_ydata(), rows["mean"])
+                # The band of the group: its top edge is ci_high, its bottom edge ci_low.
+                edges = bands[k].get_paths()[0].vertices[:, 1]
+                assert edges.max() == pytest.approx(rows.ci_high.max())
+                assert edges.min() == pytest.approx(rows.ci_low.min())
+        fig_chart = split_chart(summary, panels, "by correctness")
+        means = [t for t in fig_chart.data if t.mode == "lines+markers"]
+        assert len(means) == 3 * len(panels)
+        assert sorted(t.name for t in means if t.showlegend) == ["no answer", "right", "wrong"]
+        first = means[0]
+        rows = summary[(summary.group == first.name) & (summary.quantity == panels[0][0])]
+        rows = rows[name[rows.index] == panels[0][1]].sort_values("layer")
+        np.testing.assert_allclose(first.y, rows["mean"])
+        np.testing.assert_allclose(first.customdata[:, 1], rows.ci_high)
+        stars = [t for t in fig_chart.data if t.mode == "markers"]
+        finals = summary[(summary.quantity == "entropy") & (name == "final")]
+        expected = sorted(finals["mean"]) if panels == FLOW_PANELS else []
+        np.testing.assert_allclose(sorted(t.y[0] for t in stars), expected)
+
+
+def test_plot_and_report_by_group(run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(run.path, folder)
+    result = runner.invoke(app, ["plot", str(folder), "--split", "forking", "--resamples", "30"])
+    assert result.exit_code == 0, result.output
+    for stem in ("entropy_flow_forking", "entropy_change_forking", "entropy_flow"):
+        assert (folder / "figures" / f"{stem}.png").is_file(), stem
+    assert "split forking: 30 resamples of the responses, seed 0" in result.output
+    args = ["report", str(folder), "--split", "position", "--resamples", "30"]
+    result = runner.invoke(app, [*args, "--resample-seed", "3"])
+    assert result.exit_code == 0, result.output
+    page = (folder / "report.html").read_text()
+    assert "By position: 95% intervals over 30 resamples of the responses (seed 3)" in page
+    table = resample(split_run(open_run(folder), "position"), run.n_layers, resamples=30, seed=3)
+    for row in table.convergence().itertuples():
+        cell = f"{row.abruptness:.4g} [{row.abruptness_low:.4g}, {row.abruptness_high:.4g}]"
+        assert f"<td>{row.group}</td>" in page and cell in page
+    assert "Entropy flow by position" in page and "Entropy change by position" in page
+    assert "bands are 95% intervals over resampled responses" in page
+    plain = runner.invoke(app, ["report", str(folder)])
+    assert plain.exit_code == 0, plain.output
+    assert "split-intervals" not in (folder / "report.html").read_text()
