@@ -113,8 +113,8 @@ class Lens:
     Precision (see :func:`choose_precision`): ``exact`` runs float32 products and reductions
     (float64 for a float64 model); ``fast`` runs bf16 (or the model's fp16) products where the
     device multiplies them natively (faster there: see the README's Performance of the
-    reductions for what was measured), float32 products elsewhere, and float32 reductions. ``precision`` is a mode name or an
-    already chosen :class:`Precision`.
+    reductions for what was measured), float32 products elsewhere, and float32 reductions.
+    ``precision`` is a mode name or an already chosen :class:`Precision`.
 
     Attributes:
         kind: the :class:`~internal_policy_lens.lens_kinds.LensKind`; ``name`` is its name.
