@@ -125,23 +125,24 @@ def tiled_stats(
     return out
 
 
-def tile_math(z: torch.Tensor, dtype: torch.dtype):
-    """One tile's max, ``log S_t`` and ``sum p (z - m_t)``, as one graph for torch.compile."""
+def _weighted(z: torch.Tensor, dtype: torch.dtype):
+    # A tile's max [rows, 1], z - max, exp(z - max) and their sum S_t [rows].
     zf = z.to(dtype)
     top = zf.amax(-1, keepdim=True)
     shifted = zf - top
     weights = shifted.exp()
-    total = weights.sum(-1)
+    return top, shifted, weights, weights.sum(-1)
+
+
+def tile_math(z: torch.Tensor, dtype: torch.dtype):
+    """One tile's max, ``log S_t`` and ``sum p (z - m_t)``, as one graph for torch.compile."""
+    top, shifted, weights, total = _weighted(z, dtype)
     return top.squeeze(-1), total.log(), (weights * shifted).sum(-1) / total
 
 
 def tile_spread(z: torch.Tensor, dtype: torch.dtype):
     """:func:`tile_math`, and ``sum p (z - mu_t)^2`` around the tile's mean ``mu_t``."""
-    zf = z.to(dtype)
-    top = zf.amax(-1, keepdim=True)
-    shifted = zf - top
-    weights = shifted.exp()
-    total = weights.sum(-1)
+    top, shifted, weights, total = _weighted(z, dtype)
     mean = (weights * shifted).sum(-1) / total
     var = (weights * (shifted - mean.unsqueeze(-1)).square()).sum(-1) / total
     return top.squeeze(-1), total.log(), mean, var
