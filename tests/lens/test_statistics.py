@@ -201,3 +201,20 @@ def test_nucleus_p_is_an_option_of_ipl_entropy(tiny_dirs, tmp_path):
     assert (summary["quantity"] == "nucleus_size").any()
     assert 'id="chart-nucleus-size"' in (out / "report.html").read_text()
     assert (out / "figures" / "statistics.png").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_tiles_give_the_eager_varentropy(models, monkeypatch):
+    from internal_policy_lens.lens.reduce import compiled as compiling
+
+    monkeypatch.setattr(tiles, "TILE_ELEMENTS", 1)
+    monkeypatch.setattr(tiles, "MIN_TILE_COLUMNS", 13)
+    model = models("qwen3")
+    acts, index = _acts(model, seed=9)
+    args = (Lens(model), acts, list(acts), index, Request(("varentropy",), topk=2))
+    eager = site_stats(*args, compiled=False, backend="tiles")
+    compiled = site_stats(*args, compiled=True, backend="tiles")
+    assert tiles.tile_spread in compiling._compiled_tile, "the varentropy's tiles were not compiled"
+    for key, columns in eager.items():
+        for name in ("entropy", "varentropy"):
+            np.testing.assert_allclose(compiled[key][name], columns[name], atol=1e-5, rtol=1e-5)
