@@ -57,12 +57,12 @@ def test_a_run_of_several_batches_makes_one_lens(tiny_dirs, models, tmp_path, mo
     run = run_entropy(cfg, progress=False)
 
     assert len(batches) >= len(records)  # every batch reached the reductions...
-    projector = batches[0]
-    assert all(p is projector for p in batches)  # ...through one lens
+    the_lens = batches[0]
+    assert all(p is the_lens for p in batches)  # ...through one lens
     assert len(lenses) == 1 and len(reads) == 1 and len(precisions) == 1
     model = models("llama", "bfloat16")
-    assert projector.weight.dtype == torch.float32  # the one cast of the bf16 unembedding
-    assert projector.weight.data_ptr() != model.unembed.weight.data_ptr()
+    assert the_lens.weight.dtype == torch.float32  # the one cast of the bf16 unembedding
+    assert the_lens.weight.data_ptr() != model.unembed.weight.data_ptr()
 
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     want = unembed.choose_precision("exact", torch.bfloat16, "cpu", model.d_model).record()

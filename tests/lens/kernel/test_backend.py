@@ -78,9 +78,9 @@ def test_triton_backend_matches_float64_on_every_family(device, model_on, name, 
     # against the final policy, the varentropy, a top-3.
     model, folder = model_on(name, device)
     acts, rows, next_ids = _acts(model, seed=len(name))
-    projector = Lens(model, lens, "exact")
+    unembedding = Lens(model, lens, "exact")
     got = site_stats(
-        projector, acts, list(acts), rows, Request.of(True, ["varentropy"], topk=3),
+        unembedding, acts, list(acts), rows, Request.of(True, ["varentropy"], topk=3),
         next_ids=next_ids, chunk_tokens=4,
         backend="triton",
     )  # fmt: skip
@@ -107,9 +107,9 @@ def test_triton_backend_narrow_tiles_and_bf16_products(device, model_on, monkeyp
     monkeypatch.setattr(kernel, "BLOCK", 16)
     model, folder = model_on("gemma2", device)
     acts, rows, next_ids = _acts(model, seed=3)
-    projector = Lens(model, "raw", _bf16_products())
+    unembedding = Lens(model, "raw", _bf16_products())
     got = site_stats(
-        projector, acts, list(acts), rows, Request.of(True, topk=topk), next_ids=next_ids,
+        unembedding, acts, list(acts), rows, Request.of(True, topk=topk), next_ids=next_ids,
         chunk_tokens=7,
         backend="triton",
     )  # fmt: skip
