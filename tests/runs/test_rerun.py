@@ -51,7 +51,9 @@ def test_entropy_rerun_of_a_complete_run(tiny_dirs, tmp_path):
     forced = _cli(*common, "--out", out, "--force")
     assert forced.exit_code == 0 and "Wrote " in forced.output, forced.output
     info = json.loads((out / "run.json").read_text())
-    assert info["status"] == "complete" and info["started"] > first["started"]
+    # run.json's times are whole seconds (a fast run starts again within the same one); the
+    # tables' modification times (nanoseconds) show that the run was redone.
+    assert info["status"] == "complete" and info["started"] >= first["started"]
     assert _state(out)["tokens.parquet"][0] > before["tokens.parquet"][0]
     # Another configuration is still refused without --overwrite, --force or not.
     other = _cli(*common, "--out", out, "--topk", "3", "--force")
