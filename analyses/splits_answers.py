@@ -126,6 +126,9 @@ def group_rows(name: str, found: Resampled, n_layers: int) -> list[str]:
         rows.append(
             f"| {name} | {group} | {tokens} | {' | '.join(cells)} | {point.loc[group, 'shape']} |"
         )
+    if len(groups) < 2:  # e.g. no response of the run has a checkable answer
+        rows.append(f"| {name} | (one group only: no difference) | | |" + " |" * len(MEASURES))
+        return rows
     first, second = groups[:2]
     cells = []
     for m in MEASURES:
@@ -176,9 +179,11 @@ def part_a(runs: dict[str, Path], resamples: int, figures: Path) -> list[str]:
             frames.setdefault((split, run.lens), []).append(
                 summary.assign(group=run.name + ": " + summary.group)
             )
-            first, second = found.split.groups[:2]
             if split == "forking":
                 thresholds.append(f"{name} {found.split.threshold:.4g}")
+            if len(found.split.groups) < 2:
+                continue
+            first, second = found.split.groups[:2]
             cells = [layers_outside(found, first, second, "entropy", site) for site in SITES]
             cells.append(layers_outside(found, first, second, "kl_internal_final", "resid_post"))
             outside_lines.append(f"| {name} | {first} − {second} | {' | '.join(cells)} |")
