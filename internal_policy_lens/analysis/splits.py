@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from ..data.answers import math_reward
 from ..runs.io import RunFolder
+from ..statistics import TOKEN_RENAMES, renamed_columns
 from ..tables.frames import merge_summaries, summary_moments
 
 SPLITS: tuple[str, ...] = ("forking", "correctness", "position")
@@ -146,7 +147,8 @@ def split_run(run: RunFolder, split: str | None, q: float = 0.2) -> Split:
     by_sample = {s: frame for s, frame in labels.groupby("sample_id", sort=False)}
     parts = []
     for i in range(file.num_row_groups):
-        chunk = file.read_row_group(i, columns=wanted).to_pandas()
+        # An older run's columns under today's names, as RunFolder.tokens() reads them.
+        chunk = renamed_columns(file.read_row_group(i, columns=wanted).to_pandas(), TOKEN_RENAMES)
         if chunk.empty:
             continue
         mine = pd.concat([by_sample[s] for s in pd.unique(chunk["sample_id"])])

@@ -124,6 +124,24 @@ def test_no_split_is_the_run_summary(run):
     )
 
 
+def test_an_older_run_is_split_under_todays_column_names(run, tmp_path):
+    # A run written when the KL column was kl_to_final: its split reads it as kl_internal_final.
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "old"
+    shutil.copytree(run.path, old)
+    file = pq.ParquetFile(run.path / "tokens.parquet")
+    renamed = [n if n != "kl_internal_final" else "kl_to_final" for n in file.schema_arrow.names]
+    groups = [file.read_row_group(i).rename_columns(renamed) for i in range(file.num_row_groups)]
+    with pq.ParquetWriter(old / "tokens.parquet", groups[0].schema) as writer:  # one per batch
+        for table in groups:
+            writer.write_table(table)
+    assert "kl_to_final" in pq.read_schema(old / "tokens.parquet").names
+    found = split_run(open_run(old), None).summary()
+    want = split_run(run, None).summary()
+    pd.testing.assert_frame_equal(found, want)
+
+
 def test_split_errors_name_the_fix():
     index = pd.DataFrame({"sample_id": [0, 0], "position": [0, 1], "entropy": [np.nan] * 2})
     with pytest.raises(ValueError, match="final among --sites"):
