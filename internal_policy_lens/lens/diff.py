@@ -20,9 +20,8 @@ from ..config import LensSettings
 from ..data.encode import Encoded
 from ..model.batch import pad
 from ..model.load import PolicyModel
-from .capture import streamed_rows
 from .sites import SiteKey
-from .stats import kept_positions
+from .stats import gathered_rows, kept_positions, next_tokens
 from .unembed import Lens
 
 DIFF_STATS: tuple[str, ...] = ("entropy_a", "entropy_b", "kl_a_b", "kl_b_a", "rank_a", "rank_b")
@@ -44,9 +43,7 @@ def diff_batch(
     )
     keep = kept_positions(batch, mask, response_only)  # [batch, pos]
     rows_b, rows_t = keep.nonzero(as_tuple=True)
-    nxt = torch.full_like(ids, -1)
-    nxt[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
-    nxt = nxt[rows_b, rows_t]  # [n]
+    nxt = next_tokens(ids, mask)[rows_b, rows_t]  # [n]
     token_ids = ids[rows_b, rows_t].cpu().numpy().astype(np.int64)
     out: dict[SiteKey, dict[str, np.ndarray]] = {}
     n = len(rows_b)
@@ -56,22 +53,13 @@ def diff_batch(
     size = max(1, int(settings.capture_mb * 2**20 // per_key))
     for start in range(0, len(keys), size):
         group = keys[start : start + size]
-        a, b = (_vectors(m, ids, mask, group, (rows_b, rows_t), settings) for m in models)
+        a, b = (
+            gathered_rows(m, ids.to(m.device), mask.to(m.device), group, (rows_b, rows_t), settings)
+            for m in models
+        )
         for key in group:
             out[key] = _compare(lenses, key[0], a[key], b[key], nxt, settings.chunk_tokens)
     return rows_b.numpy(), rows_t.numpy(), token_ids, out
-
-
-def _vectors(model, ids, mask, keys, rows, settings) -> dict[SiteKey, torch.Tensor]:
-    """``key -> [n, d_model]``: the site vectors of ``keys`` at the kept rows."""
-    n = len(rows[0])
-    store = {k: torch.empty(n, model.d_model, dtype=model.dtype, device=model.device) for k in keys}
-
-    def keep(key, x, at):
-        store[key][at.to(x.device)] = x
-
-    streamed_rows(model, ids.to(model.device), mask.to(model.device), keys, rows, settings, keep)
-    return store
 
 
 def _compare(lenses, site, xa, xb, nxt, chunk: int) -> dict[str, np.ndarray]:

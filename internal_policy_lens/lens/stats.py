@@ -89,18 +89,11 @@ def batch_stats(
     reference = None
     next_ids = None
     if request.needs("next_token"):
-        nxt = torch.full_like(ids, -1)
-        nxt[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
-        next_ids = nxt[rows_b, rows_t]
+        next_ids = next_tokens(ids, mask)[rows_b, rows_t]
     if request.needs("reference"):
         # The first pass: the final policy's inputs at the kept rows, [n, d_model].
         final = ("final", model.n_layers - 1)
-        inputs = torch.empty(len(rows_b), model.d_model, dtype=model.dtype, device=model.device)
-
-        def keep_final(key, x, at):
-            inputs[at.to(inputs.device)] = x.to(inputs.device)
-
-        streamed_rows(model, ids, mask, [final], rows, settings, keep_final)
+        inputs = gathered_rows(model, ids, mask, [final], rows, settings)[final]
         out.passes += 1
         distinct = [key for key in distinct if key != final]
         reference = (final, inputs)
@@ -109,6 +102,32 @@ def batch_stats(
     sink.wanted(distinct, cosine_keys(cos_layers, model.parallel))
     streamed_rows(model, ids, mask, sink.hooked, rows, settings, sink.add, sink.flush)
     out.passes += 1
+    return out
+
+
+def next_tokens(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos]``: the token after each position (-1 after the last, and on padding)."""
+    nxt = torch.full_like(ids, -1)
+    nxt[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -1)
+    return nxt
+
+
+def gathered_rows(
+    model: PolicyModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    keys: list[SiteKey],
+    rows: tuple[torch.Tensor, torch.Tensor],
+    settings: LensSettings,
+) -> dict[SiteKey, torch.Tensor]:
+    """``key -> [n, d_model]``: the vectors of ``keys`` at the ``n`` kept ``rows``, one pass."""
+    n = len(rows[0])
+    out = {k: torch.empty(n, model.d_model, dtype=model.dtype, device=model.device) for k in keys}
+
+    def keep(key, x, at):
+        out[key][at.to(out[key].device)] = x.to(out[key].device)
+
+    streamed_rows(model, ids, mask, keys, rows, settings, keep)
     return out
 
 
