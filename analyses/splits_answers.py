@@ -40,6 +40,7 @@ from internal_policy_lens.analysis.split_figures import SPLIT_PANELS, split_curv
 from internal_policy_lens.analysis.splits import Split, split_run
 from internal_policy_lens.analysis.uncertainty import Resampled, resample
 from internal_policy_lens.runs.io import open_run
+from internal_policy_lens.tables.frames import grouped_moments
 
 MODELS = ("ipl-tiny-qwen2", "ipl-tiny-llama")
 LENSES = ("raw", "norm")
@@ -232,9 +233,7 @@ def diff_split(diffs: dict[str, Path]) -> Split:
         table = pq.read_table(folder / "tokens.parquet", columns=columns).to_pandas()
         for quantity in ("kl_a_b", "kl_b_a"):
             keys = [table["sample_id"], table["layer"], table["site"].astype(str)]
-            moments = table[quantity].astype("float64").groupby(keys).agg(["count", "mean", "var"])
-            moments["m2"] = moments.pop("var").fillna(0.0) * (moments["count"] - 1)
-            moments = moments.reset_index().rename(columns={"site": "name"})
+            moments = grouped_moments(table[quantity], keys).rename(columns={"site": "name"})
             parts.append(moments.assign(group=method, quantity=quantity))
         tokens[method] = len(table.drop_duplicates(["sample_id", "position"]))
     columns = ["group", "sample_id", "quantity", "layer", "name", "count", "mean", "m2"]

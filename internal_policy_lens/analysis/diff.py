@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..folders import Folder
-from ..tables.frames import MOMENT_COLUMNS, merge_summaries
+from ..tables.frames import MOMENT_COLUMNS, grouped_moments, merge_summaries
 from .files import save_figure
 from .split_figures import diff_panels
 
@@ -91,9 +91,7 @@ def diff_summary(path: Path) -> pd.DataFrame:
         ranked = (chunk["rank_a"] >= 1) & (chunk["rank_b"] >= 1)
         chunk["rank_change"] = (chunk["rank_b"] - chunk["rank_a"]).where(ranked).astype(float)
         long = chunk.melt(id_vars=["layer", "site"], value_vars=list(QUANTITIES)).dropna()
-        grouped = long.groupby(["variable", "layer", "site"], observed=True)["value"]
-        moments = grouped.agg(["count", "mean", "var"]).reset_index()
-        moments["m2"] = moments.pop("var").fillna(0.0) * (moments["count"] - 1)
+        moments = grouped_moments(long["value"], [long["variable"], long["layer"], long["site"]])
         moments.columns = ["quantity", "layer", "name", "count", "mean", "m2"]
         moments["name"] = moments["name"].astype(str)
         parts.append(moments[list(MOMENT_COLUMNS)])

@@ -116,18 +116,25 @@ def summary_moments(
     for quantity, frame, name, value in sources:
         if frame.empty:
             continue
-        values = frame[value].astype("float64")
         keys = [*(frame[c] for c in by), frame["layer"], frame[name]]
-        grouped = values.groupby(keys, observed=True)
-        moments = grouped.agg(["count", "mean", "var"])
-        moments["m2"] = moments.pop("var").fillna(0.0) * (moments["count"] - 1)
-        moments = moments.reset_index()
+        moments = grouped_moments(frame[value], keys)
         moments.columns = [*by, "layer", "name", "count", "mean", "m2"]
         moments["name"] = moments["name"].astype(str)
         parts.append(moments.assign(quantity=quantity))
     if not parts:
         return pd.DataFrame(columns=[*by, *MOMENT_COLUMNS])
     return pd.concat(parts, ignore_index=True)[[*by, *MOMENT_COLUMNS]]
+
+
+def grouped_moments(values: pd.Series, keys: list) -> pd.DataFrame:
+    """``keys`` then count, mean and m2 (float64) of ``values`` per group of ``keys``.
+
+    ``keys``: pandas' groupby keys, e.g. columns of the frame that holds ``values``.
+    """
+    grouped = values.astype("float64").groupby(keys, observed=True)
+    moments = grouped.agg(["count", "mean", "var"])
+    moments["m2"] = moments.pop("var").fillna(0.0) * (moments["count"] - 1)
+    return moments.reset_index()
 
 
 def merge_summaries(parts: list[pd.DataFrame], by: Sequence[str] = ()) -> pd.DataFrame:
