@@ -339,9 +339,3 @@ class Request:
         if name in given:
             return given[name]
         return parameters()[name].default
-
-    def only(self, names: Iterable[str]) -> Request:
-        """The same request with only the statistics among ``names`` (``entropy`` kept)."""
-        keep = set(names)
-        chosen = tuple(n for n in self.statistics if n in keep or n == "entropy")
-        return Request(chosen, self.topk, self.reference, self.parameters)

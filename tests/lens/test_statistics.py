@@ -218,3 +218,15 @@ def test_compiled_tiles_give_the_eager_varentropy(models, monkeypatch):
     for key, columns in eager.items():
         for name in ("entropy", "varentropy"):
             np.testing.assert_allclose(compiled[key][name], columns[name], atol=1e-5, rtol=1e-5)
+
+
+def test_the_registry_refuses_what_it_cannot_hold():
+    from internal_policy_lens.statistics import Statistic, register
+
+    with pytest.raises(ValueError, match="the statistic 'entropy' is declared twice"):
+        register(Statistic("entropy", "float", "nats", "again"))
+    with pytest.raises(ValueError, match="unknown group 'sometimes'"):
+        register(Statistic("spare", "float", "nats", "a spare", group="sometimes"))
+    assert "spare" not in STATISTICS
+    with pytest.raises(ValueError, match="unknown statistic parameter 'nucleus_q'"):
+        Request(("nucleus_size",), parameters=(("nucleus_q", 0.5),))
